@@ -1,0 +1,73 @@
+"""The ``Codec`` abstraction: how a tree becomes a payload on the wire and back.
+
+``encode(tree, state, key) -> (payload, state)`` runs on the sender; ``decode(payload) -> tree``
+on the receiver. A payload is itself a tree (``dict[str, Tensor]``), serialised to bytes by
+``atoll.transport.wire``. ``state`` is the sender's codec state (e.g. an error-feedback residual),
+kept in the client state. Properties:
+
+* ``linear``: decoding commutes with summing payloads (allowed after a secure sum);
+* ``unbiased``: ``E[decode(encode(x))] = x``;
+* ``event``: the privacy event one encode causes, or ``None``.
+
+``chain`` encodes in order and decodes in reverse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from atoll import rng
+from atoll.tree import Tree
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    init: Callable[[Tree], Any]
+    encode: Callable[[Tree, Any, int], tuple[Tree, Any]]
+    decode: Callable[[Tree], Tree]
+    linear: bool = True
+    unbiased: bool = True
+    event: Any = None
+
+
+def identity() -> Codec:
+    """Send the tree as it is (lossless, linear, unbiased)."""
+    return Codec(
+        name="identity",
+        init=lambda tree: (),
+        encode=lambda tree, state, key: (dict(tree), state),
+        decode=lambda payload: dict(payload),
+    )
+
+
+def chain(*codecs: Codec) -> Codec:
+    """Apply codecs in order on encode, in reverse on decode."""
+    if not codecs:
+        return identity()
+
+    def init(tree):
+        return tuple(c.init(tree) for c in codecs)
+
+    def encode(tree, state, key):
+        new = []
+        for i, (c, s) in enumerate(zip(codecs, state)):
+            tree, s = c.encode(tree, s, rng.fold(key, i))
+            new.append(s)
+        return tree, tuple(new)
+
+    def decode(payload):
+        for c in reversed(codecs):
+            payload = c.decode(payload)
+        return payload
+
+    events = [c.event for c in codecs if c.event is not None]
+    return Codec(
+        name="+".join(c.name for c in codecs),
+        init=init,
+        encode=encode,
+        decode=decode,
+        linear=all(c.linear for c in codecs),
+        unbiased=all(c.unbiased for c in codecs),
+        event=events[0] if len(events) == 1 else (tuple(events) or None),
+    )
