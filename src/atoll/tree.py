@@ -100,3 +100,17 @@ def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
         out[k] = vec[i:i + v.numel()].reshape(v.shape)
         i += v.numel()
     return out
+
+
+def join(nested: dict[str, Tree]) -> Tree:
+    """``{"params": {"w": t}}`` -> ``{"params/w": t}`` (a flat tree for the wire)."""
+    return {f"{group}/{k}": v for group, sub in nested.items() for k, v in sub.items()}
+
+
+def split(flat: Tree) -> dict[str, Tree]:
+    """Inverse of ``join``."""
+    out: dict[str, Tree] = {}
+    for name, v in flat.items():
+        group, _, k = name.partition("/")
+        out.setdefault(group, {})[k] = v
+    return out

@@ -1,0 +1,3 @@
+from atoll.aggregators.base import Aggregator, mean
+
+__all__ = ["Aggregator", "mean"]

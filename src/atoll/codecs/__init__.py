@@ -1,0 +1,3 @@
+from atoll.codecs.base import Codec, chain, identity
+
+__all__ = ["Codec", "chain", "identity"]

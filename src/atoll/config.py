@@ -1,0 +1,237 @@
+"""TOML experiment files, validated by pydantic, turned into objects.
+
+Every section forbids unknown keys: a misspelt key is an error naming it and suggesting the
+closest valid key; a bad value names the field and the accepted range.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is accepted."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    num_clients: int = Field(10, ge=0)
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "column"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    sigma: float = Field(1.0, gt=0)
+    label: str = "label"
+    group_column: str | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    standardize: bool = True
+    synthetic_alpha: float = Field(1.0, ge=0)
+    synthetic_beta: float = Field(1.0, ge=0)
+    synthetic_devices: int = Field(30, ge=1)
+    synthetic_iid: bool = False
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+    hidden: list[int] | None = None
+    kwargs: dict[str, Any] = {}
+
+
+class ClientConfig(_Section):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(10, ge=1)
+    epochs: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)
+    stragglers: float = Field(0.0, ge=0, le=1)
+    drop_stragglers: bool = False
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    server_lr: float | None = Field(None, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    mu: float = Field(0.01, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class SamplingConfig(_Section):
+    method: Literal["fixed", "poisson"] = "fixed"
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    rate: float | None = Field(None, gt=0, le=1)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    federated: bool = True
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=1)
+
+
+class RuntimeConfig(_Section):
+    name: Literal["auto", "loop"] = "auto"
+
+
+class Config(_Section):
+    name: str = "run"
+    seed: int = 0
+    rounds: int = Field(50, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
+    out_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    client: ClientConfig = ClientConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
+    """Read a TOML file (or ``text``), apply ``key=value`` overrides, validate."""
+    source = str(path) if path is not None else "<config>"
+    if text is None:
+        if path is None:
+            text = ""
+        elif not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        else:
+            text = Path(path).read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for item in overrides:
+        _override(raw, item)
+    return validate(raw, source)
+
+
+def validate(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
+
+
+def _override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word is a string
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[leaf] = parsed
+
+
+def _explain(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        *parent, leaf = [str(p) for p in err["loc"]]
+        valid = _fields_at(parent)
+        near = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f"; did you mean '{'.'.join(parent + [near[0]])}'?" if near else ""
+        return f"unknown key '{loc}'{hint} (valid keys here: {', '.join(valid)})"
+    got = json.dumps(err.get("input"), default=str)
+    return f"{loc}: {err['msg']} (got {got})"
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for p in path:
+        model = model.model_fields[p].annotation
+    return list(model.model_fields)
+
+
+def dumps(cfg: Config) -> str:
+    """The resolved config as TOML (scalars first, then one table per section)."""
+    data = cfg.model_dump(exclude_none=True)
+    top = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = top + [""]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def build(cfg: Config):
+    """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``."""
+    import torch
+
+    from atoll import algorithms, data, models, rng, transforms
+    from atoll.aggregators import mean
+    from atoll.runtime.base import LocalWork
+    from atoll.simulation import Plan
+
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    d = cfg.data
+    ds = data.load(d.name, seed=cfg.seed, label=d.label, group_column=d.group_column,
+                   synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta,
+                   synthetic_devices=d.synthetic_devices, synthetic_iid=d.synthetic_iid)
+    fed = data.build(ds, num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,
+                     test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
+                     standardize=d.standardize, dtype=dtype, alpha=d.alpha,
+                     shards_per_client=d.shards_per_client, sigma=d.sigma)
+    kwargs = dict(cfg.model.kwargs, **({"hidden": cfg.model.hidden} if cfg.model.hidden else {}))
+    with torch.random.fork_rng():
+        torch.manual_seed(rng.key(cfg.seed, 0, rng.SERVER, "model-init"))
+        model = models.build(cfg.model.name, fed.n_features, fed.n_classes, **kwargs).to(dtype)
+    c, a = cfg.client, cfg.algorithm
+    local = (transforms.adam(c.lr, weight_decay=c.weight_decay) if c.optimizer == "adam" else
+             transforms.sgd(c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
+    options = {"fedavgm": {"server_momentum": a.server_momentum}, "fedprox": {"mu": a.mu},
+               "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
+               "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
+               "fedadagrad": {"tau": a.tau}}.get(a.name, {})
+    if a.server_lr is not None:
+        options["server_lr"] = a.server_lr
+    algorithm = algorithms.RECIPES[a.name](local, aggregator=mean(a.weighting), **options)
+    s = cfg.sampling
+    work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,
+                     stragglers=c.stragglers, drop_stragglers=c.drop_stragglers)
+    plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
+                clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
+                work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
+                checkpoint_every=cfg.checkpoint.every)
+    return algorithm, model, fed, plan

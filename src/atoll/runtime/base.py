@@ -1,0 +1,78 @@
+"""What every runtime shares: the local work plan, per-client batches, round statistics.
+
+A runtime moves payloads and schedules clients; it contains no algorithm maths. All the
+randomness of a client's round comes from ``rng.key(seed, round, client, purpose)``, so every
+runtime draws the same batches and the same straggler decisions for the same client.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atoll import rng
+from atoll.data import batch_indices, gather, num_steps
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """How much local work a sampled client does.
+
+    ``epochs`` or ``steps`` (exactly one); ``stragglers``: the fraction of sampled clients that
+    finish only part of their work (a uniform number of steps in ``[1, S-1]``, as in the FedProx
+    paper's experiments); ``drop_stragglers``: drop them from the round (FedAvg's policy in that
+    paper) instead of keeping their partial work.
+    """
+
+    batch_size: int = 10
+    epochs: int | None = 1
+    steps: int | None = None
+    stragglers: float = 0.0
+    drop_stragglers: bool = False
+
+    def __post_init__(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("local work: give exactly one of client.epochs and client.steps")
+        if self.batch_size < 1:
+            raise ValueError(f"client.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.stragglers <= 1.0:
+            raise ValueError(f"client.stragglers must be in [0, 1], got {self.stragglers}")
+
+    def total_steps(self, n: int) -> int:
+        return self.steps if self.steps is not None else num_steps(n, self.batch_size, self.epochs)
+
+
+@dataclass
+class RoundStats:
+    sampled: int = 0
+    succeeded: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    loss_sum: float = 0.0
+    samples: float = 0.0
+    stragglers_dropped: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.loss_sum / self.samples if self.samples > 0 else None
+
+
+def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: int,  # noqa: A002
+                work: LocalWork) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """Batches ``(S, B, ...)``, the step mask ``(S,)`` and whether the client straggles."""
+    n = y.shape[0]
+    total = work.total_steps(n)
+    g = rng.generator(rng.key(seed, round, cid, "batches"))
+    idx = batch_indices(n, work.batch_size, steps=total, generator=g)
+    xb, yb, mask = gather(x, y, idx)
+    k = total
+    straggler = False
+    if work.stragglers > 0 and total > 1:
+        gs = rng.generator(rng.key(seed, round, cid, "straggler"))
+        coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
+        if coin < work.stragglers:
+            straggler = True
+            k = 1 + int(frac * (total - 1))  # uniform in [1, total-1]
+    step_mask = torch.arange(total) < k
+    return {"x": xb, "y": yb, "mask": mask}, step_mask, straggler

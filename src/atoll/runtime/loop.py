@@ -1,0 +1,99 @@
+"""``LoopRuntime``: the reference runtime, one client after another.
+
+Every broadcast and every update goes through ``transport.wire`` bytes, so the byte counts are
+those of real messages. A client that raises, or whose update does not decode, has the wrong
+shapes or is not finite, is dropped from the round with a logged reason; the others go on.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from atoll import rng
+from atoll import tree as T
+from atoll.algorithm import Algorithm
+from atoll.runtime.base import LocalWork, RoundStats, client_work
+from atoll.transport import wire
+from atoll.types import ServerState
+
+log = logging.getLogger("atoll")
+
+
+class LoopRuntime:
+    name = "loop"
+
+    def run_round(self, algorithm: Algorithm, client_update, state: ServerState,
+                  client_states: dict, cohort: list[int], data, work: LocalWork, seed: int):
+        """One synchronous round over ``cohort``. Returns (state, client_states, stats)."""
+        r = state.round + 1
+        stats = RoundStats(sampled=len(cohort))
+        down_payload, _ = algorithm.downlink.encode(
+            T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
+        down_bytes = wire.dumps(down_payload)
+        ids, deltas, aux, samples = [], [], [], []
+        new_states = dict(client_states)
+        for cid in cohort:
+            stats.bytes_down += len(down_bytes)
+            try:
+                message, cstate, metrics, straggler = self._client(
+                    algorithm, client_update, down_bytes, client_states.get(cid), data.clients[cid],
+                    cid, r, work, seed)
+            except Exception as exc:  # a failing client must not stop the round
+                stats.failures.append((cid, f"client raised {type(exc).__name__}: {exc}"))
+                log.warning("round %d: client %d dropped: %s", r, cid, exc)
+                continue
+            stats.bytes_up += len(message)
+            if straggler and work.drop_stragglers:
+                stats.stragglers_dropped += 1
+                continue
+            try:
+                delta, extra = decode_update(algorithm, message, state.params)
+            except ValueError as exc:
+                stats.failures.append((cid, str(exc)))
+                log.warning("round %d: client %d update rejected: %s", r, cid, exc)
+                continue
+            new_states[cid] = cstate
+            ids.append(cid)
+            deltas.append(delta)
+            aux.append(extra)
+            samples.append(data.clients[cid].n)
+            stats.loss_sum += float(metrics["loss"]) * float(metrics["samples"])
+            stats.samples += float(metrics["samples"])
+        stats.succeeded = len(ids)
+        if not ids:
+            return algorithm.server_round(state, None, None), new_states, stats
+        dtype = next(iter(state.params.values())).dtype
+        weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype))
+        stacked_aux = T.stack(aux) if aux[0] else None
+        state = algorithm.server_round(state, T.stack(deltas), weights, stacked_aux)
+        return state, new_states, stats
+
+    @staticmethod
+    def _client(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed):
+        received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
+        params = received["params"]
+        if cstate is None:
+            cstate = {"uplink": algorithm.uplink.init(params)}
+        batches, step_mask, straggler = client_work(cdata.x, cdata.y, cid, r, seed, work)
+        key = rng.key(seed, r, cid, "client")
+        result = client_update(params, cstate, received, batches, step_mask, key)
+        payload, up_state = algorithm.uplink.encode(result.delta, cstate["uplink"],
+                                                    rng.key(seed, r, cid, "uplink"))
+        message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))
+        return message, {**result.client_state, "uplink": up_state}, result.metrics, straggler
+
+
+def decode_update(algorithm: Algorithm, message: bytes, params) -> tuple[dict, dict]:
+    """Decode and validate one client's message against the model's shapes; ValueError if bad."""
+    parts = T.split(wire.loads(message))
+    delta = algorithm.uplink.decode(parts.get("delta", {}))
+    if set(delta) != set(params):
+        raise ValueError(f"update has entries {sorted(delta)[:5]}, expected {sorted(params)[:5]}")
+    for k, v in delta.items():
+        if v.shape != params[k].shape:
+            raise ValueError(f"update entry {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+        if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"update entry {k!r} is not finite (NaN or inf)")
+    delta = {k: v.to(params[k].dtype) for k, v in delta.items()}
+    return delta, parts.get("aux", {})

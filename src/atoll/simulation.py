@@ -1,0 +1,162 @@
+"""Run rounds: sample, let the runtime execute, evaluate, write metrics, checkpoint.
+
+Run folder: ``metrics.jsonl`` (one deterministic JSON line per round: same config and seed give
+a byte-identical file), ``timings.jsonl`` (wall-clock seconds, kept apart because they differ
+between runs), ``checkpoint.pt``, ``final.json``, ``model.pt``, ``plots/`` and ``summary.md``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from atoll import checkpoint, sampling
+from atoll.algorithm import Algorithm
+from atoll.client import model_loss, params_of
+from atoll.evaluate import FederatedEval, centralized
+from atoll.runtime.base import LocalWork
+from atoll.runtime.loop import LoopRuntime
+from atoll.types import ServerState
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a run that is not the algorithm, the model or the data."""
+
+    rounds: int = 50
+    seed: int = 0
+    sampling: str = "fixed"
+    clients_per_round: int | None = None
+    fraction: float | None = None
+    rate: float | None = None
+    work: LocalWork = field(default_factory=LocalWork)
+    eval_every: int = 1
+    federated_eval: bool = True
+    checkpoint_every: int = 10
+
+
+@dataclass
+class Result:
+    state: ServerState
+    metrics: list[dict]
+    final: dict
+    run_dir: Path | None
+
+
+def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Plan(), *,
+             run_dir=None, runtime=None, resume: bool = False, progress: bool = False,
+             config_text: str | None = None, plots: bool = True) -> Result:
+    """Train ``model`` on federated ``data`` with ``algorithm`` for ``plan.rounds`` rounds."""
+    runtime = runtime or LoopRuntime()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    client_update = algorithm.client(model_loss(model))
+    fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
+    state, client_states, metrics = algorithm.init(params_of(model)), {}, []
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state, client_states = checkpoint.load(run_dir)
+        metrics = _open_logs(run_dir, state.round, config_text)
+    cum_up = sum(m["bytes_up"] for m in metrics)
+    cum_down = sum(m["bytes_down"] for m in metrics)
+    start = time.perf_counter()
+    with _Progress(progress, plan.rounds, state.round) as bar:
+        while state.round < plan.rounds:
+            r = state.round + 1
+            cohort = sampling.sample(len(data.clients), r, plan.seed, method=plan.sampling,
+                                     count=plan.clients_per_round, fraction=plan.fraction,
+                                     rate=plan.rate)
+            state, client_states, stats = runtime.run_round(
+                algorithm, client_update, state, client_states, cohort, data, plan.work, plan.seed)
+            cum_up += stats.bytes_up
+            cum_down += stats.bytes_down
+            line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
+                    "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
+                    "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down}
+            if stats.stragglers_dropped:
+                line["stragglers_dropped"] = stats.stragglers_dropped
+            if stats.failures:
+                line["failures"] = [[c, why] for c, why in stats.failures]
+            if r % plan.eval_every == 0 or r == plan.rounds:
+                line.update(centralized(model, state.params, data.x_test, data.y_test))
+                if fed_eval is not None:
+                    line.update(fed_eval(model, state.params)[0])
+            metrics.append(line)
+            if run_dir is not None:
+                _append(run_dir / "metrics.jsonl", line)
+                _append(run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
+                if r % plan.checkpoint_every == 0 or r == plan.rounds:
+                    checkpoint.save(run_dir, state, client_states)
+            bar.update(line)
+    final = _finish(model, state, data, fed_eval, run_dir, plots)
+    return Result(state, metrics, final, run_dir)
+
+
+def _finish(model, state, data, fed_eval, run_dir, plots) -> dict:
+    final = {"rounds": state.round, **centralized(model, state.params, data.x_test, data.y_test)}
+    if fed_eval is not None:
+        summary, per_client = fed_eval(model, state.params)
+        final.update(summary, client_acc=per_client)
+    if run_dir is not None:
+        checkpoint.atomic_write(run_dir / "final.json", json.dumps(final, indent=1).encode())
+        model.load_state_dict({k: v.detach().clone() for k, v in state.params.items()}, strict=False)
+        torch.save(model.state_dict(), run_dir / "model.pt")
+        if plots:
+            from atoll.report import report
+            report(run_dir)
+    return final
+
+
+def _open_logs(run_dir: Path, resumed_round: int, config_text: str | None) -> list[dict]:
+    """Start fresh logs, or on resume keep exactly the lines of rounds <= the checkpoint."""
+    if config_text is not None and resumed_round == 0:
+        (run_dir / "config.toml").write_text(config_text)
+    kept = []
+    for name in ("metrics.jsonl", "timings.jsonl"):
+        path = run_dir / name
+        lines = path.read_text().splitlines() if (resumed_round and path.exists()) else []
+        lines = [ln for ln in lines if json.loads(ln)["round"] <= resumed_round]
+        checkpoint.atomic_write(path, "".join(ln + "\n" for ln in lines).encode())
+        if name == "metrics.jsonl":
+            kept = [json.loads(ln) for ln in lines]
+    return kept
+
+
+def _append(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+class _Progress:
+    """A rich progress bar showing round, train loss, test accuracy and ETA (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn())
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
+            self.acc = None
+        return self
+
+    def update(self, line: dict) -> None:
+        if not self.enabled:
+            return
+        self.acc = line.get("test_acc", self.acc)
+        loss = line["train_loss"]
+        info = f"loss {loss:.4f}" if loss is not None else "loss  —  "
+        info += f"  acc {self.acc:.2%}" if self.acc is not None else ""
+        self.bar.update(self.task, advance=1, info=info)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
