@@ -1,0 +1,114 @@
+"""Reference models and ``build``, which turns a config name into an ``nn.Module``.
+
+Invariant: every model here is a pure function of its parameters (no BatchNorm, Dropout,
+buffers or in-place ops), so ``torch.func.functional_call`` and ``vmap`` over a client axis
+of parameters give the same result as calling each client's model separately. All models take
+flat features ``(N, n_features)`` and return logits ``(N, n_classes)``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def logreg(n_features: int, n_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer (softmax lives in the loss)."""
+    return nn.Linear(n_features, n_classes)
+
+
+def mlp(n_features: int, n_classes: int, hidden: int | tuple[int, ...] = (200, 200)) -> nn.Module:
+    """Fully connected ReLU network, e.g. the 2NN of McMahan et al. 2017 (two layers of 200)."""
+    widths = [n_features, *((hidden,) if isinstance(hidden, int) else hidden)]
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(w_in, w_out), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], n_classes))
+    return nn.Sequential(*layers)
+
+
+class CNN(nn.Module):
+    """Small CNN for square single-channel images given as flat rows (default 8x8 = 64).
+
+    ``(N, side*side) -> (N, 1, side, side)`` -> [conv3x3 pad 1 -> ReLU -> maxpool 2] x 2 ->
+    linear. ``side`` must be a multiple of 4 so both poolings are exact.
+    """
+
+    def __init__(self, n_features: int = 64, n_classes: int = 10,
+                 channels: tuple[int, int] = (16, 32)):
+        super().__init__()
+        side = math.isqrt(n_features)
+        if side * side != n_features or side % 4 or side == 0:
+            raise ValueError(f"cnn: n_features must be side*side with side a multiple of 4 "
+                             f"(e.g. 64 for 8x8 images), got {n_features}")
+        c1, c2 = channels
+        self.side = side
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        self.fc = nn.Linear(c2 * (side // 4) ** 2, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, 1, self.side, self.side)
+        h = F.max_pool2d(F.relu(self.conv1(h)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return self.fc(h.flatten(1))
+
+
+def cnn(n_features: int = 64, n_classes: int = 10,
+        channels: tuple[int, int] = (16, 32)) -> nn.Module:
+    """The ``CNN`` above (a function, for symmetry with ``logreg`` and ``mlp``)."""
+    return CNN(n_features, n_classes, tuple(channels))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
+
+
+def build(name: str, n_features: int, n_classes: int, **kwargs) -> nn.Module:
+    """Build a model by registry name (``logreg``, ``mlp``, ``cnn``) or import path.
+
+    An import path ``"package.module:Attr"`` names a class or factory. It receives
+    ``n_features=`` / ``n_classes=`` only where its signature names those parameters (each one
+    separately), plus ``kwargs``; so ``"torch.nn:Linear"`` needs ``in_features`` and
+    ``out_features`` in ``kwargs``. Unknown names and failed imports raise ``ValueError``.
+    """
+    if name in MODELS:
+        return MODELS[name](n_features, n_classes, **kwargs)
+    if ":" not in name:
+        raise ValueError(f"unknown model {name!r}; valid names are {sorted(MODELS)} "
+                         f"or an import path 'package.module:Class'")
+    factory = _import(name)
+    shape = {"n_features": n_features, "n_classes": n_classes}
+    accepted = _named_parameters(factory)
+    return factory(**{k: v for k, v in shape.items() if k in accepted}, **kwargs)
+
+
+def _import(path: str) -> Callable[..., nn.Module]:
+    """Resolve ``"package.module:Attr.sub"`` to an object, with errors naming the path."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"model {path!r}: cannot import module {module_name!r} ({e})") from e
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as e:
+        raise ValueError(f"model {path!r}: module {module_name!r} has no attribute {attr!r}") from e
+    if not callable(obj):
+        raise ValueError(f"model {path!r} is not a class or callable")
+    return obj
+
+
+def _named_parameters(factory: Callable) -> set[str]:
+    """Parameter names a callable accepts by keyword (``**kwargs`` does not count)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds}
