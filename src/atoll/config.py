@@ -80,6 +80,7 @@ class SamplingConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     federated: bool = True
+    train_loss: bool = False
 
 
 class CheckpointConfig(_Section):
@@ -233,5 +234,6 @@ def build(cfg: Config):
     plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
                 clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
+                train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every)
     return algorithm, model, fed, plan

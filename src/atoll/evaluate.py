@@ -29,6 +29,15 @@ def centralized(model, params, x, y) -> dict[str, float]:
     return {"test_loss": float(loss.mean()), "test_acc": float(correct.mean())}
 
 
+def global_train_loss(model, params, clients) -> dict[str, float]:
+    """Loss and accuracy of the global model on the union of the clients' training data (the
+    objective plotted in the FedProx paper's figures)."""
+    x = torch.cat([c.x for c in clients])
+    y = torch.cat([c.y for c in clients])
+    loss, correct = per_sample(model, params, x, y)
+    return {"global_train_loss": float(loss.mean()), "global_train_acc": float(correct.mean())}
+
+
 class FederatedEval:
     """Evaluates on all clients' local test splits with one batched forward pass."""
 

@@ -16,7 +16,7 @@ import torch
 from atoll import checkpoint, sampling
 from atoll.algorithm import Algorithm
 from atoll.client import model_loss, params_of
-from atoll.evaluate import FederatedEval, centralized
+from atoll.evaluate import FederatedEval, centralized, global_train_loss
 from atoll.runtime.base import LocalWork
 from atoll.runtime.loop import LoopRuntime
 from atoll.types import ServerState
@@ -35,6 +35,7 @@ class Plan:
     work: LocalWork = field(default_factory=LocalWork)
     eval_every: int = 1
     federated_eval: bool = True
+    train_eval: bool = False
     checkpoint_every: int = 10
 
 
@@ -84,6 +85,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
                 line.update(centralized(model, state.params, data.x_test, data.y_test))
                 if fed_eval is not None:
                     line.update(fed_eval(model, state.params)[0])
+                if plan.train_eval:
+                    line.update(global_train_loss(model, state.params, data.clients))
             metrics.append(line)
             if run_dir is not None:
                 _append(run_dir / "metrics.jsonl", line)
