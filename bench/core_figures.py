@@ -50,7 +50,7 @@ hidden = [64]
 [client]
 lr = 0.05
 batch_size = 10
-epochs = 1
+epochs = 5
 [sampling]
 clients_per_round = 10
 [eval]
@@ -65,7 +65,7 @@ def dirichlet():
         res, sec = run(DIRICHLET, f"digits-dir-{name}", [f"algorithm.name={name}", *extra])
         rows.append((name, res.final["test_acc"], res.final["fed_acc_p10"], sec))
     compare([OUT / f"digits-dir-{n}" for n, *_ in rows], OUT / "digits-dir", labels=[r[0] for r in rows])
-    print("digits, Dirichlet(0.1), 50 clients, 10 per round, 50 rounds")
+    print("digits, Dirichlet(0.1), 50 clients, 10 per round, 5 local epochs, 50 rounds")
     print(f"{'algorithm':10s} {'test acc':>9s} {'client p10':>11s} {'seconds':>8s}")
     for name, acc, p10, sec in rows:
         print(f"{name:10s} {acc:9.2%} {p10:11.2%} {sec:8.1f}")

@@ -113,3 +113,12 @@ def test_stragglers_dropped_or_kept(tmp_path):
     assert all(torch.allclose(drop.state.params[k], init[k]) for k in init)  # nothing applied
     keep = _run(tmp_path / "k", overrides=["client.stragglers=1.0", "rounds=2", "client.batch_size=2"])
     assert all(m["clients_succeeded"] == 4 for m in keep.metrics)
+
+
+def test_poisson_sampling_with_empty_rounds(tmp_path):
+    res = _run(tmp_path, overrides=["sampling.method=poisson", "sampling.rate=0.2", "rounds=6"])
+    sizes = [m["clients_sampled"] for m in res.metrics]
+    assert 0 in sizes and max(sizes) > 0  # some rounds are empty, the run goes on
+    for m in res.metrics:
+        if m["clients_sampled"] == 0:
+            assert m["train_loss"] is None and m["bytes_up"] == 0
