@@ -177,10 +177,12 @@ def compare(run_dirs, out, labels=None, target_acc=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_metrics(Path(d)) for d in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
-    panels = [("round", "test_acc", "round"), ("round", "train_loss", "round"),
+    has = lambda key: all(any(r.get(key) is not None for r in rows) for rows in runs)  # noqa: E731
+    loss = "global_train_loss" if has("global_train_loss") else "train_loss"
+    panels = [("round", "test_acc", "round"), ("round", loss, "round"),
               ("bytes_up_cum", "test_acc", "cumulative uplink bytes"),
               ("bytes_down_cum", "test_acc", "cumulative downlink bytes")]
-    if all(any(r.get("sim_time") is not None for r in rows) for rows in runs):
+    if has("sim_time"):
         panels.append(("sim_time", "test_acc", "simulated time (s)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
     for ax, (x, y, xlabel) in zip(axes, panels):
