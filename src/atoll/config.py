@@ -217,7 +217,11 @@ def build(cfg: Config):
     kwargs = dict(cfg.model.kwargs, **({"hidden": cfg.model.hidden} if cfg.model.hidden else {}))
     with torch.random.fork_rng():
         torch.manual_seed(rng.key(cfg.seed, 0, rng.SERVER, "model-init"))
-        model = models.build(cfg.model.name, fed.n_features, fed.n_classes, **kwargs).to(dtype)
+        try:
+            model = models.build(cfg.model.name, fed.n_features, fed.n_classes, **kwargs).to(dtype)
+        except TypeError as exc:
+            raise ConfigError(f"model {cfg.model.name!r} does not accept model.kwargs/model.hidden "
+                              f"{kwargs}: {exc}") from None
     c, a = cfg.client, cfg.algorithm
     local = (transforms.adam(c.lr, weight_decay=c.weight_decay) if c.optimizer == "adam" else
              transforms.sgd(c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
