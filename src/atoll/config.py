@@ -67,7 +67,7 @@ class AlgorithmConfig(_Section):
     b1: float = Field(0.9, ge=0, lt=1)
     b2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
-    weighting: Literal["samples", "uniform"] = "samples"
+    weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
 
 
 class SamplingConfig(_Section):
@@ -231,6 +231,9 @@ def build(cfg: Config):
                "fedadagrad": {"tau": a.tau}}.get(a.name, {})
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
+    if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
+        raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
+                          f"{len(fed.clients)} clients")
     algorithm = algorithms.RECIPES[a.name](local, aggregator=mean(a.weighting), **options)
     s = cfg.sampling
     work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,

@@ -43,3 +43,14 @@ def test_overrides():
 def test_missing_file():
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load("no/such/file.toml")
+
+
+def test_custom_weighting_per_client():
+    cfg = config.load(text="[data]\nname='wine'\nnum_clients=3\n[algorithm]\nweighting=[1.0, 0.0, 2.0]\n")
+    alg = config.build(cfg)[0]
+    import torch
+    w = alg.aggregator.weights([0, 2], torch.tensor([5.0, 7.0]))
+    assert w.tolist() == [1.0, 2.0]
+    bad = config.load(text="[data]\nname='wine'\nnum_clients=3\n[algorithm]\nweighting=[1.0]\n")
+    with pytest.raises(config.ConfigError, match="3 clients"):
+        config.build(bad)
