@@ -16,21 +16,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl``; errors name the file (and the line)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
-    rows = []
+    rows = _read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{path} is empty: the run has not finished a round")
+    for i, row in rows:
+        if not isinstance(row.get("round"), int):
+            raise ValueError(f"{path}: line {i} has no integer 'round'")
+    return [row for _, row in rows]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file."""
+    out = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: line {i} is not valid JSON ({exc.msg})") from None
-    if not rows:
-        raise ValueError(f"{path} is empty: the run has not finished a round")
-    return rows
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {i} is not a JSON object")
+        out.append((i, obj))
+    return out
 
 
 def series(rows: list[dict], x: str, y: str) -> tuple[list, list]:
@@ -58,54 +71,61 @@ def report(run_dir) -> dict:
                _clients_png(rows, final, plots_dir / "clients.png")]
     for key, name, label in (("sim_time", "time.png", "simulated time (s)"),
                              ("epsilon", "privacy.png", "privacy spent ε")):
-        if any(r.get(key) is not None for r in rows):
+        if _has(rows, key):
             written.append(_acc_vs(rows, key, label, plots_dir / name))
     numbers = _numbers(rows, final)
+    timings = _read_jsonl(run_dir / "timings.jsonl") if (run_dir / "timings.jsonl").exists() else []
+    numbers["wall_s"] = timings[-1][1].get("wall_s") if timings else None
     numbers["plots"] = [str(p) for p in written]
-    (run_dir / "summary.md").write_text(_summary_md(run_dir, rows, final, numbers, written))
+    (run_dir / "summary.md").write_text(_summary_md(run_dir, numbers, written))
     return numbers
 
 
 def _numbers(rows, final) -> dict:
     rounds, accs = series(rows, "round", "test_acc")
     best = max(range(len(accs)), key=lambda i: accs[i]) if accs else None
-    out = {"rounds": rows[-1]["round"], "final_test_acc": final.get("test_acc", accs[-1] if accs else None),
+    final_acc = final.get("test_acc") if final.get("test_acc") is not None else (accs[-1] if accs else None)
+    out = {"rounds": rows[-1]["round"], "final_test_acc": final_acc,
            "best_test_acc": accs[best] if best is not None else None,
            "best_round": rounds[best] if best is not None else None,
-           "final_train_loss": next((r["train_loss"] for r in reversed(rows) if r.get("train_loss") is not None), None),
+           "final_train_loss": _last(rows, "train_loss"),
            "bytes_up_total": rows[-1].get("bytes_up_cum", sum(r.get("bytes_up", 0) for r in rows)),
            "bytes_down_total": rows[-1].get("bytes_down_cum", sum(r.get("bytes_down", 0) for r in rows))}
-    if out["final_test_acc"] is not None:
-        for frac in (0.9, 0.95):
-            out[f"rounds_to_{int(frac * 100)}pct_of_final"] = reach(rows, frac * out["final_test_acc"])
+    fed = [r for r in rows if r.get("fed_acc_mean") is not None]
+    for key in ("fed_acc_mean", "fed_acc_p10", "fed_acc_min"):
+        out[key] = fed[-1].get(key) if fed else None
+    out["fed_eval_round"] = fed[-1]["round"] if fed else None
+    if final_acc is not None:
+        for frac in (90, 95):
+            out[f"rounds_to_{frac}pct_of_final"] = reach(rows, frac / 100 * final_acc)
     return out
 
 
-def _summary_md(run_dir, rows, final, n, written) -> str:
+def _summary_md(run_dir, n, written) -> str:
     cfg = _toml(run_dir / "config.toml")
     title = cfg.get("name", run_dir.name)
-    algo = cfg.get("algorithm", {}).get("name", "?")
-    data = cfg.get("data", {}).get("name", "?")
+    algo, data = (_section_name(cfg, k) for k in ("algorithm", "data"))
     pct = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
-    lines = [f"# {title}", "", f"{algo} on {data}, {n['rounds']} rounds.", "",
+    what = f"{algo} on {data}, " if (algo, data) != ("?", "?") else ""
+    lines = [f"# {title}", "", f"{what}{n['rounds']} rounds.", "",
              "| metric | value |", "|---|---|",
              f"| final test accuracy | {pct(n['final_test_acc'])} |",
              f"| best test accuracy | {pct(n['best_test_acc'])} (round {n['best_round']}) |",
-             f"| final train loss | {n['final_train_loss'] if n['final_train_loss'] is None else round(n['final_train_loss'], 4)} |",
+             f"| final train loss | {_num(n['final_train_loss'])} |",
              f"| MB up / down | {n['bytes_up_total'] / 1e6:.3f} / {n['bytes_down_total'] / 1e6:.3f} |"]
     for frac in (90, 95):
         key = f"rounds_to_{frac}pct_of_final"
         if key in n:
-            lines.append(f"| rounds to {frac}% of final accuracy | {n[key]} |")
-    fed = [r for r in rows if r.get("fed_acc_mean") is not None]
-    if fed:
-        f = fed[-1]
-        lines.append(f"| client accuracy mean / p10 / min (round {f['round']}) | "
-                     f"{pct(f['fed_acc_mean'])} / {pct(f['fed_acc_p10'])} / {pct(f['fed_acc_min'])} |")
-    timings = _jsonl(run_dir / "timings.jsonl")
-    if timings:
-        lines.append(f"| wall time | {timings[-1]['wall_s']:.1f} s |")
+            lines.append(f"| rounds to {frac}% of final accuracy | {_num(n[key])} |")
+    if n["fed_eval_round"] is not None:
+        lines.append(f"| client accuracy mean / p10 / min (round {n['fed_eval_round']}) | "
+                     f"{pct(n['fed_acc_mean'])} / {pct(n['fed_acc_p10'])} / {pct(n['fed_acc_min'])} |")
+    if n.get("wall_s") is not None:
+        lines.append(f"| wall time | {n['wall_s']:.1f} s |")
     lines += ["", *[f"![{p.stem}](plots/{p.name})" for p in written], ""]
+    if (run_dir / "config.toml").exists():
+        text = (run_dir / "config.toml").read_text().rstrip()
+        lines += ["<details><summary>config.toml</summary>", "", "```toml", text, "```", "", "</details>", ""]
     return "\n".join(lines)
 
 
@@ -129,23 +149,24 @@ def _bytes_png(rows, path) -> Path:
         xs, ys = series(rows, key, "test_acc")
         ax.plot([x / 1e6 for x in xs], ys, marker=".")
         ax.set(xlabel=f"cumulative {label} MB", ylabel="test accuracy", title=f"accuracy vs {label} bytes")
-        if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
-            ax.set_xscale("log")
+        _maybe_log(ax, xs)
     return _save(fig, axes, path, legend=False)
 
 
 def _clients_png(rows, final, path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    xs, mean = series(rows, "round", "fed_acc_mean")
-    _, p10 = series(rows, "round", "fed_acc_p10")
-    _, lo = series(rows, "round", "fed_acc_min")
-    if xs:
+    keys = ("round", "fed_acc_mean", "fed_acc_p10", "fed_acc_min")
+    pts = [[r[k] for k in keys] for r in rows if all(r.get(k) is not None for k in keys)]
+    if pts:
+        xs, mean, p10, lo = zip(*pts)
         a.plot(xs, mean, label="mean (sample-weighted)")
         a.fill_between(xs, p10, mean, alpha=0.3, label="p10 .. mean")
         a.plot(xs, lo, linestyle="--", label="min")
     a.set(xlabel="round", ylabel="accuracy", title="accuracy across clients")
     accs = [v for v in (final.get("client_acc") or []) if v is not None]
-    b.hist(accs, bins=min(20, max(1, len(accs))), range=(0, 1))
+    b.hist(accs, bins=20, range=(0, 1), edgecolor="white")
+    if not accs:
+        b.text(0.5, 0.5, "no per-client accuracies (final.json)", ha="center", transform=b.transAxes)
     b.set(xlabel="final accuracy on local test split", ylabel="clients", title="final per-client accuracy")
     return _save(fig, (a,), path, extra=(b,))
 
@@ -172,55 +193,111 @@ def _save(fig, axes, path, legend=True, extra=()) -> Path:
 
 def compare(run_dirs, out, labels=None, target_acc=None) -> list[dict]:
     """Overlay runs in ``out/compare.png``; ``out/compare.md`` tabulates what each needs to
-    reach ``target_acc`` (rounds, bytes up, bytes down, simulated time)."""
+    reach ``target_acc`` (rounds, bytes up, bytes down, simulated time). Returns the table rows."""
+    if not run_dirs:
+        raise ValueError("compare needs at least one run folder")
+    labels = list(labels) if labels else [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_metrics(Path(d)) for d in run_dirs]
-    labels = labels or [Path(d).name for d in run_dirs]
-    has = lambda key: all(any(r.get(key) is not None for r in rows) for rows in runs)  # noqa: E731
-    loss = "global_train_loss" if has("global_train_loss") else "train_loss"
-    panels = [("round", "test_acc", "round"), ("round", loss, "round"),
-              ("bytes_up_cum", "test_acc", "cumulative uplink bytes"),
-              ("bytes_down_cum", "test_acc", "cumulative downlink bytes")]
-    if has("sim_time"):
-        panels.append(("sim_time", "test_acc", "simulated time (s)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
-    for ax, (x, y, xlabel) in zip(axes, panels):
-        for rows, label in zip(runs, labels):
-            ax.plot(*series(rows, x, y), label=label)
-        ax.set(xlabel=xlabel, ylabel=y)
-        if x.startswith("bytes"):
-            ax.set_xscale("log")
-    _save(fig, axes, out / "compare.png")
+    _compare_png(runs, labels, out / "compare.png")
+    with_time = any(_has(rows, "sim_time") for rows in runs)
     table = []
     for rows, label in zip(runs, labels):
         accs = series(rows, "round", "test_acc")[1]
         row = {"run": label, "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None}
         if target_acc is not None:
-            for key in ("round", "bytes_up_cum", "bytes_down_cum", "sim_time"):
+            for key in ("round", "bytes_up_cum", "bytes_down_cum") + (("sim_time",) if with_time else ()):
                 row[f"{key}_to_target"] = reach(rows, target_acc, key)
         table.append(row)
     (out / "compare.md").write_text(_table_md(table, target_acc))
     return table
 
 
+def _compare_png(runs, labels, path) -> Path:
+    loss = "global_train_loss" if all(_has(rows, "global_train_loss") for rows in runs) else "train_loss"
+    panels = [("round", "test_acc", "round"), ("round", loss, "round"),
+              ("bytes_up_cum", "test_acc", "cumulative uplink MB"),
+              ("bytes_down_cum", "test_acc", "cumulative downlink MB")]
+    if all(_has(rows, "sim_time") for rows in runs):
+        panels.append(("sim_time", "test_acc", "simulated time (s)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    for ax, (x, y, xlabel) in zip(axes, panels):
+        scale = 1e6 if x.startswith("bytes") else 1
+        all_x = []
+        for rows, label in zip(runs, labels):
+            xs, ys = series(rows, x, y)
+            all_x += [v / scale for v in xs]
+            ax.plot([v / scale for v in xs], ys, marker=".", label=label)
+        ax.set(xlabel=xlabel, ylabel=y.replace("_", " "))
+        if scale != 1:
+            _maybe_log(ax, all_x)
+    return _save(fig, axes, path)
+
+
 def _table_md(table, target) -> str:
     cols = list(table[0])
-    fmt = lambda v: "—" if v is None else (f"{v:.2%}" if isinstance(v, float) and v <= 1 else f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    head = f"Target test accuracy: {target:.2%}\n\n" if target is not None else ""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in cols) + " |" for r in table]
+    head = f"Target test accuracy: {target:.2%}\n\n" if target is not None else ""
     return head + "\n".join(lines) + "\n"
 
 
+def _cell(col: str, v) -> str:
+    if v is None:
+        return "—"
+    if col.endswith("_acc"):
+        return f"{v:.2%}"
+    if col.startswith("bytes"):
+        return _bytes(v)
+    return _num(v)
+
+
+def _bytes(v) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= size:
+            return f"{v / size:.3g} {unit}"
+    return f"{v} B"
+
+
+def _num(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _has(rows, key) -> bool:
+    return any(r.get(key) is not None for r in rows)
+
+
+def _last(rows, key):
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _maybe_log(ax, xs) -> None:
+    """Log-x when the positive values span more than two decades."""
+    pos = [x for x in xs if x > 0]
+    if pos and max(pos) / min(pos) > 100:
+        ax.set_xscale("log")
+
+
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return obj
 
 
-def _jsonl(path, default=None) -> list[dict]:
-    if not path or not Path(path).exists():
-        return default or []
-    return [json.loads(s) for s in Path(path).read_text().splitlines() if s.strip()]
+def _section_name(cfg: dict, section: str) -> str:
+    sec = cfg.get(section)
+    return str(sec.get("name", "?")) if isinstance(sec, dict) else "?"
 
 
 def _toml(path: Path) -> dict:
