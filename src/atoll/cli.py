@@ -63,7 +63,8 @@ def _run(args) -> int:
         raise ValueError("give a CONFIG file, or --resume RUN_DIR")
     algorithm, model, data, plan = config.build(cfg)
     t0 = time.perf_counter()
-    result = simulate(algorithm, model, data, plan, run_dir=run_dir, resume=bool(args.resume),
+    result = simulate(algorithm, model, data, plan, run_dir=run_dir, runtime=config.runtime(cfg),
+                      resume=bool(args.resume),
                       progress=not args.quiet, config_text=config.dumps(cfg))
     _summary(cfg, result, time.perf_counter() - t0)
     return 0

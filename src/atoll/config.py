@@ -88,7 +88,10 @@ class CheckpointConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    name: Literal["auto", "loop"] = "auto"
+    name: Literal["auto", "loop", "vmap"] = "auto"  # auto = vmap
+    device: str = "cpu"
+    memory_budget_mb: float = Field(1024, gt=0)
+    threads: int | None = Field(None, ge=1)
 
 
 class Config(_Section):
@@ -194,6 +197,17 @@ def _toml(v) -> str:
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
     raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def runtime(cfg: Config):
+    """The runtime named by ``runtime.name`` (``auto`` picks the vectorised one)."""
+    from atoll.runtime.loop import LoopRuntime
+    from atoll.runtime.vmap import VmapRuntime
+
+    r = cfg.runtime
+    if r.name == "loop":
+        return LoopRuntime()
+    return VmapRuntime(device=r.device, memory_budget_mb=r.memory_budget_mb, threads=r.threads)
 
 
 def build(cfg: Config):
