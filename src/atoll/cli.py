@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         description="List the built-in data sets (no download needed).")
     ds.set_defaults(func=_datasets)
 
+    from atoll.privacy import cli as privacy_cli
+
+    privacy_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -18,7 +18,7 @@ clients_per_round = 2
 """
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["report"], ["compare"], ["datasets"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["report"], ["compare"], ["datasets"], ["privacy"], ["privacy", "epsilon"]])
 def test_help_on_every_subcommand(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])

@@ -1,0 +1,140 @@
+"""DP-SGD local training (Abadi et al. 2016) as a pure ``ClientUpdate``.
+
+Each local step ``s``:
+
+1. Poisson-sample the client's records with rate ``q``: a record in slot ``i`` takes part iff
+   ``mask[s, i]`` (and, when ``batches["poisson_u"]`` is given, ``poisson_u[s, i] < q``);
+2. per-sample gradients of the cross-entropy, each clipped to L2 norm ``clip``
+   (ghost clipping for ``nn.Linear`` stacks, else ``vmap(grad)``, ``atoll.privacy.ghost``);
+3. add ``N(0, (noise_multiplier * clip)^2)`` to the *sum* of clipped gradients;
+4. divide by the expected batch size ``q * n_records`` (``batches["records"][s]``, else the
+   number of valid slots ``mask[s].sum()``) and apply the local ``Transform``.
+
+Each step is ``poisson_gaussian(q, noise_multiplier)`` on the client's records (``step_event``).
+
+Two ways to feed the sampling (both exact Poisson sampling):
+
+* ``poisson_batches(x, y, steps, q, key)`` draws the subsets up front and gathers them into
+  padded ``(S, cap, ...)`` batches (``mask`` marks the sampled records, ``records`` = n);
+* or pass every record in every step and let ``poisson_u`` (``dp_inputs(..., poisson=True)``)
+  select them inside (costs a gradient for every record).
+
+Randomness and ``vmap``. ``torch.Generator`` draws cannot run inside ``vmap``; so Poisson
+uniforms and Gaussian noise are *tensors*: ``dp_inputs(batches, params, key)`` adds
+``noise/<param>`` ``(S, *shape)`` (and ``poisson_u``) drawn from ``key``. With a plain ``int``
+key the update draws them itself in exactly the same way, so the loop runtime needs nothing;
+a vectorised runtime calls ``dp_inputs`` per client before stacking and then
+``vmap(update)`` over clients works (vmap over clients of vmap over samples): loop == vmap.
+In deployment ``key`` must be secret to the client, or the server could regenerate the noise.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from atoll import rng
+from atoll import tree as T
+from atoll.privacy import events, ghost
+from atoll.transforms.base import Transform, apply_updates
+from atoll.tree import Tree
+from atoll.types import ClientResult
+
+
+def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
+                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None):
+    """The DP-SGD ``ClientUpdate`` (see the module docstring). ``use_ghost``: ``None`` = when
+    the model allows it, ``True`` = require it, ``False`` = always materialise (the oracle)."""
+    if not (clip > 0 and noise_multiplier >= 0 and 0 < sample_rate <= 1):
+        raise ValueError(f"dp_local_training: need clip > 0, noise_multiplier >= 0, 0 < q <= 1; got "
+                         f"clip={clip}, noise_multiplier={noise_multiplier}, q={sample_rate}")
+    stack = ghost.linear_stack(model) if use_ghost is not False else None
+    if use_ghost and stack is None:
+        raise ValueError("dp_local_training: ghost clipping needs nn.Sequential of nn.Linear "
+                         "and parameter-free layers")
+    sum_fn = _ghost_sum(stack, clip) if stack is not None else _vmap_sum(model, clip)
+
+    def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
+               batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key) -> ClientResult:
+        batches = _with_inputs(batches, params, key)
+        ctx = {"broadcast": broadcast, "key": key}
+        opt_state, p = transform.init(params), params
+        dtype = next(iter(params.values())).dtype
+        loss_sum, seen = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
+        for s in range(batches["y"].shape[0]):  # (S, B, ...)
+            sel = batches["mask"][s]
+            if "poisson_u" in batches:
+                sel = sel & (batches["poisson_u"][s] < sample_rate)
+            total, losses = sum_fn(p, batches["x"][s], batches["y"][s], sel.to(dtype))
+            records = batches["records"][s] if "records" in batches else batches["mask"][s].sum()
+            denom = sample_rate * records.to(dtype).clamp(min=1.0)
+            grads = {k: (total[k] + noise_multiplier * clip * batches["noise/" + k][s].to(dtype)) / denom
+                     for k in p}
+            updates, new_state = transform.update(grads, opt_state, p, ctx)
+            active = step_mask[s]
+            p = T.where(active, apply_updates(p, updates), p)
+            opt_state = tree_map(lambda a, b: torch.where(active, a, b), new_state, opt_state)
+            n = sel.to(dtype).sum() * active.to(dtype)
+            loss_sum = loss_sum + (losses * sel.to(dtype)).sum() * active.to(dtype)
+            seen = seen + n
+        metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum()}
+        return ClientResult(T.sub(p, params), {}, client_state, metrics)
+
+    update.step_event = events.poisson_gaussian(sample_rate, noise_multiplier)
+    return update
+
+
+def _vmap_sum(model, clip):
+    def fn(p, x, y, sel):
+        g = ghost.per_sample_grads(model, p, x, y)
+        factors = sel * torch.clamp(clip / ghost.norms_of(g).clamp(min=1e-30), max=1.0)
+        return ghost.weighted_sum(g, factors), ghost.per_sample_losses(model, p, x, y).detach()
+    return fn
+
+
+def _ghost_sum(stack, clip):
+    def fn(p, x, y, sel):
+        losses, inputs, outgrads = ghost.ghost_forward(stack, p, x, y)
+        norms = ghost.ghost_norms(inputs, outgrads)
+        factors = sel * torch.clamp(clip / norms.clamp(min=1e-30), max=1.0)
+        return ghost.ghost_weighted_sum(stack, inputs, outgrads, factors), losses
+    return fn
+
+
+def dp_inputs(batches: dict[str, torch.Tensor], params: Tree, key: int,
+              poisson: bool = False) -> dict[str, torch.Tensor]:
+    """``batches`` plus pre-drawn ``noise/<param>`` ``(S, *shape)`` standard normals and, with
+    ``poisson=True``, ``poisson_u`` ``(S, B)`` uniforms; all from ``key``, in a fixed order."""
+    g = rng.generator(rng.fold(int(key), "dpsgd"))
+    s, b = batches["y"].shape[:2]
+    out = dict(batches)
+    if poisson:
+        out["poisson_u"] = torch.rand((s, b), generator=g, dtype=torch.float64)
+    for k, v in params.items():
+        out["noise/" + k] = torch.randn((s, *v.shape), generator=g, dtype=torch.float64).to(v.dtype)
+    return out
+
+
+def _with_inputs(batches, params, key):
+    if all("noise/" + k in batches for k in params):
+        return batches
+    if not isinstance(key, int):
+        raise ValueError("dp_local_training under vmap: pre-draw the noise with "
+                         "atoll.privacy.dpsgd.dp_inputs(batches, params, key) per client")
+    return dp_inputs(batches, params, key)
+
+
+def poisson_batches(x: torch.Tensor, y: torch.Tensor, steps: int, q: float,
+                    key: int) -> dict[str, torch.Tensor]:
+    """Exact Poisson sampling: each step keeps every record independently with probability
+    ``q``; the kept records are gathered into ``(S, cap, ...)`` slots (``cap`` = the largest
+    sample, at least 1), ``mask`` marks real ones, ``records`` = n for the normaliser."""
+    n = y.shape[0]
+    g = rng.generator(rng.fold(int(key), "poisson"))
+    keep = torch.rand((steps, n), generator=g, dtype=torch.float64) < q  # (S, n)
+    cap = max(1, int(keep.sum(1).max()))
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :cap]  # kept first
+    mask = torch.gather(keep, 1, order)
+    return {"x": x[order], "y": y[order], "mask": mask,
+            "records": torch.full((steps,), float(n), dtype=torch.float64)}
