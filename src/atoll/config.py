@@ -88,10 +88,14 @@ class CheckpointConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    name: Literal["auto", "loop", "vmap"] = "auto"  # auto = vmap
-    device: str = "cpu"
+    """Who runs the clients: ``auto`` (= ``vmap``), ``loop`` (reference), ``vmap``, ``ray``."""
+
+    name: Literal["auto", "loop", "vmap", "ray"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     memory_budget_mb: float = Field(1024, gt=0)
     threads: int | None = Field(None, ge=1)
+    ray_address: str | None = None
+    ray_workers: int | None = Field(None, ge=1)
 
 
 class Config(_Section):
@@ -201,13 +205,9 @@ def _toml(v) -> str:
 
 def runtime(cfg: Config):
     """The runtime named by ``runtime.name`` (``auto`` picks the vectorised one)."""
-    from atoll.runtime.loop import LoopRuntime
-    from atoll.runtime.vmap import VmapRuntime
+    from atoll.runtime import make_runtime
 
-    r = cfg.runtime
-    if r.name == "loop":
-        return LoopRuntime()
-    return VmapRuntime(device=r.device, memory_budget_mb=r.memory_budget_mb, threads=r.threads)
+    return make_runtime(cfg.runtime)
 
 
 def build(cfg: Config):

@@ -1,4 +1,8 @@
-"""Fast runtimes against the reference LoopRuntime, in float64 with fixed keys."""
+"""VmapRuntime against the reference LoopRuntime: float64, fixed keys, tolerance 1e-9.
+
+Unequal client sizes (quantity skew), unequal step counts (half the clients straggle), several
+chunks, both engines (fused MLP/SGD and generic vmap), FedAvg, FedProx and FedAdam.
+"""
 import pytest
 import torch
 
@@ -12,7 +16,7 @@ rounds = 3
 dtype = "float64"
 [data]
 name = "wine"
-num_clients = 6
+num_clients = 8
 partition = "quantity"
 sigma = 1.0
 [model]
@@ -24,79 +28,87 @@ batch_size = 4
 epochs = 2
 stragglers = 0.5
 [sampling]
-clients_per_round = 5
+clients_per_round = 6
 """
-
-CASES = {
+ALGORITHMS = {
     "fedavg": [],
     "fedprox": ["algorithm.name=fedprox", "algorithm.mu=0.3"],
-    "fedadam": ["algorithm.name=fedadam", "algorithm.server_lr=0.05", "client.momentum=0.9"],
-    "drop": ["client.drop_stragglers=true"],
+    "fedadam": ["algorithm.name=fedadam", "algorithm.server_lr=0.05"],
 }
+TOL = 1e-9
 
 
-def _run(runtime, overrides):
-    alg, model, data, plan = config.build(config.load(text=BASE, overrides=overrides))
-    assert len({c.n for c in data.clients}) > 2  # unequal client sizes
-    return simulate(alg, model, data, plan, runtime=runtime, plots=False)
+def build(overrides=()):
+    return config.build(config.load(text=BASE, overrides=list(overrides)))
 
 
-def _assert_same(a, b, tol=1e-9):
+def run(runtime, overrides=(), data=None):
+    alg, model, fed, plan = build(overrides)
+    return simulate(alg, model, data or fed, plan, runtime=runtime, plots=False)
+
+
+def assert_same(a, b, tol=TOL):
     for k in a.state.params:
         torch.testing.assert_close(a.state.params[k], b.state.params[k], rtol=0, atol=tol)
     assert len(a.metrics) == len(b.metrics)
     for ma, mb in zip(a.metrics, b.metrics):
         assert ma.keys() == mb.keys()
-        for key in ma:
-            if isinstance(ma[key], float):
-                assert ma[key] == pytest.approx(mb[key], abs=tol), key
+        for key, va in ma.items():
+            if isinstance(va, float):
+                assert va == pytest.approx(mb[key], abs=tol), key
             else:
-                assert ma[key] == mb[key], key
+                assert va == mb[key], key  # counts, bytes, failure reasons: exactly equal
+
+
+@pytest.fixture(scope="module")
+def loop_runs():
+    return {name: run(LoopRuntime(), over) for name, over in ALGORITHMS.items()}
+
+
+def test_workload_is_heterogeneous():
+    _, _, fed, _ = build()
+    assert len({c.n for c in fed.clients}) >= 4  # unequal client sizes
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_vmap_equals_loop(case, fused):
-    loop = _run(LoopRuntime(), CASES[case])
-    assert any(m.get("stragglers_dropped") for m in loop.metrics) or case != "drop"
-    _assert_same(loop, _run(VmapRuntime(fused=fused), CASES[case]))
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_vmap_equals_loop(loop_runs, name, fused):
+    runtime = VmapRuntime(fused=fused, chunk_clients=4)  # 6 clients per round: two chunks
+    assert_same(loop_runs[name], run(runtime, ALGORITHMS[name]))
+    assert runtime._engine[1].name == ("fused-mlp" if fused else "vmap")
 
 
-@pytest.mark.parametrize("over", [["model.name=logreg", "model.hidden=[]"],  # fused
-                                  ["data.name=digits", "model.name=cnn", "data.num_clients=8",
-                                   "client.epochs=1", "client.batch_size=16", "model.hidden=[]"]],  # generic vmap
-                         ids=["logreg", "cnn"])
-def test_other_models(over):
-    _assert_same(_run(LoopRuntime(), over), _run(VmapRuntime(), over))
+@pytest.mark.parametrize("budget", [1, 40_000, 2**30], ids=["one-per-chunk", "few", "one-chunk"])
+def test_chunking_by_memory_budget_gives_same_result(loop_runs, budget):
+    runtime = VmapRuntime(memory_budget_bytes=budget)
+    assert_same(loop_runs["fedprox"], run(runtime, ALGORITHMS["fedprox"]))
 
 
-def test_fused_tanh_stack_matches_local_training():
-    from atoll.client import local_training, model_loss, params_of
-    from atoll.runtime import fused
-    from atoll.transforms import adam
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
-    params = params_of(model)
-    x = torch.randn(4, 6, 3, 5, dtype=torch.float64)
-    y = torch.randint(0, 3, (4, 6, 3))
-    mask = torch.rand(4, 6, 3) > 0.2
-    step_mask = torch.rand(4, 6) > 0.3
-    batches = {"x": x, "y": y, "mask": mask}
-    delta, metrics = fused.local_training(fused.layers_of(model), adam(0.01), params, batches, step_mask)
-    ref = local_training(model_loss(model), adam(0.01))
-    for c in range(4):
-        one = ref(params, {}, {"params": params}, {k: v[c] for k, v in batches.items()}, step_mask[c], 0)
-        for k in params:
-            torch.testing.assert_close(delta[k][c], one.delta[k], rtol=0, atol=1e-12)
-        assert float(metrics["loss"][c]) == pytest.approx(float(one.metrics["loss"]), abs=1e-12)
+def test_dropped_stragglers_same_as_loop():
+    over = ["client.drop_stragglers=true"]
+    loop = run(LoopRuntime(), over)
+    assert sum(m.get("stragglers_dropped", 0) for m in loop.metrics) > 0
+    assert_same(loop, run(VmapRuntime(), over))
 
 
-def test_chunking_by_memory_budget_gives_same_result():
-    loop = _run(LoopRuntime(), [])
-    _assert_same(loop, _run(VmapRuntime(memory_budget_mb=0.01), []))  # one client per chunk
+@pytest.mark.parametrize("over", [["client.momentum=0.9"], ["model.name=logreg", "model.hidden=[]"],
+                                  ["client.optimizer=adam", "client.lr=0.01"]],
+                         ids=["momentum-generic", "logreg-fused", "adam-generic"])
+def test_other_parts(over):
+    runtime = VmapRuntime()
+    assert_same(run(LoopRuntime(), over), run(runtime, over))
 
 
-def test_unequal_step_counts_in_one_chunk():
-    # stragglers=0.5 and quantity skew: the padded chunk mixes very different step counts
-    res = _run(VmapRuntime(), [])
-    assert all(m["clients_succeeded"] == 5 for m in res.metrics)
+def test_failing_clients_dropped_with_loop_reasons():
+    from dataclasses import replace
+
+    _, _, fed, _ = build()
+    clients = list(fed.clients)
+    clients[1] = replace(clients[1], x=clients[1].x * float("nan"))      # non-finite update
+    clients[3] = replace(clients[3], y=torch.full_like(clients[3].y, 99))  # loss raises
+    bad = replace(fed, clients=clients)
+    loop = run(LoopRuntime(), data=bad)
+    reasons = [f for m in loop.metrics for f in m.get("failures", [])]
+    assert {c for c, _ in reasons} == {1, 3}
+    for fused in (True, False):
+        assert_same(loop, run(VmapRuntime(fused=fused), data=bad))

@@ -1,103 +1,258 @@
-"""A fused fast path of local training for stacks of ``Linear`` / ``ReLU`` / ``Tanh`` layers.
+"""A hand-fused chunk engine for ReLU MLPs trained locally by plain SGD.
 
-``torch.func.vmap(grad(...))`` spends most of a small model's step in per-op dispatch. For
-feed-forward nets (logistic regression, MLPs such as the 2NN) this module runs the clients of a
-chunk with explicit batched products instead: forward with ``baddbmm``, backward of the masked
-mean cross-entropy by hand, the local ``Transform`` applied under ``vmap`` (so any transform
-works unchanged), and masked steps leaving parameters and optimizer state untouched. It computes
-exactly what ``client.local_training`` computes (checked against it and against ``LoopRuntime``
-in float64, ``tests/runtime``); other models fall back to the generic vmap path.
+``match(client_update)`` recognises a ``ClientUpdate`` built as
+``local_training(model_loss(model), transform)`` (by its ``parts`` and the code objects of the
+functions involved, and reads the hyperparameters from the transforms' closures)
+where ``model`` is an ``nn.Linear`` or an ``nn.Sequential`` of ``Linear`` layers joined by
+``ReLU`` (no hooks, no buffers) and ``transform`` is ``sgd(lr, momentum=0, weight_decay)``,
+optionally chained after ``proximal(mu)`` / ``add_decayed_weights`` corrections. Anything
+else returns ``None`` and the generic ``vmap`` engine runs instead, so the fast path never
+changes what another model or transform computes.
+
+For such a client the local step is, with ``a`` the step mask and ``W0`` the global model::
+
+    W <- W - lr * (grad + mu * (W - W0) + wd * W)      if a[s], else unchanged
+
+and this engine computes it with one batched product per layer and direction
+(``baddbmm`` into the stacked weights ``(C, out, in)``, in place, no autograd):
+
+* step 0: every client starts from ``W0``, so the forward pass and the backward pass to the
+  activations are single shared products over the chunk's ``C * B`` samples; only the
+  per-client weight gradients (rank ``B``) are per-client products;
+* steps ``s >= 1``: step masks are prefixes and the chunk is sorted by active steps, so the
+  clients active at step ``s`` are a leading block ``[:m_s]`` and inactive clients are
+  skipped, not masked; their weights stay bit-identical.
+
+Equivalence with ``LoopRuntime`` (float64, 1e-9) is tested in ``tests/runtime``. One
+documented difference: the loss metric of a masked step is never evaluated here, whereas
+``local_training`` adds ``0 * loss``, which differs only when that loss is NaN or infinite.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import vmap
-from torch.utils._pytree import tree_map
 
-from atoll.transforms.base import apply_updates
+from atoll.client import local_training, model_loss
+from atoll.runtime.engine import ChunkResult, VmapEngine
+from atoll.transforms import base as tbase
+from atoll.transforms import corrections, optim
 
 
-def layers_of(model) -> list[tuple[str, str]] | None:
-    """``[("linear", prefix), ("relu", ""), ...]`` when ``model`` is such a stack, else None."""
-    if isinstance(model, nn.Linear) and model.bias is not None:
-        return [("linear", "")]
-    if not isinstance(model, nn.Sequential):
+@dataclass(frozen=True)
+class FusedSpec:
+    layers: tuple[tuple[str, str | None], ...]  # (weight key, bias key or None) per Linear
+    lr: float
+    mu: float
+    wd: float
+    client_update: object
+
+
+def _code(fn):
+    return getattr(fn, "__code__", None)
+
+
+_LOCAL = _code(local_training(lambda *a: None, tbase.identity()))
+_LOSS = _code(model_loss(nn.Identity()))
+_SGD = _code(optim.sgd(1.0).update)
+_PROX = _code(corrections.proximal(0.0).update)
+_DECAY = _code(optim.add_decayed_weights(0.0).update)
+_CHAIN = _code(tbase.chain().update)
+_IDENT = _code(tbase.identity().update)
+
+
+def _cells(fn, code) -> dict | None:
+    """The closure of ``fn`` as a dict, if ``fn`` runs exactly ``code``; else None."""
+    if code is None or _code(fn) != code:  # ==, not is: a function shipped to a Ray
+        # worker by cloudpickle is rebuilt with an equal but new code object
         return None
-    out = []
-    for name, layer in model.named_children():
-        if isinstance(layer, nn.Linear) and layer.bias is not None:
-            out.append(("linear", name + "."))
-        elif isinstance(layer, (nn.ReLU, nn.Tanh)):
-            out.append((type(layer).__name__.lower(), ""))
-        else:
+    return dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def match(client_update) -> FusedSpec | None:
+    """The fused plan for ``client_update``, or None where the generic path must run."""
+    parts = getattr(client_update, "parts", None)  # set by local_training: (loss_fn, transform)
+    if _code(client_update) != _LOCAL or parts is None:
+        return None
+    loss_fn, transform = parts
+    if _code(loss_fn) != _LOSS or not hasattr(loss_fn, "model"):
+        return None
+    layers, coeffs = _mlp_layers(loss_fn.model), _sgd_coeffs(transform)
+    if layers is None or coeffs is None:
+        return None
+    return FusedSpec(layers, *coeffs, client_update=client_update)
+
+
+def _mlp_layers(model) -> tuple | None:
+    """``((w, b), ...)`` parameter names of Linear [ReLU Linear]*, or None."""
+    if type(model) is nn.Linear:
+        mods, prefix = [model], [""]
+    elif type(model) is nn.Sequential:
+        mods, prefix = list(model), [f"{i}." for i in range(len(model))]
+    else:
+        return None
+    kinds = [type(m) for m in mods]
+    if not kinds or kinds[0] is not nn.Linear or len(kinds) % 2 == 0:
+        return None
+    if any(k is not (nn.Linear if i % 2 == 0 else nn.ReLU) for i, k in enumerate(kinds)):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in [model, *mods]):
+        return None
+    if list(model.buffers()) or nn.modules.module._global_forward_hooks:
+        return None
+    return tuple((f"{prefix[i]}weight", f"{prefix[i]}bias" if mods[i].bias is not None else None)
+                 for i in range(0, len(mods), 2))
+
+
+def _sgd_coeffs(transform) -> tuple[float, float, float] | None:
+    """``(lr, mu, wd)`` for [proximal | add_decayed_weights | identity]* then sgd(momentum=0)."""
+    parts = _flatten_chain(transform)
+    if not parts:
+        return None
+    s = _cells(parts[-1].update, _SGD)
+    if s is None or s["momentum"] != 0.0 or _code(parts[-1].init) != _code(optim.sgd(1.0).init):
+        return None
+    mu, wd = 0.0, float(s["weight_decay"])
+    for t in parts[:-1]:
+        if (p := _cells(t.update, _PROX)) is not None:
+            if _code(t.init) != _code(corrections.proximal(0.0).init):
+                return None
+            mu += float(p["mu"])
+        elif (d := _cells(t.update, _DECAY)) is not None:
+            wd += float(d["weight_decay"])
+        elif _code(t.update) != _IDENT:
             return None
-    return out if out and out[-1][0] == "linear" else None
+    return float(s["lr"]), mu, wd
 
 
-def _forward(layers, p, x):
-    """Batched forward; the logits and every layer's input. p: (C, ...), x: (C, B, F)."""
-    acts, h = [], x
-    for kind, pre in layers:
-        acts.append(h)
-        if kind == "linear":
-            h = torch.baddbmm(p[pre + "bias"].unsqueeze(1), h, p[pre + "weight"].transpose(1, 2))
+def _flatten_chain(t) -> list | None:
+    cells = _cells(t.update, _CHAIN)
+    if cells is None:
+        return [t]
+    out = []
+    for sub in cells["transforms"]:
+        parts = _flatten_chain(sub)
+        if parts is None:
+            return None
+        out += parts
+    return out
+
+
+class FusedMLP:
+    """The fused engine (see the module docstring); runs the generic engine where a chunk
+    does not fit its assumptions (step masks that are not sorted prefixes, other shapes)."""
+
+    name = "fused-mlp"
+
+    def __init__(self, spec: FusedSpec):
+        self.spec = spec
+        self.fallback = VmapEngine(spec.client_update)
+
+    def run(self, params, cstates, broadcast, batches, step_mask, keys) -> ChunkResult:
+        if not self._fits(params, batches, step_mask):
+            return self.fallback.run(params, cstates, broadcast, batches, step_mask, keys)
+        with torch.no_grad():
+            delta, loss, seen, ks = self._train(params, batches, step_mask)
+        return ChunkResult({k: v.cpu() for k, v in delta.items()}, {}, cstates,
+                           loss.tolist(), seen.tolist(), ks)
+
+    def _fits(self, params, batches, step_mask) -> bool:
+        keys = {k for w, b in self.spec.layers for k in (w, b) if k}
+        x, W0 = batches["x"], params[self.spec.layers[0][0]]
+        if set(params) != keys or x.dim() != 4 or x.dtype != W0.dtype or x.shape[-1] != W0.shape[1]:
+            return False
+        ks = step_mask.sum(1)
+        prefix = torch.arange(step_mask.shape[1], device=step_mask.device) < ks[:, None]
+        return bool(torch.equal(step_mask, prefix)) and bool((ks[:-1] >= ks[1:]).all())
+
+    def _train(self, params, batches, step_mask):
+        """Weights ``(C, out, in)`` trained in place; returns (delta, loss, samples, steps)."""
+        sp, (x, y, mask) = self.spec, (batches["x"], batches["y"], batches["mask"])
+        C, S, B = mask.shape
+        W0 = [params[w] for w, _ in sp.layers]
+        b0 = [params[b] if b else None for _, b in sp.layers]
+        dt = W0[0].dtype
+        n = mask.sum(-1).to(dt)                                    # (C, S)
+        wgt = (mask.to(dt) / n.clamp(min=1.0)[..., None])[..., None]  # (C, S, B, 1)
+        target = F.one_hot(y, W0[-1].shape[0]).to(dt) * wgt        # (C, S, B, K)
+        ks = step_mask.sum(1).tolist()
+        loss = torch.zeros(C, dtype=dt, device=x.device)
+        as_delta = max(ks, default=0) <= 1   # one step at most: write the deltas directly
+        W = [w.new_empty((C, *w.shape)) for w in W0]
+        b = [v.new_empty((C, *v.shape)) if v is not None else None for v in b0]
+        m0 = sum(k > 0 for k in ks)
+        for w, w0 in zip(W + b, W0 + b0):  # clients without a step keep W0 (delta 0)
+            if w is not None and m0 < C:
+                w[m0:] = 0.0 if as_delta else w0
+        ctx = (W, b, W0, b0, wgt, target, n, loss, as_delta)
+        for s in range(S):
+            m = sum(k > s for k in ks)
+            if m == 0:
+                break
+            self._step(ctx, x[:m, s], s, m)
+        delta = {}
+        for (wk, bk), w, w0, v, v0 in zip(sp.layers, W, W0, b, b0):
+            delta[wk] = w if as_delta else w.sub_(w0)
+            if bk:
+                delta[bk] = v if as_delta else v.sub_(v0)
+        seen = (n * step_mask.to(dt)).sum(1)
+        return {k: delta[k] for k in params}, loss / seen.clamp(min=1.0), seen, ks
+
+    def _step(self, ctx, h, s, m):
+        """One SGD step of the ``m`` leading clients on ``h`` ``(m, B, F)``."""
+        W, b, W0, b0, wgt, target, n, loss, as_delta = ctx
+        L, shared = len(W), s == 0
+        acts = [h.reshape(-1, h.shape[-1]) if shared else h]
+        for l in range(L):                                         # forward
+            if shared:
+                z = acts[l] @ W0[l].T if b0[l] is None else torch.addmm(b0[l], acts[l], W0[l].T)
+            elif b[l] is None:
+                z = torch.bmm(acts[l], W[l][:m].transpose(1, 2))
+            else:
+                z = torch.baddbmm(b[l][:m, None], acts[l], W[l][:m].transpose(1, 2))
+            if l < L - 1:
+                acts.append(z.clamp_(min=0.0))
+        lsm = torch.log_softmax(z.view(m, -1, z.shape[-1]), -1)   # (m, B, K)
+        tgt = target[:m, s]
+        loss[:m] -= (lsm * tgt).sum((1, 2)) * n[:m, s]
+        delta = lsm.exp_().mul_(wgt[:m, s]).sub_(tgt)              # dLoss/dlogits (m, B, K)
+        for l in reversed(range(L)):                               # backward + update
+            h_l = acts[l].view(m, -1, acts[l].shape[-1])
+            prev = None
+            if l > 0:
+                w = W0[l] if shared else W[l][:m]
+                prev = (delta.view(-1, delta.shape[-1]) @ w).view(m, -1, w.shape[-1]) if shared \
+                    else torch.bmm(delta, w)
+                prev = torch.ops.aten.threshold_backward(prev, h_l, 0.0)
+            update = self._first if shared else self._update
+            update(W[l][:m], W0[l], delta.transpose(1, 2), h_l, as_delta)
+            if b[l] is not None:
+                update(b[l][:m], b0[l], delta.sum(1), None, as_delta)
+            delta = prev
+
+    def _first(self, out, p0, g_left, g_right, as_delta):
+        """Step 0 writes ``out = p0 - lr * (g + wd * p0)`` (or that minus ``p0``: the delta)
+        in one pass; the proximal term is zero at ``p = p0``."""
+        lr, wd = self.spec.lr, self.spec.wd
+        beta = -lr * wd if as_delta else 1.0 - lr * wd
+        if g_right is None:
+            torch.mul(g_left, -lr, out=out)
+            if beta:
+                out.add_(p0, alpha=beta)
         else:
-            h = torch.relu(h) if kind == "relu" else torch.tanh(h)
-    return h, acts
+            torch.baddbmm(p0.expand(out.shape), g_left, g_right, beta=beta, alpha=-lr, out=out)
 
-
-def grad_and_loss(layers, p, x, y, mask):
-    """Per-client gradients of the masked mean cross-entropy and its value: (C, ...), (C,)."""
-    logits, acts = _forward(layers, p, x)
-    m = mask.to(logits.dtype)
-    denom = m.sum(1).clamp(min=1.0)  # (C,)
-    logp = torch.log_softmax(logits, -1)
-    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (C, B)
-    loss = (nll * m).sum(1) / denom
-    d = logp.exp().scatter_add(-1, y.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
-    d = d * (m / denom.unsqueeze(1)).unsqueeze(-1)  # dLoss/dlogits (C, B, K)
-    grads = {}
-    for (kind, pre), a in zip(reversed(layers), reversed(acts)):
-        if kind == "linear":
-            grads[pre + "weight"] = torch.bmm(d.transpose(1, 2), a)
-            grads[pre + "bias"] = d.sum(1)
-            if a is not acts[0]:
-                d = torch.bmm(d, p[pre + "weight"])
-        elif kind == "relu":
-            d = d * (a > 0)
+    def _update(self, p, p0, g_left, g_right, as_delta=False):
+        """``p <- p - lr * (g + mu * (p - p0) + wd * p)`` in place; ``g = g_left @ g_right``
+        (a weight) or ``g = g_left`` (a bias)."""
+        lr, mu, wd = self.spec.lr, self.spec.mu, self.spec.wd
+        if mu or wd:
+            p.mul_(1.0 - lr * (mu + wd))
+            if mu:
+                p.add_(p0, alpha=lr * mu)
+        if g_right is None:
+            p.sub_(g_left, alpha=lr)
         else:
-            d = d * (1 - torch.tanh(a) ** 2)
-    return grads, loss
-
-
-def local_training(layers, transform, params, batches, step_mask):
-    """The fused equivalent of ``vmap(client.local_training(...))`` from a shared start model.
-
-    ``params``: the broadcast model (unbatched); ``batches``: ``x (C, S, B, F)``, ``y``, ``mask``;
-    ``step_mask``: ``(C, S)``. Returns the stacked ``(delta, metrics)``.
-    """
-    c = step_mask.shape[0]
-    p = {k: v.expand(c, *v.shape).contiguous() for k, v in params.items()}
-    state = vmap(transform.init)(p)
-    update = vmap(lambda g, s, q: transform.update(g, s, q, {}))
-    dtype = next(iter(params.values())).dtype
-    loss_sum, seen = torch.zeros(c, dtype=dtype), torch.zeros(c, dtype=dtype)
-    for s in range(step_mask.shape[1]):
-        active = step_mask[:, s]
-        if not bool(active.any()):
-            continue
-        grads, loss = grad_and_loss(layers, p, batches["x"][:, s], batches["y"][:, s], batches["mask"][:, s])
-        upd, new_state = update(grads, state, p)
-        new_p = apply_updates(p, upd)
-        p = {k: torch.where(_b(active, v), new_p[k], v) for k, v in p.items()}
-        state = tree_map(lambda a, b: torch.where(_b(active, a), a, b), new_state, state)
-        n = batches["mask"][:, s].sum(1).to(dtype) * active.to(dtype)
-        loss_sum, seen = loss_sum + loss * n, seen + n
-    delta = {k: v - params[k] for k, v in p.items()}
-    return delta, {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum(1)}
-
-
-def _b(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a (C,) mask against a (C, ...) tensor."""
-    return active.view(-1, *([1] * (like.dim() - 1)))
+            p.baddbmm_(g_left, g_right, alpha=-lr)

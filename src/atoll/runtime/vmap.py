@@ -1,171 +1,177 @@
-"""``VmapRuntime``: the clients of a round train together under ``torch.func.vmap``.
+"""``VmapRuntime``: the clients of a round train together, chunk by chunk.
 
-Each client's batches come from the same ``client_work`` (same keys) as in ``LoopRuntime``;
-they are padded to ``(C, S, B, ...)`` with the step mask false on padded steps, so clients with
-different data sizes and step counts share one chunk. The one pure ``ClientUpdate`` runs under
-``vmap`` with the broadcast model unbatched: the first local step of every client is then one
-shared product instead of C small ones. Cohorts are cut into chunks that fit a memory budget.
+A round: the broadcast is encoded and serialised once (every client receives the same bytes;
+``bytes_down`` counts one message per sampled client), each client's batches and step mask are
+drawn by ``client_work`` with the loop runtime's keys, the cohort is cut into chunks, and each
+chunk is padded to ``(C, S, B, ...)`` and trained by one engine call (``engine.py``: the pure
+``ClientUpdate`` under ``torch.func.vmap``, or the fused MLP/SGD path where it applies). Each
+client's row of the stacked delta is then encoded by the uplink codec and serialised to its
+own ``wire`` message, and the server half is the loop runtime's (``uplink.finish_round``).
 
-Uplink messages are still real ``wire`` bytes per client (encoded from a slice of the stacked
-delta), validated by the same ``decode_update`` as the loop runtime: results, metrics and byte
-counts equal ``LoopRuntime``'s (checked to 1e-9 in float64 in ``tests/runtime``).
+Invariant: same parameters, metrics, byte counts, failures and client states as
+``LoopRuntime`` (float64: 1e-9; ``tests/runtime``). A chunk that raises is re-run client by
+client on the loop path, so a failing client is dropped with the loop runtime's reason.
+
+Threads: ``threads=None`` uses every core this process may run on
+(``os.sched_getaffinity``) as torch intra-op threads, set once when the first round starts and
+logged: the per-step products of a chunk span all cores and nothing else computes meanwhile,
+so the cores are neither idle nor oversubscribed. Chunks on the CPU are sized so that the
+chunk's stacked weights stay in cache (``cache_bytes``), within ``memory_budget_bytes``.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
-from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 from atoll import rng
 from atoll import tree as T
-from atoll.algorithm import Algorithm
-from atoll.runtime import fused as fast
-from atoll.runtime.base import LocalWork, RoundStats, client_work
-from atoll.runtime.loop import decode_update
+from atoll.runtime.base import LocalWork, RoundStats
+from atoll.runtime.engine import VmapEngine, select_engine
+from atoll.runtime.host import tune_allocator, usable_cores
+from atoll.runtime.store import ClientStore
+from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, one_by_one,
+                                  split_state)
+from atoll.runtime.work import chunk_batches, cut_chunks, plan_clients
 from atoll.transport import wire
-from atoll.types import ServerState
 
 log = logging.getLogger("atoll")
 
 
-class VmapRuntime:
-    """Vectorised clients. ``threads``: torch intra-op threads (default: all cores, because
-    the fused per-round products are large enough to use both); set once, logged once."""
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device = {device!r}, but no CUDA device is available "
+                         "(use \"auto\" or \"cpu\")")
+    return dev
 
+
+class VmapRuntime:
     name = "vmap"
 
-    def __init__(self, device: str = "cpu", memory_budget_mb: float = 1024, threads: int | None = None,
-                 fused: bool = True):
-        self.fused = fused
-        self.device = torch.device(device)
-        self.budget = memory_budget_mb * 2**20
-        self.threads = threads or torch.get_num_threads()
-        self._announced = False
+    def __init__(self, device: str = "cpu", memory_budget_bytes: int = 2**30,
+                 threads: int | None = None, fused: bool = True, chunk_clients: int | None = None,
+                 cache_bytes: int = 8 * 2**20, tune_malloc: bool = True):
+        if threads is not None and threads < 1:
+            raise ValueError(f"runtime.threads must be >= 1, got {threads}")
+        self.device = resolve_device(device)
+        self.budget = int(memory_budget_bytes)
+        self.threads = threads or usable_cores()
+        self.fused, self.chunk_clients, self.cache_bytes = fused, chunk_clients, cache_bytes
+        self.tune_malloc = tune_malloc
+        self._engine = (None, None)
+        self._started = False
+        self._buffers = DecodeBuffers()
 
-    def run_round(self, algorithm: Algorithm, client_update, state: ServerState,
-                  client_states: dict, cohort: list[int], data, work: LocalWork, seed: int):
-        self._announce()
+    def describe(self) -> str:
+        return (f"VmapRuntime: device {self.device}, {self.threads} torch thread(s) "
+                f"(one per usable core, set once), memory budget {self.budget / 2**20:.0f} MiB")
+
+    def start(self) -> None:
+        """Set the thread count once and say so (idempotent)."""
+        if not self._started:
+            torch.set_num_threads(self.threads)
+            allocator = tune_allocator() if self.tune_malloc else "allocator unchanged"
+            log.info("%s; %s", self.describe(), allocator)
+            self._started = True
+
+    def run_round(self, algorithm, client_update, state, client_states, cohort: list[int], data,
+                  work: LocalWork, seed: int):
+        """One synchronous round over ``cohort``. Returns (state, client_states, stats)."""
+        self.start()
         r = state.round + 1
         stats = RoundStats(sampled=len(cohort))
-        down_payload, _ = algorithm.downlink.encode(
-            T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
-        down_bytes = wire.dumps(down_payload)
+        down_bytes = broadcast_bytes(algorithm, state, seed, r)
         stats.bytes_down = len(down_bytes) * len(cohort)
+        cstates = load_states(client_states, cohort)
+        outcomes = self.train(algorithm, client_update, down_bytes, cstates, cohort, data, work, seed, r)
+        state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
+                                       self._buffers)
+        return state, save_states(client_states, accepted), stats
+
+    def train(self, algorithm, client_update, down_bytes: bytes, cstates: list, cohort: list[int],
+              data, work: LocalWork, seed: int, r: int) -> list:
+        """Train and encode ``cohort`` (the client half of a round); a list of ``Outcome``.
+        ``cstates[i]`` is the state of ``cohort[i]`` or None."""
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
-        received = {g: {k: v.to(self.device) for k, v in t.items()} for g, t in received.items()}
-        batched = self._engine(client_update)
-        accepted, new_states = [], dict(client_states)
-        for chunk in self._chunks(cohort, data, work, state.params):
-            accepted += self._run_chunk(batched, algorithm, received, client_states, new_states,
-                                        chunk, data, work, seed, r, state.params, stats)
-        stats.succeeded = len(accepted)
-        if not accepted:
-            return algorithm.server_round(state, None, None), new_states, stats
-        ids = [a[0] for a in accepted]
-        samples = torch.tensor([float(data.clients[i].n) for i in ids], dtype=_dtype(state.params))
-        weights = algorithm.aggregator.weights(ids, samples)
-        aux = [a[2] for a in accepted]
-        stacked_aux = T.stack(aux) if aux[0] else None
-        state = algorithm.server_round(state, T.stack([a[1] for a in accepted]), weights, stacked_aux)
-        return state, new_states, stats
-
-    def _engine(self, client_update):
-        """The fused path when the client update is plain ``local_training`` of a supported
-        model (it keeps no client state and sends no aux), else vmap of the update itself."""
-        loss_fn, transform = getattr(client_update, "parts", (None, None))
-        layers = fast.layers_of(getattr(loss_fn, "model", None)) if self.fused else None
-        if layers is not None:
-            def run(params, cstates, received, batches, step_mask, keys):
-                delta, metrics = fast.local_training(layers, transform, params, batches, step_mask)
-                return delta, {}, cstates, metrics
-            return run
-        return vmap(_as_tuple(client_update), in_dims=(None, 0, None, 0, 0, 0), randomness="different")
-
-    def _run_chunk(self, batched, algorithm, received, client_states, new_states, chunk, data,
-                   work, seed, r, params, stats) -> list:
-        works = [client_work(data.clients[c].x, data.clients[c].y, c, r, seed, work) for c in chunk]
-        batches, step_mask = _pad([w[0] for w in works], [w[1] for w in works], self.device)
-        cstates = [client_states.get(c) or {"uplink": algorithm.uplink.init(params)} for c in chunk]
-        keys = torch.tensor([rng.key(seed, r, c, "client") for c in chunk])
-        delta, aux, new_cs, metrics = batched(received["params"], _stack(cstates), received,
-                                              batches, step_mask, keys)
-        out = []
-        for i, cid in enumerate(chunk):
-            one = {k: v[i].cpu() for k, v in delta.items()}
-            cs = tree_map(lambda v, i=i: v[i], new_cs)
-            payload, up_state = algorithm.uplink.encode(one, cs["uplink"], rng.key(seed, r, cid, "uplink"))
-            message = wire.dumps(T.join({"delta": payload, "aux": {k: v[i].cpu() for k, v in aux.items()}}))
-            stats.bytes_up += len(message)
-            if works[i][2] and work.drop_stragglers:
-                stats.stragglers_dropped += 1
-                continue
+        on_dev = {g: {k: v.to(self.device) for k, v in t.items()} for g, t in received.items()}
+        cstates = [s if s is not None else {"uplink": algorithm.uplink.init(received["params"])}
+                   for s in cstates]
+        plans = plan_clients(cohort, data, r, seed, work)
+        engine = self.engine(client_update)
+        size = self.chunk_size(engine, on_dev["params"], plans, data, work.batch_size)
+        outcomes = []
+        for chunk in cut_chunks(plans, size):
+            states = [cstates[p.pos] for p in chunk]
             try:
-                d, extra = decode_update(algorithm, message, params)
-            except ValueError as exc:
-                stats.failures.append((cid, str(exc)))
-                log.warning("round %d: client %d update rejected: %s", r, cid, exc)
-                continue
-            new_states[cid] = {**cs, "uplink": up_state}
-            stats.loss_sum += float(metrics["loss"][i]) * float(metrics["samples"][i])
-            stats.samples += float(metrics["samples"][i])
-            out.append((cid, d, extra))
-        return out
+                outcomes += self._run_chunk(engine, algorithm, on_dev, chunk, states, data, work,
+                                            seed, r)
+            except Exception as exc:  # find the failing clients on the loop path
+                log.info("round %d: chunk of %d clients raised %s; running it client by client",
+                         r, len(chunk), exc)
+                outcomes += one_by_one(algorithm, client_update, down_bytes, chunk, states, data,
+                                       work, seed, r)
+        return outcomes
 
-    def _chunks(self, cohort, data, work, params):
-        """Cut the cohort so that one chunk's batches, parameters, gradients and optimizer
-        state (about 6 model copies per client) stay within the memory budget."""
-        model_bytes = sum(v.numel() * v.element_size() for v in params.values())
-        per_client = []
-        for c in cohort:
-            x = data.clients[c].x
-            per_client.append(6 * model_bytes + work.total_steps(x.shape[0]) * work.batch_size
-                              * x[:1].numel() * x.element_size())
-        chunk, used = [], 0
-        for c, cost in zip(cohort, per_client):
-            if chunk and used + cost > self.budget:
-                yield chunk
-                chunk, used = [], 0
-            chunk.append(c)
-            used += cost
-        if chunk:
-            yield chunk
+    def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r):
+        ups, rests = zip(*(split_state(s) for s in states))
+        batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
+        keys = torch.tensor([rng.key(seed, r, p.cid, "client") for p in chunk], device=self.device)
+        rest = tree_map(lambda *xs: torch.stack(xs).to(self.device), *rests)
+        result = engine.run(received["params"], rest, received, batches, step_mask, keys)
+        return encode_chunk(algorithm, chunk, result, list(ups), seed, r)
 
-    def _announce(self):
-        if not self._announced:
-            torch.set_num_threads(self.threads)
-            log.info("VmapRuntime: device=%s, %d torch threads, memory budget %.0f MB",
-                     self.device, self.threads, self.budget / 2**20)
-            self._announced = True
+    def engine(self, client_update):
+        """The chunk engine for ``client_update`` (built once per update function)."""
+        if self._engine[0] is not client_update:
+            self._engine = (client_update, select_engine(client_update, self.fused))
+            log.info("VmapRuntime: %s engine", self._engine[1].name)
+        return self._engine[1]
 
-
-def _as_tuple(client_update):
-    def fn(params, cstate, received, batches, step_mask, key):
-        res = client_update(params, cstate, received, batches, step_mask, key)
-        return res.delta, res.aux, res.client_state, res.metrics
-    return fn
+    def chunk_size(self, engine, params, plans, data, width: int) -> int:
+        """Clients per chunk: the memory budget over a client's working set (model copies plus
+        its padded batches); on the CPU also at most ``cache_bytes`` of stacked weights."""
+        model = sum(v.numel() * v.element_size() for v in params.values())
+        x = data.clients[plans[0].cid].x if plans else None
+        sample = x[:1].numel() * x.element_size() if x is not None else 0
+        steps = max((p.steps for p in plans), default=0)
+        copies = 8 if isinstance(engine, VmapEngine) else 3
+        per_client = copies * model + steps * width * sample
+        size = max(1, self.budget // max(per_client, 1))
+        if self.chunk_clients is not None:
+            size = min(size, self.chunk_clients)
+        elif self.device.type == "cpu" and max((p.active for p in plans), default=0) > 1:
+            # weights reused from step to step should stay in cache; one step reuses nothing
+            size = min(size, max(1, self.cache_bytes // max(model, 1)))
+        return size
 
 
-def _pad(batches: list[dict], masks: list[torch.Tensor], device) -> tuple[dict, torch.Tensor]:
-    """Stack per-client ``(S_i, B, ...)`` batches into ``(C, S, B, ...)``, S = max S_i."""
-    s = max(m.shape[0] for m in masks)
-    out = {}
-    for key in batches[0]:
-        parts = []
-        for b in batches:
-            t = b[key]
-            pad = torch.zeros((s - t.shape[0], *t.shape[1:]), dtype=t.dtype)
-            parts.append(torch.cat([t, pad]))
-        out[key] = torch.stack(parts).to(device)
-    step = torch.stack([torch.cat([m, torch.zeros(s - m.shape[0], dtype=torch.bool)]) for m in masks])
-    return out, step.to(device)
+def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
+    """The round's downlink message, serialised once (the loop runtime's bytes and key)."""
+    payload, _ = algorithm.downlink.encode(
+        T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
+    return wire.dumps(payload)
 
 
-def _stack(states: list):
-    leaves = [tree_map(lambda v: v, s) for s in states]
-    return tree_map(lambda *xs: torch.stack(xs), *leaves) if leaves else ()
+def load_states(client_states, cohort: list[int]) -> list:
+    """Each cohort client's state, None for a client without one (``train`` initialises it
+    from the received parameters, as the loop runtime does)."""
+    if isinstance(client_states, ClientStore):
+        stacked = client_states.get(cohort)
+        return [tree_map(lambda v, i=i: v[i], stacked) for i in range(len(cohort))]
+    return [client_states.get(cid) for cid in cohort]
 
 
-def _dtype(params):
-    return next(iter(params.values())).dtype
+def save_states(client_states, accepted: list):
+    """The new client states: a new dict, or the same store with the accepted rows written."""
+    if isinstance(client_states, ClientStore):
+        if accepted:
+            client_states.put([cid for cid, _ in accepted],
+                              tree_map(lambda *xs: torch.stack(xs), *[s for _, s in accepted]))
+        return client_states
+    new = dict(client_states)
+    new.update(accepted)
+    return new

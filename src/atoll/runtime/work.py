@@ -1,0 +1,121 @@
+"""A round's local work as tensors: per-client draws, chunks, padded chunk batches.
+
+Invariants:
+
+* ``plan_clients`` makes exactly the draws of ``base.client_work`` with the same keys
+  ``rng.key(seed, round, client, ...)``: per epoch one ``randperm(n)`` from the client's
+  "batches" generator, and the straggler coin from its "straggler" generator. So every runtime
+  trains on the same samples in the same order (checked against ``client_work`` in
+  ``tests/runtime/test_work.py``). Per client it only draws; the ``(S, B)`` index plans of a
+  whole chunk are assembled by ``chunk_batches`` with a fixed number of tensor ops.
+* ``chunk_batches`` pads a chunk to ``(C, S, B, ...)`` with the chunk's largest ``S``: padded
+  steps have ``step_mask`` False, padded samples ``mask`` False (they read sample 0 of their
+  client, as ``gather`` does), so they change nothing. Batching and padding are tensor ops once
+  per chunk and round, never per step or per sample.
+* ``cut_chunks`` orders clients by active steps, most first, so that in every chunk the active
+  clients of step ``s`` are a leading block (step masks are prefixes, as in ``client_work``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from atoll import rng
+from atoll.runtime.base import LocalWork
+
+SMALL_CHUNK_BYTES = 4 * 2**20  # below this, a chunk's data is concatenated and gathered at once
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One sampled client's work this round."""
+
+    pos: int                    # position in the cohort
+    cid: int
+    n: int                      # training samples
+    steps: int                  # S: local steps of its full work
+    active: int                 # k <= S: steps it completes (fewer if it straggles)
+    straggler: bool
+    perms: tuple                # one randperm(n) per epoch touched by the S steps
+
+
+def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) -> list[ClientPlan]:
+    """The draws of every client of ``cohort`` (those of ``client_work``)."""
+    B, plans = work.batch_size, []
+    for pos, cid in enumerate(cohort):
+        n = data.clients[cid].n
+        total = work.total_steps(n)
+        perms = ()
+        if n > 0 and total > 0:
+            g = rng.generator(rng.key(seed, r, cid, "batches"))
+            perms = tuple(torch.randperm(n, generator=g) for _ in range(math.ceil(total / math.ceil(n / B))))
+        k, straggler = total, False
+        if work.stragglers > 0 and total > 1:
+            gs = rng.generator(rng.key(seed, r, cid, "straggler"))
+            coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
+            if coin < work.stragglers:
+                straggler, k = True, 1 + int(frac * (total - 1))
+        plans.append(ClientPlan(pos, cid, n, total, k, straggler, perms))
+    return plans
+
+
+def cut_chunks(plans: list[ClientPlan], max_clients: int) -> list[list[ClientPlan]]:
+    """Chunks of at most ``max_clients``, clients sorted by (active steps, steps) descending."""
+    order = sorted(plans, key=lambda p: (-p.active, -p.steps, p.pos))
+    size = max(1, max_clients)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def chunk_indices(chunk: list[ClientPlan], B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx (C, S, B), step_mask (C, S))``: each client's sample indices, -1 where padded.
+
+    Client c's flat plan is its epochs' permutations laid back to back, each epoch padded to a
+    multiple of ``B`` (``batch_indices``), cut after ``S_c`` steps."""
+    C, S = len(chunk), max((p.steps for p in chunk), default=0)
+    col = lambda vals: torch.tensor(vals, dtype=torch.long).unsqueeze(1)  # noqa: E731  (C, 1)
+    n = col([p.n for p in chunk])
+    span = col([max(math.ceil(p.n / B), 1) * B for p in chunk])         # padded epoch length
+    base = col([0] + [sum(len(q) for q in p.perms) for p in chunk][:-1]).cumsum(0)
+    limit = col([p.steps * B for p in chunk])
+    q = torch.arange(S * B).unsqueeze(0)                                 # (1, S*B)
+    epoch, off = q // span, q % span
+    valid = (q < limit) & (off < n)
+    flat = torch.cat([t for p in chunk for t in p.perms]) if any(p.perms for p in chunk) \
+        else torch.zeros(1, dtype=torch.long)
+    where = (base + epoch * n + off).clamp(max=flat.numel() - 1)
+    idx = torch.where(valid, flat[where], -1).view(C, S, B)
+    step_mask = torch.arange(S).unsqueeze(0) < col([p.active for p in chunk])
+    return idx, step_mask
+
+
+def chunk_batches(chunk: list[ClientPlan], clients, B: int, device="cpu") -> tuple[dict, torch.Tensor]:
+    """``({"x": (C, S, B, *F), "y": (C, S, B), "mask": (C, S, B)}, step_mask (C, S))``."""
+    idx, step_mask = chunk_indices(chunk, B)
+    mask, safe = idx >= 0, idx.clamp(min=0)
+    xs = [clients[p.cid].x for p in chunk]
+    ys = [clients[p.cid].y for p in chunk]
+    feat = xs[0].shape[1:]
+    if sum(x.numel() for x in xs) * xs[0].element_size() <= SMALL_CHUNK_BYTES:
+        start = torch.tensor([0] + [p.n for p in chunk][:-1]).cumsum(0)
+        empty = torch.tensor([p.n == 0 for p in chunk])
+        start = torch.where(empty, start[-1] + chunk[-1].n, start).view(-1, 1, 1)  # -> zero row
+        rows = (safe + start).reshape(-1)                                 # (C*S*B,)
+        x = torch.cat(xs + [xs[0].new_zeros((1, *feat))])[rows]
+        y = torch.cat(ys + [ys[0].new_zeros(1)])[rows]
+    else:
+        x = xs[0].new_empty((idx.numel(), *feat))
+        y = ys[0].new_empty(idx.numel())
+        per = idx[0].numel()
+        for c, p in enumerate(chunk):
+            rows = safe[c].reshape(-1)
+            if p.n > 0:
+                torch.index_select(xs[c], 0, rows, out=x[c * per:(c + 1) * per])
+                torch.index_select(ys[c], 0, rows, out=y[c * per:(c + 1) * per])
+            else:  # no data: zeros, all masked (as ``gather`` does)
+                x[c * per:(c + 1) * per] = 0
+                y[c * per:(c + 1) * per] = 0
+    batches = {"x": x.view(*idx.shape, *feat).to(device), "y": y.view(idx.shape).to(device),
+               "mask": mask.to(device)}
+    return batches, step_mask.to(device)

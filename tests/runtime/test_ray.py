@@ -1,0 +1,31 @@
+"""RayRuntime (2 local workers) against LoopRuntime: float64, fixed keys, tolerance 1e-9.
+Skipped only when Ray is not importable (install the extra: pip install 'atoll[ray]')."""
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from atoll.runtime.loop import LoopRuntime  # noqa: E402
+from atoll.runtime.ray import RayRuntime, shard  # noqa: E402
+
+from .test_equivalence import ALGORITHMS, assert_same, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    rt = RayRuntime(workers=2, threads=1)
+    yield rt
+    rt.shutdown()
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_ray_equals_loop(ray_runtime, name):
+    over = ALGORITHMS[name] + ["client.drop_stragglers=true"] * (name == "fedavg")
+    assert_same(run(LoopRuntime(), over), run(ray_runtime, over))
+    assert len(ray_runtime.actors) == 2 and ray_runtime.startup_s is not None
+
+
+def test_shards_balance_samples_and_keep_order():
+    parts = shard([5, 9, 2, 7], [100, 1, 50, 60], 2)
+    assert sorted(i for p in parts for i in p) == [0, 1, 2, 3]
+    assert all(p == sorted(p) for p in parts)
+    assert {tuple(p) for p in parts} == {(0, 1), (2, 3)}  # 101 and 110 samples
