@@ -66,13 +66,16 @@ def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: in
     g = rng.generator(rng.key(seed, round, cid, "batches"))
     idx = batch_indices(n, work.batch_size, steps=total, generator=g)
     xb, yb, mask = gather(x, y, idx)
-    k = total
-    straggler = False
+    k, straggler = straggler_steps(cid, round, seed, work, total)
+    step_mask = torch.arange(total) < k
+    return {"x": xb, "y": yb, "mask": mask}, step_mask, straggler
+
+
+def straggler_steps(cid: int, round: int, seed: int, work: LocalWork, total: int) -> tuple[int, bool]:  # noqa: A002
+    """How many of its ``total`` steps client ``cid`` runs this round, and whether it straggles."""
     if work.stragglers > 0 and total > 1:
         gs = rng.generator(rng.key(seed, round, cid, "straggler"))
         coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
         if coin < work.stragglers:
-            straggler = True
-            k = 1 + int(frac * (total - 1))  # uniform in [1, total-1]
-    step_mask = torch.arange(total) < k
-    return {"x": xb, "y": yb, "mask": mask}, step_mask, straggler
+            return 1 + int(frac * (total - 1)), True  # uniform in [1, total-1]
+    return total, False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from atoll import rng
-from atoll.runtime.base import LocalWork
+from atoll.runtime.base import LocalWork, straggler_steps
 
 SMALL_CHUNK_BYTES = 4 * 2**20  # below this, a chunk's data is concatenated and gathered at once
 
@@ -51,12 +51,7 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
         if n > 0 and total > 0:
             g = rng.generator(rng.key(seed, r, cid, "batches"))
             perms = tuple(torch.randperm(n, generator=g) for _ in range(math.ceil(total / math.ceil(n / B))))
-        k, straggler = total, False
-        if work.stragglers > 0 and total > 1:
-            gs = rng.generator(rng.key(seed, r, cid, "straggler"))
-            coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
-            if coin < work.stragglers:
-                straggler, k = True, 1 + int(frac * (total - 1))
+        k, straggler = straggler_steps(cid, r, seed, work, total)
         plans.append(ClientPlan(pos, cid, n, total, k, straggler, perms))
     return plans
 
