@@ -1,14 +1,27 @@
 """``Algorithm``: a frozen bundle of parts, and the server's half of a round.
 
-An algorithm is ``(local_opt, uplink, aggregator, server_opt, downlink)``. The client half is
-``local_training(loss_fn, local_opt)``; the server half, ``server_round``, aggregates the
-decoded client deltas, turns the mean delta into a pseudo-gradient ``-mean(delta)`` and lets the
-server optimizer step on it (Reddi et al. 2021: ``sgd(1.0)`` is FedAvg, ``adam`` is FedAdam).
-Nothing here knows about runtimes, files or the wire.
+An algorithm is ``(local_opt, uplink, aggregator, server_opt, downlink)`` plus three optional
+hooks for algorithms that carry more than a model between rounds:
+
+* ``client_fn(loss_fn, local_opt) -> ClientUpdate`` builds the client half
+  (default ``local_training``; SCAFFOLD, FedaGrac or DP-SGD bring their own);
+* ``client_init(params) -> dict`` the client's persistent state before its first round
+  (control variates, previous local model, ...; default none). A runtime starts a client at
+  ``new_client_state(params) = {"uplink": uplink.init(params), **client_init(params)}``;
+* ``server_fn(state, agg, deltas, weights, aux, key) -> (agg, extra)`` rewrites the aggregated
+  delta and the server's extra state from the clients' ``aux`` trees (FedNova's normalisation,
+  SCAFFOLD's global control variate, server-side DP noise, ...). Entries of
+  ``extra["broadcast"]`` are sent to every sampled client next to ``params``.
+
+``server_round`` aggregates the decoded client deltas, applies ``server_fn``, turns the mean
+delta into a pseudo-gradient ``-mean(delta)`` and lets the server optimizer step on it
+(Reddi et al. 2021: ``sgd(1.0)`` is FedAvg, ``adam`` is FedAdam). Nothing here knows about
+runtimes, files or the wire.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -20,6 +33,12 @@ from atoll.transforms.base import Transform, apply_updates
 from atoll.tree import Tree
 from atoll.types import ServerState
 
+ServerFn = Callable[..., tuple[Tree, dict[str, Any]]]
+
+
+def _no_client_state(params: Tree) -> dict:
+    return {}
+
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -29,6 +48,10 @@ class Algorithm:
     uplink: Codec = field(default_factory=identity)
     downlink: Codec = field(default_factory=identity)
     aggregator: Aggregator = field(default_factory=mean)
+    client_fn: Callable[[LossFn, Transform], ClientUpdate] = local_training
+    client_init: Callable[[Tree], dict] = _no_client_state
+    server_fn: ServerFn | None = None
+    server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.
@@ -37,23 +60,35 @@ class Algorithm:
 
     def init(self, params: Tree) -> ServerState:
         params = T.clone(params)
+        extra = {"aggregator": self.aggregator.init(params)}
+        if self.server_init is not None:
+            extra.update(self.server_init(params))
         return ServerState(params=params, opt_state=self.server_opt.init(params), round=0,
-                           extra={"aggregator": self.aggregator.init(params)})
+                           extra=extra)
 
     def broadcast(self, state: ServerState) -> dict[str, Tree]:
         """What the server sends every sampled client this round."""
-        return {"params": state.params}
+        return {"params": state.params, **state.extra.get("broadcast", {})}
 
     def client(self, loss_fn: LossFn) -> ClientUpdate:
-        return local_training(loss_fn, self.local_opt)
+        return self.client_fn(loss_fn, self.local_opt)
+
+    def new_client_state(self, params: Tree) -> dict:
+        """A client's state before its first round."""
+        return {"uplink": self.uplink.init(params), **self.client_init(params)}
 
     def server_round(self, state: ServerState, deltas: Tree | None, weights: torch.Tensor | None,
-                     aux: Tree | None = None) -> ServerState:
-        """Apply one round of decoded client deltas ``(C, ...)``; ``None`` = nobody succeeded."""
+                     aux: Tree | None = None, key: int = 0) -> ServerState:
+        """Apply one round of decoded client deltas ``(C, ...)``; ``None`` = nobody succeeded.
+        ``aux``: the clients' stacked aux trees ``(C, ...)``; ``key``: the round's server key
+        (``rng.key(seed, round, rng.SERVER, "server")``)."""
         if deltas is None:
             return ServerState(state.params, state.opt_state, state.round + 1, state.extra)
         agg, agg_state = self.aggregator.aggregate(deltas, weights, state.extra["aggregator"])
+        extra = {**state.extra, "aggregator": agg_state}
+        if self.server_fn is not None:
+            agg, extra = self.server_fn(state, agg, deltas, weights, aux or {}, key, extra)
         pseudo_grad = T.scale(agg, -1.0)
         updates, opt_state = self.server_opt.update(pseudo_grad, state.opt_state, state.params, {})
         params = apply_updates(state.params, updates)
-        return ServerState(params, opt_state, state.round + 1, {**state.extra, "aggregator": agg_state})
+        return ServerState(params, opt_state, state.round + 1, extra)

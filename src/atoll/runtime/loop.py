@@ -66,7 +66,8 @@ class LoopRuntime:
         dtype = next(iter(state.params.values())).dtype
         weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype))
         stacked_aux = T.stack(aux) if aux[0] else None
-        state = algorithm.server_round(state, T.stack(deltas), weights, stacked_aux)
+        state = algorithm.server_round(state, T.stack(deltas), weights, stacked_aux,
+                                       key=rng.key(seed, r, rng.SERVER, "server"))
         return state, new_states, stats
 
     @staticmethod
@@ -74,7 +75,7 @@ class LoopRuntime:
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
         params = received["params"]
         if cstate is None:
-            cstate = {"uplink": algorithm.uplink.init(params)}
+            cstate = algorithm.new_client_state(params)
         batches, step_mask, straggler = client_work(cdata.x, cdata.y, cid, r, seed, work)
         key = rng.key(seed, r, cid, "client")
         result = client_update(params, cstate, received, batches, step_mask, key)

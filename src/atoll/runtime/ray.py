@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils._pytree import tree_map
 
+from atoll import rng
 from atoll.runtime.base import LocalWork, RoundStats
 from atoll.runtime.host import usable_cores
 from atoll.runtime.uplink import DecodeBuffers, finish_round
@@ -130,7 +131,7 @@ class RayRuntime:
                 o.pos = pos[o.pos]
                 outcomes.append(o)
         state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
-                                       self._buffers)
+                                       self._buffers, key=rng.key(seed, r, rng.SERVER, "server"))
         return state, save_states(client_states, accepted), stats
 
     def shutdown(self) -> None:

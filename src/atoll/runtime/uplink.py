@@ -104,7 +104,7 @@ class DecodeBuffers:
 
 
 def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: RoundStats,
-                 buffers: DecodeBuffers | None = None):
+                 buffers: DecodeBuffers | None = None, key: int = 0):
     """Validate and aggregate ``outcomes`` (any order) as ``LoopRuntime`` does.
 
     Every message is decoded from its bytes and copied at once, while still in cache, into one
@@ -142,7 +142,7 @@ def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: R
     samples = torch.tensor([data.clients[i].n for i in ids], dtype=dtype)
     weights = algorithm.aggregator.weights(ids, samples)
     stacked_aux = T.stack([a for _, a in kept]) if kept[0][1] else None
-    state = algorithm.server_round(state, deltas, weights, stacked_aux)
+    state = algorithm.server_round(state, deltas, weights, stacked_aux, key=key)
     buffers.settle(state)
     return state, accepted
 

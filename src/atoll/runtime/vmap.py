@@ -89,7 +89,7 @@ class VmapRuntime:
         cstates = load_states(client_states, cohort)
         outcomes = self.train(algorithm, client_update, down_bytes, cstates, cohort, data, work, seed, r)
         state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
-                                       self._buffers)
+                                       self._buffers, key=rng.key(seed, r, rng.SERVER, "server"))
         return state, save_states(client_states, accepted), stats
 
     def train(self, algorithm, client_update, down_bytes: bytes, cstates: list, cohort: list[int],
@@ -98,7 +98,7 @@ class VmapRuntime:
         ``cstates[i]`` is the state of ``cohort[i]`` or None."""
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
         on_dev = {g: {k: v.to(self.device) for k, v in t.items()} for g, t in received.items()}
-        cstates = [s if s is not None else {"uplink": algorithm.uplink.init(received["params"])}
+        cstates = [s if s is not None else algorithm.new_client_state(received["params"])
                    for s in cstates]
         plans = plan_clients(cohort, data, r, seed, work)
         engine = self.engine(client_update)
