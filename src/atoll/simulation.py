@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from atoll import checkpoint, sampling
+from atoll import tree as T
 from atoll.algorithm import Algorithm
 from atoll.client import model_loss, params_of
 from atoll.evaluate import FederatedEval, centralized, global_train_loss
 from atoll.runtime.base import LocalWork
 from atoll.runtime.loop import LoopRuntime
+from atoll.transport import wire
 from atoll.types import ServerState
 
 
@@ -61,6 +63,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         if resume:
             state, client_states = checkpoint.load(run_dir)
         metrics = _open_logs(run_dir, state.round, config_text)
+    dense_up, dense_down = _float32_sizes(state.params)
     cum_up = sum(m["bytes_up"] for m in metrics)
     cum_down = sum(m["bytes_down"] for m in metrics)
     start = time.perf_counter()
@@ -77,6 +80,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
                     "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
                     "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down}
+            line.update(_byte_ratios(stats, dense_up, dense_down))
             if stats.stragglers_dropped:
                 line["stragglers_dropped"] = stats.stragglers_dropped
             if stats.failures:
@@ -96,6 +100,26 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             bar.update(line)
     final = _finish(model, state, data, fed_eval, run_dir, plots)
     return Result(state, metrics, final, run_dir)
+
+
+def _float32_sizes(params) -> tuple[int, int]:
+    """Bytes of one uncompressed float32 update and one float32 broadcast of the model: the
+    reference the compression ratios in the metrics are taken against."""
+    f32 = {k: v.to(torch.float32) for k, v in params.items()}
+    return (len(wire.dumps(T.join({"delta": f32, "aux": {}}))),
+            len(wire.dumps(T.join({"params": f32}))))
+
+
+def _byte_ratios(stats, dense_up: int, dense_down: int) -> dict:
+    """Mean bytes per sampled client in each direction, and the compression ratio against
+    float32 (``> 1`` means fewer bytes than sending the float32 model)."""
+    n = max(stats.sampled, 1)
+    out = {"bytes_up_mean": round(stats.bytes_up / n, 1), "bytes_down_mean": round(stats.bytes_down / n, 1)}
+    if stats.bytes_up:
+        out["ratio_up"] = round(dense_up * n / stats.bytes_up, 3)
+    if stats.bytes_down:
+        out["ratio_down"] = round(dense_down * n / stats.bytes_down, 3)
+    return out
 
 
 def _finish(model, state, data, fed_eval, run_dir, plots) -> dict:

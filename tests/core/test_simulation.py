@@ -122,3 +122,14 @@ def test_poisson_sampling_with_empty_rounds(tmp_path):
     for m in res.metrics:
         if m["clients_sampled"] == 0:
             assert m["train_loss"] is None and m["bytes_up"] == 0
+
+
+def test_byte_ratios_against_float32(tmp_path):
+    """FedAvg in float32 sends the float32 model both ways: ratios are 1 up to the header."""
+    res = _run(tmp_path / "r", overrides=['dtype="float32"'])
+    for m in res.metrics:
+        assert m["bytes_down_mean"] == m["bytes_down"] / m["clients_sampled"]
+        assert m["ratio_down"] == 1.0
+        assert abs(m["ratio_up"] - 1.0) < 1e-3
+    res64 = _run(tmp_path / "d")  # float64 weights: twice the float32 bytes
+    assert all(0.5 < m["ratio_up"] < 0.6 for m in res64.metrics)  # headers are not doubled
