@@ -8,7 +8,8 @@ stream and the remainders another, so both directions are vectorised: encoding s
 between the first ``k`` zeros of the unary stream. ``m`` is the one of seven candidates around
 ``log2(mean gap)`` that gives the fewest bits, exactly computed. Entries (``p`` a prefix):
 
-* ``p/q``: unary stream, ``ceil((k + sum(g >> m)) / 8)`` bytes (zero padding);
+* ``p/q``: unary stream, ``ceil((k + sum(g >> m)) / 8)`` bytes, padded with 1 bits (not
+  terminators, so a payload claiming more or fewer than its ``k`` indices is refused);
 * ``p/r``: remainders, ``ceil(k * m / 8)`` bytes;
 * ``p/m``: ``m`` as one uint8.
 
@@ -54,7 +55,7 @@ def encode(idx: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         raise ValueError("sparse_index.encode: indices must be strictly increasing and >= 0")
     m = rice_parameter(g)
     q = g >> m
-    stream = torch.ones(g.numel() + int(q.sum()), dtype=torch.uint8)
+    stream = torch.ones(B.packed_size(g.numel() + int(q.sum()), 1) * 8, dtype=torch.uint8)  # 1-padded
     stream[torch.cumsum(q + 1, 0) - 1] = 0
     rem = B.pack(g & ((1 << m) - 1), m) if m else torch.zeros(0, dtype=torch.uint8)
     return {f"{prefix}/q": B.pack(stream, 1), f"{prefix}/r": rem,
@@ -74,8 +75,9 @@ def decode(payload: dict, prefix: str, k: int, d: int, what: str) -> torch.Tenso
         raise ValueError(f"{what} payload: Rice parameter {m} out of range")
     stream = B.unpack(qs, 1, qs.numel() * 8)
     zeros = torch.nonzero(stream == 0).reshape(-1)[:k]
-    if zeros.numel() != k:
-        raise ValueError(f"{what} payload: index stream holds {zeros.numel()} of {k} indices")
+    end = int(zeros[-1]) + 1 if k else 0  # after the k-th terminator only 1-padding may follow
+    if zeros.numel() != k or B.packed_size(end, 1) != qs.numel() or not bool(stream[end:].all()):
+        raise ValueError(f"{what} payload: the index stream does not hold exactly {k} indices")
     q = gaps(zeros)
     r = B.unpack(rs, m, k) if m else torch.zeros(k, dtype=torch.int64)
     idx = torch.cumsum((q << m) + r + 1, 0) - 1
