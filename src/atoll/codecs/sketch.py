@@ -46,7 +46,7 @@ def hashes(d: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch
     return bucket, sign
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _plan(d: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index into the flattened table (rows * d,), sign (rows, d) float32)``, memoised: a
     pure function of its arguments, so every client and round reuse it (computing it costs
