@@ -5,7 +5,10 @@ on the receiver. A payload is itself a tree (``dict[str, Tensor]``), serialised 
 ``atoll.transport.wire``. ``state`` is the sender's codec state (e.g. an error-feedback residual),
 kept in the client state. Properties:
 
-* ``linear``: decoding commutes with summing payloads (allowed after a secure sum);
+* ``linear``: payloads add: the sum of payloads is the payload of the sum, so they may be
+  summed (e.g. by secure aggregation) and the sum decoded once. For every codec but
+  ``count_sketch`` decoding also commutes with the sum; a sketch is decoded (median, top-k)
+  only once, from the sum;
 * ``unbiased``: ``E[decode(encode(x))] = x``;
 * ``event``: the privacy event one encode causes, or ``None``.
 
