@@ -52,6 +52,7 @@ class Algorithm:
     client_init: Callable[[Tree], dict] = _no_client_state
     server_fn: ServerFn | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
+    tracker: Any = None  # seed 004: atoll.downlink.DeltaTracker, per-client sparse downlink
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.
@@ -63,6 +64,8 @@ class Algorithm:
         extra = {"aggregator": self.aggregator.init(params)}
         if self.server_init is not None:
             extra.update(self.server_init(params))
+        if self.tracker is not None:
+            extra["tracker"] = self.tracker.init(params)
         return ServerState(params=params, opt_state=self.server_opt.init(params), round=0,
                            extra=extra)
 
@@ -83,7 +86,10 @@ class Algorithm:
         ``aux``: the clients' stacked aux trees ``(C, ...)``; ``key``: the round's server key
         (``rng.key(seed, round, rng.SERVER, "server")``)."""
         if deltas is None:
-            return ServerState(state.params, state.opt_state, state.round + 1, state.extra)
+            extra = state.extra
+            if self.tracker is not None:
+                extra = {**extra, "tracker": self.tracker.commit(extra["tracker"], state.params, state.params)}
+            return ServerState(state.params, state.opt_state, state.round + 1, extra)
         agg, agg_state = self.aggregator.aggregate(deltas, weights, state.extra["aggregator"])
         extra = {**state.extra, "aggregator": agg_state}
         if self.server_fn is not None:
@@ -91,4 +97,6 @@ class Algorithm:
         pseudo_grad = T.scale(agg, -1.0)
         updates, opt_state = self.server_opt.update(pseudo_grad, state.opt_state, state.params, {})
         params = apply_updates(state.params, updates)
+        if self.tracker is not None:
+            extra["tracker"] = self.tracker.commit(extra["tracker"], state.params, params)
         return ServerState(params, opt_state, state.round + 1, extra)

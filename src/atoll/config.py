@@ -70,6 +70,16 @@ class AlgorithmConfig(_Section):
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
 
 
+class CommConfig(_Section):
+    """Communication: the uplink codec, seed 004's server top-k and per-client downlink deltas."""
+
+    uplink: str | list | dict = "identity"  # a codec spec, see atoll.codecs.registry
+    server_topk: float | None = Field(None, gt=0, le=1)  # fraction of coordinates applied per round
+    server_topk_momentum: float = Field(0.0, ge=0, lt=1)
+    downlink: Literal["model", "client", "initial"] = "model"
+    anchor_every: int = Field(0, ge=0)
+
+
 class SamplingConfig(_Section):
     method: Literal["fixed", "poisson"] = "fixed"
     clients_per_round: int | None = Field(None, ge=1)
@@ -109,6 +119,7 @@ class Config(_Section):
     client: ClientConfig = ClientConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sampling: SamplingConfig = SamplingConfig()
+    comm: CommConfig = CommConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -210,6 +221,31 @@ def runtime(cfg: Config):
     return make_runtime(cfg.runtime)
 
 
+def _with_comm(algorithm, comm: CommConfig, num_clients: int):
+    """The algorithm with the ``[comm]`` section's uplink codec, server top-k and downlink."""
+    import dataclasses
+
+    from atoll import transforms
+    from atoll.codecs.registry import build_codec
+    from atoll.downlink import DeltaTracker, server_topk
+
+    try:
+        uplink = build_codec(comm.uplink)
+    except ValueError as exc:
+        raise ConfigError(f"comm.uplink: {exc}") from None
+    parts = {"uplink": uplink}
+    if comm.server_topk is not None:
+        parts["server_opt"] = transforms.chain(
+            server_topk(comm.server_topk, momentum=comm.server_topk_momentum), algorithm.server_opt)
+    elif comm.server_topk_momentum:
+        raise ConfigError("comm.server_topk_momentum is set but comm.server_topk is not")
+    if comm.downlink != "model":
+        parts["tracker"] = DeltaTracker(num_clients, base=comm.downlink, anchor_every=comm.anchor_every)
+    elif comm.anchor_every:
+        raise ConfigError('comm.anchor_every needs comm.downlink = "client" or "initial"')
+    return dataclasses.replace(algorithm, **parts)
+
+
 def build(cfg: Config):
     """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``."""
     import torch
@@ -249,6 +285,7 @@ def build(cfg: Config):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
     algorithm = algorithms.RECIPES[a.name](local, aggregator=mean(a.weighting), **options)
+    algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
     s = cfg.sampling
     work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,
                      stragglers=c.stragglers, drop_stragglers=c.drop_stragglers)
