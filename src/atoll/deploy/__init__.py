@@ -6,11 +6,16 @@
 from __future__ import annotations
 
 
-def status(address: str, **credentials) -> dict:
-    """The coordinator's round, connected clients and last metrics line (``Status`` RPC)."""
+def status(address: str, *, ca=None, cert=None, key=None, token=None, insecure=False) -> dict:
+    """The coordinator's phase, round, connected clients and last metrics line (``Status`` RPC).
+
+    Credentials as for ``Client``: paths (or bytes) of the CA, and a certificate and key or a
+    token (an ``--observer`` enrolment is enough)."""
+    from atoll.deploy.client import credentials
     from atoll.transport.grpc.client import Connection
 
-    conn = Connection(address, **credentials)
+    conn = Connection(address, **credentials(ca=ca, cert=cert, key=key, token=token,
+                                             insecure=insecure))
     try:
         return conn.status()
     finally:

@@ -48,8 +48,7 @@ class Client:
                  poll_s: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  give_up_s: float | None = None):
         self.server, self.data = server, data
-        self.creds = {"ca": _file(ca, "CA certificate"), "cert": _file(cert, "certificate"),
-                      "key": _file(key, "key"), "token": _token(token), "insecure": insecure}
+        self.creds = credentials(ca=ca, cert=cert, key=key, token=token, insecure=insecure)
         self.state_path = Path(state_path) if state_path else None
         self.allow_custom_models, self.poll_s = allow_custom_models, poll_s
         self.backoff, self.give_up_s = backoff, give_up_s
@@ -158,6 +157,12 @@ def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:
         raise ValueError(f"{path}: y must hold integer class ids in [0, {n_classes})")
     x = x.to(dtype)
     return ClientData(x, y.to(torch.int64), x[:0], y[:0].to(torch.int64))
+
+
+def credentials(*, ca=None, cert=None, key=None, token=None, insecure: bool = False) -> dict:
+    """Connection credentials from file paths (or bytes); a token may be given or be a path."""
+    return {"ca": _file(ca, "CA certificate"), "cert": _file(cert, "certificate"),
+            "key": _file(key, "key"), "token": _token(token), "insecure": insecure}
 
 
 def _file(v, what: str) -> bytes | None:

@@ -129,12 +129,13 @@ class Coordinator:
         with self.cond:
             while True:
                 self.seen(cid)
-                if self.phase == "done":
+                if self.phase in ("finishing", "done"):
                     return ("DONE",)
                 rnd = self.current
                 if (rnd and not rnd.closed and cid in rnd.tasks and cid not in rnd.final
                         and cid not in rnd.busy):
                     rnd.opened = rnd.opened or time.monotonic()
+                    log.debug("round %d: task sent to client %d", rnd.r, cid)
                     rnd.stats.bytes_down += len(rnd.down)
                     self.cond.notify_all()
                     return ("TASK", rnd.r, rnd.tasks[cid], rnd.down)
@@ -197,6 +198,7 @@ class Coordinator:
                 rnd.stats.stragglers_dropped += 1
                 return False, "straggler dropped (client.drop_stragglers)"
             rnd.answers[cid] = (delta, aux, head.num_examples, head.loss, head.samples)
+            log.debug("round %d: update from client %d accepted", rnd.r, cid)
             return True, ""
 
     def status(self) -> dict:
@@ -224,8 +226,9 @@ class Coordinator:
             if self._stop:
                 return None
             self._close(rnd, start)
-        with self.cond:
+        with self.cond:  # clients may go: the final evaluation and plots need only the server
             self.phase = "finishing"
+            self.cond.notify_all()
         final = _finish(self.model, self.state, self.data, None, self.run_dir, self.plots)
         with self.cond:
             self.final, self.phase = final, "done"
