@@ -29,6 +29,7 @@ batch_size = 32
 clients_per_round = {per_round}
 [deploy]
 round_timeout = {timeout}
+chunk_kb = 1  # the ~5 KB broadcasts and updates travel in several chunks
 """
 
 

@@ -54,3 +54,9 @@ def test_config_mismatch_on_resume_is_refused(tmp_path):
     other = small_config(tmp_path, rounds=5)
     with pytest.raises(ValueError, match="different config"):
         Server(other, run_dir=tmp_path / "run", certs_dir=d, port=0, plots=False)
+
+
+def test_server_without_enrolment_is_an_error(tmp_path, capsys):
+    (tmp_path / "exp.toml").write_text("rounds = 1\n")
+    assert main(["server", str(tmp_path / "exp.toml"), "--certs", str(tmp_path / "nowhere")]) == 2
+    assert "run `atoll certs init` first" in capsys.readouterr().err

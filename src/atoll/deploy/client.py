@@ -60,7 +60,7 @@ class Client:
         """Train until the server says the run is done; returns counts of what happened."""
         failures, t0, last_ok = 0, time.monotonic(), time.monotonic()
         while True:
-            conn = Connection(self.server, chunk_bytes=1 << 20, **self.creds)
+            conn = Connection(self.server, **self.creds)
             try:
                 self._setup(conn.join())
                 failures, last_ok = 0, time.monotonic()

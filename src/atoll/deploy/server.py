@@ -105,6 +105,6 @@ class Server:
         """Re-read the registry when it changed (enrolments and revocations take effect live)."""
         path = self.certs_dir / certs.REGISTRY
         mtime = os.stat(path).st_mtime_ns if path.exists() else None
-        if mtime != self.registry_mtime:
+        if mtime is None or mtime != self.registry_mtime:  # a missing registry is an error
             self.registry = certs.load_registry(self.certs_dir)
             self.registry_mtime = mtime

@@ -15,6 +15,7 @@ import grpc
 
 from atoll.transport.grpc import messages as M
 
+MAX_CHUNK = 3 << 20
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
@@ -38,9 +39,9 @@ class Connection:
     def __init__(self, address: str, *, ca: bytes | None = None, cert: bytes | None = None,
                  key: bytes | None = None, token: str | None = None, insecure: bool = False,
                  chunk_bytes: int = 1 << 20, timeout: float = 60.0):
-        limit = chunk_bytes + (1 << 16)
-        options = [("grpc.max_receive_message_length", limit),
-                   ("grpc.max_send_message_length", limit)]
+        # the server picks the chunk size (at most 3 MiB, deploy.chunk_kb) and says it in Join
+        options = [("grpc.max_receive_message_length", MAX_CHUNK + (1 << 16)),
+                   ("grpc.max_send_message_length", MAX_CHUNK + (1 << 16))]
         if insecure:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
@@ -64,6 +65,7 @@ class Connection:
 
     def join(self) -> dict:
         reply = self._call("Join", M.JoinRequest(version="1"))
+        self.chunk = min(reply.chunk_bytes or self.chunk, MAX_CHUNK)
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
     def get_task(self, wait_s: float = 10.0) -> Task:
