@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     privacy_cli.add_parser(sub)
 
+    from atoll.deploy import cli as deploy_cli
+
+    deploy_cli.register(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

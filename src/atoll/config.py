@@ -108,6 +108,20 @@ class RuntimeConfig(_Section):
     ray_workers: int | None = Field(None, ge=1)
 
 
+class DeployConfig(_Section):
+    """``atoll server``: where to listen, who may join, when a round closes (docs/deployment.md)."""
+
+    host: str = "[::]"
+    port: int = Field(7070, ge=0, le=65535)
+    certs: str = "certs"
+    auth: Literal["mtls", "token"] = "mtls"
+    round_timeout: float = Field(60.0, gt=0)
+    min_clients: int = Field(1, ge=1)
+    min_fraction: float = Field(1.0, gt=0, le=1)
+    chunk_kb: int = Field(1024, ge=1, le=3072)
+    poll_s: float = Field(10.0, gt=0)
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -123,6 +137,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    deploy: DeployConfig = DeployConfig()
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
@@ -246,24 +261,21 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
     return dataclasses.replace(algorithm, **parts)
 
 
-def build(cfg: Config):
-    """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``."""
+def build(cfg: Config, data=None):
+    """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``.
+
+    ``data``: federated data to use instead of loading ``[data]``; a deployed client passes a
+    stand-in with only ``n_features``, ``n_classes`` and ``clients`` (one entry per client).
+    """
     import torch
 
-    from atoll import algorithms, data, models, rng, transforms
+    from atoll import algorithms, models, rng, transforms
     from atoll.aggregators import mean
     from atoll.runtime.base import LocalWork
     from atoll.simulation import Plan
 
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    d = cfg.data
-    ds = data.load(d.name, seed=cfg.seed, label=d.label, group_column=d.group_column,
-                   synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta,
-                   synthetic_devices=d.synthetic_devices, synthetic_iid=d.synthetic_iid)
-    fed = data.build(ds, num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,
-                     test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
-                     standardize=d.standardize, dtype=dtype, alpha=d.alpha,
-                     shards_per_client=d.shards_per_client, sigma=d.sigma)
+    fed = data if data is not None else build_data(cfg)
     kwargs = dict(cfg.model.kwargs, **({"hidden": cfg.model.hidden} if cfg.model.hidden else {}))
     with torch.random.fork_rng():
         torch.manual_seed(rng.key(cfg.seed, 0, rng.SERVER, "model-init"))
@@ -295,3 +307,20 @@ def build(cfg: Config):
                 train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every)
     return algorithm, model, fed, plan
+
+
+def build_data(cfg: Config):
+    """The federated data described by ``[data]``."""
+    import torch
+
+    from atoll import data
+
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    d = cfg.data
+    ds = data.load(d.name, seed=cfg.seed, label=d.label, group_column=d.group_column,
+                   synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta,
+                   synthetic_devices=d.synthetic_devices, synthetic_iid=d.synthetic_iid)
+    return data.build(ds, num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,
+                      test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
+                      standardize=d.standardize, dtype=dtype, alpha=d.alpha,
+                      shards_per_client=d.shards_per_client, sigma=d.sigma)

@@ -94,7 +94,9 @@ def decode_update(algorithm: Algorithm, message: bytes, params) -> tuple[dict, d
     for k, v in delta.items():
         if v.shape != params[k].shape:
             raise ValueError(f"update entry {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
-        if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+        if not v.is_floating_point():
+            raise ValueError(f"update entry {k!r} has dtype {v.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(v).all()):
             raise ValueError(f"update entry {k!r} is not finite (NaN or inf)")
     delta = {k: v.to(params[k].dtype) for k, v in delta.items()}
     return delta, parts.get("aux", {})

@@ -1,0 +1,181 @@
+"""``Client``: a data holder's side of a deployment (Python API of ``atoll client``).
+
+    from atoll.deploy import Client
+    Client("coordinator.example.org:7070", "my_data.npz", ca="ca.pem",
+           cert="alice.pem", key="alice.key", state_path="alice.state.pt").run()
+
+The client dials out (no inbound port), joins, and receives the run's config from the server;
+it rebuilds the same algorithm and model from it and then loops: pull a task, train on its own
+data with exactly the code of the reference runtime (``LoopRuntime._client``: same batches,
+same keys ``rng.key(seed, round, client_id, ...)``, so results equal the simulation's), send the
+encoded update, never the data. Connection failures are retried with exponential back-off (with
+jitter) and the client rejoins by itself when a restarted server comes back.
+
+Client state (optimizer, codec and correction state that an algorithm keeps across rounds) lives
+on the client machine, in ``state_path``: after an accepted update it holds the state before and
+after that round, so a round the server has to redo (it was restarted before finishing it)
+starts again from the right state. A rejected or late update leaves the state as it was.
+
+Data: an ``.npz`` file with ``x`` (N, n_features) float features, already preprocessed as the
+model expects, and ``y`` (N,) integer class ids in ``[0, n_classes)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from atoll import checkpoint
+from atoll import config as C
+from atoll.client import model_loss
+from atoll.data.federated import ClientData
+from atoll.runtime.loop import LoopRuntime
+from atoll.transport.grpc.client import Connection, TransportError
+
+log = logging.getLogger("atoll.deploy")
+
+
+class Client:
+    def __init__(self, server: str, data, *, ca=None, cert=None, key=None, token=None,
+                 insecure: bool = False, state_path=None, allow_custom_models: bool = False,
+                 poll_s: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
+                 give_up_s: float | None = None):
+        self.server, self.data = server, data
+        self.creds = credentials(ca=ca, cert=cert, key=key, token=token, insecure=insecure)
+        self.state_path = Path(state_path) if state_path else None
+        self.allow_custom_models, self.poll_s = allow_custom_models, poll_s
+        self.backoff, self.give_up_s = backoff, give_up_s
+        self.run_id = None
+        self.counts = {"answered": 0, "accepted": 0, "rejected": 0, "reconnects": 0}
+        self.first_task_s: float | None = None  # seconds from the first connection to the first task
+
+    def run(self) -> dict:
+        """Train until the server says the run is done; returns counts of what happened."""
+        failures, t0, last_ok = 0, time.monotonic(), time.monotonic()
+        while True:
+            conn = Connection(self.server, **self.creds)
+            try:
+                self._setup(conn.join())
+                failures, last_ok = 0, time.monotonic()
+                while True:
+                    task = conn.get_task(self.poll_s)
+                    last_ok = time.monotonic()
+                    if task.kind == "DONE":
+                        return self.counts
+                    if task.kind == "TASK":
+                        self.first_task_s = self.first_task_s or time.monotonic() - t0
+                        self._answer(conn, task)
+            except TransportError as exc:
+                if not exc.retryable:
+                    raise
+                if self.give_up_s is not None and time.monotonic() - last_ok > self.give_up_s:
+                    raise
+                failures += 1
+                self.counts["reconnects"] += 1
+                # jitter spreads reconnecting clients out; it is timing only, never results
+                pause = random.uniform(0, min(self.backoff[1], self.backoff[0] * 2 ** failures))
+                log.warning("connection to %s failed (%s); retrying in %.1f s", self.server, exc, pause)
+                time.sleep(pause)
+            finally:
+                conn.close()
+
+    def _setup(self, info: dict) -> None:
+        """Build the algorithm, model and local work from the config the server sent."""
+        run_id = hashlib.sha256(info["config_toml"].encode()).hexdigest()[:16]
+        if run_id == self.run_id:
+            return
+        cfg = C.load(text=info["config_toml"])
+        if ":" in cfg.model.name and not self.allow_custom_models:
+            raise ValueError(f"the server asks for the custom model {cfg.model.name!r}; "
+                             "allow it explicitly (allow_custom_models / --allow-custom-models)")
+        shape = SimpleNamespace(n_features=info["n_features"], n_classes=info["n_classes"],
+                                clients=[None] * info["num_clients"])
+        algorithm, model, _, plan = C.build(cfg, data=shape)
+        dtype = next(model.parameters()).dtype
+        self.cdata = _client_data(self.data, info["n_features"], info["n_classes"], dtype)
+        self.algorithm, self.work, self.seed = algorithm, plan.work, plan.seed
+        self.client_update = algorithm.client(model_loss(model))
+        self.cid, self.run_id = info["client_id"], run_id
+        self.states = self._load_states()
+        log.info("joined %s as %s (client %d), %d local samples", self.server, info["name"],
+                 self.cid, self.cdata.n)
+
+    def _answer(self, conn: Connection, task) -> None:
+        r = task.round
+        s = self.states
+        before = None if s is None else (s["before"] if s["round"] == r else s["after"])
+        message, after, metrics, straggler = LoopRuntime._client(
+            self.algorithm, self.client_update, task.data, before, self.cdata, self.cid, r,
+            self.work, self.seed)
+        accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
+                                       loss=float(metrics["loss"]), samples=float(metrics["samples"]),
+                                       straggler=straggler)
+        self.counts["answered"] += 1
+        self.counts["accepted" if accepted else "rejected"] += 1
+        if accepted:
+            self.states = {"run": self.run_id, "round": r, "before": before, "after": after}
+            if self.state_path is not None:
+                buf = io.BytesIO()
+                torch.save(self.states, buf)
+                checkpoint.atomic_write(self.state_path, buf.getvalue())
+        else:
+            log.warning("round %d: update not accepted: %s", r, reason)
+
+    def _load_states(self):
+        if self.state_path is None or not self.state_path.exists():
+            return None
+        states = torch.load(self.state_path, weights_only=False)
+        if states.get("run") != self.run_id:
+            log.warning("%s belongs to another run; starting with a fresh client state", self.state_path)
+            return None
+        return states
+
+
+def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:
+    """The client's training set from an ``.npz`` path (``x``, ``y``) or an object with x, y."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise ValueError(f"client data file {path} does not exist")
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise ValueError(f"{path}: needs arrays 'x' and 'y'; present: {z.files}")
+            x, y = torch.as_tensor(z["x"]), torch.as_tensor(z["y"])
+    else:
+        x, y, path = data.x, data.y, "client data"
+    if x.ndim != 2 or x.shape[1] != n_features or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise ValueError(f"{path}: need x (N, {n_features}) and y (N,) with N > 0 for this run's "
+                         f"model; got x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if y.is_floating_point() or y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"{path}: y must hold integer class ids in [0, {n_classes})")
+    x = x.to(dtype)
+    return ClientData(x, y.to(torch.int64), x[:0], y[:0].to(torch.int64))
+
+
+def credentials(*, ca=None, cert=None, key=None, token=None, insecure: bool = False) -> dict:
+    """Connection credentials from file paths (or bytes); a token may be given or be a path."""
+    return {"ca": _file(ca, "CA certificate"), "cert": _file(cert, "certificate"),
+            "key": _file(key, "key"), "token": _token(token), "insecure": insecure}
+
+
+def _file(v, what: str) -> bytes | None:
+    if v is None or isinstance(v, bytes):
+        return v
+    if not Path(v).is_file():
+        raise ValueError(f"{what} file {v} does not exist")
+    return Path(v).read_bytes()
+
+
+def _token(v) -> str | None:
+    """A token given as itself or as the path of the file holding it."""
+    if v is None:
+        return None
+    v = v.decode() if isinstance(v, bytes) else str(v)
+    return (Path(v).read_text() if Path(v).is_file() else v).strip()

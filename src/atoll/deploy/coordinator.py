@@ -1,0 +1,319 @@
+"""The server's half of deployment, without any transport: rounds, validation, run folder.
+
+``Coordinator.run()`` does what ``simulate`` does, round after round, except that the clients are
+real: it samples a cohort (``atoll.sampling``, same keys as simulation), publishes the downlink
+bytes, hands each sampled client its task when that client asks for it (clients pull), validates
+every update as it arrives, and closes the round when
+
+* every sampled client has answered (accepted, rejected or dropped as a straggler), or
+* ``ceil(min_fraction * cohort)`` valid updates have arrived (at least ``min_clients``), or
+* ``round_timeout`` seconds have passed since the first sampled client took its task (the clock
+  starts then, so a server waiting for clients to reconnect does not burn rounds).
+
+A round that closes with fewer than ``min(min_clients, cohort)`` valid updates leaves the model
+unchanged (the round is still counted, like a simulated round where every client failed).
+Answers for a closed round are discarded and counted (``late_answers`` in the metrics line of
+the round during which they arrived). Updates are aggregated in cohort order, exactly as
+``LoopRuntime`` does, so a deployment reproduces the simulation of the same config and seed.
+
+After every round the state is written atomically (``checkpoint.pt``) after the metrics line; a
+restarted coordinator resumes from the last completed round and trims any later line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from atoll import checkpoint, rng, sampling
+from atoll import tree as T
+from atoll.evaluate import centralized
+from atoll.runtime.base import RoundStats
+from atoll.runtime.loop import decode_update
+from atoll.simulation import _append, _finish, _open_logs
+from atoll.transport import wire
+
+log = logging.getLogger("atoll.deploy")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    round_timeout: float = 60.0
+    min_clients: int = 1
+    min_fraction: float = 1.0
+    poll_s: float = 10.0  # longest a task request waits on the server before "poll again"
+
+
+@dataclass
+class Header:
+    """What a client says about its update (the bytes travel separately)."""
+    round: int
+    task_id: str
+    num_examples: int
+    loss: float
+    samples: float
+    straggler: bool = False
+
+
+@dataclass
+class _Round:
+    r: int
+    cohort: list[int]
+    down: bytes
+    tasks: dict[int, str]
+    params: dict
+    opened: float | None = None
+    answers: dict = field(default_factory=dict)   # cid -> (delta, aux, num_examples, loss, samples)
+    final: set = field(default_factory=set)       # cids whose answer is in (any outcome)
+    busy: set = field(default_factory=set)        # cids uploading right now
+    stats: RoundStats = field(default_factory=RoundStats)
+    late: int = 0                                 # answers for earlier rounds that came in meanwhile
+    closed: bool = False
+
+
+def downlink_bytes(algorithm, state, seed: int) -> bytes:
+    """The broadcast of round ``state.round + 1`` as wire bytes (as ``LoopRuntime`` makes it)."""
+    r = state.round + 1
+    payload, _ = algorithm.downlink.encode(T.join(algorithm.broadcast(state)), (),
+                                           rng.key(seed, r, rng.SERVER, "downlink"))
+    return wire.dumps(payload)
+
+
+def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples: list, seed: int):
+    """The server step on the valid updates of one round, in cohort order (``[]``: nobody)."""
+    dtype = next(iter(state.params.values())).dtype
+    weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype)) if ids else None
+    stacked = T.stack(deltas) if ids else None
+    stacked_aux = T.stack(aux) if ids and aux[0] else None
+    # the one server step of a deployed round (a server key rng.key(seed, r, rng.SERVER, "server")
+    # joins here when Algorithm.server_round takes one)
+    return algorithm.server_round(state, stacked, weights, stacked_aux)
+
+
+class Coordinator:
+    def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
+                 config_text: str | None = None, plots: bool = True):
+        self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
+        self.policy, self.plots = policy, plots
+        self.num_clients = len(data.clients)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = algorithm.init({k: v.detach().clone() for k, v in model.named_parameters()})
+        if (self.run_dir / checkpoint.FILE).exists():
+            _check_same_config(self.run_dir, config_text)
+            self.state, _ = checkpoint.load(self.run_dir)
+            log.warning("resuming %s after round %d", self.run_dir, self.state.round)
+        self.metrics = _open_logs(self.run_dir, self.state.round, config_text)
+        self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
+        self.cond = threading.Condition()
+        self.current: _Round | None = None
+        self.phase = "starting"
+        self.late = 0
+        self.last_seen: dict[int, float] = {}
+        self.final: dict | None = None
+        self._stop = False
+
+    # ---- called by the transport, one thread per RPC --------------------------------------
+    def seen(self, cid: int) -> None:
+        self.last_seen[cid] = time.monotonic()
+
+    def next_task(self, cid: int, wait_s: float):
+        """``("TASK", round, task_id, bytes)``, ``("WAIT",)`` or ``("DONE",)``; long-polls."""
+        until = time.monotonic() + min(max(wait_s, 0.0), self.policy.poll_s)
+        with self.cond:
+            while True:
+                self.seen(cid)
+                if self.phase in ("finishing", "done"):
+                    return ("DONE",)
+                rnd = self.current
+                if (rnd and not rnd.closed and cid in rnd.tasks and cid not in rnd.final
+                        and cid not in rnd.busy):
+                    rnd.opened = rnd.opened or time.monotonic()
+                    log.debug("round %d: task sent to client %d", rnd.r, cid)
+                    rnd.stats.bytes_down += len(rnd.down)
+                    self.cond.notify_all()
+                    return ("TASK", rnd.r, rnd.tasks[cid], rnd.down)
+                left = until - time.monotonic()
+                if left <= 0:
+                    return ("WAIT",)
+                self.cond.wait(left)
+
+    def submit(self, cid: int, head: Header, chunks) -> tuple[bool, str]:
+        """Validate and keep one update; ``chunks`` iterates over its bytes. (accepted, reason)."""
+        with self.cond:
+            self.seen(cid)
+            rnd = self.current
+            if rnd is None or head.round < rnd.r or (head.round == rnd.r and rnd.closed):
+                self.late += 1
+                return False, f"late: round {head.round} is closed"
+            why = self._refuse(rnd, cid, head)
+            if why:
+                rnd.stats.failures.append((cid, why))
+                log.warning("round %d: update from client %d rejected: %s", rnd.r, cid, why)
+                return False, why
+            rnd.busy.add(cid)
+        try:
+            data, why = _read(chunks, self.max_update_bytes)
+            delta = aux = None
+            if why is None and not (head.straggler and self.plan.work.drop_stragglers):
+                try:
+                    delta, aux = decode_update(self.algorithm, data, rnd.params)
+                except ValueError as exc:
+                    why = str(exc)
+        finally:
+            with self.cond:
+                rnd.busy.discard(cid)
+        return self._record(rnd, cid, head, data, delta, aux, why)
+
+    def _refuse(self, rnd: _Round, cid: int, head: Header) -> str | None:
+        if head.round > rnd.r:
+            return f"round {head.round} is not open (the current round is {rnd.r})"
+        if cid not in rnd.tasks:
+            return f"client {cid} was not sampled in round {rnd.r}"
+        if cid in rnd.final or cid in rnd.busy:
+            return f"client {cid} already answered round {rnd.r} (replayed update)"
+        if not secrets.compare_digest(head.task_id, rnd.tasks[cid]):
+            return f"task id does not match round {rnd.r}'s task for client {cid} (replayed update)"
+        return None
+
+    def _record(self, rnd, cid, head, data, delta, aux, why) -> tuple[bool, str]:
+        with self.cond:
+            if rnd.closed:
+                self.late += 1
+                return False, f"late: round {rnd.r} closed while the update arrived"
+            rnd.stats.bytes_up += len(data)
+            rnd.final.add(cid)
+            self.cond.notify_all()
+            if why is not None:
+                rnd.stats.failures.append((cid, why))
+                log.warning("round %d: update from client %d rejected: %s", rnd.r, cid, why)
+                return False, why
+            if delta is None:
+                rnd.stats.stragglers_dropped += 1
+                return False, "straggler dropped (client.drop_stragglers)"
+            rnd.answers[cid] = (delta, aux, head.num_examples, head.loss, head.samples)
+            log.debug("round %d: update from client %d accepted", rnd.r, cid)
+            return True, ""
+
+    def status(self) -> dict:
+        with self.cond:
+            rnd, now = self.current, time.monotonic()
+            return {"phase": self.phase, "round": self.state.round, "rounds": self.plan.rounds,
+                    "clients_connected": sum(now - t < self.policy.poll_s + 5
+                                             for t in self.last_seen.values()),
+                    "sampled": len(rnd.cohort) if rnd and not rnd.closed else 0,
+                    "answered": len(rnd.answers) if rnd and not rnd.closed else 0,
+                    "last_metrics": self.metrics[-1] if self.metrics else {}}
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+
+    # ---- the round loop --------------------------------------------------------------------
+    def run(self) -> dict | None:
+        """Run the remaining rounds; returns the final evaluation (None if stopped early)."""
+        start = time.perf_counter()
+        while self.state.round < self.plan.rounds:
+            rnd = self._open()
+            self._wait(rnd)
+            if self._stop:
+                return None
+            self._close(rnd, start)
+        with self.cond:  # clients may go: the final evaluation and plots need only the server
+            self.phase = "finishing"
+            self.cond.notify_all()
+        final = _finish(self.model, self.state, self.data, None, self.run_dir, self.plots)
+        with self.cond:
+            self.final, self.phase = final, "done"
+            self.cond.notify_all()
+        return final
+
+    def _open(self) -> _Round:
+        p, r = self.plan, self.state.round + 1
+        cohort = sampling.sample(self.num_clients, r, p.seed, method=p.sampling,
+                                 count=p.clients_per_round, fraction=p.fraction, rate=p.rate)
+        rnd = _Round(r, cohort, downlink_bytes(self.algorithm, self.state, p.seed),
+                     {c: secrets.token_hex(16) for c in cohort}, self.state.params)
+        rnd.stats.sampled = len(cohort)
+        with self.cond:
+            self.current, self.phase = rnd, "training"
+            self.cond.notify_all()
+        return rnd
+
+    def _wait(self, rnd: _Round) -> None:
+        target = max(self.policy.min_clients, math.ceil(self.policy.min_fraction * len(rnd.cohort)))
+        with self.cond:
+            while not self._stop:
+                if len(rnd.final & set(rnd.cohort)) == len(rnd.cohort) or len(rnd.answers) >= target:
+                    break
+                left = None if rnd.opened is None else rnd.opened + self.policy.round_timeout - time.monotonic()
+                if left is not None and left <= 0:
+                    log.warning("round %d: deadline passed with %d of %d updates", rnd.r,
+                                len(rnd.answers), len(rnd.cohort))
+                    break
+                self.cond.wait(left if left is not None else 1.0)
+            rnd.closed = True
+            self.phase = "aggregating"
+            rnd.late, self.late = self.late, 0
+
+    def _close(self, rnd: _Round, start: float) -> None:
+        ids = [c for c in rnd.cohort if c in rnd.answers]
+        if len(ids) < min(self.policy.min_clients, len(rnd.cohort)):
+            log.warning("round %d: %d valid updates < min_clients; model unchanged", rnd.r, len(ids))
+            ids = []
+        got = [rnd.answers[c] for c in ids]
+        state = aggregate(self.algorithm, self.state, ids, [g[0] for g in got],
+                          [g[1] for g in got], [g[2] for g in got], self.plan.seed)
+        s = rnd.stats
+        s.succeeded = len(ids)
+        for _, _, _, loss, samples in got:
+            s.loss_sum += loss * samples
+            s.samples += samples
+        self._write(rnd, state, start)
+
+    def _write(self, rnd: _Round, state, start: float) -> None:
+        s, r, p = rnd.stats, rnd.r, self.plan
+        up = s.bytes_up + (self.metrics[-1]["bytes_up_cum"] if self.metrics else 0)
+        down = s.bytes_down + (self.metrics[-1]["bytes_down_cum"] if self.metrics else 0)
+        line = {"round": r, "train_loss": s.train_loss, "clients_sampled": s.sampled,
+                "clients_succeeded": s.succeeded, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+                "bytes_up_cum": up, "bytes_down_cum": down}
+        if s.stragglers_dropped:
+            line["stragglers_dropped"] = s.stragglers_dropped
+        if s.failures:
+            line["failures"] = [[c, why] for c, why in s.failures]
+        if rnd.late:
+            line["late_answers"] = rnd.late
+        if r % p.eval_every == 0 or r == p.rounds:
+            line.update(centralized(self.model, state.params, self.data.x_test, self.data.y_test))
+        _append(self.run_dir / "metrics.jsonl", line)
+        _append(self.run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
+        checkpoint.save(self.run_dir, state, {})
+        with self.cond:
+            self.metrics.append(line)
+            self.state = state
+
+
+def _read(chunks, limit: int) -> tuple[bytes, str | None]:
+    """Join the update's chunks, stopping as soon as it exceeds ``limit`` bytes."""
+    buf, n = [], 0
+    for c in chunks:
+        n += len(c)
+        if n > limit:
+            return b"", f"update exceeds the size limit of {limit} bytes"
+        buf.append(c)
+    return b"".join(buf), None
+
+
+def _check_same_config(run_dir: Path, config_text: str | None) -> None:
+    old = run_dir / "config.toml"
+    if config_text is not None and old.exists() and old.read_text() != config_text:
+        raise ValueError(f"{run_dir} holds a run with a different config ({old}); "
+                         "use another run folder or the same config to resume")

@@ -1,0 +1,110 @@
+"""``Server``: the coordinator of a deployment, served over gRPC (Python API of ``atoll server``).
+
+    from atoll import config
+    from atoll.deploy import Server
+    server = Server(config.load("exp.toml"), run_dir="runs/exp")   # TLS + mutual TLS by default
+    server.run()                                                    # blocks until the last round
+
+The server builds the algorithm, the model and the plan from the same config file as
+``atoll run``; it loads ``[data]`` only for its held-out test set (``data.x_test``), the input and
+output sizes of the model and the population size ``data.num_clients``; clients' training data
+never reaches it. Enrolled clients (``atoll certs client``) are the population: a client's
+enrolment id is the index the sampler draws.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from atoll import config as C
+from atoll.deploy import certs
+from atoll.deploy.coordinator import Coordinator, Header, RoundPolicy
+from atoll.transport.grpc.server import GrpcServer
+
+log = logging.getLogger("atoll.deploy")
+
+
+class Server:
+    def __init__(self, cfg: C.Config, *, run_dir=None, insecure: bool = False, port: int | None = None,
+                 host: str | None = None, certs_dir=None, auth: str | None = None,
+                 plots: bool = True, linger_s: float = 2.0):
+        d = cfg.deploy
+        self.cfg, self.linger_s = cfg, linger_s
+        self.certs_dir = Path(certs_dir or d.certs)
+        auth = auth or d.auth
+        if insecure:
+            log.warning("INSECURE: no TLS; tokens and updates travel in plaintext. "
+                        "Use this for local experiments only.")
+            auth = "token"
+        self.registry_mtime, self.registry = None, {}
+        self._reload()
+        algorithm, model, data, plan = C.build(cfg)
+        self.shape = {"n_features": data.n_features, "n_classes": data.n_classes,
+                      "num_clients": len(data.clients)}
+        self.config_text = C.dumps(cfg)
+        policy = RoundPolicy(d.round_timeout, d.min_clients, d.min_fraction, d.poll_s)
+        self.coordinator = Coordinator(algorithm, model, data, plan,
+                                       run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
+                                       policy=policy, config_text=self.config_text, plots=plots)
+        tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
+                                     (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
+        address = f"{host or d.host}:{d.port if port is None else port}"
+        self.grpc = GrpcServer(self, self._identify, address=address, tls=tls, auth=auth,
+                               max_workers=len(data.clients) + 16, chunk_bytes=d.chunk_kb * 1024)
+        self.port = self.grpc.port
+
+    def run(self) -> dict | None:
+        """Serve until the last round is done (or ``stop()``); returns the final evaluation."""
+        self.grpc.start()
+        try:
+            final = self.coordinator.run()
+            time.sleep(self.linger_s)  # let waiting clients hear DONE
+            return final
+        finally:
+            self.grpc.stop(grace=1.0)
+
+    def stop(self) -> None:
+        self.coordinator.stop()
+
+    # ---- the backend the gRPC layer calls ----------------------------------------------------
+    def join(self, name: str, cid: int) -> dict:
+        self.coordinator.seen(cid)
+        log.info("client %s (id %d) joined", name, cid)
+        return {"client_id": cid, "name": name, "config_toml": self.config_text,
+                "max_update_bytes": self.coordinator.max_update_bytes, **self.shape}
+
+    def next_task(self, cid: int, wait_s: float):
+        return self.coordinator.next_task(cid, wait_s)
+
+    def submit(self, cid: int, head: dict, chunks) -> tuple[bool, str]:
+        return self.coordinator.submit(cid, Header(**head), chunks)
+
+    def status(self) -> dict:
+        s = self.coordinator.status()
+        last = s.pop("last_metrics")
+        return {**s, "clients_enrolled": sum(e["id"] is not None for e in self.registry.values()),
+                "last_metrics_json": json.dumps(last)}
+
+    def _identify(self, kind: str, value) -> tuple[str, int | None] | None:
+        self._reload()
+        name = (certs.by_certificate(self.registry, value) if kind == "cert"
+                else certs.by_token(self.registry, value))
+        if name is None:
+            return None
+        cid = self.registry[name]["id"]
+        if cid is not None and not 0 <= cid < self.shape["num_clients"]:
+            log.warning("client %s has id %d outside this run's %d clients (data.num_clients)",
+                        name, cid, self.shape["num_clients"])
+            return None
+        return name, cid
+
+    def _reload(self) -> None:
+        """Re-read the registry when it changed (enrolments and revocations take effect live)."""
+        path = self.certs_dir / certs.REGISTRY
+        mtime = os.stat(path).st_mtime_ns if path.exists() else None
+        if mtime is None or mtime != self.registry_mtime:  # a missing registry is an error
+            self.registry = certs.load_registry(self.certs_dir)
+            self.registry_mtime = mtime

@@ -1,0 +1,115 @@
+"""The gRPC side of the coordinator: TLS, authentication, chunked streams.
+
+``GrpcServer(backend, identify, ...)`` serves the four methods of ``messages.METHODS`` and maps
+them onto ``backend`` (``join``, ``next_task``, ``submit``, ``status``), which knows nothing about
+gRPC. Every call is authenticated first: with mutual TLS the peer certificate (already verified
+against the private CA by the TLS layer) is passed to ``identify("cert", pem)``; with token
+authentication the ``authorization: Bearer ...`` metadata is passed to ``identify("token", t)``.
+``identify`` returns ``(name, client_id)`` for an enrolled client (``client_id`` None for an
+observer, which may only ask for status) or None, which ends the call with UNAUTHENTICATED.
+
+No single gRPC message exceeds ``chunk_bytes`` plus a small margin (the server refuses larger
+ones); payloads travel as streams of chunks.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+
+from atoll.transport.grpc import messages as M
+
+log = logging.getLogger("atoll.deploy")
+
+
+class GrpcServer:
+    def __init__(self, backend, identify, *, address: str = "[::]:0", tls: dict | None = None,
+                 auth: str = "mtls", max_workers: int = 64, chunk_bytes: int = 1 << 20):
+        if auth not in ("mtls", "token"):
+            raise ValueError(f"deploy.auth must be 'mtls' or 'token', got {auth!r}")
+        if tls is None and auth == "mtls":
+            raise ValueError("mutual TLS needs TLS: without TLS (--insecure) clients use tokens")
+        self.backend, self.identify, self.auth, self.chunk = backend, identify, auth, chunk_bytes
+        limit = chunk_bytes + (1 << 16)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                  options=[("grpc.max_receive_message_length", limit),
+                                           ("grpc.max_send_message_length", limit)])
+        handlers = {}
+        for name, (req, rep, cs, ss) in M.METHODS.items():
+            make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                    (False, True): grpc.unary_stream_rpc_method_handler,
+                    (True, False): grpc.stream_unary_rpc_method_handler}[(cs, ss)]
+            handlers[name] = make(getattr(self, "_" + name.lower()),
+                                  request_deserializer=req.FromString,
+                                  response_serializer=rep.SerializeToString)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(M.SERVICE, handlers)])
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials([(tls["key"], tls["cert"])],
+                                                root_certificates=tls["ca"],
+                                                require_client_auth=(auth == "mtls"))
+            self.port = self.server.add_secure_port(address, creds)
+        if not self.port:
+            raise ValueError(f"cannot listen on {address}")
+
+    def start(self) -> int:
+        self.server.start()
+        return self.port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait()
+
+    # ---- authentication ----------------------------------------------------------------------
+    def _who(self, context, allow_observer: bool = False) -> tuple[str, int | None]:
+        if self.auth == "mtls":
+            pem = context.auth_context().get("x509_pem_cert")
+            found = self.identify("cert", pem[0]) if pem else None
+        else:
+            meta = dict(context.invocation_metadata())
+            bearer = meta.get("authorization", "")
+            found = self.identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
+        if found is None:
+            log.warning("refused a call from %s: not an enrolled client", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "not an enrolled client")
+        if found[1] is None and not allow_observer:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{found[0]} may only ask for status")
+        return found
+
+    # ---- methods -----------------------------------------------------------------------------
+    def _join(self, request, context):
+        name, cid = self._who(context)
+        return M.JoinReply(**self.backend.join(name, cid), chunk_bytes=self.chunk)
+
+    def _gettask(self, request, context):
+        _, cid = self._who(context)
+        task = self.backend.next_task(cid, request.wait_s)
+        if task[0] != "TASK":
+            yield M.TaskChunk(kind=task[0])
+            return
+        _, r, task_id, data = task
+        yield M.TaskChunk(kind="TASK", round=r, task_id=task_id, total_bytes=len(data),
+                          data=data[:self.chunk])
+        for i in range(self.chunk, len(data), self.chunk):
+            yield M.TaskChunk(data=data[i:i + self.chunk])
+
+    def _submitupdate(self, request_iterator, context):
+        _, cid = self._who(context)
+        first = next(request_iterator, None)
+        if first is None:
+            return M.SubmitReply(accepted=False, reason="empty update stream")
+        head = {f: getattr(first, f) for f in ("round", "task_id", "num_examples", "loss",
+                                                "samples", "straggler")}
+
+        def chunks():
+            yield first.data
+            for m in request_iterator:
+                yield m.data
+
+        accepted, reason = self.backend.submit(cid, head, chunks())
+        return M.SubmitReply(accepted=accepted, reason=reason)
+
+    def _status(self, request, context):
+        self._who(context, allow_observer=True)
+        return M.StatusReply(**self.backend.status())
