@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,10 +26,10 @@ from atoll import rng
 from atoll.runtime.base import LocalWork, straggler_steps
 
 SMALL_CHUNK_BYTES = 4 * 2**20  # below this, a chunk's data is concatenated and gathered at once
+_ZERO = torch.zeros(1, dtype=torch.long)  # the permutation of one sample (never written)
 
 
-@dataclass(frozen=True)
-class ClientPlan:
+class ClientPlan(NamedTuple):
     """One sampled client's work this round."""
 
     pos: int                    # position in the cohort
@@ -48,7 +48,9 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
         n = data.clients[cid].n
         total = work.total_steps(n)
         perms = ()
-        if n > 0 and total > 0:
+        if n == 1 and total > 0:  # randperm(1) is [0] whatever the generator
+            perms = (_ZERO,) * total
+        elif n > 0 and total > 0:
             g = rng.generator(rng.key(seed, r, cid, "batches"))
             perms = tuple(torch.randperm(n, generator=g) for _ in range(math.ceil(total / math.ceil(n / B))))
         k, straggler = straggler_steps(cid, r, seed, work, total)
