@@ -118,9 +118,11 @@ class DecodeBuffers:
     """The stacked decode buffers, reused from round to round.
 
     Allocating ~100 model copies afresh every round page-faults them in again (on this machine
-    that was 40,000 faults, ~12 ms, per round of workload B). Invariant: a buffer is reused only
-    while nothing the server returned (``ServerState``) shares its memory; ``settle`` checks
-    that after every round and otherwise lets the buffer go to its new owner."""
+    that was 40,000 faults, ~12 ms, per round of workload B; even with ``host.tune_allocator``
+    a fresh 22 MB message buffer was faulted in again every few rounds of workload C, 60 ms
+    each time). Invariant: a buffer is reused only while nothing the server returned
+    (``ServerState``) shares its memory; ``settle`` checks that after every round and
+    otherwise lets the buffer go to its new owner."""
 
     def __init__(self):
         self._bufs: dict = {}
@@ -135,11 +137,12 @@ class DecodeBuffers:
             out[k] = buf[:n]
         return out
 
-    def raw(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of at least ``nbytes`` (``wire.Layout.stack`` copies into it)."""
-        buf = self._bufs.get(None)
+    def raw(self, nbytes: int, key: str = "stack") -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes``: ``"stack"`` for ``wire.Layout.stack`` to copy
+        messages into, ``"rows"`` for the round's uplink messages (``wire.Rows``)."""
+        buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[None] = torch.empty(nbytes, dtype=torch.uint8)
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
         return buf
 
     def settle(self, state) -> None:

@@ -95,7 +95,8 @@ class VmapRuntime:
     def train(self, algorithm, client_update, down_bytes: bytes, cstates: list, cohort: list[int],
               data, work: LocalWork, seed: int, r: int) -> list:
         """Train and encode ``cohort`` (the client half of a round); a list of ``Outcome``.
-        ``cstates[i]`` is the state of ``cohort[i]`` or None."""
+        ``cstates[i]`` is the state of ``cohort[i]`` or None. The messages may be rows of a
+        buffer this runtime reuses: they are valid until its next round."""
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
         on_dev = {g: {k: v.to(self.device) for k, v in t.items()} for g, t in received.items()}
         cstates = [s if s is not None else {"uplink": algorithm.uplink.init(received["params"])}
@@ -124,7 +125,8 @@ class VmapRuntime:
         ``dumps`` per client for a chunk whose results have another layout)."""
         if not is_identity(algorithm.uplink):
             return None
-        return wire.Layout.of(T.join({"delta": params, "aux": {}})).rows(n)
+        layout = wire.Layout.of(T.join({"delta": params, "aux": {}}))
+        return layout.rows(n, self._buffers.raw(n * layout.stride + wire.ALIGN, "rows"))
 
     def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r,
                    rows=None, start=0):
