@@ -48,15 +48,22 @@ def _spy_in_place(monkeypatch):
     return seen
 
 
-def test_rows_in_cohort_order_are_read_in_place(monkeypatch):
+@pytest.mark.parametrize("over", [[], ["client.steps=3", "client.stragglers=0.0"]],
+                         ids=["stragglers", "equal-steps"])
+def test_rows_of_one_buffer_are_read_in_place(monkeypatch, over):
     seen = _spy_in_place(monkeypatch)
-    over = ["client.steps=3", "client.stragglers=0.0"]  # every chunk in cohort order
     assert_same(run(LoopRuntime(), over), run(VmapRuntime(chunk_clients=4), over))
     assert seen and all(seen)
 
 
-def test_rows_out_of_cohort_order_are_copied(monkeypatch):
-    seen = _spy_in_place(monkeypatch)  # stragglers: chunks sorted by steps, not cohort order
+def test_messages_from_a_failed_chunk_are_copied(monkeypatch):
+    from atoll.runtime.fused import FusedMLP
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("chunk failed")
+
+    monkeypatch.setattr(FusedMLP, "run", boom)  # every chunk goes client by client: bytes
+    seen = _spy_in_place(monkeypatch)
     assert_same(run(LoopRuntime()), run(VmapRuntime(chunk_clients=4)))
     assert seen and not any(seen)
 

@@ -204,7 +204,10 @@ class FusedMLP:
         for w, w0 in zip(W + b, W0 + b0):  # clients without a step keep W0 (delta 0)
             if w is not None and m0 < C:
                 w[m0:] = 0.0 if as_delta else w0
-        ctx = (W, b, W0, b0, wgt, target, n, loss, as_delta)
+        used = mask[:, 0]                                          # slots of step 0 (C, B)
+        last = C - used.flip(0).to(torch.uint8).argmax(0)          # 1 + last client using a slot
+        lead = torch.where(used.any(0), last, 0).tolist()
+        ctx = (W, b, W0, b0, wgt, target, n, loss, as_delta, lead)
         for s in range(S):
             m = sum(k > s for k in ks)
             if m == 0:
@@ -220,7 +223,7 @@ class FusedMLP:
 
     def _step(self, ctx, h, s, m):
         """One SGD step of the ``m`` leading clients on ``h`` ``(m, B, F)``."""
-        W, b, W0, b0, wgt, target, n, loss, as_delta = ctx
+        W, b, W0, b0, wgt, target, n, loss, as_delta, lead = ctx
         L, shared = len(W), s == 0
         acts = [h.reshape(-1, h.shape[-1]) if shared else h]
         for l in range(L):                                         # forward
@@ -244,15 +247,20 @@ class FusedMLP:
                 prev = (delta.view(-1, delta.shape[-1]) @ w).view(m, -1, w.shape[-1]) if shared \
                     else torch.bmm(delta, w)
                 prev = torch.ops.aten.threshold_backward(prev, h_l, 0.0)
-            update = self._first if shared else self._update
-            update(W[l][:m], W0[l], delta.transpose(1, 2), h_l, as_delta)
-            if b[l] is not None:
-                update(b[l][:m], b0[l], delta.sum(1), None, as_delta)
+            if shared:
+                self._first(W[l][:m], W0[l], delta.transpose(1, 2), h_l, as_delta, lead)
+                if b[l] is not None:
+                    self._first(b[l][:m], b0[l], delta.sum(1), None, as_delta)
+            else:
+                self._update(W[l][:m], W0[l], delta.transpose(1, 2), h_l)
+                if b[l] is not None:
+                    self._update(b[l][:m], b0[l], delta.sum(1), None)
             delta = prev
 
-    def _first(self, out, p0, g_left, g_right, as_delta):
+    def _first(self, out, p0, g_left, g_right, as_delta, lead=None):
         """Step 0 writes ``out = p0 - lr * (g + wd * p0)`` (or that minus ``p0``: the delta)
-        in one pass; the proximal term is zero at ``p = p0``."""
+        in one pass; the proximal term is zero at ``p = p0``. ``lead[j]``: only the clients
+        before it use sample slot ``j`` (the others' slot-``j`` gradient is exactly zero)."""
         lr, wd = self.spec.lr, self.spec.wd
         beta = -lr * wd if as_delta else 1.0 - lr * wd
         if g_right is None:
@@ -261,14 +269,15 @@ class FusedMLP:
             left = g_left * -lr
             torch.mul(left[..., 0, None], g_right[:, 0, None], out=out)
             for j in range(1, g_right.shape[1]):
-                out.addcmul_(left[..., j, None], g_right[:, j, None])
+                m = min(lead[j], out.shape[0]) if lead else out.shape[0]
+                out[:m].addcmul_(left[:m, :, j, None], g_right[:m, j, None])
         else:
             torch.baddbmm(p0.expand(out.shape), g_left, g_right, beta=beta, alpha=-lr, out=out)
             return
         if beta:
             out.add_(p0, alpha=beta)
 
-    def _update(self, p, p0, g_left, g_right, as_delta=False):
+    def _update(self, p, p0, g_left, g_right):
         """``p <- p - lr * (g + mu * (p - p0) + wd * p)`` in place; ``g = g_left @ g_right``
         (a weight) or ``g = g_left`` (a bias)."""
         lr, mu, wd = self.spec.lr, self.spec.mu, self.spec.wd

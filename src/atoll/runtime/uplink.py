@@ -154,17 +154,20 @@ class DecodeBuffers:
 
 def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: RoundStats,
                  buffers: DecodeBuffers | None = None):
-    """Validate and aggregate ``outcomes`` (any order) as ``LoopRuntime`` does.
+    """Validate and aggregate ``outcomes`` as ``LoopRuntime`` does.
 
-    The messages are decoded from their bytes into one stacked tensor per entry (``_stack``,
-    or message by message); a cheap screen (entries, shapes, floating dtype, finite row sums)
+    Clients are aggregated in the order given (the order their messages were written, so that
+    rows of one buffer are read in place), which changes the aggregate only by rounding;
+    failures are reported in cohort order. The messages are decoded from their bytes into one
+    stacked tensor per entry (``_stack``, or message by message); a cheap screen (entries,
+    shapes, floating dtype, finite row sums)
     passes the normal message, and any message it doubts gets the loop runtime's
     ``decode_update`` for the verdict and the reason. Returns ``(state, accepted)``, where
     ``accepted`` lists ``(cid, new client state)``.
     """
     r = state.round + 1
     failures, todo = [], []
-    for o in sorted(outcomes, key=lambda o: o.pos):
+    for o in outcomes:
         if o.error is not None:
             failures.append((o.pos, o.cid, o.error))
             continue

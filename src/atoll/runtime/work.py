@@ -13,7 +13,8 @@ Invariants:
   client, as ``gather`` does), so they change nothing. Batching and padding are tensor ops once
   per chunk and round, never per step or per sample.
 * ``cut_chunks`` orders clients by active steps, most first, so that in every chunk the active
-  clients of step ``s`` are a leading block (step masks are prefixes, as in ``client_work``).
+  clients of step ``s`` are a leading block (step masks are prefixes, as in ``client_work``);
+  then by samples, so that clients smaller than a batch fill fewer slots the further back.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
 
 
 def cut_chunks(plans: list[ClientPlan], max_clients: int) -> list[list[ClientPlan]]:
-    """Chunks of at most ``max_clients``, clients sorted by (active steps, steps) descending."""
-    order = sorted(plans, key=lambda p: (-p.active, -p.steps, p.pos))
+    """Chunks of at most ``max_clients``, clients sorted by (active steps, steps, samples)
+    descending: the clients active at a step, or with a sample in a batch slot, lead."""
+    order = sorted(plans, key=lambda p: (-p.active, -p.steps, -p.n, p.pos))
     size = max(1, max_clients)
     return [order[i:i + size] for i in range(0, len(order), size)]
 
