@@ -7,6 +7,8 @@ chunk is padded to ``(C, S, B, ...)`` and trained by one engine call (``engine.p
 ``ClientUpdate`` under ``torch.func.vmap``, or the fused MLP/SGD path where it applies). Each
 client's row of the stacked delta is then encoded by the uplink codec and serialised to its
 own ``wire`` message, and the server half is the loop runtime's (``uplink.finish_round``).
+With the identity uplink the round's messages are rows of one buffer (``wire.Rows``) that the
+fused engine trains in and the server reads in place: one message per client, no copies.
 
 Invariant: same parameters, metrics, byte counts, failures and client states as
 ``LoopRuntime`` (float64: 1e-9; ``tests/runtime``). A chunk that raises is re-run client by
