@@ -69,3 +69,34 @@ def test_non_prefix_step_masks_fall_back_to_generic():
     one = update(params, {}, {"params": params}, {k: v[0] for k, v in batches.items()}, step_mask[0], 0)
     for k in params:
         torch.testing.assert_close(res.delta[k][0], one.delta[k], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [[1, 1, 1, 1, 0, 0], [2, 2, 1, 1, 1, 0]], ids=["one-step", "two-steps"])
+@pytest.mark.parametrize("width", [1, 2, 3], ids=["rank1", "rank2", "rank3"])
+def test_tiny_clients_into_strided_out(width, steps):
+    """Clients smaller than a batch (trimmed batches, outer-product gradients) trained into
+    strided ``out`` tensors (rows of a message buffer) give local_training's deltas there."""
+    torch.manual_seed(1)
+    model = zoo.mlp(5, 3, (7, 6)).double()
+    update = local_training(model_loss(model), chain(proximal(0.2), sgd(0.1, weight_decay=0.01)))
+    params = params_of(model)
+    C, S, B = len(steps), max(steps), 10
+    sizes = torch.tensor([width, 1, width, 0, width, 1])
+    mask = (torch.arange(B) < sizes[:, None, None]).expand(C, S, B).clone()
+    batches = {"x": torch.randn(C, S, B, 5, dtype=torch.float64), "y": torch.randint(0, 3, (C, S, B)),
+               "mask": mask}
+    step_mask = torch.arange(S) < torch.tensor(steps)[:, None]
+    numel = sum(v.numel() for v in params.values())
+    buf = torch.full((C, numel + 3), float("nan"), dtype=torch.float64)
+    out, at = {}, 1
+    for k, v in params.items():
+        out[k] = buf[:, at:at + v.numel()].view(C, *v.shape)
+        at += v.numel()
+    res = FusedMLP(match(update)).run(params, {}, {"params": params}, batches, step_mask,
+                                      torch.arange(C), out=out)
+    for c in range(C):
+        one = update(params, {}, {"params": params}, {k: v[c] for k, v in batches.items()}, step_mask[c], 0)
+        for k in params:
+            assert res.delta[k].data_ptr() == out[k].data_ptr()
+            torch.testing.assert_close(out[k][c], one.delta[k], rtol=0, atol=1e-12)
+        assert res.loss[c] == pytest.approx(float(one.metrics["loss"]), abs=1e-12)

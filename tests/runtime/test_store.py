@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from atoll import algorithms, sampling, transforms
 from atoll.codecs import Codec
@@ -92,3 +93,66 @@ def test_store_backed_states_equal_loop_states(tmp_path):
     for i, cid in enumerate(ids):
         for k in params:
             torch.testing.assert_close(got[k][i], loop_states[cid]["uplink"][k], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("limit", [2**30, 0], ids=["memory", "files"])
+def test_checkpoint_saves_store_rows_not_client_dicts(tmp_path, limit):
+    from atoll import checkpoint
+    from atoll.types import ServerState
+
+    store = ClientStore(50_000, TEMPLATE, path=tmp_path / "live", memory_limit_bytes=limit)
+    ids = [49_999, 3, 777, 12]
+    store.put(ids, _rows(4))
+    state = ServerState({"w": torch.ones(3)}, (), 7, {})
+    checkpoint.BLOCK_BYTES, old = 200, checkpoint.BLOCK_BYTES  # several blocks of rows
+    try:
+        checkpoint.save(tmp_path / "run", state, store)
+        assert (tmp_path / "run/checkpoint.clients-7").is_dir()
+        assert (tmp_path / "run/checkpoint.pt").stat().st_size < 4000  # no per-client objects
+        back_state, back = checkpoint.load(tmp_path / "run", store_path=tmp_path / "restored")
+    finally:
+        checkpoint.BLOCK_BYTES = old
+    assert back_state.round == 7 and isinstance(back, ClientStore) and back.on_disk == store.on_disk
+    assert back.num_clients == 50_000 and back.written_ids().tolist() == sorted(ids)
+    probe = ids + [0, 25_000]
+    for a, b in zip(tree_flatten(store.get(probe))[0], tree_flatten(back.get(probe))[0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    store.put([5], _rows(1, seed=2))  # the next checkpoint replaces the folder of round 7
+    checkpoint.save(tmp_path / "run", ServerState(state.params, (), 8, {}), store)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.clients-8", "checkpoint.pt"]
+
+
+@pytest.mark.parametrize("limit", [2**30, 0], ids=["memory", "files"])
+def test_resume_with_a_store_gives_the_uninterrupted_metrics(tmp_path, limit):
+    from dataclasses import replace
+
+    from tests.runtime.test_equivalence import build
+
+    from atoll.simulation import simulate
+
+    def parts():  # afresh for every run: simulate writes the final parameters into the model
+        alg, model, data, plan = build(["rounds=5", "client.stragglers=0.0"])
+        return replace(alg, uplink=residual_codec()), model, data, replace(plan, checkpoint_every=2)
+
+    class StoreRuntime(VmapRuntime):  # keeps client states in a ClientStore from round 1
+        def __init__(self, crash_at=None):
+            super().__init__(chunk_clients=4)
+            self.crash_at = crash_at
+
+        def run_round(self, algorithm, update, state, states, *args):
+            if state.round == self.crash_at:
+                raise KeyboardInterrupt
+            if not isinstance(states, ClientStore):
+                states = ClientStore(len(args[1].clients), {"uplink": algorithm.uplink.init(state.params)},
+                                     memory_limit_bytes=limit)
+            return super().run_round(algorithm, update, state, states, *args)
+
+    full = simulate(*parts(), run_dir=tmp_path / "full", runtime=StoreRuntime(), plots=False)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(*parts(), run_dir=tmp_path / "cut", runtime=StoreRuntime(crash_at=3), plots=False)
+    resumed = simulate(*parts(), run_dir=tmp_path / "cut", runtime=StoreRuntime(), resume=True,
+                       plots=False)
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (tmp_path / "full/metrics.jsonl").read_bytes()
+    for k in full.state.params:
+        assert torch.equal(full.state.params[k], resumed.state.params[k])
+    assert (tmp_path / "cut/checkpoint.clients-5").is_dir()

@@ -50,7 +50,8 @@ class VmapEngine:
         self._fn = vmap(as_tuple, in_dims=(None, 0, None, 0, 0, 0))
 
     def run(self, params: Tree, cstates: dict, broadcast: dict, batches: dict,
-            step_mask: torch.Tensor, keys: torch.Tensor) -> ChunkResult:
+            step_mask: torch.Tensor, keys: torch.Tensor, out: Tree | None = None) -> ChunkResult:
+        """``out`` (optional, unused here): where the caller would like the deltas written."""
         delta, aux, cstate, metrics = self._fn(params, cstates, broadcast, batches, step_mask, keys)
         return ChunkResult(_cpu(delta), _cpu(aux), cstate, metrics["loss"].tolist(),
                            metrics["samples"].tolist(), metrics["steps"].tolist())

@@ -140,6 +140,20 @@ def _flatten_chain(t) -> list | None:
     return out
 
 
+OUTER_MAX = 2  # up to this many samples per client and step, weight gradients are outer products
+
+
+def _trim(batches: dict) -> dict:
+    """The batches without the trailing sample slots that are masked in every client and step
+    (clients smaller than a batch): they add exact zeros, so dropping them changes nothing."""
+    mask = batches["mask"]
+    used = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    if width == mask.shape[-1]:
+        return batches
+    return {k: v[:, :, :width] for k, v in batches.items()}
+
+
 class FusedMLP:
     """The fused engine (see the module docstring); runs the generic engine where a chunk
     does not fit its assumptions (step masks that are not sorted prefixes, other shapes)."""
@@ -150,11 +164,13 @@ class FusedMLP:
         self.spec = spec
         self.fallback = VmapEngine(spec.client_update)
 
-    def run(self, params, cstates, broadcast, batches, step_mask, keys) -> ChunkResult:
+    def run(self, params, cstates, broadcast, batches, step_mask, keys, out=None) -> ChunkResult:
+        """``out``: optional ``(C, ...)`` tensors like the stacked params (any strides) that
+        become the weights being trained and finally the deltas (the uplink messages' rows)."""
         if not self._fits(params, batches, step_mask):
             return self.fallback.run(params, cstates, broadcast, batches, step_mask, keys)
         with torch.no_grad():
-            delta, loss, seen, ks = self._train(params, batches, step_mask)
+            delta, loss, seen, ks = self._train(params, _trim(batches), step_mask, out)
         return ChunkResult({k: v.cpu() for k, v in delta.items()}, {}, cstates,
                            loss.tolist(), seen.tolist(), ks)
 
@@ -167,8 +183,9 @@ class FusedMLP:
         prefix = torch.arange(step_mask.shape[1], device=step_mask.device) < ks[:, None]
         return bool(torch.equal(step_mask, prefix)) and bool((ks[:-1] >= ks[1:]).all())
 
-    def _train(self, params, batches, step_mask):
-        """Weights ``(C, out, in)`` trained in place; returns (delta, loss, samples, steps)."""
+    def _train(self, params, batches, step_mask, out=None):
+        """Weights ``(C, out, in)`` trained in place (in ``out`` where given); returns
+        (delta, loss, samples, steps)."""
         sp, (x, y, mask) = self.spec, (batches["x"], batches["y"], batches["mask"])
         C, S, B = mask.shape
         W0 = [params[w] for w, _ in sp.layers]
@@ -180,13 +197,17 @@ class FusedMLP:
         ks = step_mask.sum(1).tolist()
         loss = torch.zeros(C, dtype=dt, device=x.device)
         as_delta = max(ks, default=0) <= 1   # one step at most: write the deltas directly
-        W = [w.new_empty((C, *w.shape)) for w in W0]
-        b = [v.new_empty((C, *v.shape)) if v is not None else None for v in b0]
+        own = lambda k, v: out[k] if out is not None else v.new_empty((C, *v.shape))  # noqa: E731
+        W = [own(wk, w) for (wk, _), w in zip(sp.layers, W0)]
+        b = [own(bk, v) if v is not None else None for (_, bk), v in zip(sp.layers, b0)]
         m0 = sum(k > 0 for k in ks)
         for w, w0 in zip(W + b, W0 + b0):  # clients without a step keep W0 (delta 0)
             if w is not None and m0 < C:
                 w[m0:] = 0.0 if as_delta else w0
-        ctx = (W, b, W0, b0, wgt, target, n, loss, as_delta)
+        used = mask[:, 0]                                          # slots of step 0 (C, B)
+        last = C - used.flip(0).to(torch.uint8).argmax(0)          # 1 + last client using a slot
+        lead = torch.where(used.any(0), last, 0).tolist()
+        ctx = (W, b, W0, b0, wgt, target, n, loss, as_delta, lead)
         for s in range(S):
             m = sum(k > s for k in ks)
             if m == 0:
@@ -202,7 +223,7 @@ class FusedMLP:
 
     def _step(self, ctx, h, s, m):
         """One SGD step of the ``m`` leading clients on ``h`` ``(m, B, F)``."""
-        W, b, W0, b0, wgt, target, n, loss, as_delta = ctx
+        W, b, W0, b0, wgt, target, n, loss, as_delta, lead = ctx
         L, shared = len(W), s == 0
         acts = [h.reshape(-1, h.shape[-1]) if shared else h]
         for l in range(L):                                         # forward
@@ -226,25 +247,37 @@ class FusedMLP:
                 prev = (delta.view(-1, delta.shape[-1]) @ w).view(m, -1, w.shape[-1]) if shared \
                     else torch.bmm(delta, w)
                 prev = torch.ops.aten.threshold_backward(prev, h_l, 0.0)
-            update = self._first if shared else self._update
-            update(W[l][:m], W0[l], delta.transpose(1, 2), h_l, as_delta)
-            if b[l] is not None:
-                update(b[l][:m], b0[l], delta.sum(1), None, as_delta)
+            if shared:
+                self._first(W[l][:m], W0[l], delta.transpose(1, 2), h_l, as_delta, lead)
+                if b[l] is not None:
+                    self._first(b[l][:m], b0[l], delta.sum(1), None, as_delta)
+            else:
+                self._update(W[l][:m], W0[l], delta.transpose(1, 2), h_l)
+                if b[l] is not None:
+                    self._update(b[l][:m], b0[l], delta.sum(1), None)
             delta = prev
 
-    def _first(self, out, p0, g_left, g_right, as_delta):
+    def _first(self, out, p0, g_left, g_right, as_delta, lead=None):
         """Step 0 writes ``out = p0 - lr * (g + wd * p0)`` (or that minus ``p0``: the delta)
-        in one pass; the proximal term is zero at ``p = p0``."""
+        in one pass; the proximal term is zero at ``p = p0``. ``lead[j]``: only the clients
+        before it use sample slot ``j`` (the others' slot-``j`` gradient is exactly zero)."""
         lr, wd = self.spec.lr, self.spec.wd
         beta = -lr * wd if as_delta else 1.0 - lr * wd
         if g_right is None:
             torch.mul(g_left, -lr, out=out)
-            if beta:
-                out.add_(p0, alpha=beta)
+        elif g_right.shape[1] <= OUTER_MAX:  # rank 1 or 2: outer products beat a batched gemm
+            left = g_left * -lr
+            torch.mul(left[..., 0, None], g_right[:, 0, None], out=out)
+            for j in range(1, g_right.shape[1]):
+                m = min(lead[j], out.shape[0]) if lead else out.shape[0]
+                out[:m].addcmul_(left[:m, :, j, None], g_right[:m, j, None])
         else:
             torch.baddbmm(p0.expand(out.shape), g_left, g_right, beta=beta, alpha=-lr, out=out)
+            return
+        if beta:
+            out.add_(p0, alpha=beta)
 
-    def _update(self, p, p0, g_left, g_right, as_delta=False):
+    def _update(self, p, p0, g_left, g_right):
         """``p <- p - lr * (g + mu * (p - p0) + wd * p)`` in place; ``g = g_left @ g_right``
         (a weight) or ``g = g_left`` (a bias)."""
         lr, mu, wd = self.spec.lr, self.spec.mu, self.spec.wd

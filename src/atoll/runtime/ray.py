@@ -49,8 +49,11 @@ class _Worker:
 
     def train(self, down_bytes, cstates, cohort, work, seed, r):
         algorithm, client_update = self.program
-        return self.runtime.train(algorithm, client_update, down_bytes, cstates, cohort,
-                                  self.data, work, seed, r)
+        outcomes = self.runtime.train(algorithm, client_update, down_bytes, cstates, cohort,
+                                      self.data, work, seed, r)
+        for o in outcomes:  # rows of the worker's message buffer: bytes to ship them
+            o.message = bytes(o.message) if o.message is not None else None
+        return outcomes
 
 
 class RayRuntime:

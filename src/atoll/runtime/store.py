@@ -39,6 +39,7 @@ class ClientStore:
                 raise TypeError(f"ClientStore: leaf {i} of the template is a {type(leaf).__name__}, "
                                 "not a tensor; per-client state must be a tree of tensors")
         self.num_clients = int(num_clients)
+        self.memory_limit_bytes = int(memory_limit_bytes)
         self._template = [t.detach().cpu().clone() for t in leaves]
         self.nbytes = self.num_clients * sum(t.numel() * t.element_size() for t in leaves)
         self.on_disk = self.nbytes > memory_limit_bytes
@@ -100,6 +101,18 @@ class ClientStore:
     def written(self) -> int:
         """How many clients have a stored state."""
         return int(self._written.sum())
+
+    def written_ids(self) -> torch.Tensor:
+        """The ids of the clients with a stored state, ascending."""
+        return self._written.nonzero().reshape(-1)
+
+    def template(self):
+        """The state a client has before its first ``put`` (a copy)."""
+        return tree_unflatten([t.clone() for t in self._template], self._spec)
+
+    def row_bytes(self) -> list[int]:
+        """Bytes of one client's row, per leaf (in ``tree_flatten`` order)."""
+        return [t.numel() * t.element_size() for t in self._template]
 
     def close(self) -> None:
         """Drop the arrays; delete the files if the store made its own temporary folder."""

@@ -6,6 +6,14 @@
 cohort order: count the bytes, drop stragglers when asked, validate with ``decode_update``
 (same rejection reasons), aggregate the accepted deltas and step the server. So byte counts,
 failures, client states and the aggregated update equal the loop runtime's.
+
+Identity uplink (``is_identity``: the codec sends the delta as it is, and keeps no state):
+every message of a round has one structure, so the messages are rows of one ``wire.Rows``
+buffer (an engine may write its deltas straight into them), and the server reads them back
+with ``wire.Layout.stack``: in place when they are still equally spaced rows of one buffer.
+The bytes are those ``wire.dumps`` writes, and a message is decoded this way only when its
+header and length are exactly the layout's (``Layout.matches``); anything else takes the
+per-message path.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from atoll import rng
 from atoll import tree as T
+from atoll.codecs import identity
 from atoll.runtime.base import RoundStats
 from atoll.runtime.loop import LoopRuntime, decode_update
 from atoll.transport import wire
@@ -44,19 +53,48 @@ def split_state(cstate: dict) -> tuple[Any, dict]:
     return cstate["uplink"], {k: v for k, v in cstate.items() if k != "uplink"}
 
 
-def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: int) -> list[Outcome]:
-    """Encode each client's row of ``result`` (a ``ChunkResult``) into a wire message."""
+def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: int,
+                 rows: wire.Rows | None = None, start: int = 0) -> list[Outcome]:
+    """Encode each client's row of ``result`` (a ``ChunkResult``) into a wire message: rows
+    ``start ..`` of ``rows`` where given (identity uplink, same layout), else one ``dumps``
+    per client."""
+    stacked = T.join({"delta": result.delta, "aux": result.aux})
+    if rows is not None and rows.layout == chunk_layout(stacked):
+        for name, v in stacked.items():
+            rows.fill(name, v, start)
+        messages, ups = rows.messages[start:start + len(chunk)], uplink_states  # identity: unchanged
+    else:
+        messages, ups = [], []
+        per_client = [dict(zip(result.delta, vs)) for vs in zip(*(v.unbind() for v in result.delta.values()))]
+        for i, p in enumerate(chunk):
+            payload, up = algorithm.uplink.encode(per_client[i], uplink_states[i],
+                                                  rng.key(seed, r, p.cid, "uplink"))
+            aux = {k: v[i] for k, v in result.aux.items()}
+            messages.append(wire.dumps(T.join({"delta": payload, "aux": aux})))
+            ups.append(up)
     out = []
-    rows = [dict(zip(result.delta, vs)) for vs in zip(*(v.unbind() for v in result.delta.values()))]
     for i, p in enumerate(chunk):
-        payload, up = algorithm.uplink.encode(rows[i], uplink_states[i], rng.key(seed, r, p.cid, "uplink"))
-        aux = {k: v[i] for k, v in result.aux.items()}
-        message = wire.dumps(T.join({"delta": payload, "aux": aux}))
         rest = (tree_map(lambda v, i=i: v[i].clone(), result.client_state)  # not a view of the chunk
                 if result.client_state else {})
-        out.append(Outcome(p.pos, p.cid, message, {**rest, "uplink": up}, result.loss[i],
+        out.append(Outcome(p.pos, p.cid, messages[i], {**rest, "uplink": ups[i]}, result.loss[i],
                            result.samples[i], p.straggler))
     return out
+
+
+def chunk_layout(stacked: dict) -> wire.Layout:
+    """The message layout of one row of ``stacked`` ``(C, ...)`` entries."""
+    return wire.Layout([(k, v.dtype, v.shape[1:]) for k, v in stacked.items()])
+
+
+_IDENTITY = identity()
+
+
+def is_identity(codec) -> bool:
+    """Whether ``codec`` is ``codecs.identity()`` (by code: a codec shipped to a Ray worker by
+    cloudpickle has equal, not identical, code objects)."""
+    return (getattr(codec.encode, "__code__", None) == _IDENTITY.encode.__code__
+            and getattr(codec.decode, "__code__", None) == _IDENTITY.decode.__code__
+            and getattr(codec.init, "__code__", None) == _IDENTITY.init.__code__)
 
 
 def one_by_one(algorithm, client_update, down_bytes, chunk, cstates, data, work, seed, r) -> list[Outcome]:
@@ -77,17 +115,20 @@ def one_by_one(algorithm, client_update, down_bytes, chunk, cstates, data, work,
 
 
 class DecodeBuffers:
-    """The stacked decode buffers ``(n, ...)``, reused from round to round.
+    """The stacked decode buffers, reused from round to round.
 
     Allocating ~100 model copies afresh every round page-faults them in again (on this machine
-    that was 40,000 faults, ~12 ms, per round of workload B). Invariant: a buffer is reused only
-    while nothing the server returned (``ServerState``) shares its memory; ``settle`` checks
-    that after every round and otherwise lets the buffer go to its new owner."""
+    that was 40,000 faults, ~12 ms, per round of workload B; even with ``host.tune_allocator``
+    a fresh 22 MB message buffer was faulted in again every few rounds of workload C, 60 ms
+    each time). Invariant: a buffer is reused only while nothing the server returned
+    (``ServerState``) shares its memory; ``settle`` checks that after every round and
+    otherwise lets the buffer go to its new owner."""
 
     def __init__(self):
         self._bufs: dict = {}
 
     def take(self, params, n: int) -> dict:
+        """``(n, *shape)`` buffers like ``params`` (the per-message path)."""
         out = {}
         for k, p in params.items():
             buf = self._bufs.get(k)
@@ -95,6 +136,14 @@ class DecodeBuffers:
                 buf = self._bufs[k] = p.new_empty((n, *p.shape))
             out[k] = buf[:n]
         return out
+
+    def raw(self, nbytes: int, key: str = "stack") -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes``: ``"stack"`` for ``wire.Layout.stack`` to copy
+        messages into, ``"rows"`` for the round's uplink messages (``wire.Rows``)."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
 
     def settle(self, state) -> None:
         held = {t.untyped_storage().data_ptr() for t in tree_flatten(
@@ -105,17 +154,20 @@ class DecodeBuffers:
 
 def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: RoundStats,
                  buffers: DecodeBuffers | None = None, key: int = 0):
-    """Validate and aggregate ``outcomes`` (any order) as ``LoopRuntime`` does.
+    """Validate and aggregate ``outcomes`` as ``LoopRuntime`` does.
 
-    Every message is decoded from its bytes and copied at once, while still in cache, into one
-    stacked buffer per entry; a cheap screen (entries, shapes, floating dtype, finite row sums)
+    Clients are aggregated in the order given (the order their messages were written, so that
+    rows of one buffer are read in place), which changes the aggregate only by rounding;
+    failures are reported in cohort order. The messages are decoded from their bytes into one
+    stacked tensor per entry (``_stack``, or message by message); a cheap screen (entries,
+    shapes, floating dtype, finite row sums)
     passes the normal message, and any message it doubts gets the loop runtime's
     ``decode_update`` for the verdict and the reason. Returns ``(state, accepted)``, where
     ``accepted`` lists ``(cid, new client state)``.
     """
     r = state.round + 1
     failures, todo = [], []
-    for o in sorted(outcomes, key=lambda o: o.pos):
+    for o in outcomes:
         if o.error is not None:
             failures.append((o.pos, o.cid, o.error))
             continue
@@ -125,23 +177,21 @@ def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: R
             continue
         todo.append(o)
     buffers = buffers or DecodeBuffers()
-    deltas, kept = _decode_all(algorithm, todo, buffers.take(state.params, len(todo)), state.params,
-                               failures)
+    deltas, stacked_aux, kept = _decode_all(algorithm, todo, buffers, state.params, failures)
     for _, cid, why in sorted(failures):
         stats.failures.append((cid, why))
         log.warning("round %d: client %d dropped: %s", r, cid, why)
-    for o, _ in kept:
+    for o in kept:
         stats.loss_sum += o.loss * o.samples
         stats.samples += o.samples
     stats.succeeded = len(kept)
-    accepted = [(o.cid, o.state) for o, _ in kept]
+    accepted = [(o.cid, o.state) for o in kept]
     if not kept:
         return algorithm.server_round(state, None, None), accepted
-    ids = [o.cid for o, _ in kept]
+    ids = [o.cid for o in kept]
     dtype = next(iter(state.params.values())).dtype
     samples = torch.tensor([data.clients[i].n for i in ids], dtype=dtype)
     weights = algorithm.aggregator.weights(ids, samples)
-    stacked_aux = T.stack([a for _, a in kept]) if kept[0][1] else None
     state = algorithm.server_round(state, deltas, weights, stacked_aux, key=key)
     buffers.settle(state)
     return state, accepted
@@ -157,11 +207,67 @@ def _decode(algorithm, message: bytes, params) -> tuple[dict, dict]:
     return delta, parts.get("aux", {})
 
 
-def _decode_all(algorithm, todo: list[Outcome], bufs: dict, params, failures: list) -> tuple[dict, list]:
-    """The decoded deltas stacked ``(n, ...)`` and the kept ``(outcome, aux)``; a message that
+def _stack(algorithm, todo: list[Outcome], params, buffers: DecodeBuffers):
+    """``(deltas, aux or None)`` stacked ``(n, ...)`` from one ``Layout.stack`` of all messages,
+    where that is what the loop runtime decodes: identity uplink, every message of the first
+    one's layout, whose entries are the model's (floating, same shapes) plus ``aux/...``.
+    None where anything differs (the per-message path then decides, with its reasons)."""
+    if not todo or not is_identity(algorithm.uplink):
+        return None
+    try:
+        layout = wire.Layout.parse(todo[0].message)
+    except wire.WireError:
+        return None
+    wanted = {f"delta/{k}" for k in params}
+    if not wanted <= set(layout.entries) or any(
+            not n.startswith("aux/") for n in set(layout.entries) - wanted):
+        return None
+    for k, p in params.items():
+        dtype, shape, _, _ = layout.entries[f"delta/{k}"]
+        if shape != tuple(p.shape) or not dtype.is_floating_point:
+            return None
+    messages = [o.message for o in todo]
+    if not all(layout.matches(m) for m in messages):
+        return None
+    parts = T.split(layout.stack(messages, buffers.raw(len(messages) * layout.stride + wire.ALIGN)))
+    deltas = {k: parts["delta"][k].to(p.dtype) for k, p in params.items()}
+    return deltas, parts.get("aux") or None
+
+
+def _decode_all(algorithm, todo: list[Outcome], buffers: DecodeBuffers, params,
+                failures: list) -> tuple[dict, dict | None, list]:
+    """The decoded deltas and aux stacked ``(n, ...)`` and the kept outcomes; a message that
     does not decode, or whose row sum is not finite and ``decode_update`` rejects, is dropped
     with the loop runtime's reason (a finite row sum proves every entry finite)."""
-    rows, kept = [], []
+    fast = _stack(algorithm, todo, params, buffers)
+    if fast is not None:
+        (deltas, aux), kept = fast, list(todo)
+    else:
+        deltas, aux, kept = _decode_each(algorithm, todo, buffers.take(params, len(todo)), params,
+                                         failures)
+    if not kept:
+        return deltas, aux, kept
+    ok = torch.ones(len(kept), dtype=torch.bool)
+    for v in deltas.values():
+        ok &= torch.isfinite(v.reshape(len(kept), -1).sum(1))
+    if bool(ok.all()):
+        return deltas, aux, kept
+    good = []
+    for i, o in enumerate(kept):
+        try:
+            if not ok[i]:
+                decode_update(algorithm, o.message, params)
+            good.append(i)
+        except ValueError as exc:
+            failures.append((o.pos, o.cid, str(exc)))
+    idx = torch.tensor(good, dtype=torch.long)
+    pick = lambda tree: {k: v[idx] for k, v in tree.items()}  # noqa: E731
+    return pick(deltas), (pick(aux) if aux else None), [kept[i] for i in good]
+
+
+def _decode_each(algorithm, todo: list[Outcome], bufs: dict, params, failures: list):
+    """The per-message path: decode, screen and copy each message into ``bufs``."""
+    rows, kept, auxes = [], [], []
     for i, o in enumerate(todo):
         try:
             delta, aux = _decode(algorithm, o.message, params)
@@ -171,25 +277,9 @@ def _decode_all(algorithm, todo: list[Outcome], bufs: dict, params, failures: li
         for k, buf in bufs.items():
             buf[i].copy_(delta[k])
         rows.append(i)
-        kept.append((o, aux))
-    idx = torch.tensor(rows, dtype=torch.long)
+        kept.append(o)
+        auxes.append(aux)
     if len(rows) < len(todo):
+        idx = torch.tensor(rows, dtype=torch.long)
         bufs = {k: v[idx] for k, v in bufs.items()}
-    if not kept:
-        return bufs, kept
-    ok = torch.ones(len(kept), dtype=torch.bool)
-    for buf in bufs.values():
-        ok &= torch.isfinite(buf.reshape(len(kept), -1).sum(1))
-    if bool(ok.all()):
-        return bufs, kept
-    good = []
-    for i in range(len(kept)):
-        o = kept[i][0]
-        try:
-            if not ok[i]:
-                decode_update(algorithm, o.message, params)
-            good.append(i)
-        except ValueError as exc:
-            failures.append((o.pos, o.cid, str(exc)))
-    idx = torch.tensor(good, dtype=torch.long)
-    return {k: v[idx] for k, v in bufs.items()}, [kept[i] for i in good]
+    return bufs, (T.stack(auxes) if auxes and auxes[0] else None), kept

@@ -7,6 +7,8 @@ chunk is padded to ``(C, S, B, ...)`` and trained by one engine call (``engine.p
 ``ClientUpdate`` under ``torch.func.vmap``, or the fused MLP/SGD path where it applies). Each
 client's row of the stacked delta is then encoded by the uplink codec and serialised to its
 own ``wire`` message, and the server half is the loop runtime's (``uplink.finish_round``).
+With the identity uplink the round's messages are rows of one buffer (``wire.Rows``) that the
+fused engine trains in and the server reads in place: one message per client, no copies.
 
 Invariant: same parameters, metrics, byte counts, failures and client states as
 ``LoopRuntime`` (float64: 1e-9; ``tests/runtime``). A chunk that raises is re-run client by
@@ -31,8 +33,8 @@ from atoll.runtime.base import LocalWork, RoundStats
 from atoll.runtime.engine import VmapEngine, select_engine
 from atoll.runtime.host import tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
-from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, one_by_one,
-                                  split_state)
+from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, is_identity,
+                                  one_by_one, split_state)
 from atoll.runtime.work import chunk_batches, cut_chunks, plan_clients
 from atoll.transport import wire
 
@@ -95,7 +97,8 @@ class VmapRuntime:
     def train(self, algorithm, client_update, down_bytes: bytes, cstates: list, cohort: list[int],
               data, work: LocalWork, seed: int, r: int) -> list:
         """Train and encode ``cohort`` (the client half of a round); a list of ``Outcome``.
-        ``cstates[i]`` is the state of ``cohort[i]`` or None."""
+        ``cstates[i]`` is the state of ``cohort[i]`` or None. The messages may be rows of a
+        buffer this runtime reuses: they are valid until its next round."""
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
         on_dev = {g: {k: v.to(self.device) for k, v in t.items()} for g, t in received.items()}
         cstates = [s if s is not None else algorithm.new_client_state(received["params"])
@@ -103,26 +106,44 @@ class VmapRuntime:
         plans = plan_clients(cohort, data, r, seed, work)
         engine = self.engine(client_update)
         size = self.chunk_size(engine, on_dev["params"], plans, data, work.batch_size)
-        outcomes = []
+        rows = self.uplink_rows(algorithm, received["params"], len(cohort))
+        outcomes, start = [], 0
         for chunk in cut_chunks(plans, size):
             states = [cstates[p.pos] for p in chunk]
             try:
                 outcomes += self._run_chunk(engine, algorithm, on_dev, chunk, states, data, work,
-                                            seed, r)
+                                            seed, r, rows, start)
             except Exception as exc:  # find the failing clients on the loop path
                 log.info("round %d: chunk of %d clients raised %s; running it client by client",
                          r, len(chunk), exc)
                 outcomes += one_by_one(algorithm, client_update, down_bytes, chunk, states, data,
                                        work, seed, r)
+            start += len(chunk)
         return outcomes
 
-    def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r):
+    def uplink_rows(self, algorithm, params, n: int) -> wire.Rows | None:
+        """With the identity uplink, the round's ``n`` messages as rows of one buffer, laid out
+        as a message of a delta like ``params`` and no aux (``encode_chunk`` falls back to one
+        ``dumps`` per client for a chunk whose results have another layout)."""
+        if not is_identity(algorithm.uplink):
+            return None
+        layout = wire.Layout.of(T.join({"delta": params, "aux": {}}))
+        return layout.rows(n, self._buffers.raw(n * layout.stride + wire.ALIGN, "rows"))
+
+    def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r,
+                   rows=None, start=0):
         ups, rests = zip(*(split_state(s) for s in states))
         batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
         keys = torch.tensor([rng.key(seed, r, p.cid, "client") for p in chunk], device=self.device)
-        rest = tree_map(lambda *xs: torch.stack(xs).to(self.device), *rests)
-        result = engine.run(received["params"], rest, received, batches, step_mask, keys)
-        return encode_chunk(algorithm, chunk, result, list(ups), seed, r)
+        rest = (tree_map(lambda *xs: torch.stack(xs).to(self.device), *rests)
+                if any(rests) else {})
+        out = None  # on the CPU the engine may write the deltas straight into the messages
+        if rows is not None and self.device.type == "cpu":
+            views = {k: rows.views.get(f"delta/{k}") for k in received["params"]}
+            if all(v is not None for v in views.values()):
+                out = {k: v[start:start + len(chunk)] for k, v in views.items()}
+        result = engine.run(received["params"], rest, received, batches, step_mask, keys, out=out)
+        return encode_chunk(algorithm, chunk, result, list(ups), seed, r, rows, start)
 
     def engine(self, client_update):
         """The chunk engine for ``client_update`` (built once per update function)."""

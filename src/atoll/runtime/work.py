@@ -13,12 +13,13 @@ Invariants:
   client, as ``gather`` does), so they change nothing. Batching and padding are tensor ops once
   per chunk and round, never per step or per sample.
 * ``cut_chunks`` orders clients by active steps, most first, so that in every chunk the active
-  clients of step ``s`` are a leading block (step masks are prefixes, as in ``client_work``).
+  clients of step ``s`` are a leading block (step masks are prefixes, as in ``client_work``);
+  then by samples, so that clients smaller than a batch fill fewer slots the further back.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,10 +27,10 @@ from atoll import rng
 from atoll.runtime.base import LocalWork, straggler_steps
 
 SMALL_CHUNK_BYTES = 4 * 2**20  # below this, a chunk's data is concatenated and gathered at once
+_ZERO = torch.zeros(1, dtype=torch.long)  # the permutation of one sample (never written)
 
 
-@dataclass(frozen=True)
-class ClientPlan:
+class ClientPlan(NamedTuple):
     """One sampled client's work this round."""
 
     pos: int                    # position in the cohort
@@ -48,7 +49,9 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
         n = data.clients[cid].n
         total = work.total_steps(n)
         perms = ()
-        if n > 0 and total > 0:
+        if n == 1 and total > 0:  # randperm(1) is [0] whatever the generator
+            perms = (_ZERO,) * total
+        elif n > 0 and total > 0:
             g = rng.generator(rng.key(seed, r, cid, "batches"))
             perms = tuple(torch.randperm(n, generator=g) for _ in range(math.ceil(total / math.ceil(n / B))))
         k, straggler = straggler_steps(cid, r, seed, work, total)
@@ -57,8 +60,9 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
 
 
 def cut_chunks(plans: list[ClientPlan], max_clients: int) -> list[list[ClientPlan]]:
-    """Chunks of at most ``max_clients``, clients sorted by (active steps, steps) descending."""
-    order = sorted(plans, key=lambda p: (-p.active, -p.steps, p.pos))
+    """Chunks of at most ``max_clients``, clients sorted by (active steps, steps, samples)
+    descending: the clients active at a step, or with a sample in a batch slot, lead."""
+    order = sorted(plans, key=lambda p: (-p.active, -p.steps, -p.n, p.pos))
     size = max(1, max_clients)
     return [order[i:i + size] for i in range(0, len(order), size)]
 
