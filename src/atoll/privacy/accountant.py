@@ -128,9 +128,16 @@ class Accountant:
     def would_exceed(self, event: ev.DpEvent, target_epsilon: float, delta: float,
                      count: int = 1) -> bool:
         """Whether running ``event`` (``count`` times) next would push epsilon past the target."""
-        self._check(event)
-        nxt = list(self._ledger) + [(event, int(count))]
-        return _epsilon(self.kind, self._build(nxt), delta) > target_epsilon
+        return self.epsilon_after([(event, count)], delta) > target_epsilon
+
+    def epsilon_after(self, steps: list[tuple[ev.DpEvent, int]], delta: float) -> float:
+        """epsilon if ``steps`` (``(event, count)`` pairs, e.g. one round's) ran next; the
+        ledger is unchanged. Equals ``epsilon(delta)`` after ``step``-ping them."""
+        trial = Accountant(self.kind, self.neighboring, self.discretization)
+        trial._ledger = list(self._ledger)
+        for event, count in steps:
+            trial.step(event, count)
+        return _epsilon(self.kind, trial._build(trial._ledger), delta)
 
     def describe(self) -> str:
         rel = {"add_remove": "add/remove one record", "replace_one": "replace one record"}[self.neighboring]
