@@ -104,9 +104,9 @@ def _vmap_sum(model, clip):
 
 def _linf_sum(model, clip):
     def fn(p, x, y, sel):
-        g = ghost.per_sample_grads(model, p, x, y)
+        g, losses = ghost.per_sample(model, p, x, y)
         clipped = {k: v.clamp(-clip, clip) for k, v in g.items()}
-        return ghost.weighted_sum(clipped, sel), ghost.per_sample_losses(model, p, x, y).detach()
+        return ghost.weighted_sum(clipped, sel), losses
     return fn
 
 

@@ -350,7 +350,7 @@ def _intrinsic_client(model, clip: float, q: float, norm: str):
         def update(params, client_state, broadcast, batches, step_mask, key):
             x, y, sel = batches["x"][0], batches["y"][0], batches["mask"][0]
             dtype = next(iter(params.values())).dtype
-            g = ghost.per_sample_grads(model, params, x, y)
+            g, losses = ghost.per_sample(model, params, x, y)
             if norm == "linf":
                 g = {k: v.clamp(-clip, clip) for k, v in g.items()}
                 factors = sel.to(dtype)
@@ -360,7 +360,6 @@ def _intrinsic_client(model, clip: float, q: float, norm: str):
             total = ghost.weighted_sum(g, factors)
             mean = {k: v / count.to(dtype) for k, v in total.items()}
             seed = batches["dither_seed"]
-            losses = ghost.per_sample_losses(model, params, x, y).detach()
             n = sel.to(dtype).sum()
             metrics = {"loss": (losses * sel.to(dtype)).sum() / n.clamp(min=1.0), "samples": n,
                        "steps": step_mask.sum()}
