@@ -229,6 +229,28 @@ def test_intrinsic_vmap_equals_loop_and_declares_its_event():
     assert a.metrics[-1]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-12)
 
 
+# ------------------------------------------------------------------ report
+def test_report_and_compare_draw_privacy(tmp_path):
+    from atoll.report import compare
+
+    alg, model, fed, plan = build(DP_SGD + ["privacy.target_epsilon=2.3", "rounds=4"])
+    simulate(alg, model, fed, plan, run_dir=tmp_path / "dp", plots=True)
+    run([], run_dir=tmp_path / "plain")
+    summary = (tmp_path / "dp" / "summary.md").read_text()
+    assert "| privacy | ε = 2.229 at δ = 1e-05 (dp_sgd, per record; pld accountant, add_remove)" in summary
+    assert "stopped after round 2" in summary and (tmp_path / "dp" / "plots" / "privacy.png").exists()
+    import matplotlib.pyplot as plt
+
+    seen = []
+    orig = plt.subplots
+    plt.subplots = lambda *a, **k: seen.append(a) or orig(*a, **k)
+    try:
+        compare([tmp_path / "dp", tmp_path / "plain"], tmp_path / "cmp", labels=["dp", "plain"])
+    finally:
+        plt.subplots = orig
+    assert seen[-1] == (1, 5)  # round, loss, up, down, and accuracy against epsilon
+
+
 # ------------------------------------------------------------------ configuration errors
 @pytest.mark.parametrize("overrides, message", [
     (["privacy.mode=dp_fedavg", "privacy.noise_multiplier=1.0"], "sampling.method = \"poisson\""),
