@@ -7,7 +7,7 @@
       epsilon, ``quantize_bits = b``); also without the quantizer (float32 uplink),
   (c) no privacy, full precision (float32 uplink), the same one gradient step per round.
 
-    PYTHONPATH=src .venv/bin/python bench/privacy_figures.py [--rounds 20] [--seeds 0 1 2]
+    PYTHONPATH=src .venv/bin/python bench/privacy_figures.py [--rounds 20] [--seeds 0 1 2 3 4]
 
 Setup: digits, 10 clients, Dirichlet(0.5) label split, logistic regression (d = 650), every
 client every round, records Poisson-sampled at q = 0.2, server step lr = 0.3 (FIG. 4 line 9),
@@ -63,7 +63,7 @@ clip = 0.5
 sample_rate = 0.2
 """
 Z = 5
-STEPS = (40.0, 20.0, 10.0)  # quantization step Delta: larger = more noise = smaller epsilon
+STEPS = (80.0, 40.0, 20.0, 10.0)  # quantization step Delta: larger = more noise = smaller epsilon
 
 
 def run(out: Path, name: str, rounds: int, seed: int, overrides: list[str]) -> dict:
@@ -93,8 +93,8 @@ def run(out: Path, name: str, rounds: int, seed: int, overrides: list[str]) -> d
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="bench/out/privacy_figures")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--out", default="runs/privacy_figures")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -112,7 +112,7 @@ def main():
                                 gauss + [f"privacy.quantize_bits={b}"]))
             rows.append(run(out, f"gauss-f32-D{step:g}", args.rounds, seed, gauss))
             print(json.dumps(rows[-4:]), flush=True)
-    table = summarize(rows)
+    table = summarize(rows) + "\n" + paired(rows)
     (out / "table.md").write_text(table)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
     print(table)
@@ -134,6 +134,19 @@ def summarize(rows) -> str:
         lines.append(f"| {name} | {', '.join(map(str, eps))} | {sum(accs) / len(accs):.3f} "
                      f"[{min(accs):.3f}, {max(accs):.3f}] | {rs[0]['bytes_up_round']} | "
                      f"{sum(r['bits_per_coord'] for r in rs) / len(rs):.2f} | {len(rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired(rows) -> str:
+    """Intrinsic minus each Gaussian variant, seed by seed (same split, model init and epsilon)."""
+    acc = {(r["name"], r["seed"]): r["acc"] for r in rows}
+    lines = ["| intrinsic minus | test acc difference, mean | intrinsic ahead in | per seed |",
+             "|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in rows if r["name"].startswith("gauss")):
+        ref = "intrinsic-Z%d-D%s" % (Z, name.rsplit("-D", 1)[1])
+        d = [acc[(ref, s)] - acc[(name, s)] for (n, s) in acc if n == name and (ref, s) in acc]
+        lines.append(f"| {name} | {sum(d) / len(d):+.3f} | {sum(x > 0 for x in d)}/{len(d)} seeds | "
+                     + " ".join(f"{x:+.3f}" for x in d) + " |")
     return "\n".join(lines) + "\n"
 
 
