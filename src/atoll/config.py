@@ -278,7 +278,8 @@ def build(cfg: Config):
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
                 train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every)
-    from atoll.privacy.run import configure  # [privacy]: private parts and the budget
+    if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
+        from atoll.privacy.run import configure
 
-    algorithm, plan = configure(cfg, algorithm, model, fed, plan)
+        algorithm, plan = configure(cfg, algorithm, model, fed, plan)
     return algorithm, model, fed, plan
