@@ -101,6 +101,12 @@ def _summary(cfg, result, seconds: float) -> None:
                       f"{f['fed_acc_mean']:.2%} / {f['fed_acc_p10']:.2%} / {f['fed_acc_min']:.2%}")
     if m:
         table.add_row("MB up / down", f"{m[-1]['bytes_up_cum'] / 1e6:.2f} / {m[-1]['bytes_down_cum'] / 1e6:.2f}")
+    if "privacy" in f:
+        p = f["privacy"]
+        table.add_row(f"privacy ε (δ = {p['delta']:g}, {p['accountant']}, {p['mode']}, per {p['unit']})",
+                      f"{p['epsilon']:.4g}")
+        if p["stopped"]:
+            table.add_row("stopped early", p["stopped"])
     table.add_row("wall time", f"{seconds:.1f} s")
     table.add_row("run folder", str(result.run_dir))
     Console().print(table)

@@ -122,6 +122,26 @@ class DeployConfig(_Section):
     poll_s: float = Field(10.0, gt=0)
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of a run (``atoll.privacy.run``; docs/privacy.md)."""
+
+    mode: Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"] = "none"
+    accountant: Literal["pld", "rdp", "rdp_classic"] = "pld"
+    neighboring: Literal["add_remove", "replace_one"] = "add_remove"
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0)
+    norm: Literal["l2", "linf"] | None = None  # per-sample clipping; default l2 (intrinsic: linf)
+    noise_multiplier: float | None = Field(None, ge=0)  # omitted: calibrated to target_epsilon
+    sample_rate: float | None = Field(None, gt=0, le=1)  # Poisson rate of records (dp_sgd, intrinsic)
+    target_quantile: float | None = Field(None, gt=0, lt=1)  # dp_fedavg adaptive clipping
+    clip_lr: float = Field(0.2, gt=0)
+    clip_count_stddev: float | None = Field(None, gt=0)  # default: expected clients / 20
+    step: float | None = Field(None, gt=0)  # intrinsic: quantization step Delta
+    uniforms: int = Field(3, ge=0, le=11)  # intrinsic: Z added uniforms
+    quantize_bits: int | None = Field(None, ge=1, le=16)  # stochastic quantizer after the noise
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -138,6 +158,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
@@ -306,6 +327,10 @@ def build(cfg: Config, data=None):
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
                 train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every)
+    if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
+        from atoll.privacy.run import configure
+
+        algorithm, plan = configure(cfg, algorithm, model, fed, plan)
     return algorithm, model, fed, plan
 
 

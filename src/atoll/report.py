@@ -77,6 +77,7 @@ def report(run_dir) -> dict:
     timings = _read_jsonl(run_dir / "timings.jsonl") if (run_dir / "timings.jsonl").exists() else []
     numbers["wall_s"] = timings[-1][1].get("wall_s") if timings else None
     numbers["plots"] = [str(p) for p in written]
+    numbers["privacy"] = final.get("privacy")
     (run_dir / "summary.md").write_text(_summary_md(run_dir, numbers, written))
     return numbers
 
@@ -122,11 +123,23 @@ def _summary_md(run_dir, n, written) -> str:
                      f"{pct(n['fed_acc_mean'])} / {pct(n['fed_acc_p10'])} / {pct(n['fed_acc_min'])} |")
     if n.get("wall_s") is not None:
         lines.append(f"| wall time | {n['wall_s']:.1f} s |")
+    if n.get("privacy"):
+        lines.append(f"| privacy | {_privacy_cell(n['privacy'])} |")
     lines += ["", *[f"![{p.stem}](plots/{p.name})" for p in written], ""]
     if (run_dir / "config.toml").exists():
         text = (run_dir / "config.toml").read_text().rstrip()
         lines += ["<details><summary>config.toml</summary>", "", "```toml", text, "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _privacy_cell(p: dict) -> str:
+    """One line on how the run's epsilon was obtained (``final.json``'s ``privacy``)."""
+    eps = p.get("epsilon")
+    text = (f"ε = {eps:.4g} at δ = {p.get('delta'):g} ({p.get('mode')}, per {p.get('unit')}; "
+            f"{p.get('accountant')} accountant, {p.get('neighboring')})" if eps is not None else "—")
+    if p.get("target_epsilon") is not None:
+        text += f"; target ε {p['target_epsilon']:g}"
+    return text + (f"; **{p['stopped']}**" if p.get("stopped") else "")
 
 
 def _rounds_png(rows, path) -> Path:
@@ -223,14 +236,21 @@ def _compare_png(runs, labels, path) -> Path:
               ("bytes_down_cum", "test_acc", "cumulative downlink MB")]
     if all(_has(rows, "sim_time") for rows in runs):
         panels.append(("sim_time", "test_acc", "simulated time (s)"))
+    if any(_has(rows, "epsilon") for rows in runs):  # privacy: runs without epsilon are lines
+        panels.append(("epsilon", "test_acc", "privacy spent ε"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
     for ax, (x, y, xlabel) in zip(axes, panels):
         scale = 1e6 if x.startswith("bytes") else 1
         all_x = []
-        for rows, label in zip(runs, labels):
+        for i, (rows, label) in enumerate(zip(runs, labels)):
+            if x == "epsilon" and not _has(rows, "epsilon"):
+                accs = series(rows, "round", y)[1]
+                if accs:
+                    ax.axhline(accs[-1], linestyle="--", color=f"C{i}", label=f"{label} (no DP)")
+                continue
             xs, ys = series(rows, x, y)
             all_x += [v / scale for v in xs]
-            ax.plot([v / scale for v in xs], ys, marker=".", label=label)
+            ax.plot([v / scale for v in xs], ys, marker=".", label=label, color=f"C{i % 10}")
         ax.set(xlabel=xlabel, ylabel=y.replace("_", " "))
         if scale != 1:
             _maybe_log(ax, all_x)

@@ -7,9 +7,11 @@ between runs), ``checkpoint.pt``, ``final.json``, ``model.pt``, ``plots/`` and `
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,8 @@ from atoll.runtime.base import LocalWork
 from atoll.runtime.loop import LoopRuntime
 from atoll.transport import wire
 from atoll.types import ServerState
+
+log = logging.getLogger("atoll")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Plan:
     federated_eval: bool = True
     train_eval: bool = False
     checkpoint_every: int = 10
+    privacy: Any = None  # atoll.privacy.run.PrivacySpec: per-round events and the budget
 
 
 @dataclass
@@ -64,22 +69,29 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             state, client_states = checkpoint.load(run_dir)
         metrics = _open_logs(run_dir, state.round, config_text)
     dense_up, dense_down = _float32_sizes(state.params)
+    privacy = plan.privacy.driver(state) if plan.privacy is not None else None
     cum_up = sum(m["bytes_up"] for m in metrics)
     cum_down = sum(m["bytes_down"] for m in metrics)
     start = time.perf_counter()
     with _Progress(progress, plan.rounds, state.round) as bar:
         while state.round < plan.rounds:
             r = state.round + 1
+            if privacy is not None and privacy.before_round(r):
+                break  # the budget would be exceeded: stop cleanly (checkpoint and final eval below)
             cohort = sampling.sample(len(data.clients), r, plan.seed, method=plan.sampling,
                                      count=plan.clients_per_round, fraction=plan.fraction,
                                      rate=plan.rate)
             state, client_states, stats = runtime.run_round(
                 algorithm, client_update, state, client_states, cohort, data, plan.work, plan.seed)
+            privacy_line = {}
+            if privacy is not None:
+                state, privacy_line = privacy.after_round(state)
             cum_up += stats.bytes_up
             cum_down += stats.bytes_down
             line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
                     "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
-                    "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down}
+                    "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down,
+                    **privacy_line}
             line.update(_byte_ratios(stats, dense_up, dense_down))
             if stats.stragglers_dropped:
                 line["stragglers_dropped"] = stats.stragglers_dropped
@@ -98,7 +110,12 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
                 if r % plan.checkpoint_every == 0 or r == plan.rounds:
                     checkpoint.save(run_dir, state, client_states)
             bar.update(line)
-    final = _finish(model, state, data, fed_eval, run_dir, plots)
+    if privacy is not None and privacy.stopped:
+        log.warning(privacy.stopped)
+        if run_dir is not None:
+            checkpoint.save(run_dir, state, client_states)
+    final = _finish(model, state, data, fed_eval, run_dir, plots,
+                    {"privacy": privacy.summary()} if privacy is not None else {})
     return Result(state, metrics, final, run_dir)
 
 
@@ -122,8 +139,9 @@ def _byte_ratios(stats, dense_up: int, dense_down: int) -> dict:
     return out
 
 
-def _finish(model, state, data, fed_eval, run_dir, plots) -> dict:
-    final = {"rounds": state.round, **centralized(model, state.params, data.x_test, data.y_test)}
+def _finish(model, state, data, fed_eval, run_dir, plots, extra=None) -> dict:
+    final = {"rounds": state.round, **centralized(model, state.params, data.x_test, data.y_test),
+             **(extra or {})}
     if fed_eval is not None:
         summary, per_client = fed_eval(model, state.params)
         final.update(summary, client_acc=per_client)

@@ -25,7 +25,12 @@ def _params(m):
     return {k: v.detach().clone() for k, v in m.named_parameters()}
 
 
-@pytest.mark.parametrize("make,xshape", [(_mlp, (9, 5)), (_seq, (9, 3, 4))])
+def _linear():
+    torch.manual_seed(1)
+    return nn.Linear(5, 3).double()
+
+
+@pytest.mark.parametrize("make,xshape", [(_mlp, (9, 5)), (_seq, (9, 3, 4)), (_linear, (9, 5))])
 def test_ghost_norms_and_clipped_sums_equal_materialised(make, xshape):
     m, g = make(), torch.Generator().manual_seed(2)
     p = _params(m)
@@ -41,13 +46,17 @@ def test_ghost_norms_and_clipped_sums_equal_materialised(make, xshape):
     ref, fast = G.weighted_sum(grads, factors), G.ghost_weighted_sum(stack, inputs, outgrads, factors)
     for k in p:
         torch.testing.assert_close(fast[k], ref[k], rtol=0, atol=1e-10)
+    outer = G.ghost_per_sample_grads(stack, inputs, outgrads)  # per-coordinate clipping's input
+    for k in p:
+        torch.testing.assert_close(outer[k], grads[k], rtol=0, atol=1e-10)
 
 
 def test_linear_stack_rejects_models_with_other_parameters():
     assert G.linear_stack(nn.Sequential(nn.Conv1d(1, 1, 3), nn.Linear(3, 2))) is None
-    assert G.linear_stack(nn.Linear(3, 2)) is None
+    assert G.linear_stack(nn.Linear(3, 2, bias=False)) is None
+    assert G.linear_stack(nn.Linear(3, 2)) == [("linear", "")]  # a bare layer (logistic regression)
     with pytest.raises(ValueError, match="ghost"):
-        dp_local_training(nn.Linear(3, 2), sgd(0.1), 1.0, 1.0, 0.1, use_ghost=True)
+        dp_local_training(nn.Linear(3, 2, bias=False), sgd(0.1), 1.0, 1.0, 0.1, use_ghost=True)
 
 
 def _client_data(seed, n=24):

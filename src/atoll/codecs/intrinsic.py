@@ -37,6 +37,7 @@ from atoll.codecs.base import Codec
 from atoll.transport.wire import CODE, DTYPES
 
 COUNT_KEY = "__count__"  # optional scalar entry of the encoded tree: this client's N_k
+SEED_KEY = "__dither_seed__"  # optional int64 scalar entry: the dither seed (else from the key)
 
 
 def levels(delta: float, Z: int, clip: float, count: float) -> tuple[int, int]:  # noqa: N803
@@ -48,9 +49,14 @@ def levels(delta: float, Z: int, clip: float, count: float) -> tuple[int, int]: 
 
 def dithered_quantize(delta: float, Z: int, clip: float, norm: str = "linf",  # noqa: N803
                       count: float = 1.0, dimension: int | None = None,
-                      sample_rate: float = 1.0) -> Codec:
+                      sample_rate: float = 1.0, integers: bool = False) -> Codec:
     """The DP intrinsic quantizer codec (see the module docstring). Unbiased, not linear
-    (packed bytes do not add up); use ``aggregate_integers`` for the secure-sum path."""
+    (packed bytes do not add up); use ``aggregate_integers`` for the secure-sum path.
+
+    ``integers=True``: ``decode`` returns the integers ``m`` themselves (as floats of the leaf
+    dtype, exact) instead of ``m * D_k - v``: the server then aggregates integers and removes
+    the dithers itself (``privacy.run``'s intrinsic mode, where the dither seed comes with the
+    tree as ``SEED_KEY`` and reaches the server beside the payload)."""
     if not (delta > 0 and clip > 0 and count > 0 and int(Z) == Z and Z >= 0):
         raise ValueError(f"dithered_quantize: need delta, clip, count > 0 and integer Z >= 0; "
                          f"got delta={delta}, clip={clip}, count={count}, Z={Z}")
@@ -60,11 +66,12 @@ def dithered_quantize(delta: float, Z: int, clip: float, norm: str = "linf",  # 
     def encode(tree, state, key):
         tree = dict(tree)
         n_k = float(tree.pop(COUNT_KEY, count))
+        given = tree.pop(SEED_KEY, None)
         step = delta / n_k
         k, nbits = levels(delta, Z, clip, n_k)
         x = _clip(torch.cat([v.reshape(-1).to(torch.float64) for v in tree.values()]), clip, norm)
         noise = _uniform_sum(rng.fold(key, "noise"), x.numel(), int(Z)) * step
-        seed = rng.fold(key, "dither")
+        seed = rng.fold(key, "dither") if given is None else int(given)
         v = _uniform_sum(seed, x.numel(), 1) * step
         m = torch.floor((x + noise + v) / step + 0.5).clamp(-k, k).to(torch.int64)
         payload = {"q": B.pack(m + k, nbits), "seed": torch.tensor([seed], dtype=torch.int64),
@@ -75,8 +82,10 @@ def dithered_quantize(delta: float, Z: int, clip: float, norm: str = "linf",  # 
 
     def decode(payload):
         n_k, m, seed, leaves = _read(payload, delta, Z, clip)
+        if integers:
+            return _unflatten(m.to(torch.float64), leaves)
         step = delta / n_k
-        flat = m.to(torch.float64) * step - _uniform_sum(seed, m.numel(), 1) * step
+        flat = m.to(torch.float64) * step - dither(seed, m.numel()) * step
         return _unflatten(flat, leaves)
 
     from atoll.privacy import events  # lazy: dp-accounting loads only when needed
@@ -97,7 +106,7 @@ def aggregate_integers(payloads: list[dict], delta: float, Z: int, clip: float) 
     total_m, total_u, total_n, leaves = None, None, 0.0, None
     for p in payloads:
         n_k, m, seed, leaves = _read(p, delta, Z, clip)
-        u = _uniform_sum(seed, m.numel(), 1)
+        u = dither(seed, m.numel())
         total_m = m if total_m is None else total_m + m  # int64, exact
         total_u = u if total_u is None else total_u + u
         total_n += n_k
@@ -133,6 +142,11 @@ def _clip(x: torch.Tensor, clip: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         return x.clamp(-clip, clip)
     return x * torch.clamp(clip / torch.clamp(x.norm(), min=1e-300), max=1.0)
+
+
+def dither(seed: int, d: int) -> torch.Tensor:
+    """The dither ``u = v / D_k`` (``Uniform[-1/2, 1/2)``, length ``d``) that ``seed`` makes."""
+    return _uniform_sum(seed, d, 1)
 
 
 def _uniform_sum(key: int, d: int, count: int) -> torch.Tensor:

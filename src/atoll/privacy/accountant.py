@@ -17,12 +17,14 @@ round before it runs.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 from dp_accounting import privacy_accountant
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import RdpAccountant
 
 from atoll.privacy import events as ev
@@ -39,6 +41,12 @@ class _PLDAccountant(PLDAccountant):
     """dp-accounting's PLD accountant that also composes ``IrwinHallDpEvent``."""
 
     def _maybe_compose(self, event, count, do_compose):
+        if _cacheable(event):  # same PLD as dp-accounting builds, built once per process
+            if do_compose:
+                base = _subsampled_gaussian(event.event.noise_multiplier, event.sampling_probability,
+                                            self._value_discretization_interval, self.neighboring_relation)
+                self._pld = self._pld.compose(base.self_compose(count))
+            return None
         if not isinstance(event, ev.IrwinHallDpEvent):
             return super()._maybe_compose(event, count, do_compose)
         if self.neighboring_relation is not NeighborRel.ADD_OR_REMOVE_ONE:
@@ -52,6 +60,20 @@ class _PLDAccountant(PLDAccountant):
             else:
                 self._pld = self._pld.compose(pld.self_compose(count))
         return None
+
+
+def _cacheable(event) -> bool:
+    return (isinstance(event, ev.dp_event.PoissonSampledDpEvent)
+            and isinstance(event.event, ev.dp_event.GaussianDpEvent)
+            and event.sampling_probability > 0 and event.event.noise_multiplier > 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _subsampled_gaussian(z: float, q: float, disc: float, relation):
+    """dp-accounting's PLD of one Poisson-subsampled Gaussian (what its PLDAccountant composes
+    for ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``), cached: a run asks for it every round."""
+    return pld_lib.from_gaussian_mechanism(z, value_discretization_interval=disc, sampling_prob=q,
+                                           neighboring_relation=relation)
 
 
 class Accountant:
@@ -115,7 +137,10 @@ class Accountant:
     # ----------------------------------------------------------------- answers
     def epsilon(self, delta: float) -> float:
         """Smallest epsilon such that the run so far is (epsilon, delta)-DP (``inf`` if none)."""
-        return _epsilon(self.kind, self._acc(), delta)
+        if self._built is None:  # nothing composed here yet: the remembered answer if any
+            return _ledger_epsilon(self.kind, self.neighboring, self.discretization,
+                                   tuple(self._ledger), float(delta))
+        return _epsilon(self.kind, self._built, delta)
 
     def delta(self, epsilon: float) -> float:
         """Smallest delta such that the run so far is (epsilon, delta)-DP."""
@@ -128,9 +153,17 @@ class Accountant:
     def would_exceed(self, event: ev.DpEvent, target_epsilon: float, delta: float,
                      count: int = 1) -> bool:
         """Whether running ``event`` (``count`` times) next would push epsilon past the target."""
-        self._check(event)
-        nxt = list(self._ledger) + [(event, int(count))]
-        return _epsilon(self.kind, self._build(nxt), delta) > target_epsilon
+        return self.epsilon_after([(event, count)], delta) > target_epsilon
+
+    def epsilon_after(self, steps: list[tuple[ev.DpEvent, int]], delta: float) -> float:
+        """epsilon if ``steps`` (``(event, count)`` pairs, e.g. one round's) ran next; the
+        ledger is unchanged. Equals ``epsilon(delta)`` after ``step``-ping them."""
+        trial = Accountant(self.kind, self.neighboring, self.discretization)
+        trial._ledger = list(self._ledger)
+        for event, count in steps:
+            trial.step(event, count)
+        return _ledger_epsilon(self.kind, self.neighboring, self.discretization,
+                               tuple(trial._ledger), float(delta))
 
     def describe(self) -> str:
         rel = {"add_remove": "add/remove one record", "replace_one": "replace one record"}[self.neighboring]
@@ -166,6 +199,14 @@ def classical_epsilon(orders, rdp, delta: float) -> float:
     if delta <= 0:
         return math.inf
     return float(max(0.0, np.min(rdp + math.log(1 / delta) / (orders - 1))))
+
+
+@functools.lru_cache(maxsize=256)
+def _ledger_epsilon(kind, neighboring, discretization, ledger, delta) -> float:
+    """epsilon of a whole ledger, remembered: a run asks for the same ledger twice (before a
+    round, then after it), and runs with the same events ask for the same ledgers."""
+    acc = Accountant(kind, neighboring, discretization)
+    return _epsilon(kind, acc._build(list(ledger)), delta)
 
 
 def _epsilon(kind: str, acc, delta: float) -> float:

@@ -6,7 +6,9 @@ Each local step ``s``:
    ``mask[s, i]`` (and, when ``batches["poisson_u"]`` is given, ``poisson_u[s, i] < q``);
 2. per-sample gradients of the cross-entropy, each clipped to L2 norm ``clip``
    (ghost clipping for ``nn.Linear`` stacks, else ``vmap(grad)``, ``atoll.privacy.ghost``);
-3. add ``N(0, (noise_multiplier * clip)^2)`` to the *sum* of clipped gradients;
+   with ``norm="linf"`` each coordinate is clamped to ``[-clip, clip]`` instead (materialised
+   gradients; the L2 sensitivity is then ``clip * sqrt(d)`` for ``d`` parameters);
+3. add ``N(0, (noise_multiplier * sensitivity)^2)`` to the *sum* of clipped gradients;
 4. divide by the expected batch size ``q * n_records`` (``batches["records"][s]``, else the
    number of valid slots ``mask[s].sum()``) and apply the local ``Transform``.
 
@@ -43,17 +45,24 @@ from atoll.types import ClientResult
 
 
 def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
-                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None):
+                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None,
+                      norm: str = "l2"):
     """The DP-SGD ``ClientUpdate`` (see the module docstring). ``use_ghost``: ``None`` = when
-    the model allows it, ``True`` = require it, ``False`` = always materialise (the oracle)."""
+    the model allows it, ``True`` = require it, ``False`` = always materialise (the oracle).
+    ``norm``: per-sample clipping, ``"l2"`` (ball of radius ``clip``) or ``"linf"``."""
     if not (clip > 0 and noise_multiplier >= 0 and 0 < sample_rate <= 1):
         raise ValueError(f"dp_local_training: need clip > 0, noise_multiplier >= 0, 0 < q <= 1; got "
                          f"clip={clip}, noise_multiplier={noise_multiplier}, q={sample_rate}")
-    stack = ghost.linear_stack(model) if use_ghost is not False else None
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"dp_local_training: norm must be 'l2' or 'linf', got {norm!r}")
+    stack = ghost.linear_stack(model) if use_ghost is not False and norm == "l2" else None
     if use_ghost and stack is None:
-        raise ValueError("dp_local_training: ghost clipping needs nn.Sequential of nn.Linear "
-                         "and parameter-free layers")
-    sum_fn = _ghost_sum(stack, clip) if stack is not None else _vmap_sum(model, clip)
+        raise ValueError("dp_local_training: ghost clipping needs L2 clipping and nn.Sequential "
+                         "of nn.Linear and parameter-free layers")
+    sum_fn = (_linf_sum(model, clip) if norm == "linf" else
+              _ghost_sum(stack, clip) if stack is not None else _vmap_sum(model, clip))
+    dim = sum(p.numel() for p in model.parameters())
+    std = noise_multiplier * clip * (dim ** 0.5 if norm == "linf" else 1.0)
 
     def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
                batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key) -> ClientResult:
@@ -69,7 +78,7 @@ def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
             total, losses = sum_fn(p, batches["x"][s], batches["y"][s], sel.to(dtype))
             records = batches["records"][s] if "records" in batches else batches["mask"][s].sum()
             denom = sample_rate * records.to(dtype).clamp(min=1.0)
-            grads = {k: (total[k] + noise_multiplier * clip * batches["noise/" + k][s].to(dtype)) / denom
+            grads = {k: (total[k] + std * batches["noise/" + k][s].to(dtype)) / denom
                      for k in p}
             updates, new_state = transform.update(grads, opt_state, p, ctx)
             active = step_mask[s]
@@ -90,6 +99,14 @@ def _vmap_sum(model, clip):
         g = ghost.per_sample_grads(model, p, x, y)
         factors = sel * torch.clamp(clip / ghost.norms_of(g).clamp(min=1e-30), max=1.0)
         return ghost.weighted_sum(g, factors), ghost.per_sample_losses(model, p, x, y).detach()
+    return fn
+
+
+def _linf_sum(model, clip):
+    def fn(p, x, y, sel):
+        g, losses = ghost.per_sample(model, p, x, y)
+        clipped = {k: v.clamp(-clip, clip) for k, v in g.items()}
+        return ghost.weighted_sum(clipped, sel), losses
     return fn
 
 

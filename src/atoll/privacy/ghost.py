@@ -26,6 +26,8 @@ from atoll.tree import Tree
 
 def linear_stack(model: nn.Module) -> list[tuple[str, object]] | None:
     """``[("linear", "0."), ("fn", ReLU()), ...]`` if ghost clipping applies, else ``None``."""
+    if isinstance(model, nn.Linear):
+        return [("linear", "")] if model.bias is not None else None
     if not isinstance(model, nn.Sequential):
         return None
     out: list[tuple[str, object]] = []
@@ -103,6 +105,27 @@ def ghost_norms(inputs, outgrads) -> torch.Tensor:
             gram = (a3 @ a3.transpose(1, 2)) * (b3 @ b3.transpose(1, 2))  # (B, T, T)
             sq = sq + gram.sum((1, 2)) + b3.sum(1).pow(2).sum(1)
     return torch.sqrt(sq)
+
+
+def ghost_per_sample_grads(stack, inputs, outgrads) -> Tree:
+    """Every sample's gradient ``(B, *shape)`` from layer inputs and output gradients (an outer
+    product per layer; no per-sample backward pass). For per-coordinate clipping."""
+    out, prefixes = {}, [item for kind, item in stack if kind == "linear"]
+    for pre, a, b in zip(prefixes, inputs, outgrads):
+        a3, b3 = a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(b.shape[0], -1, b.shape[-1])
+        out[pre + "weight"] = torch.einsum("bto,bti->boi", b3, a3)
+        out[pre + "bias"] = b3.sum(1)
+    return out
+
+
+def per_sample(model: nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor):
+    """``(per-sample gradients (B, ...), losses (B,))``: by ghost outer products where the model
+    allows it, else ``vmap(grad)``."""
+    stack = linear_stack(model)
+    if stack is None:
+        return per_sample_grads(model, params, x, y), per_sample_losses(model, params, x, y).detach()
+    losses, inputs, outgrads = ghost_forward(stack, params, x, y)
+    return ghost_per_sample_grads(stack, inputs, outgrads), losses
 
 
 def ghost_weighted_sum(stack, inputs, outgrads, factors: torch.Tensor) -> Tree:

@@ -71,6 +71,31 @@ def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: in
     return {"x": xb, "y": yb, "mask": mask}, step_mask, straggler
 
 
+def draw_work(client_update, cdata, cid: int, round: int, seed: int, work: LocalWork,  # noqa: A002
+              params) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """``client_work``, or the update's own draw where it has one: ``client_update.
+    draw_batches(x, y, cid, round, seed, work, params)`` (e.g. DP-SGD's Poisson batches with
+    pre-drawn noise, ``privacy.run``), made outside the pure update so that it runs under vmap."""
+    draw = getattr(client_update, "draw_batches", None)
+    if draw is None:
+        return client_work(cdata.x, cdata.y, cid, round, seed, work)
+    return draw(cdata.x, cdata.y, cid, round, seed, work, params)
+
+
+def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack clients' own draws ``(S, B_c, ...)`` to ``(C, S, max B_c, ...)``: the sample axis
+    of ``x``, ``y``, ``mask`` and ``poisson_u`` is padded (mask False, zeros); the rest as is."""
+    width = max(b["y"].shape[1] for b in drawn)
+    out = {}
+    for k in drawn[0]:
+        rows = [b[k] for b in drawn]
+        if k in ("x", "y", "mask", "poisson_u"):
+            rows = [torch.cat([t, t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))], 1)
+                    for t in rows]
+        out[k] = torch.stack(rows)
+    return out
+
+
 def straggler_steps(cid: int, round: int, seed: int, work: LocalWork, total: int) -> tuple[int, bool]:  # noqa: A002
     """How many of its ``total`` steps client ``cid`` runs this round, and whether it straggles."""
     if work.stragglers > 0 and total > 1:

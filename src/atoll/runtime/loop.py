@@ -13,7 +13,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.algorithm import Algorithm
-from atoll.runtime.base import LocalWork, RoundStats, client_work
+from atoll.runtime.base import LocalWork, RoundStats, draw_work
 from atoll.transport import wire
 from atoll.types import ServerState
 
@@ -76,7 +76,7 @@ class LoopRuntime:
         params = received["params"]
         if cstate is None:
             cstate = algorithm.new_client_state(params)
-        batches, step_mask, straggler = client_work(cdata.x, cdata.y, cid, r, seed, work)
+        batches, step_mask, straggler = draw_work(client_update, cdata, cid, r, seed, work, params)
         key = rng.key(seed, r, cid, "client")
         result = client_update(params, cstate, received, batches, step_mask, key)
         payload, up_state = algorithm.uplink.encode(result.delta, cstate["uplink"],

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 
 from atoll import rng
 from atoll import tree as T
-from atoll.runtime.base import LocalWork, RoundStats
+from atoll.runtime.base import LocalWork, RoundStats, draw_work, stack_drawn
 from atoll.runtime.engine import VmapEngine, select_engine
 from atoll.runtime.host import tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
@@ -133,7 +133,11 @@ class VmapRuntime:
     def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r,
                    rows=None, start=0):
         ups, rests = zip(*(split_state(s) for s in states))
-        batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
+        if hasattr(self._engine[0], "draw_batches"):  # the update draws its own (DP-SGD, ...)
+            batches, step_mask = drawn_batches(self._engine[0], chunk, data, work, seed, r,
+                                               received["params"], self.device)
+        else:
+            batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
         keys = torch.tensor([rng.key(seed, r, p.cid, "client") for p in chunk], device=self.device)
         rest = (tree_map(lambda *xs: torch.stack(xs).to(self.device), *rests)
                 if any(rests) else {})
@@ -168,6 +172,14 @@ class VmapRuntime:
             # weights reused from step to step should stay in cache; one step reuses nothing
             size = min(size, max(1, self.cache_bytes // max(model, 1)))
         return size
+
+
+def drawn_batches(client_update, chunk, data, work, seed: int, r: int, params, device):
+    """The chunk's batches from the update's own per-client draws (``base.draw_work``)."""
+    cpu = {k: v.cpu() for k, v in params.items()}
+    drawn = [draw_work(client_update, data.clients[p.cid], p.cid, r, seed, work, cpu) for p in chunk]
+    batches = {k: v.to(device) for k, v in stack_drawn([b for b, _, _ in drawn]).items()}
+    return batches, torch.stack([m for _, m, _ in drawn]).to(device)
 
 
 def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
