@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,9 +43,11 @@ round_timeout = 300
 """
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS) or at its peak (VmHWM) of this process, in MB. (Not
+    ru_maxrss: Linux carries it across exec, so a child would report its parent's peak.)"""
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -87,7 +88,7 @@ def simulate_child(cfg_path: Path, runtime: str, rounds: int) -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     print(json.dumps({"runtime": runtime, "rounds": rounds, "rounds_per_min": 60 * rounds / wall,
                       "cpu_s_per_round": cpu / rounds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": rss_mb("VmHWM")}))
 
 
 def main() -> None:
@@ -152,7 +153,7 @@ def main() -> None:
         "server_cpu_s_per_round": (steady[-1]["cpu"] - steady[0]["cpu"]) / (len(steady) - 1),
         "server_rss_mb_first10": round(sum(rss[:10]) / len(rss[:10]), 1),
         "server_rss_mb_last10": round(sum(rss[-10:]) / len(rss[-10:]), 1),
-        "server_rss_mb_max": round(max(rss), 1),
+        "server_rss_mb_max": round(max(rss), 1), "server_peak_rss_mb": rss_mb("VmHWM"),
         "round1_s_with_startup": samples[0]["t"] - t_start,
         "join_to_first_task_s_solo": outs[0]["first_task_s"][0],
         "join_to_first_task_s_99_together_median": first[len(first) // 2],

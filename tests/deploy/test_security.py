@@ -100,3 +100,20 @@ def test_tokens(tmp_path, enrolment):
         assert e.value.code == "UNAUTHENTICATED"
     finally:
         s.grpc.stop(0)
+
+
+def test_insecure_server_still_admits_enrolled_tokens_only(tmp_path, enrolment, caplog):
+    d, who = enrolment
+    s = Server(small_config(tmp_path), run_dir=tmp_path / "run", certs_dir=d, host="localhost",
+               port=0, insecure=True, plots=False)
+    s.grpc.start()
+    try:
+        assert "INSECURE" in caplog.text
+        assert connect(s, token=who["bob"]["token"], insecure=True).join()["client_id"] == 1
+        with pytest.raises(TransportError) as e:
+            connect(s, token="atl_nope", insecure=True).join()
+        assert e.value.code == "UNAUTHENTICATED"
+        with pytest.raises(TransportError):  # a TLS client does not talk to a plaintext server
+            connect(s, ca=who["bob"]["ca"], token=who["bob"]["token"]).join()
+    finally:
+        s.grpc.stop(0)

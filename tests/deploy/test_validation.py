@@ -32,6 +32,7 @@ def test_bad_updates_are_rejected_without_harming_the_round(tmp_path):
 
     conns = {e["id"]: Connection(f"localhost:{server.port}", timeout=30,
                                  **credentials(ca=e["ca"], token=e["token"])) for e in enrolled}
+    assert [conns[c].join()["client_id"] for c in range(8)] == list(range(8))
     tasks = {c: conns[c].get_task(5) for c in cohort}
     assert all(t.kind == "TASK" and t.round == 1 for t in tasks.values())
 
