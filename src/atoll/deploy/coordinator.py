@@ -91,9 +91,9 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
     weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype)) if ids else None
     stacked = T.stack(deltas) if ids else None
     stacked_aux = T.stack(aux) if ids and aux[0] else None
-    # the one server step of a deployed round (a server key rng.key(seed, r, rng.SERVER, "server")
-    # joins here when Algorithm.server_round takes one)
-    return algorithm.server_round(state, stacked, weights, stacked_aux)
+    # the one server step of a deployed round, with the simulation's server key
+    return algorithm.server_round(state, stacked, weights, stacked_aux,
+                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"))
 
 
 class Coordinator:
