@@ -20,22 +20,25 @@ from atoll.transport import wire
 from atoll.types import ServerState
 
 
-def downlink_bytes(algorithm, state: ServerState, cohort: list[int], shared: bytes) -> tuple[int, ServerState]:
-    """Total downlink bytes of the round for ``cohort``, and the state after sending."""
+def downlink_bytes(algorithm, state: ServerState, cohort: list[int],
+                   shared: bytes) -> tuple[list[int], int, ServerState]:
+    """``(bytes each cohort client receives, bytes of an anchor broadcast to every client of the
+    federation (0 if none is due), the state after sending)``."""
     tracker = algorithm.tracker
     if tracker is None:
-        return len(shared) * len(cohort), state
+        return [len(shared)] * len(cohort), 0, state
     ts = state.extra["tracker"]
-    total = 0
+    anchor = 0
     if tracker.anchor_due(ts):
         msg, ts = tracker.anchor(ts, state.params)
-        total += len(wire.dumps(msg)) * tracker.num_clients
+        anchor = len(wire.dumps(msg)) * tracker.num_clients
     rest = {k: v for k, v in algorithm.broadcast(state).items() if k != "params"}
     rest_bytes = len(wire.dumps(T.join(rest))) if rest else 0
     messages, ts = tracker.messages(ts, cohort, state.params)
-    sizes: dict[int, int] = {}  # clients with the same base share one message object
+    known: dict[int, int] = {}  # clients with the same base share one message object
+    sizes = []
     for m in messages:
-        if id(m) not in sizes:
-            sizes[id(m)] = len(wire.dumps(m))
-        total += sizes[id(m)] + rest_bytes
-    return total, replace(state, extra={**state.extra, "tracker": ts})
+        if id(m) not in known:
+            known[id(m)] = len(wire.dumps(m))
+        sizes.append(known[id(m)] + rest_bytes)
+    return sizes, anchor, replace(state, extra={**state.extra, "tracker": ts})

@@ -13,6 +13,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.algorithm import Algorithm
+from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work
 from atoll.transport import wire
 from atoll.types import ServerState
@@ -31,10 +32,11 @@ class LoopRuntime:
         down_payload, _ = algorithm.downlink.encode(
             T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
         down_bytes = wire.dumps(down_payload)
+        sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
+        stats.bytes_down = sum(sizes) + anchor
         ids, deltas, aux, samples = [], [], [], []
         new_states = dict(client_states)
         for cid in cohort:
-            stats.bytes_down += len(down_bytes)
             try:
                 message, cstate, metrics, straggler = self._client(
                     algorithm, client_update, down_bytes, client_states.get(cid), data.clients[cid],

@@ -22,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from atoll import rng
+from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats
 from atoll.runtime.host import usable_cores
 from atoll.runtime.uplink import DecodeBuffers, finish_round
@@ -122,7 +123,8 @@ class RayRuntime:
         r = state.round + 1
         stats = RoundStats(sampled=len(cohort))
         down_bytes = broadcast_bytes(algorithm, state, seed, r)
-        stats.bytes_down = len(down_bytes) * len(cohort)
+        sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
+        stats.bytes_down = sum(sizes) + anchor
         cstates = load_states(client_states, cohort)
         shards = shard(cohort, [data.clients[c].n for c in cohort], len(self.actors))
         futures = [a.train.remote(down_bytes, [_own(cstates[i]) for i in pos],

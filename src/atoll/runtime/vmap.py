@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from atoll import rng
 from atoll import tree as T
+from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work, stack_drawn
 from atoll.runtime.engine import VmapEngine, select_engine
 from atoll.runtime.host import tune_allocator, usable_cores
@@ -87,7 +88,8 @@ class VmapRuntime:
         r = state.round + 1
         stats = RoundStats(sampled=len(cohort))
         down_bytes = broadcast_bytes(algorithm, state, seed, r)
-        stats.bytes_down = len(down_bytes) * len(cohort)
+        sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
+        stats.bytes_down = sum(sizes) + anchor
         cstates = load_states(client_states, cohort)
         outcomes = self.train(algorithm, client_update, down_bytes, cstates, cohort, data, work, seed, r)
         state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
