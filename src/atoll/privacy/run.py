@@ -43,7 +43,7 @@ from atoll import tree as T
 from atoll.client import local_training
 from atoll.codecs import chain, clip_l2, dithered_quantize, gaussian_noise
 from atoll.codecs.intrinsic import COUNT_KEY, SEED_KEY, dither
-from atoll.codecs.stochastic_round import stochastic_quantize
+from atoll.codecs.quantize import stochastic_quantize
 from atoll.privacy import events as ev
 from atoll.privacy import ghost
 from atoll.privacy.accountant import Accountant
@@ -191,7 +191,7 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     client_fn = _dp_sgd_client(model, p.clip, z, q, steps, norm)
     parts = {"client_fn": client_fn}
     if p.quantize_bits is not None:
-        parts["uplink"] = stochastic_quantize(p.quantize_bits)
+        parts["uplink"] = stochastic_quantize(p.quantize_bits, bucket=_WHOLE)
     algorithm = dataclasses.replace(algorithm, **parts)
     work = dataclasses.replace(plan.work, steps=steps, epochs=None)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
@@ -297,6 +297,9 @@ def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
     return server_fn
 
 
+_WHOLE = 2**31 - 1  # one scale for the whole update: the separate quantizer of the seed-000 comparison
+
+
 def _local(cfg, algorithm, model, data, plan):
     p = cfg.privacy
     _own_parts(algorithm, "local")
@@ -307,7 +310,7 @@ def _local(cfg, algorithm, model, data, plan):
     z, calibrated = _noise(cfg, 1.0, cfg.rounds)
     codecs = [clip_l2(p.clip), gaussian_noise(z, 2 * p.clip)]
     if p.quantize_bits is not None:
-        codecs.append(stochastic_quantize(p.quantize_bits))
+        codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
     algorithm = dataclasses.replace(algorithm, uplink=chain(*codecs))
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
                "sensitivity": 2 * p.clip}
