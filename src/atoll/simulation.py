@@ -37,6 +37,8 @@ class Plan:
     federated_eval: bool = True
     train_eval: bool = False
     checkpoint_every: int = 10
+    devices: object | None = None       # atoll.devices.Devices: simulated clock (issue 6)
+    asynchronous: object | None = None  # atoll.asynchronous.AsyncPlan: event-driven training
 
 
 @dataclass
@@ -51,6 +53,11 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
              run_dir=None, runtime=None, resume: bool = False, progress: bool = False,
              config_text: str | None = None, plots: bool = True) -> Result:
     """Train ``model`` on federated ``data`` with ``algorithm`` for ``plan.rounds`` rounds."""
+    if plan.asynchronous is not None:
+        from atoll.asynchronous import simulate_async
+
+        return simulate_async(algorithm, model, data, plan, run_dir=run_dir, runtime=runtime,
+                              resume=resume, progress=progress, config_text=config_text, plots=plots)
     runtime = runtime or LoopRuntime()
     run_dir = Path(run_dir) if run_dir is not None else None
     client_update = algorithm.client(model_loss(model))
@@ -63,6 +70,12 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         metrics = _open_logs(run_dir, state.round, config_text)
     cum_up = sum(m["bytes_up"] for m in metrics)
     cum_down = sum(m["bytes_down"] for m in metrics)
+    clock = None
+    if plan.devices is not None:  # heterogeneous devices: the simulated clock (atoll.devices)
+        from atoll.devices import Clock
+
+        clock = Clock(plan.devices, plan.work, plan.seed, data,
+                      start=metrics[-1].get("sim_time", 0.0) if metrics else 0.0)
     start = time.perf_counter()
     with _Progress(progress, plan.rounds, state.round) as bar:
         while state.round < plan.rounds:
@@ -70,6 +83,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             cohort = sampling.sample(len(data.clients), r, plan.seed, method=plan.sampling,
                                      count=plan.clients_per_round, fraction=plan.fraction,
                                      rate=plan.rate)
+            if clock is not None:
+                cohort = clock.start_round(cohort)
             state, client_states, stats = runtime.run_round(
                 algorithm, client_update, state, client_states, cohort, data, plan.work, plan.seed)
             cum_up += stats.bytes_up
@@ -77,6 +92,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
                     "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
                     "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down}
+            if clock is not None:
+                line.update(clock.end_round(cohort, stats, r))
             if stats.stragglers_dropped:
                 line["stragglers_dropped"] = stats.stragglers_dropped
             if stats.failures:
