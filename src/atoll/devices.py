@@ -29,6 +29,7 @@ finishes in ``deadline`` seconds after its download and upload of ``message_byte
 from __future__ import annotations
 
 import bisect
+import builtins
 import csv
 import math
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class StepSchedule:
         elif self.mode == "normal":
             z = torch.randn(1, generator=rng.generator(rng.key(seed, round, cid, "steps")),
                             dtype=torch.float64).item()
-            k = round(abs(self.mean + self.std * z))
+            k = builtins.round(abs(self.mean + self.std * z))
         else:
             k = math.floor((self.deadline - self.comm_s[cid]) / self.seconds_per_step[cid])
         k = max(1, int(k))
