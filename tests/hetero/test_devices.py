@@ -173,3 +173,13 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="devices.deadline_s"):
         config.build(config.load(text=BASE, overrides=["devices.profile=uniform", "devices.steps=deadline"]))
     json.dumps(config.load(text=BASE, overrides=CLOCK).model_dump())
+
+
+def test_banks_example_builds_with_deadline_steps():
+    cfg = config.load("examples/banks/banks.toml")
+    alg, _, fed, plan = config.build(cfg)
+    steps = [plan.work.round_steps(c, 1, plan.seed, fed.clients[c].n) for c in range(5)]
+    speeds = plan.devices.speed.tolist()
+    assert speeds == [200.0, 50.0, 20.0, 5.0, 2.0] and alg.name == "fedagrac-seed"
+    assert steps == [max(1, math.floor((0.5 - plan.work.schedule.comm_s[c]) * speeds[c])) for c in range(5)]
+    assert steps[0] >= 50 * steps[-1]  # a hundredfold spread of local work

@@ -44,6 +44,10 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
         grad_fn = grad_and_value(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
+            if batches["y"].shape[0] == 0:  # no local step (a client without data): no v_i
+                zero = torch.zeros((), dtype=next(iter(params.values())).dtype)
+                return result(params, params, T.zeros_like(params), client_state,
+                              {"loss": zero, "samples": zero, "steps": step_mask.sum()})
             v_i, loss0 = grad_fn(params, batches["x"][0], batches["y"][0], batches["mask"][0])
             v_i = T.detach(v_i)
             drift = T.sub(broadcast["vtilde"], v_i)
