@@ -60,7 +60,8 @@ class ClientConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                  "fednova", "scaffold", "fedagrac"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
@@ -68,6 +69,8 @@ class AlgorithmConfig(_Section):
     b2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 1 published)
+    form: Literal["seed", "published"] = "seed"  # fedagrac: seed 003's calibration or the paper code's
 
 
 class CommConfig(_Section):
@@ -142,6 +145,41 @@ class PrivacyConfig(_Section):
     quantize_bits: int | None = Field(None, ge=1, le=16)  # stochastic quantizer after the noise
 
 
+class DevicesConfig(_Section):
+    """Heterogeneous devices and the simulated clock (``atoll.devices``); off while profile = "none"."""
+
+    profile: Literal["none", "uniform", "lognormal", "extreme", "csv"] = "none"
+    speed: float = Field(10.0, gt=0)        # local steps per second (median)
+    up: float = Field(1e6, gt=0)            # bytes per second
+    down: float = Field(1e7, gt=0)
+    spread: float = Field(0.5, ge=0)
+    slowdown: float = Field(100.0, gt=0)    # extreme: the slow devices' factor
+    slow: int = Field(1, ge=0)              # extreme: how many slow devices
+    csv: str | None = None                  # profile = "csv": client,speed,up,down[,steps]
+    availability: Literal["always", "random", "trace"] = "always"
+    on_s: float = Field(60.0, gt=0)
+    off_s: float = Field(60.0, gt=0)
+    trace: str | None = None                # availability = "trace": client,start,end
+    steps: Literal["work", "fixed", "normal", "deadline"] = "work"  # K_i; work = client.epochs/steps
+    steps_mean: float = Field(50.0, gt=0)
+    steps_std: float = Field(30.0, ge=0)
+    deadline_s: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class AsyncConfig(_Section):
+    """Asynchronous training (``atoll.asynchronous``); off while mode = "none"."""
+
+    mode: Literal["none", "fedasync", "fedbuff"] = "none"
+    concurrency: int = Field(10, ge=1)
+    buffer: int = Field(10, ge=1)
+    alpha: float = Field(0.6, gt=0, le=1)
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    a: float = Field(0.5, ge=0)
+    b: float = Field(4.0, ge=0)
+    max_staleness: int | None = Field(None, ge=0)
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -159,6 +197,10 @@ class Config(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    devices: DevicesConfig = DevicesConfig()
+    asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
@@ -219,13 +261,13 @@ def _explain(err: dict) -> str:
 def _fields_at(path: list[str]) -> list[str]:
     model: type[BaseModel] = Config
     for p in path:
-        model = model.model_fields[p].annotation
+        model = model.model_fields["asynchronous" if p == "async" else p].annotation
     return list(model.model_fields)
 
 
 def dumps(cfg: Config) -> str:
     """The resolved config as TOML (scalars first, then one table per section)."""
-    data = cfg.model_dump(exclude_none=True)
+    data = cfg.model_dump(exclude_none=True, by_alias=True)
     top = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
     lines = top + [""]
     for section, values in data.items():
@@ -311,7 +353,9 @@ def build(cfg: Config, data=None):
     options = {"fedavgm": {"server_momentum": a.server_momentum}, "fedprox": {"mu": a.mu},
                "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
                "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
-               "fedadagrad": {"tau": a.tau}}.get(a.name, {})
+               "fedadagrad": {"tau": a.tau}, "fednova": {"momentum": c.momentum},
+               "scaffold": {"local_lr": c.lr, "num_clients": len(fed.clients)},
+               "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form}}.get(a.name, {})
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
@@ -320,13 +364,14 @@ def build(cfg: Config, data=None):
     algorithm = algorithms.RECIPES[a.name](local, aggregator=mean(a.weighting), **options)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
     s = cfg.sampling
+    devices, schedule, asynchronous = _heterogeneity(cfg, algorithm, model, len(fed.clients))
     work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,
-                     stragglers=c.stragglers, drop_stragglers=c.drop_stragglers)
+                     stragglers=c.stragglers, drop_stragglers=c.drop_stragglers, schedule=schedule)
     plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
                 clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
                 train_eval=cfg.eval.train_loss,
-                checkpoint_every=cfg.checkpoint.every)
+                checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
         from atoll.privacy.run import configure
 
@@ -349,3 +394,30 @@ def build_data(cfg: Config):
                       test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
                       standardize=d.standardize, dtype=dtype, alpha=d.alpha,
                       shards_per_client=d.shards_per_client, sigma=d.sigma)
+
+
+def _heterogeneity(cfg: Config, algorithm, model, num_clients: int):
+    """``[devices]`` and ``[async]`` as (Devices or None, step schedule or None, AsyncPlan or None)."""
+    from atoll import devices as dev
+    from atoll import tree as T
+    from atoll.asynchronous import AsyncPlan
+    from atoll.client import params_of
+    from atoll.transport import wire
+
+    d, a = cfg.devices, cfg.asynchronous
+    devices = schedule = None
+    if d.profile != "none":
+        devices = dev.make_devices(num_clients, cfg.seed, d.profile, d.speed, d.up, d.down, d.spread,
+                                   d.slowdown, d.slow, d.csv, d.availability, d.on_s, d.off_s, d.trace)
+    elif d.steps == "deadline" or d.availability != "always":
+        raise ConfigError(f"devices.steps = {d.steps!r} / devices.availability = {d.availability!r} "
+                          "need a device profile: set devices.profile")
+    if d.steps != "work":
+        message = len(wire.dumps(T.join(algorithm.broadcast(algorithm.init(params_of(model))))))
+        schedule = dev.make_schedule(devices, num_clients, cfg.seed, d.steps, d.steps_mean,
+                                     d.steps_std, d.deadline_s, message, d.max_steps)
+    plan = None
+    if a.mode != "none":
+        plan = AsyncPlan(a.mode, a.concurrency, a.buffer, a.alpha, a.staleness, a.a, a.b,
+                         a.max_staleness)
+    return devices, schedule, plan

@@ -44,6 +44,8 @@ class Plan:
     train_eval: bool = False
     checkpoint_every: int = 10
     privacy: Any = None  # atoll.privacy.run.PrivacySpec: per-round events and the budget
+    devices: object | None = None       # atoll.devices.Devices: simulated clock (issue 6)
+    asynchronous: object | None = None  # atoll.asynchronous.AsyncPlan: event-driven training
 
 
 @dataclass
@@ -58,6 +60,11 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
              run_dir=None, runtime=None, resume: bool = False, progress: bool = False,
              config_text: str | None = None, plots: bool = True) -> Result:
     """Train ``model`` on federated ``data`` with ``algorithm`` for ``plan.rounds`` rounds."""
+    if plan.asynchronous is not None:
+        from atoll.asynchronous import simulate_async
+
+        return simulate_async(algorithm, model, data, plan, run_dir=run_dir, runtime=runtime,
+                              resume=resume, progress=progress, config_text=config_text, plots=plots)
     runtime = runtime or LoopRuntime()
     run_dir = Path(run_dir) if run_dir is not None else None
     client_update = algorithm.client(model_loss(model))
@@ -72,6 +79,12 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
     privacy = plan.privacy.driver(state) if plan.privacy is not None else None
     cum_up = sum(m["bytes_up"] for m in metrics)
     cum_down = sum(m["bytes_down"] for m in metrics)
+    clock = None
+    if plan.devices is not None:  # heterogeneous devices: the simulated clock (atoll.devices)
+        from atoll.devices import Clock
+
+        clock = Clock(plan.devices, plan.work, plan.seed, data,
+                      start=metrics[-1].get("sim_time", 0.0) if metrics else 0.0)
     start = time.perf_counter()
     with _Progress(progress, plan.rounds, state.round) as bar:
         while state.round < plan.rounds:
@@ -81,6 +94,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             cohort = sampling.sample(len(data.clients), r, plan.seed, method=plan.sampling,
                                      count=plan.clients_per_round, fraction=plan.fraction,
                                      rate=plan.rate)
+            if clock is not None:
+                cohort = clock.start_round(cohort)
             state, client_states, stats = runtime.run_round(
                 algorithm, client_update, state, client_states, cohort, data, plan.work, plan.seed)
             privacy_line = {}
@@ -93,6 +108,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
                     "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down,
                     **privacy_line}
             line.update(_byte_ratios(stats, dense_up, dense_down))
+            if clock is not None:
+                line.update(clock.end_round(cohort, stats, r))
             if stats.stragglers_dropped:
                 line["stragglers_dropped"] = stats.stragglers_dropped
             if stats.failures:

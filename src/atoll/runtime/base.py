@@ -7,6 +7,7 @@ runtime draws the same batches and the same straggler decisions for the same cli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,9 @@ class LocalWork:
     steps: int | None = None
     stragglers: float = 0.0
     drop_stragglers: bool = False
+    # Per-client, per-round step counts (heterogeneous devices, ``atoll.devices``): a picklable
+    # ``schedule(cid, round, seed, n) -> S`` that replaces epochs/steps when set.
+    schedule: Callable[[int, int, int, int], int] | None = None
 
     def __post_init__(self):
         if (self.epochs is None) == (self.steps is None):
@@ -41,6 +45,10 @@ class LocalWork:
     def total_steps(self, n: int) -> int:
         return self.steps if self.steps is not None else num_steps(n, self.batch_size, self.epochs)
 
+    def round_steps(self, cid: int, round: int, seed: int, n: int) -> int:  # noqa: A002
+        """``S``: client ``cid``'s local steps in ``round`` (the schedule's, else epochs/steps)."""
+        return self.total_steps(n) if self.schedule is None else int(self.schedule(cid, round, seed, n))
+
 
 @dataclass
 class RoundStats:
@@ -52,6 +60,7 @@ class RoundStats:
     samples: float = 0.0
     stragglers_dropped: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
+    up_bytes: dict[int, int] = field(default_factory=dict)  # per client, for the simulated clock
 
     @property
     def train_loss(self) -> float | None:
@@ -62,7 +71,7 @@ def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: in
                 work: LocalWork) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Batches ``(S, B, ...)``, the step mask ``(S,)`` and whether the client straggles."""
     n = y.shape[0]
-    total = work.total_steps(n)
+    total = work.round_steps(cid, round, seed, n)
     g = rng.generator(rng.key(seed, round, cid, "batches"))
     idx = batch_indices(n, work.batch_size, steps=total, generator=g)
     xb, yb, mask = gather(x, y, idx)
@@ -94,6 +103,11 @@ def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
                     for t in rows]
         out[k] = torch.stack(rows)
     return out
+
+
+def active_steps(cid: int, round: int, seed: int, work: LocalWork, n: int) -> int:  # noqa: A002
+    """The number of steps client ``cid`` (``n`` samples) completes in ``round``."""
+    return straggler_steps(cid, round, seed, work, work.round_steps(cid, round, seed, n))[0]
 
 
 def straggler_steps(cid: int, round: int, seed: int, work: LocalWork, total: int) -> tuple[int, bool]:  # noqa: A002

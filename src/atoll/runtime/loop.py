@@ -46,6 +46,7 @@ class LoopRuntime:
                 log.warning("round %d: client %d dropped: %s", r, cid, exc)
                 continue
             stats.bytes_up += len(message)
+            stats.up_bytes[cid] = len(message)
             if straggler and work.drop_stragglers:
                 stats.stragglers_dropped += 1
                 continue

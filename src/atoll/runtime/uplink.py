@@ -172,6 +172,7 @@ def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: R
             failures.append((o.pos, o.cid, o.error))
             continue
         stats.bytes_up += len(o.message)
+        stats.up_bytes[o.cid] = len(o.message)
         if o.straggler and work.drop_stragglers:
             stats.stragglers_dropped += 1
             continue

@@ -47,7 +47,7 @@ def plan_clients(cohort: list[int], data, r: int, seed: int, work: LocalWork) ->
     B, plans = work.batch_size, []
     for pos, cid in enumerate(cohort):
         n = data.clients[cid].n
-        total = work.total_steps(n)
+        total = work.round_steps(cid, r, seed, n)
         perms = ()
         if n == 1 and total > 0:  # randperm(1) is [0] whatever the generator
             perms = (_ZERO,) * total
