@@ -81,6 +81,7 @@ class CommConfig(_Section):
     server_topk_momentum: float = Field(0.0, ge=0, lt=1)
     downlink: Literal["model", "client", "initial"] = "model"
     anchor_every: int = Field(0, ge=0)
+    clients_hold_initial: bool = True  # clients build w_0 from the config and seed themselves
 
 
 class SamplingConfig(_Section):
@@ -318,7 +319,8 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
     elif comm.server_topk_momentum:
         raise ConfigError("comm.server_topk_momentum is set but comm.server_topk is not")
     if comm.downlink != "model":
-        parts["tracker"] = DeltaTracker(num_clients, base=comm.downlink, anchor_every=comm.anchor_every)
+        parts["tracker"] = DeltaTracker(num_clients, base=comm.downlink, anchor_every=comm.anchor_every,
+                                         holds_initial=comm.clients_hold_initial)
     elif comm.anchor_every:
         raise ConfigError('comm.anchor_every needs comm.downlink = "client" or "initial"')
     return dataclasses.replace(algorithm, **parts)

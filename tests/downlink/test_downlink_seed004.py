@@ -65,17 +65,19 @@ def _holds(model, params):
     return all(torch.equal(model[k], params[k]) and model[k].dtype == params[k].dtype for k in params)
 
 
-@pytest.mark.parametrize("base,anchor_every", [("client", 0), ("client", 7), ("initial", 0), ("initial", 7)])
-def test_every_client_holds_the_server_model(base, anchor_every):
+@pytest.mark.parametrize("base,anchor_every,holds", [("client", 0, False), ("client", 7, False),
+                                                     ("client", 0, True), ("initial", 0, False),
+                                                     ("initial", 7, False)])
+def test_every_client_holds_the_server_model(base, anchor_every, holds):
     n_clients, rounds = 25, 40
     params = {**_params(), "h": torch.randn(12, generator=_gen(3)).half()}  # mixed dtypes
     w0 = T.clone(params)
     server = transforms.chain(server_topk(0.03, momentum=0.5), transforms.sgd(0.1))
     opt_state = server.init({k: v.float() for k, v in params.items()})
-    tracker = DeltaTracker(n_clients, base, anchor_every)
+    tracker = DeltaTracker(n_clients, base, anchor_every, holds_initial=holds)
     ts = tracker.init(params)
     blank = T.zeros_like(params)  # a client that never synced knows only the architecture
-    clients = {c: T.clone(w0) for c in range(n_clients)} if base == "initial" else {}
+    clients = {c: T.clone(w0) for c in range(n_clients)} if base == "initial" or holds else {}
     for r in range(1, rounds + 1):
         others = torch.randperm(n_clients - 1, generator=_gen(100 + r))[:4] + 1
         cohort = ([0] if r in (1, rounds) else []) + others.tolist()  # client 0 skips rounds 2..39

@@ -17,7 +17,9 @@ Bases (the seed's variants):
 
 * ``base="client"`` (claims 6-7, [0132]-[0134]): ``b`` = the last round client ``c`` synced, so
   a client sampled every round gets only that round's changes, and one absent for many rounds
-  all changes since. A client never synced gets the dense model.
+  all changes since. A client never synced gets the dense model, unless ``holds_initial``:
+  every client already holds ``w_0`` (an atoll client builds the initial model from the run's
+  config and seed), so its first message is the change since ``w_0``.
 * ``base="initial"`` (claim 5, [0130]-[0131]): ``b = 0``, the change relative to ``w_0``, which
   every client is assumed to hold (deployed with the app). One message serves every client of a
   round, but it grows as the model drifts from ``w_0``.
@@ -49,6 +51,7 @@ class DeltaTracker:
     num_clients: int
     base: str = "client"
     anchor_every: int = 0
+    holds_initial: bool = False  # every client holds w_0 (built from the run's seed): no dense first sync
 
     def __post_init__(self):
         if self.base not in ("client", "initial"):
@@ -63,7 +66,8 @@ class DeltaTracker:
         return {"round": torch.zeros((), dtype=torch.int64),
                 "changed": torch.zeros(T.size(params), dtype=torch.int32),
                 "synced": torch.full((self.num_clients,), -1, dtype=torch.int32),
-                "anchor": torch.tensor(0 if self.base == "initial" else -1, dtype=torch.int64)}
+                "anchor": torch.tensor(0 if self.base == "initial" or self.holds_initial else -1,
+                                       dtype=torch.int64)}
 
     def commit(self, state: dict, old: Tree, new: Tree) -> dict:
         """The server moved from ``old`` to ``new``: next round; mark every coordinate whose bits
