@@ -228,9 +228,11 @@ def _stack(algorithm, todo: list[Outcome], params, buffers: DecodeBuffers):
         if shape != tuple(p.shape) or not dtype.is_floating_point:
             return None
     messages = [o.message for o in todo]
-    if not all(layout.matches(m) for m in messages):
+    try:  # every message must match the layout, else the per-message path decides
+        stacked = layout.stack(messages, buffers.raw(len(messages) * layout.stride + wire.ALIGN))
+    except wire.WireError:
         return None
-    parts = T.split(layout.stack(messages, buffers.raw(len(messages) * layout.stride + wire.ALIGN)))
+    parts = T.split(stacked)
     deltas = {k: parts["delta"][k].to(p.dtype) for k, p in params.items()}
     return deltas, parts.get("aux") or None
 

@@ -76,7 +76,7 @@ def chunk_indices(chunk: list[ClientPlan], B: int) -> tuple[torch.Tensor, torch.
     col = lambda vals: torch.tensor(vals, dtype=torch.long).unsqueeze(1)  # noqa: E731  (C, 1)
     n = col([p.n for p in chunk])
     span = col([max(math.ceil(p.n / B), 1) * B for p in chunk])         # padded epoch length
-    base = col([0] + [sum(len(q) for q in p.perms) for p in chunk][:-1]).cumsum(0)
+    base = col([0] + [p.n * len(p.perms) for p in chunk][:-1]).cumsum(0)
     limit = col([p.steps * B for p in chunk])
     q = torch.arange(S * B).unsqueeze(0)                                 # (1, S*B)
     epoch, off = q // span, q % span
