@@ -45,7 +45,7 @@ SCHEMES = [
     ("float16", ['comm.uplink="cast(float16)"']),
     ("sq-4bit", ['comm.uplink="stochastic_quantize(4)"']),
     ("topk1%-ef", ['comm.uplink="error_feedback(top_k(0.01))"']),
-    ("sketch", ['comm.uplink="count_sketch(5, 600)"', "comm.server_topk=0.02"]),
+    ("sketch", ['comm.uplink="count_sketch(5, 600, estimator=mean)"', "comm.server_topk=0.02"]),
     ("seed004", ['comm.uplink="rand_k(0.03)"', "comm.server_topk=0.01", 'comm.downlink="client"']),
     ("seed004+sq8", ['comm.uplink="rand_k(0.1)+stochastic_quantize(8)"', "comm.server_topk=0.015",
                      "comm.server_topk_momentum=0.5", 'comm.downlink="client"']),

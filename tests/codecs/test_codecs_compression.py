@@ -370,3 +370,23 @@ def test_pack_fast_paths_match_reference(b):
         ref = bytes(sum(stream[i + j] << j for j in range(8)) for i in range(0, len(stream), 8))
         assert bits.pack(v, b).numpy().tobytes() == ref
         assert torch.equal(bits.unpack(bits.pack(v, b), b, n), v)
+
+
+def test_count_sketch_mean_estimator_decodes_linearly():
+    """With the mean estimator, decoding each sketch and averaging equals decoding the
+    weighted sum of the tables once (what FetchSGD's server or a secure sum computes)."""
+    from atoll.codecs.sketch import count_sketch, sum_payloads
+
+    g = torch.Generator().manual_seed(5)
+    codec = count_sketch(3, 50, estimator="mean")
+    trees = [{"w": torch.randn(40, 7, generator=g, dtype=torch.float64)} for _ in range(4)]
+    payloads = [codec.encode(t, (), 0)[0] for t in trees]
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    once = codec.decode(sum_payloads(payloads, w))["w"]
+    each = sum(wi * codec.decode(p)["w"] for wi, p in zip(w, payloads))
+    assert torch.allclose(once, each, atol=1e-12)
+    median = count_sketch(3, 50)
+    assert not torch.allclose(median.decode(sum_payloads(payloads, w))["w"],
+                              sum(wi * median.decode(p)["w"] for wi, p in zip(w, payloads)))
+    with pytest.raises(ValueError, match="estimator"):
+        count_sketch(3, 50, estimator="max")

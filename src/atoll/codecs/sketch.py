@@ -63,11 +63,14 @@ def sketch(x: torch.Tensor, rows: int, cols: int, seed: int = 0) -> torch.Tensor
     return table.reshape(rows, cols)
 
 
-def unsketch(table: torch.Tensor, d: int, k: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Median estimates of ``d`` coordinates from a (summed) sketch; only the top ``k`` if given."""
+def unsketch(table: torch.Tensor, d: int, k: int | None = None, seed: int = 0,
+             estimator: str = "median") -> torch.Tensor:
+    """Estimates of ``d`` coordinates from a (summed) sketch, the median or the mean over rows;
+    only the top ``k`` if given."""
     rows, cols = table.shape
     index, sign = _plan(d, rows, cols, seed)
-    est = _median_rows(table.reshape(-1)[index].reshape(rows, d) * sign.to(table.dtype))
+    per_row = table.reshape(-1)[index].reshape(rows, d) * sign.to(table.dtype)
+    est = per_row.mean(0) if estimator == "mean" else _median_rows(per_row)
     if k is None or k >= d:
         return est
     keep = torch.topk(est.abs(), k, sorted=False).indices
@@ -87,14 +90,24 @@ def _median_rows(x: torch.Tensor) -> torch.Tensor:
     return r[n // 2] if n % 2 else (r[n // 2 - 1] + r[n // 2]) / 2
 
 
-def count_sketch(rows: int, cols: int, k: int | None = None, seed: int = 0) -> Codec:
-    """Send a ``(rows, cols)`` count sketch; decode the (summed) sketch to the top ``k``."""
+def count_sketch(rows: int, cols: int, k: int | None = None, seed: int = 0,
+                 estimator: str = "median") -> Codec:
+    """Send a ``(rows, cols)`` count sketch; decode the (summed) sketch to the top ``k``.
+
+    ``estimator="mean"`` (with ``k=None``) makes decoding itself linear: the mean of the clients'
+    decoded sketches IS the decoded mean of their tables, so a runtime that decodes each message
+    on arrival computes exactly what summing the tables first (FetchSGD, a secure sum) would,
+    and heavy coordinates are then chosen on the server (``downlink.server_topk``, with momentum
+    and error accumulation there)."""
+    if estimator not in ("median", "mean"):
+        raise ValueError(f"count_sketch: estimator must be 'median' or 'mean', got {estimator!r}")
     for what, v in (("rows", rows), ("cols", cols)):
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"count_sketch: {what} must be an integer >= 1, got {v!r}")
     if k is not None and not (isinstance(k, int) and k >= 1):
         raise ValueError(f"count_sketch: k must be None or an integer >= 1, got {k!r}")
-    name = f"count_sketch({rows},{cols}{'' if k is None else f',k={k}'})"
+    name = (f"count_sketch({rows},{cols}{'' if k is None else f',k={k}'}"
+            f"{'' if estimator == 'median' else ',mean'})")
 
     def encode(tree, state, key):
         vec, out = flat.gather(tree, "sketch", name)
@@ -107,7 +120,7 @@ def count_sketch(rows: int, cols: int, k: int | None = None, seed: int = 0) -> C
             raise ValueError(f"{name} payload: table must be floating ({rows}, {cols}), "
                              f"got {t.dtype} {tuple(t.shape)}")
         d = flat.size(payload, "sketch")
-        return flat.scatter(payload, "sketch", unsketch(t, d, k, seed), name)
+        return flat.scatter(payload, "sketch", unsketch(t, d, k, seed, estimator), name)
 
     return Codec(name, init=lambda tree: (), encode=encode, decode=decode, linear=True, unbiased=False)
 
