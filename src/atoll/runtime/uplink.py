@@ -65,7 +65,8 @@ def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: in
         messages, ups = rows.messages[start:start + len(chunk)], uplink_states  # identity: unchanged
     else:
         messages, ups = [], []
-        per_client = [dict(zip(result.delta, vs)) for vs in zip(*(v.unbind() for v in result.delta.values()))]
+        per_client = [dict(zip(result.delta, vs))
+                      for vs in zip(*(v.unbind() for v in result.delta.values()))]
         for i, p in enumerate(chunk):
             payload, up = algorithm.uplink.encode(per_client[i], uplink_states[i],
                                                   rng.key(seed, r, p.cid, "uplink"))
@@ -87,7 +88,8 @@ def fits_layout(layout: wire.Layout, stacked: dict) -> bool:
     """Whether one row of ``stacked`` ``(C, ...)`` entries has ``layout`` (names, dtypes,
     shapes, in order)."""
     return list(layout.entries) == list(stacked) and all(
-        e[0] == v.dtype and e[1] == tuple(v.shape[1:]) for e, v in zip(layout.entries.values(), stacked.values()))
+        e[0] == v.dtype and e[1] == tuple(v.shape[1:])
+        for e, v in zip(layout.entries.values(), stacked.values()))
 
 
 _IDENTITY = identity()
