@@ -115,8 +115,8 @@ def _load_store(run_dir: Path, meta: dict, store_path) -> ClientStore:
                 out = torch.empty((block.numel(), *t.shape), dtype=t.dtype)
                 view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
                 if f.readinto(view) != block.numel() * size:
-                    raise ValueError(f"checkpoint: {f.name} is shorter than its {meta['ids'].numel()} "
-                                     "client rows")
+                    raise ValueError(f"checkpoint: {f.name} is shorter than its "
+                                     f"{meta['ids'].numel()} client rows")
                 rows.append(out)
             store.put(block, tree_unflatten(rows, spec))
     finally:

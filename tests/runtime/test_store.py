@@ -143,7 +143,7 @@ def test_resume_with_a_store_gives_the_uninterrupted_metrics(tmp_path, limit):
             if state.round == self.crash_at:
                 raise KeyboardInterrupt
             if not isinstance(states, ClientStore):
-                states = ClientStore(len(args[1].clients), {"uplink": algorithm.uplink.init(state.params)},
+                states = ClientStore(len(args[1].clients), algorithm.new_client_state(state.params),
                                      memory_limit_bytes=limit)
             return super().run_round(algorithm, update, state, states, *args)
 

@@ -51,7 +51,10 @@ class VmapEngine:
 
     def run(self, params: Tree, cstates: dict, broadcast: dict, batches: dict,
             step_mask: torch.Tensor, keys: torch.Tensor, out: Tree | None = None) -> ChunkResult:
-        """``out`` (optional, unused here): where the caller would like the deltas written."""
+        """``keys``: the clients' keys ``(C,)``, or a function that makes them (only engines that
+        use keys call it); ``out`` (optional, unused here): where the caller would like the
+        deltas written."""
+        keys = keys() if callable(keys) else keys
         delta, aux, cstate, metrics = self._fn(params, cstates, broadcast, batches, step_mask, keys)
         return ChunkResult(_cpu(delta), _cpu(aux), cstate, metrics["loss"].tolist(),
                            metrics["samples"].tolist(), metrics["steps"].tolist())

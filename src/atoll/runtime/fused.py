@@ -147,6 +147,8 @@ def _trim(batches: dict) -> dict:
     """The batches without the trailing sample slots that are masked in every client and step
     (clients smaller than a batch): they add exact zeros, so dropping them changes nothing."""
     mask = batches["mask"]
+    if bool(mask[..., -1].any()):  # the last slot is used: nothing to trim
+        return batches
     used = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()
     width = int(used.max()) + 1 if used.numel() else 1
     if width == mask.shape[-1]:

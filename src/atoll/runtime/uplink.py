@@ -34,7 +34,7 @@ from atoll.transport import wire
 log = logging.getLogger("atoll")
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """One client's round as the server sees it (``error``: the client raised)."""
 
@@ -59,31 +59,37 @@ def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: in
     ``start ..`` of ``rows`` where given (identity uplink, same layout), else one ``dumps``
     per client."""
     stacked = T.join({"delta": result.delta, "aux": result.aux})
-    if rows is not None and rows.layout == chunk_layout(stacked):
+    if rows is not None and fits_layout(rows.layout, stacked):
         for name, v in stacked.items():
             rows.fill(name, v, start)
         messages, ups = rows.messages[start:start + len(chunk)], uplink_states  # identity: unchanged
     else:
         messages, ups = [], []
-        per_client = [dict(zip(result.delta, vs)) for vs in zip(*(v.unbind() for v in result.delta.values()))]
+        per_client = [dict(zip(result.delta, vs))
+                      for vs in zip(*(v.unbind() for v in result.delta.values()))]
         for i, p in enumerate(chunk):
             payload, up = algorithm.uplink.encode(per_client[i], uplink_states[i],
                                                   rng.key(seed, r, p.cid, "uplink"))
             aux = {k: v[i] for k, v in result.aux.items()}
             messages.append(wire.dumps(T.join({"delta": payload, "aux": aux})))
             ups.append(up)
+    if not result.client_state:
+        return [Outcome(p.pos, p.cid, m, {"uplink": up}, loss, seen, p.straggler)
+                for p, m, up, loss, seen in zip(chunk, messages, ups, result.loss, result.samples)]
     out = []
     for i, p in enumerate(chunk):
-        rest = (tree_map(lambda v, i=i: v[i].clone(), result.client_state)  # not a view of the chunk
-                if result.client_state else {})
+        rest = tree_map(lambda v, i=i: v[i].clone(), result.client_state)  # not a view of the chunk
         out.append(Outcome(p.pos, p.cid, messages[i], {**rest, "uplink": ups[i]}, result.loss[i],
                            result.samples[i], p.straggler))
     return out
 
 
-def chunk_layout(stacked: dict) -> wire.Layout:
-    """The message layout of one row of ``stacked`` ``(C, ...)`` entries."""
-    return wire.Layout([(k, v.dtype, v.shape[1:]) for k, v in stacked.items()])
+def fits_layout(layout: wire.Layout, stacked: dict) -> bool:
+    """Whether one row of ``stacked`` ``(C, ...)`` entries has ``layout`` (names, dtypes,
+    shapes, in order)."""
+    return list(layout.entries) == list(stacked) and all(
+        e[0] == v.dtype and e[1] == tuple(v.shape[1:])
+        for e, v in zip(layout.entries.values(), stacked.values()))
 
 
 _IDENTITY = identity()

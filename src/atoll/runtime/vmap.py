@@ -140,7 +140,8 @@ class VmapRuntime:
                                                received["params"], self.device)
         else:
             batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
-        keys = torch.tensor([rng.key(seed, r, p.cid, "client") for p in chunk], device=self.device)
+        keys = lambda: torch.tensor([rng.key(seed, r, p.cid, "client") for p in chunk],  # noqa: E731
+                                    device=self.device)  # the fused engine never needs them
         rest = (tree_map(lambda *xs: torch.stack(xs).to(self.device), *rests)
                 if any(rests) else {})
         out = None  # on the CPU the engine may write the deltas straight into the messages

@@ -73,19 +73,18 @@ def chunk_indices(chunk: list[ClientPlan], B: int) -> tuple[torch.Tensor, torch.
     Client c's flat plan is its epochs' permutations laid back to back, each epoch padded to a
     multiple of ``B`` (``batch_indices``), cut after ``S_c`` steps."""
     C, S = len(chunk), max((p.steps for p in chunk), default=0)
-    col = lambda vals: torch.tensor(vals, dtype=torch.long).unsqueeze(1)  # noqa: E731  (C, 1)
-    n = col([p.n for p in chunk])
-    span = col([max(math.ceil(p.n / B), 1) * B for p in chunk])         # padded epoch length
-    base = col([0] + [p.n * len(p.perms) for p in chunk][:-1]).cumsum(0)
-    limit = col([p.steps * B for p in chunk])
+    cols = torch.tensor([(p.n, p.steps, p.active, len(p.perms)) for p in chunk], dtype=torch.long)
+    n, steps, active, epochs = cols.view(C, 4, 1).unbind(1)             # each (C, 1)
+    span = ((n + B - 1) // B).clamp(min=1) * B                           # padded epoch length
+    base = (n * epochs).cumsum(0) - n * epochs                           # start of c's perms
     q = torch.arange(S * B).unsqueeze(0)                                 # (1, S*B)
     epoch, off = q // span, q % span
-    valid = (q < limit) & (off < n)
+    valid = (q < steps * B) & (off < n)
     flat = torch.cat([t for p in chunk for t in p.perms]) if any(p.perms for p in chunk) \
         else torch.zeros(1, dtype=torch.long)
     where = (base + epoch * n + off).clamp(max=flat.numel() - 1)
     idx = torch.where(valid, flat[where], -1).view(C, S, B)
-    step_mask = torch.arange(S).unsqueeze(0) < col([p.active for p in chunk])
+    step_mask = torch.arange(S).unsqueeze(0) < active
     return idx, step_mask
 
 
@@ -96,10 +95,10 @@ def chunk_batches(chunk: list[ClientPlan], clients, B: int, device="cpu") -> tup
     xs = [clients[p.cid].x for p in chunk]
     ys = [clients[p.cid].y for p in chunk]
     feat = xs[0].shape[1:]
-    if sum(x.numel() for x in xs) * xs[0].element_size() <= SMALL_CHUNK_BYTES:
-        start = torch.tensor([0] + [p.n for p in chunk][:-1]).cumsum(0)
-        empty = torch.tensor([p.n == 0 for p in chunk])
-        start = torch.where(empty, start[-1] + chunk[-1].n, start).view(-1, 1, 1)  # -> zero row
+    total = sum(p.n for p in chunk)
+    if total * math.prod(feat) * xs[0].element_size() <= SMALL_CHUNK_BYTES:
+        n = torch.tensor([p.n for p in chunk])
+        start = torch.where(n == 0, total, n.cumsum(0) - n).view(-1, 1, 1)  # no data: zero row
         rows = (safe + start).reshape(-1)                                 # (C*S*B,)
         x = torch.cat(xs + [xs[0].new_zeros((1, *feat))])[rows]
         y = torch.cat(ys + [ys[0].new_zeros(1)])[rows]

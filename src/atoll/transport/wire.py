@@ -209,7 +209,8 @@ class Rows:
     def __init__(self, layout: Layout, n: int, buffer: torch.Tensor | None = None,
                  header: bool = True):
         self.layout, need = layout, n * layout.stride + ALIGN
-        raw = buffer if buffer is not None and buffer.numel() >= need else torch.empty(need, dtype=torch.uint8)
+        raw = buffer if buffer is not None and buffer.numel() >= need else \
+            torch.empty(need, dtype=torch.uint8)
         shift = -raw.data_ptr() % ALIGN
         rows = raw[shift:shift + n * layout.stride].view(n, layout.stride)
         self.grid = rows[:, layout.pad:layout.pad + layout.size]  # (n, size): the messages
