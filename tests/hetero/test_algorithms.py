@@ -158,10 +158,13 @@ def test_vmap_equals_loop_on_quadratics(make):
     loop, lstates = _run_cohorts(make())
     vec, vstates = _run_cohorts(make(), VmapRuntime(chunk_clients=2))
     assert dist(loop.params["w"], vec.params["w"]) < 1e-12
+    from atoll.runtime.vmap import load_states  # the vectorised runtime keeps a ClientStore
+
     for i in lstates:
+        vstate = load_states(vstates, [i])[0]
         for k, v in lstates[i].items():
             if k != "uplink":
-                for leaf_l, leaf_v in zip(torch.utils._pytree.tree_leaves(v), torch.utils._pytree.tree_leaves(vstates[i][k])):
+                for leaf_l, leaf_v in zip(torch.utils._pytree.tree_leaves(v), torch.utils._pytree.tree_leaves(vstate[k])):
                     assert float((leaf_l - leaf_v).abs().max()) < 1e-12
 
 

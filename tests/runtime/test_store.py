@@ -156,3 +156,35 @@ def test_resume_with_a_store_gives_the_uninterrupted_metrics(tmp_path, limit):
     for k in full.state.params:
         assert torch.equal(full.state.params[k], resumed.state.params[k])
     assert (tmp_path / "cut/checkpoint.clients-5").is_dir()
+
+
+def test_vmap_runtime_keeps_per_client_state_in_a_store(tmp_path):
+    """A run whose algorithm has per-client tensors (SCAFFOLD's control variates) gets a
+    ClientStore from the vectorised runtime, checkpointed as rows, with the loop's results."""
+    from atoll import config
+    from atoll.runtime.loop import LoopRuntime
+    from atoll.simulation import simulate
+
+    text = """
+rounds = 4
+dtype = "float64"
+[data]
+name = "wine"
+num_clients = 6
+[model]
+name = "logreg"
+[algorithm]
+name = "scaffold"
+[sampling]
+clients_per_round = 3
+[checkpoint]
+every = 2
+"""
+    runs = {}
+    for name, rt in (("loop", LoopRuntime()), ("vmap", VmapRuntime())):
+        alg, model, data, plan = config.build(config.load(text=text))
+        runs[name] = simulate(alg, model, data, plan, run_dir=tmp_path / name, runtime=rt, plots=False)
+    for k, v in runs["loop"].state.params.items():
+        assert torch.allclose(v, runs["vmap"].state.params[k], atol=1e-9)
+    assert (tmp_path / "vmap/checkpoint.clients-4").is_dir()  # rows, not a dict per client
+    assert not (tmp_path / "loop/checkpoint.clients-4").exists()

@@ -26,7 +26,7 @@ from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats
 from atoll.runtime.host import usable_cores
 from atoll.runtime.uplink import DecodeBuffers, finish_round
-from atoll.runtime.vmap import VmapRuntime, broadcast_bytes, load_states, save_states
+from atoll.runtime.vmap import VmapRuntime, broadcast_bytes, load_states, save_states, store_for
 
 log = logging.getLogger("atoll")
 
@@ -125,6 +125,7 @@ class RayRuntime:
         down_bytes = broadcast_bytes(algorithm, state, seed, r)
         sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
         stats.bytes_down = sum(sizes) + anchor
+        client_states = store_for(algorithm, state, client_states, len(data.clients))
         cstates = load_states(client_states, cohort)
         shards = shard(cohort, [data.clients[c].n for c in cohort], len(self.actors))
         futures = [a.train.remote(down_bytes, [_own(cstates[i]) for i in pos],

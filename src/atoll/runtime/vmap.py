@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from atoll import rng
 from atoll import tree as T
@@ -90,6 +90,7 @@ class VmapRuntime:
         down_bytes = broadcast_bytes(algorithm, state, seed, r)
         sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
         stats.bytes_down = sum(sizes) + anchor
+        client_states = store_for(algorithm, state, client_states, len(data.clients))
         cstates = load_states(client_states, cohort)
         outcomes = self.train(algorithm, client_update, down_bytes, cstates, cohort, data, work, seed, r)
         state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
@@ -190,6 +191,21 @@ def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
     payload, _ = algorithm.downlink.encode(
         T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
     return wire.dumps(payload)
+
+
+def store_for(algorithm, state, client_states, num_clients: int):
+    """From the first round on, per-client state lives in a ``ClientStore`` (dense rows, in files
+    when large) where the algorithm has any: a fresh run's empty dict becomes a store shaped like
+    ``algorithm.new_client_state``; a store, a non-empty dict (e.g. an old checkpoint) or an
+    algorithm without per-client tensors is left as it is."""
+    if isinstance(client_states, ClientStore) or client_states:
+        return client_states
+    template = algorithm.new_client_state(state.params)
+    template = {**{k: v for k, v in template.items() if k != "uplink"}, "uplink": template["uplink"]}
+    leaves = tree_flatten(template)[0]  # (in the order clients return their states)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        return client_states
+    return ClientStore(num_clients, template)
 
 
 def load_states(client_states, cohort: list[int]) -> list:
