@@ -1,14 +1,14 @@
 """DP-SGD speed: private (ghost clipping, materialised vmap(grad)) vs non-private local training.
 
     .venv/bin/python bench/privacy_dpsgd_speed.py [--threads 4] [--steps 50] [--batch 64] \
-        [--opacus-python /tmp/opacus-venv/bin/python]
+        [--opacus-python ../opacus-venv/bin/python]
 
 The 2NN MLP 784-200-200-10 (McMahan et al. 2017), float32, batch 64, plain SGD, all in the
 same process; prints samples/s and the slowdown of each private path relative to the
 non-private ``local_training`` (target: ghost <= 3x). Input is random (speed does not depend
 on it). With ``--opacus-python``, the same model, batch, steps and threads are also timed with
 Opacus (installed in a *separate* environment, since atoll does not depend on it:
-``python3 -m venv /tmp/opacus-venv; /tmp/opacus-venv/bin/pip install torch==2.13.0 opacus``),
+``python3 -m venv ../opacus-venv; ../opacus-venv/bin/pip install torch==2.13.0 opacus``),
 in a subprocess: plain torch SGD there (the baseline of that process), Opacus hooks
 (``GradSampleModule`` + ``DPOptimizer``, materialised per-sample gradients) and Opacus fast
 gradient clipping (``use_ghost_clipping=True``).

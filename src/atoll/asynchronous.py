@@ -39,7 +39,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.client import model_loss, params_of
-from atoll.evaluate import FederatedEval, centralized, global_train_loss
+from atoll.evaluate import FederatedEval
 from atoll.runtime.base import active_steps
 from atoll.runtime.loop import LoopRuntime, decode_update
 from atoll.runtime.uplink import one_by_one
@@ -271,7 +271,7 @@ class _Driver:
 def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,
                    progress=False, config_text=None, plots=True):
     """``simulation.simulate`` for ``plan.asynchronous``: same run folder, one line per server step."""
-    from atoll.simulation import Result, _append, _finish, _open_logs, _Progress
+    from atoll.simulation import Result, _evaluate_and_log, _finish, _open_logs, _Progress
 
     if resume:
         raise ValueError("asynchronous runs cannot be resumed (the event queue is not "
@@ -307,16 +307,7 @@ def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, 
                 line["stragglers_dropped"] = w.stragglers_dropped
             if w.failures:
                 line["failures"] = [[c, why] for c, why in w.failures]
-            if r % plan.eval_every == 0 or r == plan.rounds:
-                line.update(centralized(model, state.params, data.x_test, data.y_test))
-                if fed_eval is not None:
-                    line.update(fed_eval(model, state.params)[0])
-                if plan.train_eval:
-                    line.update(global_train_loss(model, state.params, data.clients))
-            metrics.append(line)
-            if run_dir is not None:
-                _append(run_dir / "metrics.jsonl", line)
-                _append(run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
+            _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             bar.update(line)
             if r >= plan.rounds:
                 break

@@ -114,16 +114,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
                 line["stragglers_dropped"] = stats.stragglers_dropped
             if stats.failures:
                 line["failures"] = [[c, why] for c, why in stats.failures]
-            if r % plan.eval_every == 0 or r == plan.rounds:
-                line.update(centralized(model, state.params, data.x_test, data.y_test))
-                if fed_eval is not None:
-                    line.update(fed_eval(model, state.params)[0])
-                if plan.train_eval:
-                    line.update(global_train_loss(model, state.params, data.clients))
-            metrics.append(line)
+            _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             if run_dir is not None:
-                _append(run_dir / "metrics.jsonl", line)
-                _append(run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
                 if r % plan.checkpoint_every == 0 or r == plan.rounds:
                     checkpoint.save(run_dir, state, client_states)
             bar.update(line)
@@ -134,6 +126,24 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
     final = _finish(model, state, data, fed_eval, run_dir, plots,
                     {"privacy": privacy.summary()} if privacy is not None else {})
     return Result(state, metrics, final, run_dir)
+
+
+def _evaluate_and_log(line: dict, plan: Plan, model, state, data, fed_eval, metrics: list,
+                      run_dir, start: float) -> None:
+    """Add the evaluation of round ``line["round"]`` when due, keep the line, and append it to
+    ``metrics.jsonl`` (wall time to ``timings.jsonl``); shared by the synchronous and the
+    asynchronous drivers."""
+    r = line["round"]
+    if r % plan.eval_every == 0 or r == plan.rounds:
+        line.update(centralized(model, state.params, data.x_test, data.y_test))
+        if fed_eval is not None:
+            line.update(fed_eval(model, state.params)[0])
+        if plan.train_eval:
+            line.update(global_train_loss(model, state.params, data.clients))
+    metrics.append(line)
+    if run_dir is not None:
+        _append(run_dir / "metrics.jsonl", line)
+        _append(run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
 
 
 def _float32_sizes(params) -> tuple[int, int]:
