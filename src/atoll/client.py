@@ -53,26 +53,41 @@ def local_training(loss_fn: LossFn, transform: Transform) -> ClientUpdate:
 
     def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
                batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key: int) -> ClientResult:
-        ctx = {"broadcast": broadcast, "key": key}
-        opt_state = transform.init(params)
-        p = params
-        loss_sum = torch.zeros((), dtype=_dtype(params))
-        seen = torch.zeros((), dtype=_dtype(params))
-        for s in range(batches["y"].shape[0]):  # (S, B, ...)
-            grads, loss = step_fn(p, batches["x"][s], batches["y"][s], batches["mask"][s])
-            updates, new_state = transform.update(grads, opt_state, p, ctx)
-            active = step_mask[s]
-            p = T.where(active, apply_updates(p, updates), p)
-            opt_state = tree_map(lambda a, b: torch.where(active, a, b), new_state, opt_state)
-            n = batches["mask"][s].sum().to(loss.dtype) * active.to(loss.dtype)
-            loss_sum = loss_sum + loss.detach() * n
-            seen = seen + n
-        metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen,
-                   "steps": step_mask.sum()}
+        p, metrics = run_steps(step_fn, transform, params, batches, step_mask,
+                               {"broadcast": broadcast, "key": key})
         return ClientResult(T.sub(p, params), {}, client_state, metrics)
 
     update.parts = (loss_fn, transform)  # what a runtime's fast path needs to reproduce it
     return update
+
+
+def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, torch.Tensor],
+              step_mask: torch.Tensor, ctx: dict, correction: Tree | None = None,
+              first: tuple[Tree, torch.Tensor] | None = None) -> tuple[Tree, dict]:
+    """The masked local steps: ``(final params, metrics)``. Step ``s`` runs ``transform`` on
+    ``grad_fn``'s gradient (plus a constant ``correction``, as SCAFFOLD and FedaGrac add) only
+    where ``step_mask[s]`` is true. ``first``: ``(grads, loss)`` of step 0, if already computed
+    (FedaGrac needs it before it can form its correction)."""
+    opt_state = transform.init(params)
+    p = params
+    loss_sum = torch.zeros((), dtype=_dtype(params))
+    seen = torch.zeros((), dtype=_dtype(params))
+    for s in range(batches["y"].shape[0]):  # (S, B, ...)
+        if s == 0 and first is not None:
+            grads, loss = first
+        else:
+            grads, loss = grad_fn(p, batches["x"][s], batches["y"][s], batches["mask"][s])
+        if correction is not None:
+            grads = T.add(grads, correction)
+        updates, new_state = transform.update(grads, opt_state, p, ctx)
+        active = step_mask[s]
+        p = T.where(active, apply_updates(p, updates), p)
+        opt_state = tree_map(lambda a, b: torch.where(active, a, b), new_state, opt_state)
+        n = batches["mask"][s].sum().to(loss.dtype) * active.to(loss.dtype)
+        loss_sum = loss_sum + loss.detach() * n
+        seen = seen + n
+    metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum()}
+    return p, metrics
 
 
 def _dtype(tree: Tree) -> torch.dtype:

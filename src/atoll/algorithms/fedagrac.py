@@ -24,7 +24,8 @@ from torch.func import grad_and_value
 
 from atoll import tree as T
 from atoll.algorithm import Algorithm
-from atoll.algorithms._local import corrected_steps, result, steps_taken
+from atoll.algorithms._local import result, steps_taken
+from atoll.client import run_steps
 from atoll.transforms import Transform, sgd
 
 FORMS = ("seed", "published")
@@ -57,8 +58,9 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
                 k = steps_taken(step_mask, next(iter(params.values())).dtype)
                 gap = T.sub(params, client_state["x_prev"])
                 c = T.axpy(client_state["seen"] * lam / (local_lr * k), gap, drift)
-            final, metrics = corrected_steps(grad_fn, opt, params, c, batches, step_mask,
-                                             {"broadcast": broadcast, "key": key}, first=(v_i, loss0))
+            final, metrics = run_steps(grad_fn, opt, params, batches, step_mask,
+                                       {"broadcast": broadcast, "key": key}, correction=c,
+                                       first=(v_i, loss0))
             state = {**client_state, "x_prev": final, "seen": torch.ones_like(client_state["seen"])}
             return result(params, final, v_i, state, metrics)
 

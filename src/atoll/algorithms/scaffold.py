@@ -16,7 +16,8 @@ from torch.func import grad_and_value
 
 from atoll import tree as T
 from atoll.algorithm import Algorithm
-from atoll.algorithms._local import corrected_steps, result, steps_taken
+from atoll.algorithms._local import result, steps_taken
+from atoll.client import run_steps
 from atoll.transforms import Transform, sgd
 
 
@@ -32,8 +33,8 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             c, c_i = broadcast["c"], client_state["c_i"]
-            final, metrics = corrected_steps(grad_fn, opt, params, T.sub(c, c_i), batches, step_mask,
-                                             {"broadcast": broadcast, "key": key})
+            final, metrics = run_steps(grad_fn, opt, params, batches, step_mask,
+                                       {"broadcast": broadcast, "key": key}, correction=T.sub(c, c_i))
             k = steps_taken(step_mask, next(iter(params.values())).dtype)
             delta = T.sub(final, params)
             new_ci = T.sub(T.sub(c_i, c), T.scale(delta, 1.0 / (k * local_lr)))
