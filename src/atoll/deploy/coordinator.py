@@ -75,6 +75,7 @@ class _Round:
     stats: RoundStats = field(default_factory=RoundStats)
     late: int = 0                                 # answers for earlier rounds that came in meanwhile
     closed: bool = False
+    privacy: dict = field(default_factory=dict)   # the round's epsilon (and clip) for its metrics line
 
 
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
@@ -110,6 +111,8 @@ class Coordinator:
             self.state, _ = checkpoint.load(self.run_dir)
             log.warning("resuming %s after round %d", self.run_dir, self.state.round)
         self.metrics = _open_logs(self.run_dir, self.state.round, config_text)
+        # [privacy]: the simulation's accountant, kept in state.extra (so in every checkpoint)
+        self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
         self.current: _Round | None = None
@@ -221,6 +224,9 @@ class Coordinator:
         """Run the remaining rounds; returns the final evaluation (None if stopped early)."""
         start = time.perf_counter()
         while self.state.round < self.plan.rounds:
+            if self.privacy is not None and self.privacy.before_round(self.state.round + 1):
+                log.warning("%s", self.privacy.stopped)
+                break  # the budget would be exceeded: final evaluation below
             rnd = self._open()
             self._wait(rnd)
             if self._stop:
@@ -229,7 +235,8 @@ class Coordinator:
         with self.cond:  # clients may go: the final evaluation and plots need only the server
             self.phase = "finishing"
             self.cond.notify_all()
-        final = _finish(self.model, self.state, self.data, None, self.run_dir, self.plots)
+        extra = {"privacy": self.privacy.summary()} if self.privacy is not None else None
+        final = _finish(self.model, self.state, self.data, None, self.run_dir, self.plots, extra)
         with self.cond:
             self.final, self.phase = final, "done"
             self.cond.notify_all()
@@ -271,6 +278,8 @@ class Coordinator:
         got = [rnd.answers[c] for c in ids]
         state = aggregate(self.algorithm, self.state, ids, [g[0] for g in got],
                           [g[1] for g in got], [g[2] for g in got], self.plan.seed)
+        if self.privacy is not None:
+            state, rnd.privacy = self.privacy.after_round(state)
         s = rnd.stats
         s.succeeded = len(ids)
         for _, _, _, loss, samples in got:
@@ -284,7 +293,7 @@ class Coordinator:
         down = s.bytes_down + (self.metrics[-1]["bytes_down_cum"] if self.metrics else 0)
         line = {"round": r, "train_loss": s.train_loss, "clients_sampled": s.sampled,
                 "clients_succeeded": s.succeeded, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
-                "bytes_up_cum": up, "bytes_down_cum": down}
+                "bytes_up_cum": up, "bytes_down_cum": down, **rnd.privacy}
         if s.stragglers_dropped:
             line["stragglers_dropped"] = s.stragglers_dropped
         if s.failures:
