@@ -29,3 +29,27 @@ def test_shards_balance_samples_and_keep_order():
     assert sorted(i for p in parts for i in p) == [0, 1, 2, 3]
     assert all(p == sorted(p) for p in parts)
     assert {tuple(p) for p in parts} == {(0, 1), (2, 3)}  # 101 and 110 samples
+
+
+def test_local_start_is_retried_once_then_reported():
+    from atoll.runtime.ray import start_local
+
+    class FakeRay:
+        def __init__(self, failures):
+            self.failures, self.calls, self.shutdowns = failures, 0, 0
+
+        def init(self, **kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise Exception("The current node timed out during startup.")
+
+        def shutdown(self):
+            self.shutdowns += 1
+
+    once = FakeRay(1)
+    start_local(once, 2)
+    assert (once.calls, once.shutdowns) == (2, 1)
+    always = FakeRay(5)
+    with pytest.raises(RuntimeError, match="did not start after 2 attempts: The current node"):
+        start_local(always, 2)
+    assert always.calls == 2

@@ -57,6 +57,22 @@ class _Worker:
         return outcomes
 
 
+def start_local(ray, num_cpus: int, attempts: int = 2) -> None:
+    """Start a local Ray instance; on a loaded machine Ray's own start-up can time out, so a
+    failed start is shut down and tried again (``attempts`` in all), then reported."""
+    for i in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its node times out
+            ray.shutdown()
+            if i + 1 == attempts:
+                raise RuntimeError(f"RayRuntime: a local Ray instance did not start after "
+                                   f"{attempts} attempts: {exc}") from exc
+            log.warning("RayRuntime: local Ray did not start (%s); trying again", exc)
+
+
 class RayRuntime:
     name = "ray"
 
@@ -90,8 +106,7 @@ class RayRuntime:
         self.threads = self.threads or max(1, cores // self.workers)
         if not ray.is_initialized():
             if self.address is None:
-                ray.init(num_cpus=self.workers * self.threads, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+                start_local(ray, self.workers * self.threads)
             else:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         cls = ray.remote(num_cpus=self.threads)(_Worker)
