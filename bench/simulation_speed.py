@@ -13,8 +13,9 @@ Workloads (1 local epoch, batch 10, SGD lr 0.05, FedAvg):
   C64  C with the quickstart model (MLP 64-64-10)
 samples/s = all training samples of the measured rounds / their wall seconds (after one warm-up
 round). Centralized: plain torch.optim.SGD over the same samples at batch 10, with 1 and with 2
-torch threads, best of a measurement before any runtime ran and one after. LoopRuntime: the
-faster of 1 and 2 threads. VmapRuntime and RayRuntime choose their own threads (printed).
+torch threads. Centralized and VmapRuntime are measured in turn, three times each, and the best
+of each is kept (`workload`). LoopRuntime: the faster of 1 and 2 threads. VmapRuntime and
+RayRuntime choose their own threads (printed).
 """
 import os
 import resource
@@ -53,10 +54,9 @@ def federated(name, clients):
     if name == "digits":
         return data.build(data.load("digits"), num_clients=clients, partition="iid",
                           test_fraction=0.2, client_test_fraction=0.0)
-    x, y = synthetic()
+    x, y = synthetic()  # clients' rows are consecutive views of x, y, as data.build lays them out
     per, none = x.shape[0] // clients, torch.zeros(0, dtype=torch.long)
-    shares = [data.ClientData(x[i * per:(i + 1) * per].clone(), y[i * per:(i + 1) * per].clone(),
-                              x[:0].clone(), none)
+    shares = [data.ClientData(x[i * per:(i + 1) * per], y[i * per:(i + 1) * per], x[:0], none)
               for i in range(clients)]
     return data.FederatedData("synthetic", shares, x[:1000].clone(), y[:1000].clone(), 784, 10)
 
@@ -137,8 +137,12 @@ def setup(name):
     return fed, model_fn(fed.n_features, hidden), per_round
 
 
-def workload(name) -> dict:
-    """LoopRuntime (faster of 1 and 2 threads) and VmapRuntime (its own choice) on ``name``."""
+def workload(name, repeats=3) -> dict:
+    """LoopRuntime (faster of 1 and 2 threads), then ``repeats`` times in turn: centralized
+    PyTorch (1 and 2 threads, two passes each) and VmapRuntime (its own threads, two windows of
+    6 rounds); best of each. Interleaving
+    gives both sides the same machine: on this shared host the speed of a whole process
+    drifts by up to 40% over tens of seconds (every phase, Python included, slows alike)."""
     fed, make, per_round = setup(name)
     row, loops = {}, {}
     for threads in (1, 2):
@@ -146,9 +150,13 @@ def workload(name) -> dict:
         loops[threads] = run_rounds(LoopRuntime(), make, fed, per_round, 2 if name in "AB" else 3)
     row["loop_threads"] = max(loops, key=loops.get)
     row["loop"] = loops[row["loop_threads"]]
-    vm = VmapRuntime()
-    row["vmap"] = max(run_rounds(vm, make, fed, per_round, 6) for _ in range(2))
-    row["vmap_engine"] = vm._engine[1].name
+    central, vmap = {1: 0.0, 2: 0.0}, 0.0
+    for _ in range(repeats):
+        for t in (1, 2):
+            central[t] = max(central[t], centralized(make, fed, t, repeats=1))
+        vm = VmapRuntime()  # a new runtime sets its threads again (centralized changed them)
+        vmap = max(vmap, *(run_rounds(vm, make, fed, per_round, 6) for _ in range(2)))
+    row["vmap"], row["vmap_engine"], row["central"] = vmap, vm._engine[1].name, (central[1], central[2])
     return row
 
 
@@ -266,16 +274,8 @@ def main(args) -> None:
     if args == ["_memory"]:
         return memory_child()
     names = [a for a in args if a in SPECS] or ([] if set(args) - {"noray"} else list(SPECS))
-    central = {}
-    for name in names:  # plain PyTorch first, before any runtime touches threads or allocator
-        fed, make, _ = setup(name)
-        central[name] = tuple(centralized(make, fed, t) for t in (1, 2))
     print(VmapRuntime().describe())
     rows = {name: workload(name) for name in names}
-    for name in names:  # and once more after the runtimes, keeping the faster (the machine's
-        fed, make, _ = setup(name)  # speed drifts by ~20% over minutes; both sides get best-of)
-        again = tuple(centralized(make, fed, t) for t in (1, 2))
-        rows[name]["central"] = tuple(max(a, b) for a, b in zip(central[name], again))
     if rows and "noray" not in args:
         ray_phase(rows)
     if rows:

@@ -73,7 +73,12 @@ def build(ds: Dataset, *, num_clients: int | None, partition: str = "iid", seed:
         t = torch.from_numpy(idx.astype(np.int64))
         return x[t], ds.y[t]
 
-    clients = [ClientData(*take(tr), *take(te)) for tr, te in zip(lay.train, lay.test)]
+    # the clients' training samples are consecutive rows of one tensor (views), so that a
+    # runtime gathers a chunk's batches from it with one index (``runtime.work.pooled``)
+    sizes = [len(tr) for tr in lay.train]
+    xs, ys = take(np.concatenate(lay.train) if lay.train else np.zeros(0, np.int64))
+    clients = [ClientData(x_, y_, *take(te))
+               for x_, y_, te in zip(xs.split(sizes), ys.split(sizes), lay.test)]
     return FederatedData(ds.name, clients, *take(lay.central), int(ds.x.shape[1]), ds.n_classes)
 
 

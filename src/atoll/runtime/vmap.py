@@ -32,7 +32,7 @@ from atoll import tree as T
 from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work, stack_drawn
 from atoll.runtime.engine import VmapEngine, select_engine
-from atoll.runtime.host import tune_allocator, usable_cores
+from atoll.runtime.host import freeze_heap, tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
 from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, is_identity,
                                   one_by_one, split_state)
@@ -57,14 +57,14 @@ class VmapRuntime:
 
     def __init__(self, device: str = "cpu", memory_budget_bytes: int = 2**30,
                  threads: int | None = None, fused: bool = True, chunk_clients: int | None = None,
-                 cache_bytes: int = 8 * 2**20, tune_malloc: bool = True):
+                 cache_bytes: int = 8 * 2**20, tune_process: bool = True):
         if threads is not None and threads < 1:
             raise ValueError(f"runtime.threads must be >= 1, got {threads}")
         self.device = resolve_device(device)
         self.budget = int(memory_budget_bytes)
         self.threads = threads or usable_cores()
         self.fused, self.chunk_clients, self.cache_bytes = fused, chunk_clients, cache_bytes
-        self.tune_malloc = tune_malloc
+        self.tune_process = tune_process
         self._engine = (None, None)
         self._started = False
         self._buffers = DecodeBuffers()
@@ -77,8 +77,9 @@ class VmapRuntime:
         """Set the thread count once and say so (idempotent)."""
         if not self._started:
             torch.set_num_threads(self.threads)
-            allocator = tune_allocator() if self.tune_malloc else "allocator unchanged"
-            log.info("%s; %s", self.describe(), allocator)
+            process = (f"{tune_allocator()}; {freeze_heap()}" if self.tune_process
+                       else "allocator and garbage collector unchanged")
+            log.info("%s; %s", self.describe(), process)
             self._started = True
 
     def run_round(self, algorithm, client_update, state, client_states, cohort: list[int], data,

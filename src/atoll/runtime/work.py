@@ -88,6 +88,27 @@ def chunk_indices(chunk: list[ClientPlan], B: int) -> tuple[torch.Tensor, torch.
     return idx, step_mask
 
 
+def pooled(xs: list, ys: list):
+    """``((X, Y), first rows (C,))`` when every client's samples are consecutive rows of one
+    pair of tensors ``X``, ``Y`` (as ``data.build`` lays them out) and no client is empty;
+    else None (``chunk_batches`` then concatenates the clients' tensors)."""
+    px, py = xs[0]._base, ys[0]._base
+    if px is None or py is None or px.dim() != xs[0].dim() or py.dim() != 1 \
+            or not px.is_contiguous() or not py.is_contiguous():
+        return None
+    row = math.prod(px.shape[1:])
+    starts = []
+    for x, y in zip(xs, ys):
+        if x._base is not px or y._base is not py or x.numel() == 0 \
+                or x.shape[1:] != px.shape[1:] or not x.is_contiguous() or not y.is_contiguous():
+            return None
+        first, rest = divmod(x.storage_offset() - px.storage_offset(), row)
+        if rest or first != y.storage_offset() - py.storage_offset():
+            return None
+        starts.append(first)
+    return (px, py), torch.tensor(starts)
+
+
 def chunk_batches(chunk: list[ClientPlan], clients, B: int, device="cpu") -> tuple[dict, torch.Tensor]:
     """``({"x": (C, S, B, *F), "y": (C, S, B), "mask": (C, S, B)}, step_mask (C, S))``."""
     idx, step_mask = chunk_indices(chunk, B)
@@ -96,7 +117,12 @@ def chunk_batches(chunk: list[ClientPlan], clients, B: int, device="cpu") -> tup
     ys = [clients[p.cid].y for p in chunk]
     feat = xs[0].shape[1:]
     total = sum(p.n for p in chunk)
-    if total * math.prod(feat) * xs[0].element_size() <= SMALL_CHUNK_BYTES:
+    pool = pooled(xs, ys)
+    if pool is not None:  # one gather from the tensor that holds every client's rows
+        (px, py), start = pool
+        rows = (safe + start.view(-1, 1, 1)).reshape(-1)
+        x, y = px.index_select(0, rows), py.index_select(0, rows)
+    elif total * math.prod(feat) * xs[0].element_size() <= SMALL_CHUNK_BYTES:
         n = torch.tensor([p.n for p in chunk])
         start = torch.where(n == 0, total, n.cumsum(0) - n).view(-1, 1, 1)  # no data: zero row
         rows = (safe + start).reshape(-1)                                 # (C*S*B,)
