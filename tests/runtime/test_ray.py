@@ -53,3 +53,17 @@ def test_local_start_is_retried_once_then_reported():
     with pytest.raises(RuntimeError, match="did not start after 2 attempts: The current node"):
         start_local(always, 2)
     assert always.calls == 2
+
+
+def test_messages_pack_into_one_array_and_back():
+    from atoll.runtime.ray import pack_messages, unpack_messages
+    from atoll.runtime.uplink import Outcome
+
+    msgs = [b"abc", None, b"", bytes(range(200))]
+    outs = [Outcome(i, 10 + i, m, None, 0.0, 1.0, False, None if m is not None else "failed")
+            for i, m in enumerate(msgs)]
+    packed, blob = pack_messages(outs)
+    assert blob.nbytes == 203
+    back = unpack_messages(packed, blob)
+    assert [None if o.message is None else bytes(o.message) for o in back] == msgs
+    assert all(o.message is None or o.message.readonly for o in back)

@@ -5,7 +5,8 @@ local Ray instance with one CPU per worker; with ``address=`` ("auto" or "ray://
 it joins an existing cluster. Start-up is paid once per run, not per round: the first round
 starts Ray, creates the worker actors and ships each of them the data, the algorithm and the
 client update once (``ray.put``); later rounds send only the broadcast bytes, the shard's
-client ids and states, and receive each client's uplink message as bytes.
+client ids and states, and receive the shard's uplink messages back to back in one array
+(``pack_messages``).
 
 A worker is a ``VmapRuntime`` with ``threads`` torch threads (default: the driver's usable
 cores divided by the workers, at least 1, so a local instance never oversubscribes the
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
@@ -52,9 +54,7 @@ class _Worker:
         algorithm, client_update = self.program
         outcomes = self.runtime.train(algorithm, client_update, down_bytes, cstates, cohort,
                                       self.data, work, seed, r)
-        for o in outcomes:  # rows of the worker's message buffer: bytes to ship them
-            o.message = bytes(o.message) if o.message is not None else None
-        return outcomes
+        return pack_messages(outcomes)
 
 
 def start_local(ray, num_cpus: int, attempts: int = 2) -> None:
@@ -147,8 +147,8 @@ class RayRuntime:
                                   [cohort[i] for i in pos], work, seed, r)
                    for a, pos in zip(self.actors, shards) if pos]
         outcomes = []
-        for pos, outs in zip([p for p in shards if p], ray.get(futures)):
-            for o in outs:
+        for pos, packed in zip([p for p in shards if p], ray.get(futures)):
+            for o in unpack_messages(*packed):
                 o.pos = pos[o.pos]
                 outcomes.append(o)
         state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
@@ -164,6 +164,32 @@ class RayRuntime:
         self.actors = []
         if self.address is None and ray.is_initialized():
             ray.shutdown()
+
+
+def pack_messages(outcomes: list) -> tuple[list, np.ndarray]:
+    """``(outcomes without their messages, one uint8 array of all messages back to back)``:
+    one copy out of the worker's reused message rows, and Ray ships a numpy array out of band
+    (to the driver on the same node without another copy), where a list of ``bytes`` would be
+    pickled into the task's result and copied on both sides."""
+    sizes = [len(o.message) if o.message is not None else -1 for o in outcomes]
+    blob = np.empty(sum(max(n, 0) for n in sizes), dtype=np.uint8)
+    at = 0
+    for o, n in zip(outcomes, sizes):
+        if n >= 0:
+            blob[at:at + n] = np.frombuffer(o.message, dtype=np.uint8)
+            at += n
+        o.message = n  # the message's length, or -1 for none
+    return outcomes, blob
+
+
+def unpack_messages(outcomes: list, blob: np.ndarray) -> list:
+    """Inverse of ``pack_messages``: each message a read-only view of ``blob``."""
+    view, at = memoryview(blob).toreadonly(), 0
+    for o in outcomes:
+        n, o.message = o.message, None
+        if n >= 0:
+            o.message, at = view[at:at + n], at + n
+    return outcomes
 
 
 def _owning(obj):
