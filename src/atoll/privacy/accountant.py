@@ -27,12 +27,12 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import RdpAccountant
 
+from atoll.privacy import KINDS
 from atoll.privacy import events as ev
 from atoll.privacy.irwin_hall import round_pld
 
 NeighborRel = privacy_accountant.NeighboringRelation
 NEIGHBORING = {"add_remove": NeighborRel.ADD_OR_REMOVE_ONE, "replace_one": NeighborRel.REPLACE_ONE}
-KINDS = ("pld", "rdp", "rdp_classic")
 # TF-Privacy's orders before 2020 (used by its MNIST tutorial table and compute_dp_sgd_privacy).
 LEGACY_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 

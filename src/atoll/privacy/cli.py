@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from atoll.privacy.accountant import KINDS
+from atoll.privacy import KINDS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
