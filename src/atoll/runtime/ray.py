@@ -23,12 +23,10 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from atoll import rng
-from atoll.runtime.downlink import downlink_bytes
-from atoll.runtime.base import LocalWork, RoundStats
+from atoll.runtime.base import LocalWork
 from atoll.runtime.host import usable_cores
-from atoll.runtime.uplink import DecodeBuffers, finish_round
-from atoll.runtime.vmap import VmapRuntime, broadcast_bytes, load_states, save_states, store_for
+from atoll.runtime.uplink import DecodeBuffers
+from atoll.runtime.vmap import VmapRuntime, begin_round, end_round
 
 log = logging.getLogger("atoll")
 
@@ -135,13 +133,8 @@ class RayRuntime:
 
         self.start()
         self._ship(data, algorithm, client_update)
-        r = state.round + 1
-        stats = RoundStats(sampled=len(cohort))
-        down_bytes = broadcast_bytes(algorithm, state, seed, r)
-        sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
-        stats.bytes_down = sum(sizes) + anchor
-        client_states = store_for(algorithm, state, client_states, len(data.clients))
-        cstates = load_states(client_states, cohort)
+        r, stats, down_bytes, state, client_states, cstates = begin_round(
+            algorithm, state, client_states, cohort, data, seed)
         shards = shard(cohort, [data.clients[c].n for c in cohort], len(self.actors))
         futures = [a.train.remote(down_bytes, [_own(cstates[i]) for i in pos],
                                   [cohort[i] for i in pos], work, seed, r)
@@ -151,9 +144,8 @@ class RayRuntime:
             for o in unpack_messages(*packed):
                 o.pos = pos[o.pos]
                 outcomes.append(o)
-        state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
-                                       self._buffers, key=rng.key(seed, r, rng.SERVER, "server"))
-        return state, save_states(client_states, accepted), stats
+        return end_round(algorithm, state, client_states, outcomes, data, work, stats,
+                         self._buffers, seed, r)
 
     def shutdown(self) -> None:
         """Stop the workers (and the local Ray instance this runtime started)."""

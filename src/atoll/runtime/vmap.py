@@ -86,17 +86,11 @@ class VmapRuntime:
                   work: LocalWork, seed: int):
         """One synchronous round over ``cohort``. Returns (state, client_states, stats)."""
         self.start()
-        r = state.round + 1
-        stats = RoundStats(sampled=len(cohort))
-        down_bytes = broadcast_bytes(algorithm, state, seed, r)
-        sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
-        stats.bytes_down = sum(sizes) + anchor
-        client_states = store_for(algorithm, state, client_states, len(data.clients))
-        cstates = load_states(client_states, cohort)
+        r, stats, down_bytes, state, client_states, cstates = begin_round(
+            algorithm, state, client_states, cohort, data, seed)
         outcomes = self.train(algorithm, client_update, down_bytes, cstates, cohort, data, work, seed, r)
-        state, accepted = finish_round(algorithm, state, outcomes, data, work, stats,
-                                       self._buffers, key=rng.key(seed, r, rng.SERVER, "server"))
-        return state, save_states(client_states, accepted), stats
+        return end_round(algorithm, state, client_states, outcomes, data, work, stats,
+                         self._buffers, seed, r)
 
     def train(self, algorithm, client_update, down_bytes: bytes, cstates: list, cohort: list[int],
               data, work: LocalWork, seed: int, r: int) -> list:
@@ -177,6 +171,27 @@ class VmapRuntime:
             # weights reused from step to step should stay in cache; one step reuses nothing
             size = min(size, max(1, self.cache_bytes // max(model, 1)))
         return size
+
+
+def begin_round(algorithm, state, client_states, cohort: list[int], data, seed: int):
+    """The server's side of a round before training, as the fast runtimes do it:
+    ``(round, stats with the downlink bytes, broadcast bytes, state, client-state store,
+    the cohort's states)``."""
+    r = state.round + 1
+    stats = RoundStats(sampled=len(cohort))
+    down_bytes = broadcast_bytes(algorithm, state, seed, r)
+    sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
+    stats.bytes_down = sum(sizes) + anchor
+    client_states = store_for(algorithm, state, client_states, len(data.clients))
+    return r, stats, down_bytes, state, client_states, load_states(client_states, cohort)
+
+
+def end_round(algorithm, state, client_states, outcomes: list, data, work, stats, buffers,
+              seed: int, r: int):
+    """Validate, aggregate and store the round's ``outcomes``: ``(state, client_states, stats)``."""
+    state, accepted = finish_round(algorithm, state, outcomes, data, work, stats, buffers,
+                                   key=rng.key(seed, r, rng.SERVER, "server"))
+    return state, save_states(client_states, accepted), stats
 
 
 def drawn_batches(client_update, chunk, data, work, seed: int, r: int, params, device):
