@@ -192,26 +192,14 @@ def print_table(rows: dict) -> None:
     print(f"vmap/ceil: fraction of the {CEILING:,} samples/s ceiling (meaningful for A and B)")
 
 
-def residual_codec(step=2.0**-8):
-    """Uplink with error feedback: per-client state of the model's size (the memory figure)."""
-    from atoll.codecs import Codec
-
-    def encode(tree, state, key):
-        corrected = {k: v + state[k] for k, v in tree.items()}
-        payload = {k: torch.round(v / step) * step for k, v in corrected.items()}
-        return payload, {k: corrected[k] - payload[k] for k in tree}
-
-    return Codec("residual", init=lambda p: {k: torch.zeros_like(v) for k, v in p.items()},
-                 encode=encode, decode=dict, linear=True, unbiased=False)
-
-
 def memory_child() -> None:
     """10,000 clients with 2NN-sized state (error feedback), 100 per round, 5 rounds."""
+    from atoll.codecs import build_codec
     from atoll.runtime.store import ClientStore
 
     fed = federated("synthetic", 10_000)
     make = model_fn(784, [200, 200])
-    alg = algorithms.fedavg(transforms.sgd(0.05), uplink=residual_codec())
+    alg = algorithms.fedavg(transforms.sgd(0.05), uplink=build_codec("error_feedback(stochastic_quantize(8))"))
     with tempfile.TemporaryDirectory(dir=os.environ.get("ATOLL_STORE_DIR")) as tmp:
         store = ClientStore(10_000, {"uplink": alg.uplink.init(params_of(make()))}, path=tmp)
         rate = run_rounds(VmapRuntime(), make, fed, 100, 5, states=store, algorithm=alg)
