@@ -88,6 +88,21 @@ class AggregatorConfig(_Section):
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
 
 
+class AttackConfig(_Section):
+    """Simulated Byzantine clients (``atoll.attacks``; simulation only, docs/robustness.md)."""
+
+    name: Literal["none", "sign_flip", "gaussian", "scaled", "alie", "ipm", "min_max", "min_sum",
+                  "label_flip", "backdoor"] = "none"
+    clients: list[int] | None = None     # the attackers' ids (default: the first `count` ids)
+    count: int = Field(0, ge=0)
+    start_round: int = Field(1, ge=1)
+    scale: float = 10.0                  # scaled: factor; backdoor: model-replacement boost
+    sigma: float = Field(200.0, gt=0)    # gaussian
+    eps: float = Field(0.1, gt=0)        # ipm
+    target: int = Field(0, ge=0)         # backdoor: the label the trigger should produce
+    fraction: float = Field(0.5, gt=0, le=1)  # backdoor: share of an attacker's samples poisoned
+
+
 class CommConfig(_Section):
     """Communication: the uplink codec, seed 004's server top-k and per-client downlink deltas."""
 
@@ -208,6 +223,7 @@ class Config(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sampling: SamplingConfig = SamplingConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
+    attack: AttackConfig = AttackConfig()
     comm: CommConfig = CommConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -379,6 +395,24 @@ def build_aggregator(cfg: Config):
     return agg
 
 
+def _with_attack(cfg: Config, algorithm, fed):
+    """``[attack]``: the adversary beside the aggregator, and the attackers' poisoned data."""
+    import dataclasses
+
+    from atoll import attacks
+
+    t, n = cfg.attack, len(fed.clients)
+    ids = t.clients if t.clients is not None else list(range(t.count))
+    if not ids or any(not 0 <= i < n for i in ids):
+        raise ConfigError(f"attack: attackers {ids} must be a non-empty list of client ids in [0, {n}) "
+                          "(attack.clients, or attack.count > 0)")
+    if t.target >= fed.n_classes:
+        raise ConfigError(f"attack.target = {t.target} is not a class (the data has {fed.n_classes})")
+    adv = attacks.Adversary(t.name, frozenset(ids), t.start_round, t.scale, t.sigma, t.eps)
+    fed = attacks.poison(fed, adv, fed.n_classes, t.target, t.fraction)
+    return dataclasses.replace(algorithm, adversary=adv), fed
+
+
 def build(cfg: Config, data=None):
     """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``.
 
@@ -416,6 +450,8 @@ def build(cfg: Config, data=None):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
     algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg), **options)
+    if cfg.attack.name != "none":
+        algorithm, fed = _with_attack(cfg, algorithm, fed)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
     s = cfg.sampling
     devices, schedule, asynchronous = _heterogeneity(cfg, algorithm, model, len(fed.clients))
