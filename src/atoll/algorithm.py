@@ -53,6 +53,7 @@ class Algorithm:
     server_fn: ServerFn | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
     tracker: Any = None  # seed 004: atoll.downlink.DeltaTracker, per-client sparse downlink
+    adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.
@@ -81,15 +82,17 @@ class Algorithm:
         return {"uplink": self.uplink.init(params), **self.client_init(params)}
 
     def server_round(self, state: ServerState, deltas: Tree | None, weights: torch.Tensor | None,
-                     aux: Tree | None = None, key: int = 0) -> ServerState:
+                     aux: Tree | None = None, key: int = 0, ids: list[int] = ()) -> ServerState:
         """Apply one round of decoded client deltas ``(C, ...)``; ``None`` = nobody succeeded.
         ``aux``: the clients' stacked aux trees ``(C, ...)``; ``key``: the round's server key
-        (``rng.key(seed, round, rng.SERVER, "server")``)."""
+        (``rng.key(seed, round, rng.SERVER, "server")``); ``ids``: the clients of the rows."""
         if deltas is None:
             extra = state.extra
             if self.tracker is not None:
                 extra = {**extra, "tracker": self.tracker.commit(extra["tracker"], state.params, state.params)}
             return ServerState(state.params, state.opt_state, state.round + 1, extra)
+        if self.adversary is not None:
+            deltas = self.adversary(deltas, list(ids), state.round + 1, key)
         agg, agg_state = self.aggregator.aggregate(deltas, weights, state.extra["aggregator"])
         extra = {**state.extra, "aggregator": agg_state}
         if self.server_fn is not None:

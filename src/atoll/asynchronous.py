@@ -265,7 +265,7 @@ class _Driver:
         weights = self.alg.aggregator.weights(ids, torch.tensor([b[3] for b in buf], dtype=dtype))
         aux = T.stack([b[2] for b in buf]) if buf[0][2] else None
         key = rng.key(self.plan.seed, state.round + 1, rng.SERVER, "server")
-        return self.alg.server_round(state, T.stack([b[1] for b in buf]), weights, aux, key=key)
+        return self.alg.server_round(state, T.stack([b[1] for b in buf]), weights, aux, key=key, ids=ids)
 
 
 def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,

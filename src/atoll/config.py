@@ -73,6 +73,36 @@ class AlgorithmConfig(_Section):
     form: Literal["seed", "published"] = "seed"  # fedagrac: seed 003's calibration or the paper code's
 
 
+class AggregatorConfig(_Section):
+    """How the server combines the cohort's updates (``atoll.aggregators``; docs/robustness.md)."""
+
+    name: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+                  "geometric_median", "centered_clipping", "norm_bound"] = "mean"
+    f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
+    m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
+    tau: float = Field(10.0, gt=0)              # centered_clipping radius
+    iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
+    c: float | None = Field(None, gt=0)         # norm_bound: L2 bound
+    inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = "mean"
+    nnm: bool = False                           # nearest-neighbour mixing before the rule
+    bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
+
+
+class AttackConfig(_Section):
+    """Simulated Byzantine clients (``atoll.attacks``; simulation only, docs/robustness.md)."""
+
+    name: Literal["none", "sign_flip", "gaussian", "scaled", "alie", "ipm", "min_max", "min_sum",
+                  "label_flip", "backdoor"] = "none"
+    clients: list[int] | None = None     # the attackers' ids (default: the first `count` ids)
+    count: int = Field(0, ge=0)
+    start_round: int = Field(1, ge=1)
+    scale: float = 10.0                  # scaled: factor; backdoor: model-replacement boost
+    sigma: float = Field(200.0, gt=0)    # gaussian
+    eps: float = Field(0.1, gt=0)        # ipm
+    target: int = Field(0, ge=0)         # backdoor: the label the trigger should produce
+    fraction: float = Field(0.5, gt=0, le=1)  # backdoor: share of an attacker's samples poisoned
+
+
 class CommConfig(_Section):
     """Communication: the uplink codec, seed 004's server top-k and per-client downlink deltas."""
 
@@ -192,6 +222,8 @@ class Config(_Section):
     client: ClientConfig = ClientConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sampling: SamplingConfig = SamplingConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    attack: AttackConfig = AttackConfig()
     comm: CommConfig = CommConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -326,6 +358,61 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
     return dataclasses.replace(algorithm, **parts)
 
 
+def build_aggregator(cfg: Config):
+    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass."""
+    from atoll import aggregators as A
+
+    g, a = cfg.aggregator, cfg.algorithm
+    if g.name == "mean" and not (g.nnm or g.bucket):
+        return A.mean(a.weighting)
+    where = {"algorithm.name": a.name if a.name in ("fednova", "scaffold", "fedagrac") else None,
+             "privacy.mode": cfg.privacy.mode if cfg.privacy.mode == "dp_fedavg" else None,
+             "async.mode": cfg.asynchronous.mode if cfg.asynchronous.mode != "none" else None,
+             "algorithm.weighting": a.weighting if a.weighting != "samples" else None}
+    for key, value in where.items():
+        if value is not None:
+            raise ConfigError(f"aggregator.name = {g.name!r} cannot be combined with {key} = {value!r}: "
+                              "that part recomputes or reweighs the aggregate from the raw updates, "
+                              "which would bypass the robust rule (use aggregator.name = 'mean')")
+
+    def rule(name):
+        make = {"mean": lambda: A.mean("uniform"), "median": A.median, "trimmed_mean": lambda: A.trimmed_mean(g.f),
+                "krum": lambda: A.krum(g.f), "multi_krum": lambda: A.multi_krum(g.f, g.m),
+                "bulyan": lambda: A.bulyan(g.f),
+                "geometric_median": lambda: A.geometric_median(iters=max(g.iters, 100)),
+                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters)}
+        if name == "norm_bound":
+            if g.c is None:
+                raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound)')
+            return A.norm_bound(g.c, rule(g.inner))
+        return make[name]()
+
+    agg = rule(g.name)
+    if g.nnm:
+        agg = A.nnm(g.f, agg)
+    if g.bucket:
+        agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
+    return agg
+
+
+def _with_attack(cfg: Config, algorithm, fed):
+    """``[attack]``: the adversary beside the aggregator, and the attackers' poisoned data."""
+    import dataclasses
+
+    from atoll import attacks
+
+    t, n = cfg.attack, len(fed.clients)
+    ids = t.clients if t.clients is not None else list(range(t.count))
+    if not ids or any(not 0 <= i < n for i in ids):
+        raise ConfigError(f"attack: attackers {ids} must be a non-empty list of client ids in [0, {n}) "
+                          "(attack.clients, or attack.count > 0)")
+    if t.target >= fed.n_classes:
+        raise ConfigError(f"attack.target = {t.target} is not a class (the data has {fed.n_classes})")
+    adv = attacks.Adversary(t.name, frozenset(ids), t.start_round, t.scale, t.sigma, t.eps)
+    fed = attacks.poison(fed, adv, fed.n_classes, t.target, t.fraction)
+    return dataclasses.replace(algorithm, adversary=adv), fed
+
+
 def build(cfg: Config, data=None):
     """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``.
 
@@ -335,7 +422,6 @@ def build(cfg: Config, data=None):
     import torch
 
     from atoll import algorithms, models, rng, transforms
-    from atoll.aggregators import mean
     from atoll.runtime.base import LocalWork
     from atoll.simulation import Plan
 
@@ -363,7 +449,9 @@ def build(cfg: Config, data=None):
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
-    algorithm = algorithms.RECIPES[a.name](local, aggregator=mean(a.weighting), **options)
+    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg), **options)
+    if cfg.attack.name != "none":
+        algorithm, fed = _with_attack(cfg, algorithm, fed)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
     s = cfg.sampling
     devices, schedule, asynchronous = _heterogeneity(cfg, algorithm, model, len(fed.clients))

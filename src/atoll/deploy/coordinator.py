@@ -94,7 +94,7 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
     stacked_aux = T.stack(aux) if ids and aux[0] else None
     # the one server step of a deployed round, with the simulation's server key
     return algorithm.server_round(state, stacked, weights, stacked_aux,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"))
+                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"), ids=ids)
 
 
 class Coordinator:

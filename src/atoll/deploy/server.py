@@ -39,6 +39,9 @@ class Server:
             log.warning("INSECURE: no TLS; tokens and updates travel in plaintext. "
                         "Use this for local experiments only.")
             auth = "token"
+        if cfg.attack.name != "none":
+            raise C.ConfigError("[attack] simulates Byzantine clients and runs in simulation only; "
+                                "remove it from a deployment's config")
         self.registry_mtime, self.registry = None, {}
         self._reload()
         algorithm, model, data, plan = C.build(cfg)

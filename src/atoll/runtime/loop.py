@@ -70,7 +70,7 @@ class LoopRuntime:
         weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype))
         stacked_aux = T.stack(aux) if aux[0] else None
         state = algorithm.server_round(state, T.stack(deltas), weights, stacked_aux,
-                                       key=rng.key(seed, r, rng.SERVER, "server"))
+                                       key=rng.key(seed, r, rng.SERVER, "server"), ids=ids)
         return state, new_states, stats
 
     @staticmethod

@@ -199,7 +199,7 @@ def finish_round(algorithm, state, outcomes: list[Outcome], data, work, stats: R
     dtype = next(iter(state.params.values())).dtype
     samples = torch.tensor([data.clients[i].n for i in ids], dtype=dtype)
     weights = algorithm.aggregator.weights(ids, samples)
-    state = algorithm.server_round(state, deltas, weights, stacked_aux, key=key)
+    state = algorithm.server_round(state, deltas, weights, stacked_aux, key=key, ids=ids)
     buffers.settle(state)
     return state, accepted
 

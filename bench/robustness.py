@@ -1,0 +1,136 @@
+"""Robustness: worst-case test accuracy over attacks, per aggregator, heterogeneity and f.
+
+    PYTHONPATH=src python bench/robustness.py                       # the full table (long)
+    PYTHONPATH=src python bench/robustness.py --data digits --split dir0.1 --f 2 \
+        --rules nnm+trimmed_mean,median --rounds 30              # one cell family
+
+The ByzFL protocol (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1),
+all taking part in every round; each cell is the worst test accuracy (final round) over the
+attacks. Honest clients run local SGD steps and send their update; attackers' rows are replaced
+by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``iid``,
+``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
+Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
+Prints a Markdown table per data set and writes bench/out/robustness.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from atoll import config, data
+from atoll.data.datasets import Dataset
+from atoll.runtime.vmap import VmapRuntime
+from atoll.simulation import simulate
+
+ATTACKS = ["sign_flip", "gaussian", "scaled", "alie", "ipm", "min_max", "min_sum", "label_flip"]
+SPLITS = {"iid": "partition = 'iid'", "dir1": "partition = 'dirichlet'\nalpha = 1.0",
+          "dir0.1": "partition = 'dirichlet'\nalpha = 0.1",
+          "2labels": "partition = 'shards'\nshards_per_client = 2"}
+RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
+         "trimmed_mean": "name = 'trimmed_mean'", "krum": "name = 'krum'",
+         "multi_krum": "name = 'multi_krum'", "geometric_median": "name = 'geometric_median'",
+         "centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3",
+         "nnm+trimmed_mean": "name = 'trimmed_mean'\nnnm = true",
+         "nnm+median": "name = 'median'\nnnm = true",
+         "bucketing+median": "name = 'median'\nbucket = 2"}
+HONEST = 10
+
+
+def mnistlike(n=12_000, seed=0) -> Dataset:
+    """MNIST-shaped (784 features in [0, 1], 10 classes): smooth class templates plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    templates = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 28, 28, generator=g), 5, 1, 2).reshape(10, 784)
+    x = (templates[y] + 0.35 * torch.randn(n, 784, generator=g)).clamp(0, 1)
+    return Dataset("mnistlike", x, y, 10)
+
+
+def config_text(split, rule, f, attack, rounds, seed):
+    attack_part = f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n" if f else ""
+    return f"""
+seed = {seed}
+rounds = {rounds}
+[data]
+name = "digits"
+num_clients = {HONEST + f}
+{SPLITS[split]}
+client_test_fraction = 0.0
+[model]
+name = "mlp"
+hidden = [64]
+[client]
+lr = 0.05
+batch_size = 32
+steps = 5
+[algorithm]
+name = "fedavgm"
+server_momentum = 0.9
+server_lr = 0.5
+[aggregator]
+{RULES[rule]}
+f = {f}
+[eval]
+federated = false
+every = {rounds}
+{attack_part}"""
+
+
+def one(name, split, rule, f, attack, rounds, seed=0):
+    cfg = config.load(text=config_text(split, rule, f, attack, rounds, seed))
+    fed = None
+    if name == "mnistlike":
+        d = cfg.data
+        fed = data.build(mnistlike(seed=seed), num_clients=d.num_clients, partition=d.partition,
+                         seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
+                         client_test_fraction=0.0)
+    alg, model, fed, plan = config.build(cfg, data=fed)
+    res = simulate(alg, model, fed, plan, runtime=VmapRuntime(), plots=False)
+    return float(res.final["test_acc"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="digits,mnistlike")
+    ap.add_argument("--split", default=",".join(SPLITS))
+    ap.add_argument("--f", default="1,2,3,4")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--rounds", type=int, default=40)
+    a = ap.parse_args()
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    results = []
+    for name in a.data.split(","):
+        for split in a.split.split(","):
+            clean = {r: one(name, split, r, 0, None, a.rounds) for r in a.rules.split(",")}
+            for f in map(int, a.f.split(",")):
+                for rule in a.rules.split(","):
+                    t0, accs = time.time(), {}
+                    for attack in a.attacks.split(","):
+                        accs[attack] = one(name, split, rule, f, attack, a.rounds)
+                    worst = min(accs, key=accs.get)
+                    row = {"data": name, "split": split, "f": f, "rule": rule, "clean": clean[rule],
+                           "worst": accs[worst], "worst_attack": worst, "all": accs,
+                           "seconds": round(time.time() - t0, 1)}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+            (out / "robustness.json").write_text(json.dumps(results, indent=1))
+    for name in a.data.split(","):
+        print(f"\n### {name}: worst-case accuracy over {len(a.attacks.split(','))} attacks (clean in brackets)\n")
+        fs = sorted({r["f"] for r in results})
+        print("| split | rule | " + " | ".join(f"f={f}" for f in fs) + " |")
+        print("|---|---|" + "---|" * len(fs))
+        for split in a.split.split(","):
+            for rule in a.rules.split(","):
+                cells = {r["f"]: r for r in results if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
+                clean = next(iter(cells.values()))["clean"] if cells else float("nan")
+                print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
+                    f"{cells[f]['worst']:.2f} ({cells[f]['worst_attack']})" for f in fs if f in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Robust rules that reshape the cohort before (or instead of) a robust centre.
+
+- ``centered_clipping(tau, iters)``: ``v <- v + mean_i clip_tau(x_i - v)`` from the previous
+  round's aggregate (Karimireddy, He & Jaggi, ICML 2021).
+- ``norm_bound(c, inner)``: scale every update to L2 norm at most ``c``, then ``inner``
+  (Sun et al. 2019, "Can you really backdoor federated learning?").
+- ``bucketing(s, inner)``: shuffle, average buckets of ``s`` updates, run ``inner`` on the bucket
+  means (Karimireddy, He & Jaggi, ICLR 2022). The shuffle is drawn from the aggregator's own
+  state (seed, round count), so a run is reproducible and resumes exactly.
+- ``nnm(f, inner)``: replace every update by the mean of its ``n - f`` nearest updates (itself
+  included), then ``inner`` (Allouah et al., AISTATS 2023).
+"""
+from __future__ import annotations
+
+import torch
+
+from atoll import rng
+from atoll import tree as T
+from atoll.aggregators.base import Aggregator, mean
+from atoll.aggregators.robust import batched, matrix, need, pairwise_sq_dists
+from atoll.tree import Tree
+
+
+def _uniform(ids, samples):
+    return torch.ones_like(samples)
+
+
+def centered_clipping(tau: float = 10.0, iters: int = 1) -> Aggregator:
+    if not tau > 0:
+        raise ValueError(f"centered_clipping: tau must be > 0, got {tau}")
+
+    def aggregate(decoded: Tree, weights: torch.Tensor, state):
+        rows, like = matrix(decoded, weights)
+        need("centered_clipping", rows.shape[0], 1, "one update")
+        v = state["centre"].to(rows.dtype)
+        for _ in range(iters):
+            diff = rows - v
+            scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)  # (n,)
+            v = v + (scale[:, None] * diff).mean(dim=0)
+        return T.unflatten(v, like), {"centre": v}
+
+    return Aggregator(f"centered_clipping(tau={tau})", aggregate=aggregate, needs_individual=True,
+                      init=lambda params: {"centre": T.flatten(T.zeros_like(params))},
+                      weigh=_uniform)
+
+
+def _wrapped(name: str, inner: Aggregator, transform, init=None) -> Aggregator:
+    """``inner`` after ``transform(rows, weights, state) -> (rows, weights, state)``."""
+
+    def aggregate(decoded: Tree, weights: torch.Tensor, state):
+        rows, like = matrix(decoded, weights)
+        keep = weights[weights > 0]
+        need(name, rows.shape[0], 1, "one update")
+        rows, keep, own = transform(rows, keep, state["own"])
+        out, inner_state = inner.aggregate(batched(rows, like), keep, state["inner"])
+        return out, {"own": own, "inner": inner_state}
+
+    return Aggregator(f"{name}({inner.name})", needs_individual=True, weigh=inner.weigh,
+                      aggregate=aggregate,
+                      init=lambda params: {"own": init() if init else (), "inner": inner.init(params)})
+
+
+def norm_bound(c: float, inner: Aggregator | None = None) -> Aggregator:
+    if not c > 0:
+        raise ValueError(f"norm_bound: c must be > 0, got {c}")
+
+    def transform(rows, weights, own):
+        scale = (c / rows.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+        return rows * scale[:, None], weights, own
+
+    return _wrapped(f"norm_bound(c={c})", inner or mean(), transform)
+
+
+def nnm(f: int, inner: Aggregator) -> Aggregator:
+    def transform(rows, weights, own):
+        n = rows.shape[0]
+        need("nnm", n, f + 1, "f + 1")
+        nearest = pairwise_sq_dists(rows).argsort(dim=1, stable=True)[:, :n - f]  # (n, n - f), self first
+        return rows[nearest].mean(dim=1), weights, own
+
+    return _wrapped(f"nnm(f={f})", inner, transform)
+
+
+def bucketing(s: int, inner: Aggregator, seed: int = 0) -> Aggregator:
+    if s < 1:
+        raise ValueError(f"bucketing: bucket size s must be >= 1, got {s}")
+
+    def transform(rows, weights, count):
+        n = rows.shape[0]
+        order = torch.randperm(n, generator=rng.generator(rng.fold(seed, int(count))))
+        means = torch.stack([rows[order[i:i + s]].mean(dim=0) for i in range(0, n, s)])
+        return means, torch.ones(means.shape[0], dtype=weights.dtype), count + 1
+
+    agg = _wrapped(f"bucketing(s={s})", inner, transform, init=lambda: 0)
+    return Aggregator(agg.name, agg.init, agg.aggregate, needs_individual=True, weigh=_uniform)
