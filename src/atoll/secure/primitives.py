@@ -71,17 +71,19 @@ def prg(seed: bytes, d: int, bits: int) -> np.ndarray:
 
 
 def pack(values: np.ndarray, bits: int) -> bytes:
-    """Ring elements (each < 2^bits) as a little-endian bit string of ``bits`` bits each."""
-    v = values.astype(np.uint64)
-    shifts = np.arange(bits, dtype=np.uint64)
-    b = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)  # (d, bits)
-    return np.packbits(b.reshape(-1), bitorder="little").tobytes()
+    """Ring elements (each < 2^bits <= 2^32) as a little-endian bit string of ``bits`` bits each."""
+    b = np.unpackbits(values.astype("<u4").view(np.uint8), bitorder="little").reshape(-1, 32)
+    return np.packbits(b[:, :bits], bitorder="little").tobytes()
 
 
 def unpack(raw: bytes, d: int, bits: int) -> np.ndarray:
     need = -(-d * bits // 8)
     if len(raw) != need:
         raise ValueError(f"a packed vector of {d} x {bits} bits is {need} bytes, got {len(raw)}")
-    b = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:d * bits]
-    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
-    return (b.reshape(d, bits).astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    buf = np.frombuffer(raw + b"\0" * 5, dtype=np.uint8)
+    start = np.arange(d, dtype=np.uint64) * np.uint64(bits)  # each value's first bit
+    first = (start >> np.uint64(3)).astype(np.intp)
+    word = np.zeros(d, dtype=np.uint64)
+    for j in range(5):  # bits + 7 <= 39 bits span at most 5 bytes
+        word |= buf[first + j].astype(np.uint64) << np.uint64(8 * j)
+    return (word >> (start & np.uint64(7))) & np.uint64((1 << bits) - 1)
