@@ -1,0 +1,1 @@
+"""Secure aggregation: SecAgg+ (pairwise masks, Shamir sharing) and its primitives."""

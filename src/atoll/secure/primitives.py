@@ -1,0 +1,89 @@
+"""The cryptographic building blocks of secure aggregation, all from ``cryptography``.
+
+- key agreement: X25519, the shared secret through HKDF-SHA256 with a purpose label, so the
+  channel key and the mask seed of one pair of keys are independent;
+- authenticated encryption of share messages: AES-256-GCM, a random 96-bit nonce, the
+  associated data binding (session, round, sender, receiver), so a ciphertext replayed to another
+  receiver, round or session fails to open;
+- the mask PRG: AES-256-CTR keyed by a 256-bit seed over a zero counter block, its keystream read
+  as little-endian uint32 words masked to the ring's bits (the ring is 2^bits, so this is uniform);
+- bit-packing of ring elements at exactly ``bits`` bits each.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+RAW = serialization.Encoding.Raw
+
+
+def keypair() -> tuple[bytes, bytes]:
+    """``(private, public)`` raw 32-byte X25519 keys from the OS CSPRNG."""
+    sk = X25519PrivateKey.generate()
+    return (sk.private_bytes(RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+            sk.public_key().public_bytes(RAW, serialization.PublicFormat.Raw))
+
+
+def public_of(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        RAW, serialization.PublicFormat.Raw)
+
+
+def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
+    """A 32-byte key both ends of a pair derive, distinct per ``label``."""
+    if len(peer_public) != 32:
+        raise ValueError(f"a public key must be 32 bytes, got {len(peer_public)}")
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"atoll-secagg/" + label).derive(shared)
+
+
+def aad(session: bytes, round_: int, sender: int, receiver: int) -> bytes:
+    return session + struct.pack("<qqq", round_, sender, receiver)
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+
+
+def open_(key: bytes, ciphertext: bytes, associated: bytes) -> bytes:
+    """Decrypt and authenticate; raises ``cryptography.exceptions.InvalidTag`` on any tampering."""
+    if len(ciphertext) < 28:
+        raise ValueError("ciphertext too short")
+    return AESGCM(key).decrypt(ciphertext[:12], ciphertext[12:], associated)
+
+
+def prg(seed: bytes, d: int, bits: int) -> np.ndarray:
+    """``d`` uniform elements of Z_{2^bits} (bits <= 32) as uint64, from a 256-bit seed."""
+    if len(seed) != 32 or not 1 <= bits <= 32:
+        raise ValueError("prg: the seed must be 32 bytes and 1 <= bits <= 32")
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+    words = np.frombuffer(enc.update(b"\0" * (4 * d)), dtype="<u4").astype(np.uint64)
+    return words & np.uint64((1 << bits) - 1)
+
+
+def pack(values: np.ndarray, bits: int) -> bytes:
+    """Ring elements (each < 2^bits <= 2^32) as a little-endian bit string of ``bits`` bits each."""
+    b = np.unpackbits(values.astype("<u4").view(np.uint8), bitorder="little").reshape(-1, 32)
+    return np.packbits(b[:, :bits], bitorder="little").tobytes()
+
+
+def unpack(raw: bytes, d: int, bits: int) -> np.ndarray:
+    need = -(-d * bits // 8)
+    if len(raw) != need:
+        raise ValueError(f"a packed vector of {d} x {bits} bits is {need} bytes, got {len(raw)}")
+    buf = np.frombuffer(raw + b"\0" * 5, dtype=np.uint8)
+    start = np.arange(d, dtype=np.uint64) * np.uint64(bits)  # each value's first bit
+    first = (start >> np.uint64(3)).astype(np.intp)
+    word = np.zeros(d, dtype=np.uint64)
+    for j in range(5):  # bits + 7 <= 39 bits span at most 5 bytes
+        word |= buf[first + j].astype(np.uint64) << np.uint64(8 * j)
+    return (word >> (start & np.uint64(7))) & np.uint64((1 << bits) - 1)
