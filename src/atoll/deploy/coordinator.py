@@ -18,6 +18,16 @@ the round during which they arrived). Updates are aggregated in cohort order, ex
 
 After every round the state is written atomically (``checkpoint.pt``) after the metrics line; a
 restarted coordinator resumes from the last completed round and trims any later line.
+
+No client can crash, freeze or poison it (docs/deployment.md, "What the server validates"):
+the header is checked (``num_examples`` in ``[1, max_num_examples]``, finite ``loss`` and
+``samples``), the bytes by ``runtime.check.decode_update`` (the model's entries and shapes,
+finite values, exactly the algorithm's ``aux_spec``, decoders that cannot allocate what the
+sender claims), the norms by ``max_update_norm`` and, when the round closes, by
+``max_norm_ratio`` x the lower median of the round's accepted updates (delta and aux apart). A
+server step that raises or leaves a non-finite number in the state is discarded: the round
+keeps the model as it was and its metrics line says why (``server_error``); the checkpoint
+never holds it.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from atoll import checkpoint, rng, sampling
 from atoll import tree as T
@@ -48,6 +59,9 @@ class RoundPolicy:
     min_clients: int = 1
     min_fraction: float = 1.0
     poll_s: float = 10.0  # longest a task request waits on the server before "poll again"
+    max_num_examples: int = 10_000_000   # a header's num_examples must lie in [1, this]
+    max_update_norm: float | None = None  # reject a delta of larger L2 norm at once
+    max_norm_ratio: float | None = 10.0  # at close, reject norms above this x the lower median
 
 
 @dataclass
@@ -69,13 +83,26 @@ class _Round:
     tasks: dict[int, str]
     params: dict
     opened: float | None = None
-    answers: dict = field(default_factory=dict)   # cid -> (delta, aux, num_examples, loss, samples)
+    answers: dict = field(default_factory=dict)   # cid -> Answer
     final: set = field(default_factory=set)       # cids whose answer is in (any outcome)
     busy: set = field(default_factory=set)        # cids uploading right now
     stats: RoundStats = field(default_factory=RoundStats)
     late: int = 0                                 # answers for earlier rounds that came in meanwhile
     closed: bool = False
     privacy: dict = field(default_factory=dict)   # the round's epsilon (and clip) for its metrics line
+    server_error: str | None = None               # the server step failed: the model is unchanged
+
+
+@dataclass
+class Answer:
+    """One accepted update, decoded and validated."""
+    delta: dict
+    aux: dict
+    num_examples: int
+    loss: float
+    samples: float
+    norm: float       # L2 norm of the delta
+    aux_norm: float   # L2 norm of aux's floating entries (0 if none)
 
 
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
@@ -167,12 +194,19 @@ class Coordinator:
             if why is None and not (head.straggler and self.plan.work.drop_stragglers):
                 try:
                     delta, aux = decode_update(self.algorithm, data, rnd.params)
+                    why = self._too_large(delta)
                 except ValueError as exc:
                     why = str(exc)
         finally:
             with self.cond:
                 rnd.busy.discard(cid)
         return self._record(rnd, cid, head, data, delta, aux, why)
+
+    def _too_large(self, delta) -> str | None:
+        bound, norm = self.policy.max_update_norm, _l2(delta)
+        if bound is not None and not norm <= bound:
+            return f"update L2 norm {norm:.4g} exceeds deploy.max_update_norm = {bound:g}"
+        return None
 
     def _refuse(self, rnd: _Round, cid: int, head: Header) -> str | None:
         if head.round > rnd.r:
@@ -183,7 +217,11 @@ class Coordinator:
             return f"client {cid} already answered round {rnd.r} (replayed update)"
         if not secrets.compare_digest(head.task_id, rnd.tasks[cid]):
             return f"task id does not match round {rnd.r}'s task for client {cid} (replayed update)"
-        return None
+        bad = bad_header(head, self.policy.max_num_examples)
+        if bad:  # the client's answer, a bad one
+            rnd.final.add(cid)
+            self.cond.notify_all()
+        return bad
 
     def _record(self, rnd, cid, head, data, delta, aux, why) -> tuple[bool, str]:
         with self.cond:
@@ -200,7 +238,8 @@ class Coordinator:
             if delta is None:
                 rnd.stats.stragglers_dropped += 1
                 return False, "straggler dropped (client.drop_stragglers)"
-            rnd.answers[cid] = (delta, aux, head.num_examples, head.loss, head.samples)
+            rnd.answers[cid] = Answer(delta, aux, head.num_examples, head.loss, head.samples,
+                                      _l2(delta), _l2(aux))
             log.debug("round %d: update from client %d accepted", rnd.r, cid)
             return True, ""
 
@@ -271,21 +310,49 @@ class Coordinator:
             rnd.late, self.late = self.late, 0
 
     def _close(self, rnd: _Round, start: float) -> None:
-        ids = [c for c in rnd.cohort if c in rnd.answers]
+        ids = self._screen_norms(rnd, [c for c in rnd.cohort if c in rnd.answers])
         if len(ids) < min(self.policy.min_clients, len(rnd.cohort)):
             log.warning("round %d: %d valid updates < min_clients; model unchanged", rnd.r, len(ids))
             ids = []
         got = [rnd.answers[c] for c in ids]
-        state = aggregate(self.algorithm, self.state, ids, [g[0] for g in got],
-                          [g[1] for g in got], [g[2] for g in got], self.plan.seed)
+        try:
+            state = aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
+                              [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
+            bad = not_finite(state)
+            if bad:
+                raise ValueError(f"the server step left {bad} not finite")
+        except Exception as exc:  # contained: the round keeps the model, the checkpoint never sees it
+            rnd.server_error = f"{type(exc).__name__}: {exc}"
+            log.error("round %d: server step failed, model unchanged: %s", rnd.r, rnd.server_error)
+            ids, got = [], []
+            state = aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
         if self.privacy is not None:
             state, rnd.privacy = self.privacy.after_round(state)
         s = rnd.stats
         s.succeeded = len(ids)
-        for _, _, _, loss, samples in got:
-            s.loss_sum += loss * samples
-            s.samples += samples
+        for g in got:
+            s.loss_sum += g.loss * g.samples
+            s.samples += g.samples
         self._write(rnd, state, start)
+
+    def _screen_norms(self, rnd: _Round, ids: list[int]) -> list[int]:
+        """``ids`` without the updates whose delta or aux norm exceeds ``max_norm_ratio`` x the
+        round's lower median (a bound no minority of clients can move)."""
+        ratio = self.policy.max_norm_ratio
+        if ratio is None or len(ids) < 2:
+            return ids
+        out = []
+        for what, norms in (("update", {c: rnd.answers[c].norm for c in ids}),
+                            ("aux", {c: rnd.answers[c].aux_norm for c in ids})):
+            median = sorted(norms.values())[(len(norms) - 1) // 2]
+            for c, n in norms.items():
+                if median > 0 and n > ratio * median and c not in out:
+                    out.append(c)
+                    why = (f"{what} L2 norm {n:.4g} exceeds {ratio:g} x the round's median "
+                           f"{median:.4g} (deploy.max_norm_ratio)")
+                    rnd.stats.failures.append((c, why))
+                    log.warning("round %d: update from client %d dropped: %s", rnd.r, c, why)
+        return [c for c in ids if c not in out]
 
     def _write(self, rnd: _Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan
@@ -300,6 +367,8 @@ class Coordinator:
             line["failures"] = [[c, why] for c, why in s.failures]
         if rnd.late:
             line["late_answers"] = rnd.late
+        if rnd.server_error:
+            line["server_error"] = rnd.server_error
         if r % p.eval_every == 0 or r == p.rounds:
             line.update(centralized(self.model, state.params, self.data.x_test, self.data.y_test))
         _append(self.run_dir / "metrics.jsonl", line)
@@ -308,6 +377,37 @@ class Coordinator:
         with self.cond:
             self.metrics.append(line)
             self.state = state
+
+
+def bad_header(head: Header, max_examples: int) -> str | None:
+    """What is wrong with an update's header, or None."""
+    n = head.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_examples:
+        return (f"num_examples must be an integer in [1, {max_examples}] "
+                f"(deploy.max_num_examples), got {n!r}")
+    for name in ("loss", "samples"):
+        v = getattr(head, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"{name} must be a finite number, got {v!r}"
+    if head.samples < 0:
+        return f"samples must be >= 0, got {head.samples!r}"
+    return None
+
+
+def not_finite(state) -> str | None:
+    """The name of the first tensor of ``state`` (params, optimizer, extra) with NaN or inf."""
+    for part in ("params", "opt_state", "extra"):
+        leaves, _ = tree_flatten_with_path(getattr(state, part))
+        for path, v in leaves:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return part + keystr(path)
+    return None
+
+
+def _l2(tree: dict) -> float:
+    """L2 norm over the floating entries of ``tree``, in float64 (0 if none)."""
+    floats = {k: v.double() for k, v in tree.items() if v.is_floating_point()}
+    return float(T.norm(floats)) if floats else 0.0
 
 
 def _read(chunks, limit: int) -> tuple[bytes, str | None]:
