@@ -47,7 +47,7 @@ from atoll import tree as T
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
 from atoll.runtime.loop import decode_update
-from atoll.simulation import _append, _finish, _open_logs
+from atoll.simulation import _append, _finish, _open_logs, json_safe
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -371,6 +371,7 @@ class Coordinator:
             line["server_error"] = rnd.server_error
         if r % p.eval_every == 0 or r == p.rounds:
             line.update(centralized(self.model, state.params, self.data.x_test, self.data.y_test))
+        line = json_safe(line)  # the line status() serves too: no NaN anywhere
         _append(self.run_dir / "metrics.jsonl", line)
         _append(self.run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
         checkpoint.save(self.run_dir, state, {})
