@@ -246,3 +246,16 @@ def _wait(predicate, timeout=30.0):
     while not predicate():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.02)
+
+
+def test_norm_outliers_use_the_lower_median():
+    from types import SimpleNamespace as A
+
+    from atoll.deploy.guard import outliers
+    ans = {0: A(norm=1e6, aux_norm=0.0), 1: A(norm=1.0, aux_norm=0.0)}
+    assert [c for c, _ in outliers(ans, 10.0)] == [0]  # two answers: the honest one is the median
+    ans = {0: A(norm=50.0, aux_norm=1.0), 1: A(norm=1.0, aux_norm=1.0), 2: A(norm=2.0, aux_norm=30.0)}
+    got = dict(outliers(ans, 10.0))
+    assert sorted(got) == [0, 2] and "update L2 norm 50" in got[0] and "aux L2 norm 30" in got[2]
+    assert outliers({0: A(norm=1e9, aux_norm=0.0)}, 10.0) == []   # one answer: no median to trust
+    assert outliers(ans, None) == []

@@ -141,7 +141,8 @@ def _leaves(payload) -> list:
             raise ValueError(f"dithered_quantize payload: record {name!r} must be 1 to 33 int64 values")
         code, *shape = t.tolist()
         if not 0 <= code < len(DTYPES) or any(s < 0 for s in shape):
-            raise ValueError(f"dithered_quantize payload: record {name!r} has dtype code {code}, shape {shape}")
+            raise ValueError(f"dithered_quantize payload: record {name!r} has dtype code {code}, "
+                             f"shape {shape}")
         out.append((name[5:], [code, *shape]))
     return out
 

@@ -20,14 +20,10 @@ After every round the state is written atomically (``checkpoint.pt``) after the 
 restarted coordinator resumes from the last completed round and trims any later line.
 
 No client can crash, freeze or poison it (docs/deployment.md, "What the server validates"):
-the header is checked (``num_examples`` in ``[1, max_num_examples]``, finite ``loss`` and
-``samples``), the bytes by ``runtime.check.decode_update`` (the model's entries and shapes,
-finite values, exactly the algorithm's ``aux_spec``, decoders that cannot allocate what the
-sender claims), the norms by ``max_update_norm`` and, when the round closes, by
-``max_norm_ratio`` x the lower median of the round's accepted updates (delta and aux apart). A
+headers, bytes and norms are checked (``deploy.guard``, ``runtime.check.decode_update``); a
 server step that raises or leaves a non-finite number in the state is discarded: the round
-keeps the model as it was and its metrics line says why (``server_error``); the checkpoint
-never holds it.
+keeps the model as it was, its metrics line says why (``server_error``), the checkpoint never
+holds it.
 """
 from __future__ import annotations
 
@@ -40,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from atoll import checkpoint, rng, sampling
 from atoll import tree as T
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
+from atoll.deploy import guard
 from atoll.runtime.loop import decode_update
 from atoll.simulation import _append, _finish, _open_logs, json_safe
 from atoll.transport import wire
@@ -203,7 +199,7 @@ class Coordinator:
         return self._record(rnd, cid, head, data, delta, aux, why)
 
     def _too_large(self, delta) -> str | None:
-        bound, norm = self.policy.max_update_norm, _l2(delta)
+        bound, norm = self.policy.max_update_norm, guard.l2(delta)
         if bound is not None and not norm <= bound:
             return f"update L2 norm {norm:.4g} exceeds deploy.max_update_norm = {bound:g}"
         return None
@@ -217,7 +213,7 @@ class Coordinator:
             return f"client {cid} already answered round {rnd.r} (replayed update)"
         if not secrets.compare_digest(head.task_id, rnd.tasks[cid]):
             return f"task id does not match round {rnd.r}'s task for client {cid} (replayed update)"
-        bad = bad_header(head, self.policy.max_num_examples)
+        bad = guard.bad_header(head, self.policy.max_num_examples)
         if bad:  # the client's answer, a bad one
             rnd.final.add(cid)
             self.cond.notify_all()
@@ -239,7 +235,7 @@ class Coordinator:
                 rnd.stats.stragglers_dropped += 1
                 return False, "straggler dropped (client.drop_stragglers)"
             rnd.answers[cid] = Answer(delta, aux, head.num_examples, head.loss, head.samples,
-                                      _l2(delta), _l2(aux))
+                                      guard.l2(delta), guard.l2(aux))
             log.debug("round %d: update from client %d accepted", rnd.r, cid)
             return True, ""
 
@@ -310,7 +306,11 @@ class Coordinator:
             rnd.late, self.late = self.late, 0
 
     def _close(self, rnd: _Round, start: float) -> None:
-        ids = self._screen_norms(rnd, [c for c in rnd.cohort if c in rnd.answers])
+        ids = [c for c in rnd.cohort if c in rnd.answers]
+        for c, why in guard.outliers({c: rnd.answers[c] for c in ids}, self.policy.max_norm_ratio):
+            ids.remove(c)
+            rnd.stats.failures.append((c, why))
+            log.warning("round %d: update from client %d dropped: %s", rnd.r, c, why)
         if len(ids) < min(self.policy.min_clients, len(rnd.cohort)):
             log.warning("round %d: %d valid updates < min_clients; model unchanged", rnd.r, len(ids))
             ids = []
@@ -318,7 +318,7 @@ class Coordinator:
         try:
             state = aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
                               [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
-            bad = not_finite(state)
+            bad = guard.not_finite(state)
             if bad:
                 raise ValueError(f"the server step left {bad} not finite")
         except Exception as exc:  # contained: the round keeps the model, the checkpoint never sees it
@@ -334,25 +334,6 @@ class Coordinator:
             s.loss_sum += g.loss * g.samples
             s.samples += g.samples
         self._write(rnd, state, start)
-
-    def _screen_norms(self, rnd: _Round, ids: list[int]) -> list[int]:
-        """``ids`` without the updates whose delta or aux norm exceeds ``max_norm_ratio`` x the
-        round's lower median (a bound no minority of clients can move)."""
-        ratio = self.policy.max_norm_ratio
-        if ratio is None or len(ids) < 2:
-            return ids
-        out = []
-        for what, norms in (("update", {c: rnd.answers[c].norm for c in ids}),
-                            ("aux", {c: rnd.answers[c].aux_norm for c in ids})):
-            median = sorted(norms.values())[(len(norms) - 1) // 2]
-            for c, n in norms.items():
-                if median > 0 and n > ratio * median and c not in out:
-                    out.append(c)
-                    why = (f"{what} L2 norm {n:.4g} exceeds {ratio:g} x the round's median "
-                           f"{median:.4g} (deploy.max_norm_ratio)")
-                    rnd.stats.failures.append((c, why))
-                    log.warning("round %d: update from client %d dropped: %s", rnd.r, c, why)
-        return [c for c in ids if c not in out]
 
     def _write(self, rnd: _Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan
@@ -378,37 +359,6 @@ class Coordinator:
         with self.cond:
             self.metrics.append(line)
             self.state = state
-
-
-def bad_header(head: Header, max_examples: int) -> str | None:
-    """What is wrong with an update's header, or None."""
-    n = head.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_examples:
-        return (f"num_examples must be an integer in [1, {max_examples}] "
-                f"(deploy.max_num_examples), got {n!r}")
-    for name in ("loss", "samples"):
-        v = getattr(head, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"{name} must be a finite number, got {v!r}"
-    if head.samples < 0:
-        return f"samples must be >= 0, got {head.samples!r}"
-    return None
-
-
-def not_finite(state) -> str | None:
-    """The name of the first tensor of ``state`` (params, optimizer, extra) with NaN or inf."""
-    for part in ("params", "opt_state", "extra"):
-        leaves, _ = tree_flatten_with_path(getattr(state, part))
-        for path, v in leaves:
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                return part + keystr(path)
-    return None
-
-
-def _l2(tree: dict) -> float:
-    """L2 norm over the floating entries of ``tree``, in float64 (0 if none)."""
-    floats = {k: v.double() for k, v in tree.items() if v.is_floating_point()}
-    return float(T.norm(floats)) if floats else 0.0
 
 
 def _read(chunks, limit: int) -> tuple[bytes, str | None]:

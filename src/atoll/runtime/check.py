@@ -57,7 +57,8 @@ def check_delta(delta: dict, params) -> dict:
     out = {}
     for k, v in delta.items():
         if v.shape != params[k].shape:
-            raise ValueError(f"update entry {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+            raise ValueError(f"update entry {k!r} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(params[k].shape)}")
         if not v.is_floating_point():
             raise ValueError(f"update entry {k!r} has dtype {v.dtype}, expected a floating dtype")
         out[k] = v.to(params[k].dtype)
