@@ -11,7 +11,11 @@ hooks for algorithms that carry more than a model between rounds:
 * ``server_fn(state, agg, deltas, weights, aux, key) -> (agg, extra)`` rewrites the aggregated
   delta and the server's extra state from the clients' ``aux`` trees (FedNova's normalisation,
   SCAFFOLD's global control variate, server-side DP noise, ...). Entries of
-  ``extra["broadcast"]`` are sent to every sampled client next to ``params``.
+  ``extra["broadcast"]`` are sent to every sampled client next to ``params``;
+* ``aux_spec(params) -> {name: (shape, dtype, low, high)}`` the ``aux`` tree a client sends:
+  every entry, its shape, its dtype (``None``: the model's floating dtype, any floating dtype
+  accepted and cast) and the closed range of its values. A deployed server refuses any other
+  aux tree (``runtime.check``); default: no aux.
 
 ``server_round`` aggregates the decoded client deltas, applies ``server_fn``, turns the mean
 delta into a pseudo-gradient ``-mean(delta)`` and lets the server optimizer step on it
@@ -20,6 +24,7 @@ runtimes, files or the wire.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +45,14 @@ def _no_client_state(params: Tree) -> dict:
     return {}
 
 
+AuxSpec = dict[str, tuple[tuple[int, ...], Any, float, float]]  # name: (shape, dtype, low, high)
+
+
+def like_params(params: Tree) -> AuxSpec:
+    """An aux tree with the model's entries and shapes, any finite value (SCAFFOLD, FedaGrac)."""
+    return {k: (tuple(v.shape), None, -math.inf, math.inf) for k, v in params.items()}
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
@@ -52,6 +65,7 @@ class Algorithm:
     client_init: Callable[[Tree], dict] = _no_client_state
     server_fn: ServerFn | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
+    aux_spec: Callable[[Tree], AuxSpec] = _no_client_state
     tracker: Any = None  # seed 004: atoll.downlink.DeltaTracker, per-client sparse downlink
     adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
 

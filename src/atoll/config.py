@@ -154,6 +154,9 @@ class DeployConfig(_Section):
     min_fraction: float = Field(1.0, gt=0, le=1)
     chunk_kb: int = Field(1024, ge=1, le=3072)
     poll_s: float = Field(10.0, gt=0)
+    max_num_examples: int = Field(10_000_000, ge=1)  # an update's num_examples must be <= this
+    max_update_norm: float | None = Field(None, gt=0)  # reject updates of larger L2 norm
+    max_norm_ratio: float | None = Field(10.0, gt=1)  # reject norms > this x the round's median
 
 
 class PrivacyConfig(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,8 +199,20 @@ def _open_logs(run_dir: Path, resumed_round: int, config_text: str | None) -> li
 
 
 def _append(path: Path, obj: dict) -> None:
+    """One JSON line; a NaN or infinite number (a diverged loss) is written as null."""
     with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+        f.write(json.dumps(json_safe(obj), allow_nan=False) + "\n")
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 class _Progress:

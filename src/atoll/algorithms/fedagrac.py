@@ -23,7 +23,7 @@ import torch
 from torch.func import grad_and_value
 
 from atoll import tree as T
-from atoll.algorithm import Algorithm
+from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
 from atoll.client import run_steps
 from atoll.transforms import Transform, sgd
@@ -75,6 +75,6 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
         return agg, {**extra, "broadcast": {**extra["broadcast"], "vtilde": vtilde}}
 
     return Algorithm(f"fedagrac-{form}", local_opt or sgd(local_lr), sgd(server_lr),
-                     client_fn=client_fn, client_init=client_init, server_fn=server_fn,
+                     client_fn=client_fn, client_init=client_init, server_fn=server_fn, aux_spec=like_params,
                      server_init=lambda params: {"broadcast": {"vtilde": T.zeros_like(params)}},
                      **parts)

@@ -11,6 +11,8 @@ learning rate (the fixed point still moves by O(lr); see docs/heterogeneity.md).
 """
 from __future__ import annotations
 
+import math
+
 from atoll import tree as T
 from atoll.algorithm import Algorithm
 from atoll.client import local_training
@@ -22,6 +24,12 @@ def _norm_a(k, rho: float):
     if rho == 0.0:
         return k
     return (k - rho * (1 - rho ** k) / (1 - rho)) / (1 - rho)
+
+
+def _aux_spec(params) -> dict:
+    """``a``: a scalar of at least 1 (one local step: ``_norm_a(1, rho) = 1``); a smaller ``a``
+    would multiply that client's delta by ``tau_eff / a`` on the server."""
+    return {"a": ((), None, 1.0, math.inf)}
 
 
 def fednova(local_opt: Transform | None = None, server_lr: float = 1.0, momentum: float = 0.0,
@@ -46,4 +54,4 @@ def fednova(local_opt: Transform | None = None, server_lr: float = 1.0, momentum
         return T.weighted_sum(deltas, p * tau_eff / a), extra
 
     return Algorithm("fednova", local_opt or sgd(0.05), sgd(server_lr), client_fn=client_fn,
-                     server_fn=server_fn, **parts)
+                     server_fn=server_fn, aux_spec=_aux_spec, **parts)

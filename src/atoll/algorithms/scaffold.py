@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch.func import grad_and_value
 
 from atoll import tree as T
-from atoll.algorithm import Algorithm
+from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
 from atoll.client import run_steps
 from atoll.transforms import Transform, sgd
@@ -50,5 +50,5 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
 
     return Algorithm("scaffold", local_opt or sgd(local_lr), sgd(server_lr), client_fn=client_fn,
                      client_init=lambda params: {"c_i": T.zeros_like(params)},
-                     server_fn=server_fn,
+                     server_fn=server_fn, aux_spec=like_params,
                      server_init=lambda params: {"broadcast": {"c": T.zeros_like(params)}}, **parts)

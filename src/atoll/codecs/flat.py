@@ -8,9 +8,15 @@ tensor of shape ``(0, *shape)`` and the entry's dtype, so a record costs only it
 (no data bytes). The codec's own data follow as ``p/...`` entries. So
 ``chain(top_k(0.01), stochastic_quantize(4))`` quantises top-k's values ``topk/v`` and leaves
 its index stream ``topk/q`` alone, and decoding restores names, order, shapes and dtypes.
+
+Decoding bytes from the wire: a shape record is free to send and claims any size, so a server
+decodes inside ``coordinate_limit(n)`` (``runtime.check``), and ``size`` refuses records that
+claim more than ``n`` coordinates (the model's) before any codec allocates for them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -40,9 +46,32 @@ def gather(tree: Tree, prefix: str, what: str) -> tuple[torch.Tensor, Tree]:
     return vec, out
 
 
+_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("atoll_coordinates", default=None)
+
+
+@contextlib.contextmanager
+def coordinate_limit(n: int):
+    """Within this block (this thread), a payload may not claim more than ``n`` coordinates."""
+    token = _LIMIT.set(n)
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def check_limit(d: int, what: str) -> int:
+    """``d``, or a ValueError if it exceeds the current ``coordinate_limit``."""
+    limit = _LIMIT.get()
+    if limit is not None and d > limit:
+        raise ValueError(f"{what} payload claims {d} coordinates, more than the model's {limit}")
+    return d
+
+
 def size(payload: Tree, prefix: str) -> int:
-    """Coordinates recorded by the codec of ``prefix`` (the length of its flat vector)."""
-    return sum(math.prod(v.shape[1:]) for k, v in payload.items() if k.startswith(prefix + ":"))
+    """Coordinates recorded by the codec of ``prefix`` (the length of its flat vector), at most
+    the current ``coordinate_limit``."""
+    d = sum(math.prod(v.shape[1:]) for k, v in payload.items() if k.startswith(prefix + ":"))
+    return check_limit(d, prefix)
 
 
 def scatter(payload: Tree, prefix: str, vec: torch.Tensor, what: str) -> Tree:
@@ -54,6 +83,8 @@ def scatter(payload: Tree, prefix: str, vec: torch.Tensor, what: str) -> Tree:
             if v.dim() == 0 or v.shape[0] != 0:
                 raise ValueError(f"{what} payload: shape record {k!r} must have a leading 0 dimension")
             n = math.prod(v.shape[1:])
+            if i + n > vec.numel():
+                raise ValueError(f"{what} payload: records cover more than the {vec.numel()} coordinates")
             out[k[len(prefix) + 1:]] = vec[i:i + n].reshape(v.shape[1:]).to(v.dtype)
             i += n
         elif not k.startswith(prefix + "/"):

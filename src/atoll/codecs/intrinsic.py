@@ -33,6 +33,7 @@ import torch
 
 from atoll import rng
 from atoll.codecs import bits as B
+from atoll.codecs import flat
 from atoll.codecs.base import Codec
 from atoll.transport.wire import CODE, DTYPES
 
@@ -119,14 +120,31 @@ def _read(payload, delta, Z, clip):  # noqa: N803
     try:
         n_k = float(payload["count"][0])
         seed = int(payload["seed"][0])
-        leaves = [(name[5:], payload[name].tolist()) for name in payload if name.startswith("leaf/")]
+        q = payload["q"]
     except (KeyError, IndexError) as exc:
         raise ValueError(f"dithered_quantize payload is missing {exc}") from exc
-    if not n_k > 0:
-        raise ValueError(f"dithered_quantize payload: count must be > 0, got {n_k}")
+    if not 0 < n_k < math.inf:
+        raise ValueError(f"dithered_quantize payload: count must be finite and > 0, got {n_k}")
+    leaves = _leaves(payload)
     k, nbits = levels(delta, Z, clip, n_k)
-    d = sum(math.prod(spec[1:]) for _, spec in leaves)
-    return n_k, B.unpack(payload["q"], nbits, d) - k, seed, leaves
+    d = flat.check_limit(sum(math.prod(spec[1:]) for _, spec in leaves), "dithered_quantize")
+    return n_k, B.unpack(q, nbits, d) - k, seed, leaves
+
+
+def _leaves(payload) -> list:
+    """The ``leaf/NAME`` records ``[dtype code, *shape]``, validated before they size anything."""
+    out = []
+    for name, t in payload.items():
+        if not name.startswith("leaf/"):
+            continue
+        if t.dtype != torch.int64 or t.dim() != 1 or not 1 <= t.numel() <= 33:
+            raise ValueError(f"dithered_quantize payload: record {name!r} must be 1 to 33 int64 values")
+        code, *shape = t.tolist()
+        if not 0 <= code < len(DTYPES) or any(s < 0 for s in shape):
+            raise ValueError(f"dithered_quantize payload: record {name!r} has dtype code {code}, "
+                             f"shape {shape}")
+        out.append((name[5:], [code, *shape]))
+    return out
 
 
 def _unflatten(flat: torch.Tensor, leaves) -> dict:

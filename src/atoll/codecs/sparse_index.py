@@ -73,6 +73,12 @@ def decode(payload: dict, prefix: str, k: int, d: int, what: str) -> torch.Tenso
     m = int(m[0])
     if not 0 <= m <= B.MAX_BITS:
         raise ValueError(f"{what} payload: Rice parameter {m} out of range")
+    if not 0 <= k <= d:
+        raise ValueError(f"{what} payload: {k} indices for {d} coordinates")
+    # k indices below d have gaps summing to at most d - k: the unary stream is bounded
+    if qs.numel() > B.packed_size(k + ((d - k) >> m), 1):
+        raise ValueError(f"{what} payload: an index stream of {qs.numel()} bytes is longer than "
+                         f"{k} indices below {d} can need")
     stream = B.unpack(qs, 1, qs.numel() * 8)
     zeros = torch.nonzero(stream == 0).reshape(-1)[:k]
     end = int(zeros[-1]) + 1 if k else 0  # after the k-th terminator only 1-padding may follow

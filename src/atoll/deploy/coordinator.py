@@ -18,6 +18,12 @@ the round during which they arrived). Updates are aggregated in cohort order, ex
 
 After every round the state is written atomically (``checkpoint.pt``) after the metrics line; a
 restarted coordinator resumes from the last completed round and trims any later line.
+
+No client can crash, freeze or poison it (docs/deployment.md, "What the server validates"):
+headers, bytes and norms are checked (``deploy.guard``, ``runtime.check.decode_update``); a
+server step that raises or leaves a non-finite number in the state is discarded: the round
+keeps the model as it was, its metrics line says why (``server_error``), the checkpoint never
+holds it.
 """
 from __future__ import annotations
 
@@ -35,8 +41,9 @@ from atoll import checkpoint, rng, sampling
 from atoll import tree as T
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
+from atoll.deploy import guard
 from atoll.runtime.loop import decode_update
-from atoll.simulation import _append, _finish, _open_logs
+from atoll.simulation import _append, _finish, _open_logs, json_safe
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -48,6 +55,9 @@ class RoundPolicy:
     min_clients: int = 1
     min_fraction: float = 1.0
     poll_s: float = 10.0  # longest a task request waits on the server before "poll again"
+    max_num_examples: int = 10_000_000   # a header's num_examples must lie in [1, this]
+    max_update_norm: float | None = None  # reject a delta of larger L2 norm at once
+    max_norm_ratio: float | None = 10.0  # at close, reject norms above this x the lower median
 
 
 @dataclass
@@ -69,13 +79,26 @@ class _Round:
     tasks: dict[int, str]
     params: dict
     opened: float | None = None
-    answers: dict = field(default_factory=dict)   # cid -> (delta, aux, num_examples, loss, samples)
+    answers: dict = field(default_factory=dict)   # cid -> Answer
     final: set = field(default_factory=set)       # cids whose answer is in (any outcome)
     busy: set = field(default_factory=set)        # cids uploading right now
     stats: RoundStats = field(default_factory=RoundStats)
     late: int = 0                                 # answers for earlier rounds that came in meanwhile
     closed: bool = False
     privacy: dict = field(default_factory=dict)   # the round's epsilon (and clip) for its metrics line
+    server_error: str | None = None               # the server step failed: the model is unchanged
+
+
+@dataclass
+class Answer:
+    """One accepted update, decoded and validated."""
+    delta: dict
+    aux: dict
+    num_examples: int
+    loss: float
+    samples: float
+    norm: float       # L2 norm of the delta
+    aux_norm: float   # L2 norm of aux's floating entries (0 if none)
 
 
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
@@ -167,12 +190,19 @@ class Coordinator:
             if why is None and not (head.straggler and self.plan.work.drop_stragglers):
                 try:
                     delta, aux = decode_update(self.algorithm, data, rnd.params)
+                    why = self._too_large(delta)
                 except ValueError as exc:
                     why = str(exc)
         finally:
             with self.cond:
                 rnd.busy.discard(cid)
         return self._record(rnd, cid, head, data, delta, aux, why)
+
+    def _too_large(self, delta) -> str | None:
+        bound, norm = self.policy.max_update_norm, guard.l2(delta)
+        if bound is not None and not norm <= bound:
+            return f"update L2 norm {norm:.4g} exceeds deploy.max_update_norm = {bound:g}"
+        return None
 
     def _refuse(self, rnd: _Round, cid: int, head: Header) -> str | None:
         if head.round > rnd.r:
@@ -183,7 +213,11 @@ class Coordinator:
             return f"client {cid} already answered round {rnd.r} (replayed update)"
         if not secrets.compare_digest(head.task_id, rnd.tasks[cid]):
             return f"task id does not match round {rnd.r}'s task for client {cid} (replayed update)"
-        return None
+        bad = guard.bad_header(head, self.policy.max_num_examples)
+        if bad:  # the client's answer, a bad one
+            rnd.final.add(cid)
+            self.cond.notify_all()
+        return bad
 
     def _record(self, rnd, cid, head, data, delta, aux, why) -> tuple[bool, str]:
         with self.cond:
@@ -200,7 +234,8 @@ class Coordinator:
             if delta is None:
                 rnd.stats.stragglers_dropped += 1
                 return False, "straggler dropped (client.drop_stragglers)"
-            rnd.answers[cid] = (delta, aux, head.num_examples, head.loss, head.samples)
+            rnd.answers[cid] = Answer(delta, aux, head.num_examples, head.loss, head.samples,
+                                      guard.l2(delta), guard.l2(aux))
             log.debug("round %d: update from client %d accepted", rnd.r, cid)
             return True, ""
 
@@ -272,19 +307,32 @@ class Coordinator:
 
     def _close(self, rnd: _Round, start: float) -> None:
         ids = [c for c in rnd.cohort if c in rnd.answers]
+        for c, why in guard.outliers({c: rnd.answers[c] for c in ids}, self.policy.max_norm_ratio):
+            ids.remove(c)
+            rnd.stats.failures.append((c, why))
+            log.warning("round %d: update from client %d dropped: %s", rnd.r, c, why)
         if len(ids) < min(self.policy.min_clients, len(rnd.cohort)):
             log.warning("round %d: %d valid updates < min_clients; model unchanged", rnd.r, len(ids))
             ids = []
         got = [rnd.answers[c] for c in ids]
-        state = aggregate(self.algorithm, self.state, ids, [g[0] for g in got],
-                          [g[1] for g in got], [g[2] for g in got], self.plan.seed)
+        try:
+            state = aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
+                              [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
+            bad = guard.not_finite(state)
+            if bad:
+                raise ValueError(f"the server step left {bad} not finite")
+        except Exception as exc:  # contained: the round keeps the model, the checkpoint never sees it
+            rnd.server_error = f"{type(exc).__name__}: {exc}"
+            log.error("round %d: server step failed, model unchanged: %s", rnd.r, rnd.server_error)
+            ids, got = [], []
+            state = aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
         if self.privacy is not None:
             state, rnd.privacy = self.privacy.after_round(state)
         s = rnd.stats
         s.succeeded = len(ids)
-        for _, _, _, loss, samples in got:
-            s.loss_sum += loss * samples
-            s.samples += samples
+        for g in got:
+            s.loss_sum += g.loss * g.samples
+            s.samples += g.samples
         self._write(rnd, state, start)
 
     def _write(self, rnd: _Round, state, start: float) -> None:
@@ -300,8 +348,11 @@ class Coordinator:
             line["failures"] = [[c, why] for c, why in s.failures]
         if rnd.late:
             line["late_answers"] = rnd.late
+        if rnd.server_error:
+            line["server_error"] = rnd.server_error
         if r % p.eval_every == 0 or r == p.rounds:
             line.update(centralized(self.model, state.params, self.data.x_test, self.data.y_test))
+        line = json_safe(line)  # the line status() serves too: no NaN anywhere
         _append(self.run_dir / "metrics.jsonl", line)
         _append(self.run_dir / "timings.jsonl", {"round": r, "wall_s": round(time.perf_counter() - start, 4)})
         checkpoint.save(self.run_dir, state, {})

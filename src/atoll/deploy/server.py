@@ -48,7 +48,8 @@ class Server:
         self.shape = {"n_features": data.n_features, "n_classes": data.n_classes,
                       "num_clients": len(data.clients)}
         self.config_text = C.dumps(cfg)
-        policy = RoundPolicy(d.round_timeout, d.min_clients, d.min_fraction, d.poll_s)
+        policy = RoundPolicy(d.round_timeout, d.min_clients, d.min_fraction, d.poll_s,
+                             d.max_num_examples, d.max_update_norm, d.max_norm_ratio)
         self.coordinator = Coordinator(algorithm, model, data, plan,
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots)

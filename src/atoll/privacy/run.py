@@ -242,6 +242,7 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
         z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5 if z > 0 else 0.0
     algorithm = dataclasses.replace(
         algorithm, client_fn=_clipping_client(adaptive),
+        aux_spec=lambda params: {"dp_below": ((), None, -0.5, 0.5)} if adaptive else {},
         server_init=lambda params: {"broadcast": {"dp": {"clip": torch.tensor(
             [p.clip], dtype=next(iter(params.values())).dtype)}}},
         server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr))
@@ -337,11 +338,15 @@ def _intrinsic(cfg, algorithm, model, data, plan):
                                integers=True)
     algorithm = dataclasses.replace(
         algorithm, uplink=uplink, client_fn=_intrinsic_client(model, p.clip, q, norm),
-        server_fn=intrinsic_server(p.step, cfg.client.lr))
+        server_fn=intrinsic_server(p.step, cfg.client.lr), aux_spec=_INTRINSIC_AUX)
     work = dataclasses.replace(plan.work, steps=1, epochs=None)
     details = {"uniforms": p.uniforms, "step": p.step, "clip": p.clip, "norm": norm,
                "sample_rate": q, "dimension": d, "server_lr": cfg.client.lr}
     return algorithm, dataclasses.replace(plan, work=work), [(uplink.event, 1)], details
+
+
+_INTRINSIC_AUX = lambda params: {"dither_seed": ((), torch.int64, -math.inf, math.inf),  # noqa: E731
+                                 "count": ((), torch.float64, 0.0, math.inf)}
 
 
 def _intrinsic_client(model, clip: float, q: float, norm: str):

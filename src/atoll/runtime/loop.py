@@ -1,8 +1,9 @@
 """``LoopRuntime``: the reference runtime, one client after another.
 
 Every broadcast and every update goes through ``transport.wire`` bytes, so the byte counts are
-those of real messages. A client that raises, or whose update does not decode, has the wrong
-shapes or is not finite, is dropped from the round with a logged reason; the others go on.
+those of real messages. A client that raises, or whose update fails ``runtime.check.decode_update``
+(does not decode, wrong entries or shapes, not finite, unexpected aux), is dropped from the
+round with a logged reason; the others go on.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.algorithm import Algorithm
+from atoll.runtime.check import decode_update
 from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work
 from atoll.transport import wire
@@ -86,20 +88,3 @@ class LoopRuntime:
                                                     rng.key(seed, r, cid, "uplink"))
         message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))
         return message, {**result.client_state, "uplink": up_state}, result.metrics, straggler
-
-
-def decode_update(algorithm: Algorithm, message: bytes, params) -> tuple[dict, dict]:
-    """Decode and validate one client's message against the model's shapes; ValueError if bad."""
-    parts = T.split(wire.loads(message))
-    delta = algorithm.uplink.decode(parts.get("delta", {}))
-    if set(delta) != set(params):
-        raise ValueError(f"update has entries {sorted(delta)[:5]}, expected {sorted(params)[:5]}")
-    for k, v in delta.items():
-        if v.shape != params[k].shape:
-            raise ValueError(f"update entry {k!r} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
-        if not v.is_floating_point():
-            raise ValueError(f"update entry {k!r} has dtype {v.dtype}, expected a floating dtype")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"update entry {k!r} is not finite (NaN or inf)")
-    delta = {k: v.to(params[k].dtype) for k, v in delta.items()}
-    return delta, parts.get("aux", {})

@@ -74,7 +74,7 @@ def _read_header(view) -> tuple[list, int]:
     pos, (version, count) = _unpack(view, 3, "<BI")
     if version != VERSION:
         raise WireError(f"wire version {version} is not supported (this build reads {VERSION})")
-    specs = []
+    specs, seen = [], set()
     for _ in range(count):
         pos, (n,) = _unpack(view, pos, "<H")
         name = bytes(view[pos:pos + n]).decode(errors="replace")
@@ -82,6 +82,9 @@ def _read_header(view) -> tuple[list, int]:
         pos, shape = _unpack(view, pos, f"<{ndim}I")
         if code >= len(DTYPES):
             raise WireError(f"entry {name!r}: unknown dtype code {code}")
+        if name in seen:
+            raise WireError(f"entry {name!r} appears twice")
+        seen.add(name)
         specs.append((name, DTYPES[code], shape))
     return specs, pos
 
