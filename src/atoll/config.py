@@ -124,6 +124,14 @@ class DeployConfig(_Section):
     min_fraction: float = Field(1.0, gt=0, le=1)
     chunk_kb: int = Field(1024, ge=1, le=3072)
     poll_s: float = Field(10.0, gt=0)
+    # denial of service (docs/deployment.md): see atoll.transport.grpc.limits.Limits
+    handshake_timeout: float = Field(5.0, gt=0)
+    rpc_timeout: float = Field(300.0, gt=0)
+    max_rpcs: int | None = Field(None, ge=4)   # None: 2 per client + 16
+    max_connections: int | None = Field(None, ge=1)
+    keepalive: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(300.0, gt=0)
+    auth_log_per_min: int = Field(10, ge=0)
 
 
 class PrivacyConfig(_Section):

@@ -99,7 +99,8 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
 
 class Coordinator:
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
-                 config_text: str | None = None, plots: bool = True):
+                 config_text: str | None = None, plots: bool = True, enrolled=None):
+        self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
         self.num_clients = len(data.clients)
@@ -246,6 +247,9 @@ class Coordinator:
         p, r = self.plan, self.state.round + 1
         cohort = sampling.sample(self.num_clients, r, p.seed, method=p.sampling,
                                  count=p.clients_per_round, fraction=p.fraction, rate=p.rate)
+        if self.enrolled is not None:  # same draw as simulation, minus revoked clients
+            ids = self.enrolled()
+            cohort = [c for c in cohort if c in ids]
         rnd = _Round(r, cohort, downlink_bytes(self.algorithm, self.state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, self.state.params)
         rnd.stats.sampled = len(cohort)
