@@ -88,13 +88,13 @@ def test_idle_connections_are_dropped_at_the_handshake_timeout(tmp_path):
     held = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(60)]
     try:
         thread = ServerThread(s)
-        t0 = time.monotonic()
         clients, threads = honest_clients(enrolled, s.port)
-        thread.join(20)
+        thread.join(30)
         for t in threads:
             t.join(10)
         assert [c.counts["accepted"] for c in clients] == [1, 1]
-        assert 1.0 < time.monotonic() - t0 < 10  # they waited for the handshake timeout, not 120 s
+        first = sorted(c.first_task_s for c in clients)
+        assert 1.0 < first[0] and first[1] < 5, first  # the handshake timeout (1 s), not 120 s
         assert all(h.recv(1) == b"" for h in held[:50])  # the server closed the idle sockets
     finally:
         for h in held:
@@ -199,6 +199,40 @@ def test_a_stalled_upload_is_cut_at_the_server_deadline(tmp_path):
         stop.set()
         channel.close()
         attacker.close()
+
+
+def test_a_call_whose_request_never_comes_is_cut(tmp_path):
+    """A unary call whose message never arrives never reaches a handler (no Watchdog, no
+    authentication): the connection's maximum age and grace (3 x rpc_timeout) end it. Before: held
+    forever."""
+    s, enrolled = serve(tmp_path, start=False, max_rpcs=4, rpc_timeout=1.0, poll_s=0.5)
+    creds = grpc.ssl_channel_credentials(open(enrolled[0]["ca"], "rb").read())
+    channel = grpc.secure_channel(f"127.0.0.1:{s.port}", creds)
+    join = channel.stream_unary(f"/{M.SERVICE}/Join", request_serializer=M.JoinRequest.SerializeToString,
+                                response_deserializer=M.JoinReply.FromString)
+    stop = threading.Event()
+
+    def never():
+        stop.wait(30)  # bounded: 30 s
+        yield from ()
+
+    t0 = time.monotonic()
+    hung = [join.future(never()) for _ in range(6)]  # no token needed: nothing is checked yet
+    honest = connect(s, enrolled[1], timeout=5)
+    try:
+        wait_for(lambda: sum(f.done() for f in hung) == 2, 5, "2 calls over max_rpcs to be refused")
+        with pytest.raises(TransportError) as e:
+            honest.join()
+        assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.retryable
+        wait_for(lambda: all(f.done() for f in hung), 6, "the hung calls to be cut")
+        assert 2.5 < time.monotonic() - t0 < 4.5  # 3 x rpc_timeout (+ gRPC's jitter of the age)
+        assert sorted(f.exception().code().name for f in hung).count("UNAVAILABLE") == 4
+        assert honest.join()["client_id"] == 1
+    finally:
+        stop.set()
+        channel.close()
+        honest.close()
+        s.grpc.stop(0)
 
 
 class SlowBackend:

@@ -34,9 +34,12 @@ class Limits:
         return [("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
                 ("grpc.max_allowed_incoming_connections", self.connections()),
                 ("grpc.max_connection_idle_ms", ms(self.idle_timeout)),
+                # a call that never reaches a handler (a unary request whose message never comes)
+                # escapes the Watchdog: closing each connection at 2 + 1 (grace) x rpc_timeout ends it
+                ("grpc.max_connection_age_ms", ms(2 * self.rpc_timeout)),
+                ("grpc.max_connection_age_grace_ms", ms(self.rpc_timeout)),
                 ("grpc.keepalive_time_ms", ms(self.keepalive)),
                 ("grpc.keepalive_timeout_ms", ms(min(20.0, self.keepalive))),
-                ("grpc.keepalive_permit_without_calls", 1),
                 # a client may ping at most every 10 s without data; 2 strikes and it is cut off
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.http2.max_ping_strikes", 2)]
