@@ -314,3 +314,15 @@ def test_revoked_client_is_not_sampled(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["clients_sampled"], m["clients_succeeded"]) for m in lines] == [(2, 2), (2, 2)]
     assert time.monotonic() - t0 < 20 and all(c.counts["accepted"] == 2 for c in clients)
+
+
+def test_rounds_wait_while_nobody_is_enrolled(tmp_path):
+    s, enrolled = serve(tmp_path, clients=2, rounds=2, timeout=30.0)
+    for e in enrolled:
+        certs.revoke(tmp_path / "certs", e["name"])
+    thread = ServerThread(s)
+    time.sleep(1.5)
+    assert s.coordinator.current is None and s.coordinator.state.round == 0  # no round burnt
+    s.stop()
+    thread.join(10)
+    assert thread.final is None

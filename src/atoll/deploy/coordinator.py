@@ -248,7 +248,7 @@ class Coordinator:
         cohort = sampling.sample(self.num_clients, r, p.seed, method=p.sampling,
                                  count=p.clients_per_round, fraction=p.fraction, rate=p.rate)
         if self.enrolled is not None:  # same draw as simulation, minus revoked clients
-            ids = self.enrolled()
+            ids = self._some_enrolled()
             cohort = [c for c in cohort if c in ids]
         rnd = _Round(r, cohort, downlink_bytes(self.algorithm, self.state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, self.state.params)
@@ -257,6 +257,13 @@ class Coordinator:
             self.current, self.phase = rnd, "training"
             self.cond.notify_all()
         return rnd
+
+    def _some_enrolled(self) -> set[int]:
+        """The enrolled ids, once there is at least one (rounds do not run with nobody enrolled)."""
+        with self.cond:
+            while not (ids := self.enrolled()) and not self._stop:
+                self.cond.wait(1.0)
+            return ids
 
     def _wait(self, rnd: _Round) -> None:
         target = max(self.policy.min_clients, math.ceil(self.policy.min_fraction * len(rnd.cohort)))
