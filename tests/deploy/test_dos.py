@@ -19,7 +19,7 @@ from atoll.deploy.client import Client, credentials
 from atoll.deploy.server import Server
 from atoll.transport.grpc import messages as M
 from atoll.transport.grpc.client import Connection, TransportError
-from atoll.transport.grpc.limits import Limits
+from atoll.transport.grpc.limits import Limits, RateLog
 from atoll.transport.grpc.server import GrpcServer
 
 from .conftest import ServerThread, env, small_config, wait_for
@@ -326,3 +326,15 @@ def test_rounds_wait_while_nobody_is_enrolled(tmp_path):
     s.stop()
     thread.join(10)
     assert thread.final is None
+
+
+def test_rate_log_counts_what_it_skips(caplog):
+    rl = RateLog(logging.getLogger("atoll.deploy"), per_min=3)
+    with caplog.at_level(logging.WARNING, logger="atoll.deploy"):
+        for i in range(10):
+            rl.warn("refused %d", i)
+        rl.window -= 61  # a minute later
+        rl.warn("refused %d", 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "refused 1", "refused 2", "7 more refused calls in the last minute (not logged)",
+        "refused 10"]
