@@ -157,6 +157,14 @@ class DeployConfig(_Section):
     max_num_examples: int = Field(10_000_000, ge=1)  # an update's num_examples must be <= this
     max_update_norm: float | None = Field(None, gt=0)  # reject updates of larger L2 norm
     max_norm_ratio: float | None = Field(10.0, gt=1)  # reject norms > this x the round's median
+    # denial of service (docs/deployment.md): see atoll.transport.grpc.limits.Limits
+    handshake_timeout: float = Field(5.0, gt=0)
+    rpc_timeout: float = Field(300.0, gt=0)
+    max_rpcs: int | None = Field(None, ge=4)   # None: 2 per client + 16
+    max_connections: int | None = Field(None, ge=1)
+    keepalive: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(300.0, gt=0)
+    auth_log_per_min: int = Field(10, ge=0)
 
 
 class PrivacyConfig(_Section):

@@ -122,7 +122,8 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
 
 class Coordinator:
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
-                 config_text: str | None = None, plots: bool = True):
+                 config_text: str | None = None, plots: bool = True, enrolled=None):
+        self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
         self.num_clients = len(data.clients)
@@ -281,6 +282,9 @@ class Coordinator:
         p, r = self.plan, self.state.round + 1
         cohort = sampling.sample(self.num_clients, r, p.seed, method=p.sampling,
                                  count=p.clients_per_round, fraction=p.fraction, rate=p.rate)
+        if self.enrolled is not None:  # same draw as simulation, minus revoked clients
+            ids = self._some_enrolled()
+            cohort = [c for c in cohort if c in ids]
         rnd = _Round(r, cohort, downlink_bytes(self.algorithm, self.state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, self.state.params)
         rnd.stats.sampled = len(cohort)
@@ -288,6 +292,13 @@ class Coordinator:
             self.current, self.phase = rnd, "training"
             self.cond.notify_all()
         return rnd
+
+    def _some_enrolled(self) -> set[int]:
+        """The enrolled ids, once there is at least one (rounds do not run with nobody enrolled)."""
+        with self.cond:
+            while not (ids := self.enrolled()) and not self._stop:
+                self.cond.wait(1.0)
+            return ids
 
     def _wait(self, rnd: _Round) -> None:
         target = max(self.policy.min_clients, math.ceil(self.policy.min_fraction * len(rnd.cohort)))

@@ -22,6 +22,7 @@ from pathlib import Path
 from atoll import config as C
 from atoll.deploy import certs
 from atoll.deploy.coordinator import Coordinator, Header, RoundPolicy
+from atoll.transport.grpc.limits import Limits
 from atoll.transport.grpc.server import GrpcServer
 
 log = logging.getLogger("atoll.deploy")
@@ -32,6 +33,9 @@ class Server:
                  host: str | None = None, certs_dir=None, auth: str | None = None,
                  plots: bool = True, linger_s: float = 2.0):
         d = cfg.deploy
+        if d.rpc_timeout <= d.poll_s:
+            raise ValueError(f"deploy.rpc_timeout ({d.rpc_timeout} s) must exceed deploy.poll_s "
+                             f"({d.poll_s} s): the server would cut its own long polls")
         self.cfg, self.linger_s = cfg, linger_s
         self.certs_dir = Path(certs_dir or d.certs)
         auth = auth or d.auth
@@ -52,12 +56,15 @@ class Server:
                              d.max_num_examples, d.max_update_norm, d.max_norm_ratio)
         self.coordinator = Coordinator(algorithm, model, data, plan,
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
-                                       policy=policy, config_text=self.config_text, plots=plots)
+                                       policy=policy, config_text=self.config_text, plots=plots,
+                                       enrolled=self._enrolled)
         tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
                                      (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
         address = f"{host or d.host}:{d.port if port is None else port}"
+        limits = Limits(d.handshake_timeout, d.rpc_timeout, d.max_rpcs or 2 * len(data.clients) + 16,
+                        d.max_connections, d.keepalive, d.idle_timeout, d.auth_log_per_min)
         self.grpc = GrpcServer(self, self._identify, address=address, tls=tls, auth=auth,
-                               max_workers=len(data.clients) + 16, chunk_bytes=d.chunk_kb * 1024)
+                               chunk_bytes=d.chunk_kb * 1024, limits=limits)
         self.port = self.grpc.port
 
     def run(self) -> dict | None:
@@ -104,6 +111,11 @@ class Server:
                         name, cid, self.shape["num_clients"])
             return None
         return name, cid
+
+    def _enrolled(self) -> set[int]:
+        """Ids of the clients enrolled now: a revoked (or not yet enrolled) client is not sampled."""
+        self._reload()
+        return {e["id"] for e in self.registry.values() if e["id"] is not None}
 
     def _reload(self) -> None:
         """Re-read the registry when it changed (enrolments and revocations take effect live)."""

@@ -9,7 +9,9 @@ authentication the ``authorization: Bearer ...`` metadata is passed to ``identif
 observer, which may only ask for status) or None, which ends the call with UNAUTHENTICATED.
 
 No single gRPC message exceeds ``chunk_bytes`` plus a small margin (the server refuses larger
-ones); payloads travel as streams of chunks.
+ones); payloads travel as streams of chunks. ``limits`` (``limits.Limits``) bound what a caller
+can hold: connections and their handshake time, concurrent calls, one open ``GetTask`` and one
+``SubmitUpdate`` per client, a server-side deadline on every call, keepalive, log lines.
 """
 from __future__ import annotations
 
@@ -19,22 +21,29 @@ from concurrent import futures
 import grpc
 
 from atoll.transport.grpc import messages as M
+from atoll.transport.grpc.limits import Limits, RateLog, Slots, Watchdog, raise_fd_limit
 
 log = logging.getLogger("atoll.deploy")
 
 
 class GrpcServer:
     def __init__(self, backend, identify, *, address: str = "[::]:0", tls: dict | None = None,
-                 auth: str = "mtls", max_workers: int = 64, chunk_bytes: int = 1 << 20):
+                 auth: str = "mtls", chunk_bytes: int = 1 << 20, limits: Limits = Limits()):
         if auth not in ("mtls", "token"):
             raise ValueError(f"deploy.auth must be 'mtls' or 'token', got {auth!r}")
         if tls is None and auth == "mtls":
             raise ValueError("mutual TLS needs TLS: without TLS (--insecure) clients use tokens")
         self.backend, self.identify, self.auth, self.chunk = backend, identify, auth, chunk_bytes
+        self.limits, self.slots, self.watchdog = limits, Slots(), Watchdog()
+        self.refused = RateLog(log, limits.auth_log_per_min)
+        raise_fd_limit()  # before limits.options() reads it
         limit = chunk_bytes + (1 << 16)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+        # one thread per admitted call: a call beyond max_rpcs is refused, never queued
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_rpcs),
+                                  maximum_concurrent_rpcs=limits.max_rpcs,
                                   options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", limit)])
+                                           ("grpc.max_send_message_length", limit),
+                                           *limits.options()])
         handlers = {}
         for name, (req, rep, cs, ss) in M.METHODS.items():
             make = {(False, False): grpc.unary_unary_rpc_method_handler,
@@ -60,6 +69,7 @@ class GrpcServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.server.stop(grace).wait()
+        self.watchdog.stop()
 
     # ---- authentication ----------------------------------------------------------------------
     def _who(self, context, allow_observer: bool = False) -> tuple[str, int | None]:
@@ -71,7 +81,7 @@ class GrpcServer:
             bearer = meta.get("authorization", "")
             found = self.identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
         if found is None:
-            log.warning("refused a call from %s: not an enrolled client", context.peer())
+            self.refused.warn("refused a call from %s: not an enrolled client", context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "not an enrolled client")
         if found[1] is None and not allow_observer:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{found[0]} may only ask for status")
@@ -84,6 +94,7 @@ class GrpcServer:
 
     def _gettask(self, request, context):
         _, cid = self._who(context)
+        self.slots.take(context, "GetTask", cid, self.watchdog, self.limits.rpc_timeout)
         task = self.backend.next_task(cid, request.wait_s)
         if task[0] != "TASK":
             yield M.TaskChunk(kind=task[0])
@@ -96,6 +107,7 @@ class GrpcServer:
 
     def _submitupdate(self, request_iterator, context):
         _, cid = self._who(context)
+        self.slots.take(context, "SubmitUpdate", cid, self.watchdog, self.limits.rpc_timeout)
         first = next(request_iterator, None)
         if first is None:
             return M.SubmitReply(accepted=False, reason="empty update stream")
