@@ -93,7 +93,7 @@ def test_every_weakened_privacy_setting_is_refused_with_field_value_and_bound():
     weak = {
         "noise": (LOCAL.replace("noise_multiplier = 2.0", "noise_multiplier = 0.3"),
                   r"privacy.noise_multiplier = 0.3 is below privacy.min_noise_multiplier = 0.5"),
-        "calibrated": (LOCAL.replace("noise_multiplier = 2.0", "target_epsilon = 50.0"),
+        "calibrated": (LOCAL.replace("noise_multiplier = 2.0", "accountant = \"rdp\"\ntarget_epsilon = 50.0"),
                        r"privacy.noise_multiplier = [\d.e-]+ is below privacy.min_noise_multiplier"),
         "rounds": (LOCAL.replace("rounds = 3", "rounds = 5000"), r"its 5000 rounds spend epsilon [\d.]+ at delta 1e-05"),
         "server noise": (BASE + 'batch_size = 16\n[sampling]\nmethod = "poisson"\nrate = 0.5\n'
@@ -113,6 +113,10 @@ def test_every_weakened_privacy_setting_is_refused_with_field_value_and_bound():
             c._setup(server.info)
             c._answer(server, server.task(1))
         assert server.sent == [], name
+    intrinsic = Malicious(BASE + 'batch_size = 16\n[privacy]\nmode = "intrinsic"\nsample_rate = 0.5\n'
+                          'step = 0.001\nuniforms = 1\n')  # Irwin-Hall events: rdp falls back to pld
+    with pytest.raises(PolicyError, match=r"its 3 rounds spend epsilon (inf|[\d.]+) at delta 1e-05"):
+        client({"privacy": {"max_epsilon": 8.0}})._setup(intrinsic.info)
     ok = Malicious(LOCAL)
     c = client(policy)
     c._setup(ok.info)
@@ -125,7 +129,7 @@ def test_every_weakened_privacy_setting_is_refused_with_field_value_and_bound():
 
 
 def _epsilon(z, n, delta=1e-5):
-    acc = Accountant("pld")
+    acc = Accountant("rdp")
     acc.step(ev.gaussian(z), n)
     return acc.epsilon(delta)
 

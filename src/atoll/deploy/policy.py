@@ -13,6 +13,9 @@ the policy's bound; it is final for the run (``atoll client`` exits with status 
 Epsilon is the client's own accounting: the events of the private client half this client
 built from the config, composed once per task it answers, at the policy's ``delta``,
 ``accountant`` and ``neighboring``; the server's ``target_epsilon`` and ``delta`` play no part.
+The default accountant is RDP: composing any number of rounds costs the same (PLD took 58 s
+for 5,000 Gaussian rounds, time a server could make a client spend), and its epsilon bounds
+PLD's from above; intrinsic mode's events, which RDP cannot compose, use PLD.
 Modes whose noise is added by the server (``dp_fedavg``) or absent (``none``) give no privacy
 against the server: their epsilon is infinite.
 """
@@ -45,7 +48,7 @@ class PrivacyPolicy(_Section):
     modes: list[MODES] | None = None                     # allowed privacy.mode values (None: any)
     max_epsilon: float | None = Field(None, gt=0)        # against the server, over this run
     delta: float = Field(1e-5, gt=0, lt=1)               # the delta max_epsilon is stated at
-    accountant: Literal["pld", "rdp"] = "pld"
+    accountant: Literal["rdp", "pld"] = "rdp"  # rdp: fast for any count; pld: tighter, slower
     neighboring: Literal["add_remove", "replace_one"] = "add_remove"
     min_noise_multiplier: float | None = Field(None, ge=0)
 
@@ -203,8 +206,13 @@ class Guard:
 
         p = self.policy.privacy
         acc = Accountant(p.accountant, p.neighboring)
-        for event, count in self.events:
-            acc.step(event, count * tasks)
+        try:
+            for event, count in self.events:
+                acc.step(event, count * tasks)
+        except ValueError:  # rdp cannot compose intrinsic mode's Irwin-Hall events: pld can
+            acc = Accountant("pld", p.neighboring)
+            for event, count in self.events:
+                acc.step(event, count * tasks)
         return acc.epsilon(p.delta)
 
     # ---- every task ---------------------------------------------------------------------------
