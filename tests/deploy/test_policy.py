@@ -252,3 +252,54 @@ def test_policy_file_and_flags(tmp_path, capsys):
     assert "the server's privacy.mode = 'none' is not in privacy.modes = ['local']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["client", "--server", "x:1", "--data", "d.npz", "--token", "t", "--allow-custom-models"])
+
+
+def test_a_task_stream_longer_than_announced_is_cut_off():
+    from atoll.transport.grpc import messages as M
+    from atoll.transport.grpc.client import Connection
+
+    read, mb = [], b"\0" * 2**20
+
+    class Stream:  # a server that announces 1 KiB and then streams 100 MiB
+        def __init__(self):
+            self.chunks = iter([M.TaskChunk(kind="TASK", round=1, task_id="t", total_bytes=1024,
+                                            data=b"\0" * 512)] + [None] * 100)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            c = next(self.chunks)
+            read.append(c)
+            return c if c is not None else M.TaskChunk(data=mb)
+
+        def cancel(self):
+            read.append("cancelled")
+
+    conn = Connection("localhost:1", token="t", insecure=True, max_task_bytes=2**20)
+    conn.stubs["GetTask"] = lambda *a, **k: Stream()
+    with pytest.raises(TransportError, match="DATA_LOSS"):
+        conn.get_task(1)
+    assert len(read) == 3 and read[-1] == "cancelled"  # the head, one chunk too many, cancel
+    big = M.TaskChunk(kind="TASK", round=1, task_id="t", total_bytes=2**20 + 1)
+    conn.stubs["GetTask"] = lambda *a, **k: _Once(big)
+    with pytest.raises(TransportError, match="exceeds this client's limit of 1048576 bytes"):
+        conn.get_task(1)
+    conn.close()
+
+
+class _Once:
+    def __init__(self, head):
+        self.head, self.cancelled = head, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        head, self.head = self.head, None
+        if head is None:
+            raise AssertionError("read past a head announcing too many bytes")
+        return head
+
+    def cancel(self):
+        self.cancelled = True
