@@ -79,8 +79,8 @@ def _policy_args(p) -> None:
                              "or config that weakens it stops the client (docs/deployment.md)")
     g.add_argument("--policy", metavar="FILE", help="policy TOML file; the flags below override it")
     g.add_argument("--privacy-mode", action="append", metavar="MODE",
-                   choices=["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"],
-                   help="an allowed privacy.mode (repeatable; default: any)")
+                   help="an allowed privacy.mode: none, dp_sgd, dp_fedavg, local or intrinsic "
+                        "(repeatable; default: any)")
     g.add_argument("--max-epsilon", type=float, help="most epsilon against the server in a run")
     g.add_argument("--delta", type=float, help="the delta of --max-epsilon (default 1e-5)")
     g.add_argument("--min-noise", type=float, metavar="Z", help="smallest noise multiplier")

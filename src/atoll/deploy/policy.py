@@ -30,8 +30,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ZOO = ["logreg", "mlp", "cnn"]  # atoll.models.MODELS: code that ships with atoll
-MODES = Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"]
+from atoll.config import PrivacyConfig
+from atoll.models.zoo import MODELS
+
+ZOO = list(MODELS)  # the model zoo: code that ships with atoll
+MODES = PrivacyConfig.model_fields["mode"].annotation  # the privacy.mode names of a config
 log = logging.getLogger("atoll.deploy")
 POISSON = ("dp_sgd", "intrinsic")  # modes whose batches are Poisson samples of records
 
