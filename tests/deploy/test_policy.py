@@ -93,12 +93,14 @@ def test_every_weakened_privacy_setting_is_refused_with_field_value_and_bound():
     weak = {
         "noise": (LOCAL.replace("noise_multiplier = 2.0", "noise_multiplier = 0.3"),
                   r"privacy.noise_multiplier = 0.3 is below privacy.min_noise_multiplier = 0.5"),
-        "calibrated": (LOCAL.replace("noise_multiplier = 2.0", "accountant = \"rdp\"\ntarget_epsilon = 50.0"),
+        "calibrated": (LOCAL.replace("noise_multiplier = 2.0",
+                                     'accountant = "rdp"\ntarget_epsilon = 50.0'),
                        r"privacy.noise_multiplier = [\d.e-]+ is below privacy.min_noise_multiplier"),
-        "rounds": (LOCAL.replace("rounds = 3", "rounds = 5000"), r"its 5000 rounds spend epsilon [\d.]+ at delta 1e-05"),
+        "rounds": (LOCAL.replace("rounds = 3", "rounds = 5000"),
+                   r"its 5000 rounds spend epsilon [\d.]+ at delta 1e-05"),
         "server noise": (BASE + 'batch_size = 16\n[sampling]\nmethod = "poisson"\nrate = 0.5\n'
                          '[privacy]\nmode = "dp_fedavg"\nnoise_multiplier = 5.0\n',
-                         r"the server sees the update without noise"),
+                         r"added by this client \(dp_fedavg: none\) = 0.0 is below"),
         "poisson batch": (BASE + 'batch_size = 16\n[privacy]\nmode = "dp_sgd"\nsample_rate = 0.001\n'
                           'noise_multiplier = 5.0\n', r"privacy.sample_rate \(0.001\) x this client's"),
         "stragglers": (LOCAL.replace("steps = 5", "steps = 5\nstragglers = 1.0"),
@@ -117,6 +119,9 @@ def test_every_weakened_privacy_setting_is_refused_with_field_value_and_bound():
                           'step = 0.001\nuniforms = 1\n')  # Irwin-Hall events: rdp falls back to pld
     with pytest.raises(PolicyError, match=r"its 3 rounds spend epsilon (inf|[\d.]+) at delta 1e-05"):
         client({"privacy": {"max_epsilon": 8.0}})._setup(intrinsic.info)
+    fedavg = Malicious(weak["server noise"][0])
+    with pytest.raises(PolicyError, match=r"the server sees the update without noise"):
+        client({"privacy": {"max_epsilon": 8.0}})._setup(fedavg.info)
     ok = Malicious(LOCAL)
     c = client(policy)
     c._setup(ok.info)
@@ -195,7 +200,8 @@ def test_no_server_named_path_is_opened_and_sizes_are_bounded_before_allocation(
         client()._setup(_info(text))
     assert str(secret) not in opened
     huge = BASE.replace('"logreg"', '"mlp"\nhidden = [100000, 100000]')  # 1e10 parameters
-    with pytest.raises(PolicyError, match=r"model = '40\d+ bytes of parameters' exceeds limits.max_task_mb = 256"):
+    with pytest.raises(PolicyError,
+                       match=r"model = '40\d+ bytes of parameters' exceeds limits.max_task_mb = 256"):
         client()._setup(_info(huge))
     with pytest.raises(PolicyError, match=r"num_clients = 2147483647 is outside \[1, limits.max_clients"):
         client()._setup({**_info(BASE), "num_clients": 2**31 - 1})  # [None] * n would be 16 GiB
@@ -233,7 +239,8 @@ def test_policy_file_and_flags(tmp_path, capsys):
     f.write_text('[privacy]\nmodes = ["local"]\nmax_epsilon = 4.0\n[models]\nallow = ["logreg"]\n')
     p = load(f, {"privacy.max_epsilon": 2.0, "training.min_steps": None})
     assert (p.privacy.modes, p.privacy.max_epsilon, p.models.allow) == (["local"], 2.0, ["logreg"])
-    assert Policy().models.allow == ["logreg", "mlp", "cnn"] and math.isclose(Policy().max_task_bytes, 256 * 2**20)
+    assert Policy().models.allow == ["logreg", "mlp", "cnn"]
+    assert math.isclose(Policy().max_task_bytes, 256 * 2**20)
     f.write_text("[privacy]\nmax_epsilom = 4.0\n")
     with pytest.raises(ValueError, match="privacy.max_epsilom: Extra inputs"):
         load(f)

@@ -178,8 +178,11 @@ class Guard:
             if z is None:
                 raise _refuse("privacy.mode", mode, "has no noise multiplier, and the policy sets "
                               "privacy.min_noise_multiplier (bound it with max_epsilon instead)")
+            field = "privacy.noise_multiplier"
+            if mode == "dp_fedavg":  # the server adds that noise: none protects from the server
+                z, field = 0.0, "privacy.noise_multiplier added by this client (dp_fedavg: none)"
             if z < p.min_noise_multiplier:
-                raise _refuse("privacy.noise_multiplier", z,
+                raise _refuse(field, z,
                               f"is below privacy.min_noise_multiplier = {p.min_noise_multiplier:g}")
         if mode in POISSON:
             q = details["sample_rate"]
