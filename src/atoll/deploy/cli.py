@@ -53,8 +53,7 @@ def register(sub) -> None:
     _connection_args(cl)
     cl.add_argument("--data", required=True, help=".npz file with x (N, F) and y (N,)")
     cl.add_argument("--state", help="client state file (default: DATA with suffix .state.pt)")
-    cl.add_argument("--allow-custom-models", action="store_true",
-                    help="let the server's config name a model class by import path")
+    _policy_args(cl)
     cl.set_defaults(func=_client)
 
     st = sub.add_parser("status", help="round, connected clients, last metrics of a coordinator")
@@ -73,6 +72,36 @@ def _connection_args(p, positional: bool = False) -> None:
     p.add_argument("--key")
     p.add_argument("--token", help="enrolment token, or the file holding it")
     p.add_argument("--insecure", action="store_true", help="plaintext (only against an --insecure server)")
+
+
+def _policy_args(p) -> None:
+    g = p.add_argument_group("client policy", "what this client accepts from the server; a task "
+                             "or config that weakens it stops the client (docs/deployment.md)")
+    g.add_argument("--policy", metavar="FILE", help="policy TOML file; the flags below override it")
+    g.add_argument("--privacy-mode", action="append", metavar="MODE",
+                   help="an allowed privacy.mode: none, dp_sgd, dp_fedavg, local or intrinsic "
+                        "(repeatable; default: any)")
+    g.add_argument("--max-epsilon", type=float, help="most epsilon against the server in a run")
+    g.add_argument("--delta", type=float, help="the delta of --max-epsilon (default 1e-5)")
+    g.add_argument("--min-noise", type=float, metavar="Z", help="smallest noise multiplier")
+    g.add_argument("--min-batch-size", type=int, help="smallest (expected) batch size")
+    g.add_argument("--min-steps", type=int, help="fewest local steps per task")
+    g.add_argument("--allow-model", action="append", default=[], metavar="NAME",
+                   help="a model the server may name, e.g. mypkg.nets:Net (repeatable; the zoo "
+                        "models logreg, mlp, cnn are allowed unless the policy file says otherwise)")
+    g.add_argument("--max-task-mb", type=float, help="largest task download (default 256)")
+
+
+def _policy(args):
+    from atoll.deploy import policy
+
+    base = policy.load(args.policy)
+    allow = base.models.allow + [m for m in args.allow_model if m not in base.models.allow]
+    return policy.load(base, {
+        "privacy.modes": args.privacy_mode, "privacy.max_epsilon": args.max_epsilon,
+        "privacy.delta": args.delta, "privacy.min_noise_multiplier": args.min_noise,
+        "training.min_batch_size": args.min_batch_size, "training.min_steps": args.min_steps,
+        "models.allow": allow, "limits.max_task_mb": args.max_task_mb})
 
 
 def _credentials(args) -> dict:
@@ -143,8 +172,8 @@ def _client(args) -> int:
 
     _timestamped_logs()
     state = args.state or str(Path(args.data).with_suffix(".state.pt"))
-    client = Client(args.server, args.data, state_path=state,
-                    allow_custom_models=args.allow_custom_models, **_credentials(args))
+    client = Client(args.server, args.data, state_path=state, policy=_policy(args),
+                    **_credentials(args))
     counts = _refused_is_error(client.run, args.server)
     print(f"done: {counts['accepted']} updates accepted, {counts['rejected']} not, "
           f"{counts['reconnects']} reconnects")

@@ -36,6 +36,7 @@ from atoll import checkpoint
 from atoll import config as C
 from atoll.client import model_loss
 from atoll.data.federated import ClientData
+from atoll.deploy import policy as P
 from atoll.runtime.loop import LoopRuntime
 from atoll.transport.grpc.client import Connection, TransportError
 
@@ -44,13 +45,17 @@ log = logging.getLogger("atoll.deploy")
 
 class Client:
     def __init__(self, server: str, data, *, ca=None, cert=None, key=None, token=None,
-                 insecure: bool = False, state_path=None, allow_custom_models: bool = False,
+                 insecure: bool = False, state_path=None, policy=None,
                  poll_s: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
                  give_up_s: float | None = None):
         self.server, self.data = server, data
         self.creds = credentials(ca=ca, cert=cert, key=key, token=token, insecure=insecure)
         self.state_path = Path(state_path) if state_path else None
-        self.allow_custom_models, self.poll_s = allow_custom_models, poll_s
+        self.poll_s = poll_s
+        # what this client accepts from the server (atoll.deploy.policy; docs/deployment.md)
+        self.policy = P.load(policy)
+        ledger = self.state_path.with_name(self.state_path.name + ".ledger.json") if state_path else None
+        self.guard = P.Guard(self.policy, ledger)
         self.backoff, self.give_up_s = backoff, give_up_s
         self.run_id = None
         self.counts = {"answered": 0, "accepted": 0, "rejected": 0, "reconnects": 0}
@@ -60,7 +65,7 @@ class Client:
         """Train until the server says the run is done; returns counts of what happened."""
         failures, t0, last_ok = 0, time.monotonic(), time.monotonic()
         while True:
-            conn = Connection(self.server, **self.creds)
+            conn = Connection(self.server, max_task_bytes=self.policy.max_task_bytes, **self.creds)
             try:
                 self._setup(conn.join())
                 failures, last_ok = 0, time.monotonic()
@@ -91,15 +96,13 @@ class Client:
         run_id = hashlib.sha256(info["config_toml"].encode()).hexdigest()[:16]
         if run_id == self.run_id:
             return
-        cfg = C.load(text=info["config_toml"])
-        if ":" in cfg.model.name and not self.allow_custom_models:
-            raise ValueError(f"the server asks for the custom model {cfg.model.name!r}; "
-                             "allow it explicitly (allow_custom_models / --allow-custom-models)")
+        cfg = self.guard.config(info, run_id)  # sizes, model allow-list, paths: before building
         shape = SimpleNamespace(n_features=info["n_features"], n_classes=info["n_classes"],
                                 clients=[None] * info["num_clients"])
         algorithm, model, _, plan = C.build(cfg, data=shape)
         dtype = next(model.parameters()).dtype
         self.cdata = _client_data(self.data, info["n_features"], info["n_classes"], dtype)
+        self.guard.built(cfg, plan, self.cdata.n, info["client_id"])
         self.algorithm, self.work, self.seed = algorithm, plan.work, plan.seed
         self.client_update = algorithm.client(model_loss(model))
         self.cid, self.run_id = info["client_id"], run_id
@@ -109,6 +112,8 @@ class Client:
 
     def _answer(self, conn: Connection, task) -> None:
         r = task.round
+        if self.guard.plan is not None:  # set by _setup (a unit test may drive _answer alone)
+            self.guard.before_task(r)
         s = self.states
         before = None if s is None else (s["before"] if s["round"] == r else s["after"])
         message, after, metrics, straggler = LoopRuntime._client(

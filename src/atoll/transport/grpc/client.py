@@ -38,7 +38,7 @@ class Task:
 class Connection:
     def __init__(self, address: str, *, ca: bytes | None = None, cert: bytes | None = None,
                  key: bytes | None = None, token: str | None = None, insecure: bool = False,
-                 chunk_bytes: int = 1 << 20, timeout: float = 60.0):
+                 chunk_bytes: int = 1 << 20, timeout: float = 60.0, max_task_bytes: int = 256 << 20):
         # the server picks the chunk size (at most 3 MiB, deploy.chunk_kb) and says it in Join
         options = [("grpc.max_receive_message_length", MAX_CHUNK + (1 << 16)),
                    ("grpc.max_send_message_length", MAX_CHUNK + (1 << 16))]
@@ -52,7 +52,7 @@ class Connection:
             creds = grpc.ssl_channel_credentials(ca, key, cert)
             self.channel = grpc.secure_channel(address, creds, options=options)
         self.meta = (("authorization", f"Bearer {token.strip()}"),) if token else ()
-        self.chunk, self.timeout = chunk_bytes, timeout
+        self.chunk, self.timeout, self.max_task = chunk_bytes, timeout, max_task_bytes
         self.stubs = {}
         for name, (req, rep, cs, ss) in M.METHODS.items():
             kind = {(False, False): self.channel.unary_unary, (False, True): self.channel.unary_stream,
@@ -75,10 +75,20 @@ class Connection:
             head = next(stream)
             if head.kind != "TASK":
                 return Task(head.kind)
-            parts = [head.data] + [c.data for c in stream]
+            if head.total_bytes > self.max_task:  # refused before a byte more is received
+                stream.cancel()
+                raise TransportError("RESOURCE_EXHAUSTED", f"task of {head.total_bytes} bytes "
+                                     f"exceeds this client's limit of {self.max_task} bytes", False)
+            parts, size = [head.data], len(head.data)
+            for c in stream:
+                size += len(c.data)
+                if size > head.total_bytes:
+                    stream.cancel()
+                    break
+                parts.append(c.data)
             data = b"".join(parts)
-            if len(data) != head.total_bytes:
-                raise TransportError("DATA_LOSS", f"task of {len(data)} bytes, announced "
+            if size != head.total_bytes:
+                raise TransportError("DATA_LOSS", f"task of {size} bytes or more, announced "
                                      f"{head.total_bytes}", True)
             return Task("TASK", head.round, head.task_id, data)
 
