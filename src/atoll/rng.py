@@ -7,6 +7,7 @@ position: resuming at round r is exact because keys depend only on the counters.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 
@@ -33,3 +34,12 @@ def generator(k: int, device: str | torch.device = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(k)
     return g
+
+
+@contextlib.contextmanager
+def torch_seeded(k: int):
+    """Inside the block, torch's global generator is seeded from key ``k`` (what layers such
+    as ``nn.Dropout`` draw from); the CPU generator's previous state is restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(fold(k, "torch"))
+        yield
