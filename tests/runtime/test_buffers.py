@@ -110,3 +110,12 @@ def test_server_averages_buffers_and_steps_only_parameters():
     mean = state.params["0.weight"] + (w.view(-1, 1, 1) * deltas["0.weight"]).sum(0) / w.sum()
     assert (new.params["0.weight"] - mean).abs().max() > 0.1  # Adam's step, not the average
     assert list(new.params) == list(state.params)
+
+
+@pytest.mark.parametrize("mode", [["privacy.mode=dp_sgd", "privacy.sample_rate=0.1"],
+                                  ["privacy.mode=intrinsic", "privacy.sample_rate=0.1",
+                                   "privacy.step=20.0"]])
+def test_per_sample_privacy_modes_refuse_batchnorm_naming_the_model(mode):
+    over = BN + mode + ["privacy.noise_multiplier=1.0"] * ("privacy.mode=dp_sgd" in mode)
+    with pytest.raises(config.ConfigError, match=r"model Sequential has buffers \['1.running_mean'"):
+        config.build(config.load(text=BASE, overrides=over))
