@@ -1,5 +1,7 @@
 """Models with buffers (BatchNorm) and dropout (issue 12, section 7): trained in train mode,
 evaluated in eval mode, buffers averaged by the server, the same in every runtime."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -119,3 +121,17 @@ def test_per_sample_privacy_modes_refuse_batchnorm_naming_the_model(mode):
     over = BN + mode + ["privacy.noise_multiplier=1.0"] * ("privacy.mode=dp_sgd" in mode)
     with pytest.raises(config.ConfigError, match=r"model Sequential has buffers \['1.running_mean'"):
         config.build(config.load(text=BASE, overrides=over))
+
+
+def test_resume_keeps_the_buffers_apart(tmp_path):
+    """The buffer names live in the checkpointed state: a resumed FedAdam run is the same run."""
+    over = BN + ["algorithm.name=fedadam", "algorithm.server_lr=0.05"]
+    alg, model, fed, plan = config.build(config.load(text=BASE, overrides=over))
+    whole = simulate(alg, model, fed, plan, runtime=VmapRuntime(), plots=False)
+    short = dataclasses.replace(plan, rounds=2)
+    simulate(alg, model, fed, short, run_dir=tmp_path, runtime=VmapRuntime(), plots=False)
+    resumed = simulate(alg, model, fed, plan, run_dir=tmp_path, runtime=VmapRuntime(),
+                       resume=True, plots=False)
+    assert resumed.state.extra["buffers"] == ("1.running_mean", "1.running_var", "1.num_batches_tracked")
+    for k, v in whole.state.params.items():
+        torch.testing.assert_close(resumed.state.params[k], v, rtol=0, atol=1e-12)
