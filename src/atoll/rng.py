@@ -38,8 +38,13 @@ def generator(k: int, device: str | torch.device = "cpu") -> torch.Generator:
 
 @contextlib.contextmanager
 def torch_seeded(k: int):
-    """Inside the block, torch's global generator is seeded from key ``k`` (what layers such
-    as ``nn.Dropout`` draw from); the CPU generator's previous state is restored after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(fold(k, "torch"))
+    """Inside the block, torch's global CPU generator (what ``nn.Dropout`` draws from on the
+    CPU) is seeded from key ``k``; its previous state is restored after. (Directly on the
+    generator: ``torch.random.fork_rng`` costs ~150 us, this ~2 us.)"""
+    g = torch.default_generator
+    saved = g.get_state()
+    g.manual_seed(fold(k, "torch"))
+    try:
         yield
+    finally:
+        g.set_state(saved)

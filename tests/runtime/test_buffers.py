@@ -135,3 +135,19 @@ def test_resume_keeps_the_buffers_apart(tmp_path):
     assert resumed.state.extra["buffers"] == ("1.running_mean", "1.running_var", "1.num_batches_tracked")
     for k, v in whole.state.params.items():
         torch.testing.assert_close(resumed.state.params[k], v, rtol=0, atol=1e-12)
+
+
+def test_torch_seeded_is_reproducible_and_restores_the_global_generator():
+    from atoll import rng
+
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    with rng.torch_seeded(7):
+        a = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    with rng.torch_seeded(7):
+        b = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    with rng.torch_seeded(8):
+        c = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.rand(4), want)  # the caller's stream is untouched
