@@ -32,7 +32,7 @@ import torch
 
 from atoll import tree as T
 from atoll.aggregators import Aggregator, mean
-from atoll.client import ClientUpdate, LossFn, local_training
+from atoll.client import ClientUpdate, LossFn, local_training, mark_update, split_buffers
 from atoll.codecs import Codec, identity
 from atoll.transforms.base import Transform, apply_updates
 from atoll.tree import Tree
@@ -74,14 +74,20 @@ class Algorithm:
         if not isinstance(self.local_opt, Transform) or not isinstance(self.server_opt, Transform):
             raise TypeError(f"{self.name}: local_opt and server_opt must be Transforms")
 
-    def init(self, params: Tree) -> ServerState:
+    def init(self, params: Tree, buffers: tuple[str, ...] = ()) -> ServerState:
+        """The state before round 1. ``buffers``: the entries of ``params`` that are model
+        buffers (``client.buffer_names``), averaged each round but never stepped by the server
+        optimizer (see ``server_round``)."""
         params = T.clone(params)
         extra = {"aggregator": self.aggregator.init(params)}
+        if buffers:
+            extra["buffers"] = tuple(buffers)
         if self.server_init is not None:
             extra.update(self.server_init(params))
         if self.tracker is not None:
             extra["tracker"] = self.tracker.init(params)
-        return ServerState(params=params, opt_state=self.server_opt.init(params), round=0,
+        trainable = split_buffers(params, buffers)[0] if buffers else params
+        return ServerState(params=params, opt_state=self.server_opt.init(trainable), round=0,
                            extra=extra)
 
     def broadcast(self, state: ServerState) -> dict[str, Tree]:
@@ -89,7 +95,7 @@ class Algorithm:
         return {"params": state.params, **state.extra.get("broadcast", {})}
 
     def client(self, loss_fn: LossFn) -> ClientUpdate:
-        return self.client_fn(loss_fn, self.local_opt)
+        return mark_update(self.client_fn(loss_fn, self.local_opt), loss_fn)
 
     def new_client_state(self, params: Tree) -> dict:
         """A client's state before its first round."""
@@ -111,9 +117,21 @@ class Algorithm:
         extra = {**state.extra, "aggregator": agg_state}
         if self.server_fn is not None:
             agg, extra = self.server_fn(state, agg, deltas, weights, aux or {}, key, extra)
-        pseudo_grad = T.scale(agg, -1.0)
-        updates, opt_state = self.server_opt.update(pseudo_grad, state.opt_state, state.params, {})
-        params = apply_updates(state.params, updates)
+        params, opt_state = self._step(state, agg)
         if self.tracker is not None:
             extra["tracker"] = self.tracker.commit(extra["tracker"], state.params, params)
         return ServerState(params, opt_state, state.round + 1, extra)
+
+    def _step(self, state: ServerState, agg: Tree) -> tuple[Tree, Any]:
+        """The server optimizer's step on ``-agg``; buffers (``extra["buffers"]``) take the
+        aggregated delta as it is (FedAvg's average of the clients' running statistics)."""
+        names = state.extra.get("buffers", ())
+        if not names:
+            updates, opt_state = self.server_opt.update(T.scale(agg, -1.0), state.opt_state,
+                                                        state.params, {})
+            return apply_updates(state.params, updates), opt_state
+        params, bufs = split_buffers(state.params, names)
+        updates, opt_state = self.server_opt.update(T.scale(split_buffers(agg, names)[0], -1.0),
+                                                    state.opt_state, params, {})
+        params = {**apply_updates(params, updates), **T.add(bufs, split_buffers(agg, names)[1])}
+        return {k: params[k] for k in state.params}, opt_state

@@ -38,7 +38,7 @@ import torch
 
 from atoll import rng
 from atoll import tree as T
-from atoll.client import model_loss, params_of
+from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval
 from atoll.runtime.base import active_steps
 from atoll.runtime.loop import LoopRuntime, decode_update
@@ -281,7 +281,7 @@ def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, 
         runtime.start()
     run_dir = Path(run_dir) if run_dir is not None else None
     fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
-    state, metrics = algorithm.init(params_of(model)), []
+    state, metrics = algorithm.init(params_of(model), buffers=buffer_names(model)), []
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _open_logs(run_dir, 0, config_text)

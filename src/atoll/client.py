@@ -30,26 +30,99 @@ ClientUpdate = Callable[..., ClientResult]
 
 
 def model_loss(model: torch.nn.Module) -> LossFn:
-    """Masked mean cross-entropy of ``model`` as a pure function of its parameters."""
+    """Masked mean cross-entropy of ``model`` in train mode, as a pure function of its state.
+
+    ``params`` holds the parameters and, for a model with buffers (BatchNorm running
+    statistics, ...), the buffers too (``params_of``); ``loss_fn.buffers`` names them and
+    ``loss_fn.with_buffers(params, x, y, mask) -> (loss, new buffers)`` also returns the
+    buffers the forward pass updated (on copies: the inputs are never written)."""
+    names = buffer_names(model)
 
     def loss_fn(params, x, y, mask):
+        if not model.training:
+            model.train()
         logits = functional_call(model, params, (x,))
-        per_sample = F.cross_entropy(logits, y, reduction="none")
-        m = mask.to(per_sample.dtype)
-        return (per_sample * m).sum() / m.sum().clamp(min=1.0)
+        return _masked_ce(logits, y, mask)
+
+    def with_buffers(params, x, y, mask):
+        if not model.training:
+            model.train()
+        missing = [k for k in names if k not in params]
+        if missing:
+            raise ValueError(f"{type(model).__name__}: the parameter tree lacks the model's "
+                             f"buffers {missing[:3]} (build it with atoll.client.params_of)")
+        bufs = {k: params[k].clone() for k in names}  # BatchNorm updates these in place
+        logits = functional_call(model, {**params, **bufs}, (x,))
+        return _masked_ce(logits, y, mask), bufs
 
     loss_fn.model = model  # lets a runtime recognise the model and take a fused fast path
+    loss_fn.buffers = names
+    loss_fn.random = uses_dropout(model)
+    if names:
+        loss_fn.with_buffers = with_buffers
     return loss_fn
 
 
+def _masked_ce(logits, y, mask):
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    m = mask.to(per_sample.dtype)
+    return (per_sample * m).sum() / m.sum().clamp(min=1.0)
+
+
+def buffer_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The names of ``model``'s buffers (BatchNorm's running mean, variance and batch count)."""
+    return tuple(k for k, _ in model.named_buffers())
+
+
+def uses_dropout(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a dropout layer (random in train mode)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
 def params_of(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Tree:
-    """A detached copy of the model's parameters as a tree."""
-    return {k: v.detach().clone().to(dtype or v.dtype) for k, v in model.named_parameters()}
+    """A detached copy of the model's state as a tree: its parameters, then its buffers.
+    Integer buffers (BatchNorm's ``num_batches_tracked``) become floating point of the
+    parameters' dtype, so that they travel, aggregate and validate like the rest."""
+    out = {k: v.detach().clone().to(dtype or v.dtype) for k, v in model.named_parameters()}
+    floating = dtype or (next(iter(out.values())).dtype if out else torch.get_default_dtype())
+    for k, v in model.named_buffers():
+        out[k] = v.detach().clone().to(dtype or (v.dtype if v.is_floating_point() else floating))
+    return out
+
+
+def value_and_grad(loss_fn: LossFn):
+    """``(params, x, y, mask) -> (grads, loss, new buffers)``: the gradient of ``loss_fn``
+    (zero for buffer entries) and the buffers its forward pass updated (``{}`` if none)."""
+    names = getattr(loss_fn, "buffers", ())
+    if not names:
+        g = grad_and_value(loss_fn)
+
+        def plain(p, x, y, mask):
+            grads, loss = g(p, x, y, mask)
+            return grads, loss, {}
+
+        plain.buffers = ()
+        return plain
+    g = grad_and_value(lambda p, b, x, y, m: loss_fn.with_buffers({**p, **b}, x, y, m), has_aux=True)
+
+    def stateful(p, x, y, mask):
+        trainable, bufs = split_buffers(p, names)
+        grads, (loss, new) = g(trainable, bufs, x, y, mask)
+        return {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in p.items()}, loss, new
+
+    stateful.buffers = names
+    return stateful
+
+
+def split_buffers(tree: Tree, names) -> tuple[Tree, Tree]:
+    """``(entries not in names, entries in names)``."""
+    return ({k: v for k, v in tree.items() if k not in names},
+            {k: v for k, v in tree.items() if k in names})
 
 
 def local_training(loss_fn: LossFn, transform: Transform) -> ClientUpdate:
     """Build the pure ClientUpdate running ``transform`` on ``loss_fn``."""
-    step_fn = grad_and_value(loss_fn)
+    step_fn = value_and_grad(loss_fn)
 
     def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
                batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key: int) -> ClientResult:
@@ -58,36 +131,55 @@ def local_training(loss_fn: LossFn, transform: Transform) -> ClientUpdate:
         return ClientResult(T.sub(p, params), {}, client_state, metrics)
 
     update.parts = (loss_fn, transform)  # what a runtime's fast path needs to reproduce it
+    mark_update(update, loss_fn)
+    return update
+
+
+def mark_update(update: ClientUpdate, loss_fn: LossFn) -> ClientUpdate:
+    """Copy to ``update`` what a runtime must know of its model: ``buffers`` (entries of the
+    tree that are state, not trained: vmap gives each client its own copy) and ``random``
+    (training draws random numbers: each client's must come from its key)."""
+    update.buffers = getattr(loss_fn, "buffers", ())
+    update.random = getattr(loss_fn, "random", False)
+    update.model_name = type(getattr(loss_fn, "model", None)).__name__
     return update
 
 
 def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, torch.Tensor],
               step_mask: torch.Tensor, ctx: dict, correction: Tree | None = None,
-              first: tuple[Tree, torch.Tensor] | None = None) -> tuple[Tree, dict]:
+              first: tuple | None = None) -> tuple[Tree, dict]:
     """The masked local steps: ``(final params, metrics)``. Step ``s`` runs ``transform`` on
-    ``grad_fn``'s gradient (plus a constant ``correction``, as SCAFFOLD and FedaGrac add) only
-    where ``step_mask[s]`` is true. ``first``: ``(grads, loss)`` of step 0, if already computed
-    (FedaGrac needs it before it can form its correction)."""
-    opt_state = transform.init(params)
-    p = params
+    ``grad_fn``'s gradient (``value_and_grad``; plus a constant ``correction``, as SCAFFOLD and
+    FedaGrac add) only where ``step_mask[s]`` is true. Buffers (``grad_fn.buffers``) are not
+    trained: each active step replaces them with those its forward pass updated. ``first``:
+    ``value_and_grad``'s output for step 0, if already computed (FedaGrac needs it before it
+    can form its correction)."""
+    names = getattr(grad_fn, "buffers", ())
+    p, b = split_buffers(params, names) if names else (params, {})
+    opt_state = transform.init(p)
     loss_sum = torch.zeros((), dtype=_dtype(params))
     seen = torch.zeros((), dtype=_dtype(params))
     for s in range(batches["y"].shape[0]):  # (S, B, ...)
         if s == 0 and first is not None:
-            grads, loss = first
+            grads, loss, new_b = first
         else:
-            grads, loss = grad_fn(p, batches["x"][s], batches["y"][s], batches["mask"][s])
+            grads, loss, new_b = grad_fn({**p, **b} if b else p, batches["x"][s], batches["y"][s],
+                                         batches["mask"][s])
         if correction is not None:
             grads = T.add(grads, correction)
+        if b:
+            grads = {k: grads[k] for k in p}
         updates, new_state = transform.update(grads, opt_state, p, ctx)
         active = step_mask[s]
         p = T.where(active, apply_updates(p, updates), p)
+        if b:
+            b = T.where(active, new_b, b)
         opt_state = tree_map(lambda a, b: torch.where(active, a, b), new_state, opt_state)
         n = batches["mask"][s].sum().to(loss.dtype) * active.to(loss.dtype)
         loss_sum = loss_sum + loss.detach() * n
         seen = seen + n
     metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum()}
-    return p, metrics
+    return ({k: p[k] if k in p else b[k] for k in params} if b else p), metrics
 
 
 def _dtype(tree: Tree) -> torch.dtype:

@@ -2,6 +2,8 @@
 local test split (sample-weighted mean, 10th percentile and minimum across clients)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -9,13 +11,27 @@ from torch.func import functional_call
 from atoll.tree import Tree
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` (every submodule) in eval mode inside the block, each module's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def per_sample(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor,
                batch: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (loss, correct) of the model with ``params``, in chunks of ``batch``."""
+    """Per-sample (loss, correct) of the model with ``params`` (and its buffers: BatchNorm's
+    running statistics), in eval mode (no dropout), in chunks of ``batch``."""
     losses, correct = [], []
     for i in range(0, x.shape[0], batch):
-        logits = functional_call(model, params, (x[i:i + batch],))
+        with eval_mode(model):
+            logits = functional_call(model, params, (x[i:i + batch],))
         losses.append(F.cross_entropy(logits, y[i:i + batch], reduction="none"))
         correct.append((logits.argmax(-1) == y[i:i + batch]).to(logits.dtype))
     if not losses:

@@ -19,7 +19,7 @@ import torch
 from atoll import checkpoint, sampling
 from atoll import tree as T
 from atoll.algorithm import Algorithm
-from atoll.client import model_loss, params_of
+from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval, centralized, global_train_loss
 from atoll.runtime.base import LocalWork
 from atoll.runtime.loop import LoopRuntime
@@ -70,7 +70,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
     run_dir = Path(run_dir) if run_dir is not None else None
     client_update = algorithm.client(model_loss(model))
     fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
-    state, client_states, metrics = algorithm.init(params_of(model)), {}, []
+    state = algorithm.init(params_of(model), buffers=buffer_names(model))
+    client_states, metrics = {}, []
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:

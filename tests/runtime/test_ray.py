@@ -67,3 +67,12 @@ def test_messages_pack_into_one_array_and_back():
     back = unpack_messages(packed, blob)
     assert [None if o.message is None else bytes(o.message) for o in back] == msgs
     assert all(o.message is None or o.message.readonly for o in back)
+
+
+@pytest.mark.parametrize("extra", [["model.kwargs.batch_norm=true"], ["model.kwargs.dropout=0.3"]],
+                         ids=["batchnorm", "dropout"])
+def test_ray_equals_loop_for_models_with_buffers_or_dropout(ray_runtime, extra):
+    over = extra + ["rounds=2"]
+    loop = run(LoopRuntime(), over)
+    assert_same(loop, run(ray_runtime, over))
+    assert all(m["clients_succeeded"] == 6 for m in loop.metrics)

@@ -20,12 +20,11 @@ aggregator's normalised weights. Client state: ``x_prev`` and the flag ``seen``.
 from __future__ import annotations
 
 import torch
-from torch.func import grad_and_value
 
 from atoll import tree as T
 from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
-from atoll.client import run_steps
+from atoll.client import run_steps, value_and_grad
 from atoll.transforms import Transform, sgd
 
 FORMS = ("seed", "published")
@@ -42,14 +41,14 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
         raise ValueError(f"fedagrac: local_lr must be > 0, got {local_lr}")
 
     def client_fn(loss_fn, opt):
-        grad_fn = grad_and_value(loss_fn)
+        grad_fn = value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             if batches["y"].shape[0] == 0:  # no local step (a client without data): no v_i
                 zero = torch.zeros((), dtype=next(iter(params.values())).dtype)
                 return result(params, params, T.zeros_like(params), client_state,
                               {"loss": zero, "samples": zero, "steps": step_mask.sum()})
-            v_i, loss0 = grad_fn(params, batches["x"][0], batches["y"][0], batches["mask"][0])
+            v_i, loss0, b0 = grad_fn(params, batches["x"][0], batches["y"][0], batches["mask"][0])
             v_i = T.detach(v_i)
             drift = T.sub(broadcast["vtilde"], v_i)
             if form == "published":
@@ -60,7 +59,7 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
                 c = T.axpy(client_state["seen"] * lam / (local_lr * k), gap, drift)
             final, metrics = run_steps(grad_fn, opt, params, batches, step_mask,
                                        {"broadcast": broadcast, "key": key}, correction=c,
-                                       first=(v_i, loss0))
+                                       first=(v_i, loss0, b0))
             state = {**client_state, "x_prev": final, "seen": torch.ones_like(client_state["seen"])}
             return result(params, final, v_i, state, metrics)
 

@@ -12,12 +12,11 @@ SGD locally (``local_lr`` is its learning rate).
 """
 from __future__ import annotations
 
-from torch.func import grad_and_value
 
 from atoll import tree as T
 from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
-from atoll.client import run_steps
+from atoll.client import run_steps, value_and_grad
 from atoll.transforms import Transform, sgd
 
 
@@ -29,7 +28,7 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
         raise ValueError(f"scaffold: local_lr must be > 0, got {local_lr}")
 
     def client_fn(loss_fn, opt):
-        grad_fn = grad_and_value(loss_fn)
+        grad_fn = value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             c, c_i = broadcast["c"], client_state["c_i"]

@@ -39,6 +39,7 @@ import torch
 
 from atoll import checkpoint, rng, sampling
 from atoll import tree as T
+from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
 from atoll.deploy import guard
@@ -129,7 +130,7 @@ class Coordinator:
         self.num_clients = len(data.clients)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state = algorithm.init({k: v.detach().clone() for k, v in model.named_parameters()})
+        self.state = algorithm.init(params_of(model), buffers=buffer_names(model))
         if (self.run_dir / checkpoint.FILE).exists():
             _check_same_config(self.run_dir, config_text)
             self.state, _ = checkpoint.load(self.run_dir)

@@ -1,8 +1,9 @@
 """Reference models and ``build``, which turns a config name into an ``nn.Module``.
 
-Invariant: every model here is a pure function of its parameters (no BatchNorm, Dropout,
-buffers or in-place ops), so ``torch.func.functional_call`` and ``vmap`` over a client axis
-of parameters give the same result as calling each client's model separately. All models take
+Plain models (the defaults) are pure functions of their parameters: no buffers, nothing
+random. ``mlp`` and ``cnn`` optionally add BatchNorm (``batch_norm = true``: running statistics
+as buffers) and dropout (``dropout = p``); atoll trains such models in train mode and evaluates
+them in eval mode (docs/simulation.md, "Models with buffers and dropout"). All models take
 flat features ``(N, n_features)`` and return logits ``(N, n_classes)``.
 """
 from __future__ import annotations
@@ -22,12 +23,15 @@ def logreg(n_features: int, n_classes: int) -> nn.Module:
     return nn.Linear(n_features, n_classes)
 
 
-def mlp(n_features: int, n_classes: int, hidden: int | tuple[int, ...] = (200, 200)) -> nn.Module:
-    """Fully connected ReLU network, e.g. the 2NN of McMahan et al. 2017 (two layers of 200)."""
+def mlp(n_features: int, n_classes: int, hidden: int | tuple[int, ...] = (200, 200),
+        batch_norm: bool = False, dropout: float = 0.0) -> nn.Module:
+    """Fully connected ReLU network, e.g. the 2NN of McMahan et al. 2017 (two layers of 200);
+    optionally ``BatchNorm1d`` before and ``Dropout(dropout)`` after each ReLU."""
     widths = [n_features, *((hidden,) if isinstance(hidden, int) else hidden)]
     layers: list[nn.Module] = []
     for w_in, w_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(w_in, w_out), nn.ReLU()]
+        layers += [nn.Linear(w_in, w_out), *([nn.BatchNorm1d(w_out)] if batch_norm else []),
+                   nn.ReLU(), *([nn.Dropout(dropout)] if dropout else [])]
     layers.append(nn.Linear(widths[-1], n_classes))
     return nn.Sequential(*layers)
 
@@ -40,7 +44,8 @@ class CNN(nn.Module):
     """
 
     def __init__(self, n_features: int = 64, n_classes: int = 10,
-                 channels: tuple[int, int] = (16, 32)):
+                 channels: tuple[int, int] = (16, 32), batch_norm: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         side = math.isqrt(n_features)
         if side * side != n_features or side % 4 or side == 0:
@@ -51,18 +56,21 @@ class CNN(nn.Module):
         self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
         self.fc = nn.Linear(c2 * (side // 4) ** 2, n_classes)
+        self.norm1 = nn.BatchNorm2d(c1) if batch_norm else nn.Identity()
+        self.norm2 = nn.BatchNorm2d(c2) if batch_norm else nn.Identity()
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, 1, self.side, self.side)
-        h = F.max_pool2d(F.relu(self.conv1(h)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return self.fc(h.flatten(1))
+        h = F.max_pool2d(F.relu(self.norm1(self.conv1(h))), 2)
+        h = F.max_pool2d(F.relu(self.norm2(self.conv2(h))), 2)
+        return self.fc(self.drop(h.flatten(1)))
 
 
-def cnn(n_features: int = 64, n_classes: int = 10,
-        channels: tuple[int, int] = (16, 32)) -> nn.Module:
+def cnn(n_features: int = 64, n_classes: int = 10, channels: tuple[int, int] = (16, 32),
+        batch_norm: bool = False, dropout: float = 0.0) -> nn.Module:
     """The ``CNN`` above (a function, for symmetry with ``logreg`` and ``mlp``)."""
-    return CNN(n_features, n_classes, tuple(channels))
+    return CNN(n_features, n_classes, tuple(channels), batch_norm, dropout)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}

@@ -40,7 +40,7 @@ import torch
 
 from atoll import rng
 from atoll import tree as T
-from atoll.client import local_training
+from atoll.client import buffer_names, local_training
 from atoll.codecs import chain, clip_l2, dithered_quantize, gaussian_noise
 from atoll.codecs.intrinsic import COUNT_KEY, SEED_KEY, dither
 from atoll.codecs.quantize import stochastic_quantize
@@ -133,6 +133,13 @@ def configure(cfg, algorithm, model, data, plan):
             raise ConfigError(f"privacy.{given[0]} is set but privacy.mode is \"none\"; choose a "
                               "mode: dp_sgd, dp_fedavg, local or intrinsic")
         return algorithm, plan
+    names = buffer_names(model)
+    if p.mode in ("dp_sgd", "intrinsic") and names:
+        raise ConfigError(f"privacy.mode = {p.mode!r} clips each sample's gradient, but model "
+                          f"{type(model).__name__} has buffers {list(names[:3])} (BatchNorm's "
+                          "running statistics mix the samples of a batch and are not clipped): "
+                          "use GroupNorm/LayerNorm, or mode dp_fedavg or local, which clip and "
+                          "noise the whole update, buffers included")
     try:
         algorithm, plan, events, details = _MODES[p.mode](cfg, algorithm, model, data, plan)
         spec = PrivacySpec(p.mode, tuple(events), p.accountant, p.neighboring, p.delta,

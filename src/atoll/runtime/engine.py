@@ -38,7 +38,9 @@ class ChunkResult:
 
 
 class VmapEngine:
-    """``vmap(client_update)`` over the chunk: params/broadcast shared, the rest batched."""
+    """``vmap(client_update)`` over the chunk: params/broadcast shared, the rest batched.
+    A model's buffers (``client_update.buffers``: BatchNorm's running statistics) enter
+    batched, one copy per client, since each client's forward passes update its own."""
 
     name = "vmap"
 
@@ -47,6 +49,8 @@ class VmapEngine:
             res = client_update(params, cstate, broadcast, batches, step_mask, key)
             return res.delta, res.aux, res.client_state, res.metrics
 
+        self._as_tuple = as_tuple
+        self._buffers = tuple(getattr(client_update, "buffers", ()))
         self._fn = vmap(as_tuple, in_dims=(None, 0, None, 0, 0, 0))
 
     def run(self, params: Tree, cstates: dict, broadcast: dict, batches: dict,
@@ -55,9 +59,29 @@ class VmapEngine:
         use keys call it); ``out`` (optional, unused here): where the caller would like the
         deltas written."""
         keys = keys() if callable(keys) else keys
-        delta, aux, cstate, metrics = self._fn(params, cstates, broadcast, batches, step_mask, keys)
+        fn = self._fn
+        if self._buffers:
+            C = step_mask.shape[0]
+            params = {k: v.expand(C, *v.shape) if k in self._buffers else v for k, v in params.items()}
+            dims = {k: 0 if k in self._buffers else None for k in params}
+            fn = vmap(self._as_tuple, in_dims=(dims, 0, None, 0, 0, 0))
+        delta, aux, cstate, metrics = fn(params, cstates, broadcast, batches, step_mask, keys)
         return ChunkResult(_cpu(delta), _cpu(aux), cstate, metrics["loss"].tolist(),
                            metrics["samples"].tolist(), metrics["steps"].tolist())
+
+
+class PerClient:
+    """No batched engine: the clients of a chunk train one by one on the loop runtime's path
+    (``uplink.one_by_one``). For updates whose training draws random numbers (``random``:
+    dropout), which must come from each client's key as in ``LoopRuntime``; vmap cannot seed
+    a draw per client."""
+
+    name = "per-client"
+
+    def __init__(self, client_update):
+        self.reason = (f"model {getattr(client_update, 'model_name', '?')} draws random numbers "
+                       "in training (dropout): each client's come from its own key, which vmap "
+                       "cannot do, so its clients train one by one (the loop runtime's path)")
 
 
 def _cpu(tree: Tree) -> Tree:
@@ -65,7 +89,10 @@ def _cpu(tree: Tree) -> Tree:
 
 
 def select_engine(client_update, fused: bool = True):
-    """The fused engine where it applies to ``client_update``, else :class:`VmapEngine`."""
+    """The fused engine where it applies to ``client_update``, else :class:`VmapEngine`;
+    :class:`PerClient` for an update that draws random numbers."""
+    if getattr(client_update, "random", False):
+        return PerClient(client_update)
     if fused:
         from atoll.runtime.fused import FusedMLP, match
 

@@ -83,7 +83,8 @@ class LoopRuntime:
             cstate = algorithm.new_client_state(params)
         batches, step_mask, straggler = draw_work(client_update, cdata, cid, r, seed, work, params)
         key = rng.key(seed, r, cid, "client")
-        result = client_update(params, cstate, received, batches, step_mask, key)
+        with rng.torch_seeded(key):  # dropout and other draws in training: the client's own
+            result = client_update(params, cstate, received, batches, step_mask, key)
         payload, up_state = algorithm.uplink.encode(result.delta, cstate["uplink"],
                                                     rng.key(seed, r, cid, "uplink"))
         message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))

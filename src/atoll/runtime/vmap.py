@@ -31,7 +31,7 @@ from atoll import rng
 from atoll import tree as T
 from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work, stack_drawn
-from atoll.runtime.engine import VmapEngine, select_engine
+from atoll.runtime.engine import PerClient, VmapEngine, select_engine
 from atoll.runtime.host import freeze_heap, tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
 from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, is_identity,
@@ -103,6 +103,8 @@ class VmapRuntime:
                    for s in cstates]
         plans = plan_clients(cohort, data, r, seed, work)
         engine = self.engine(client_update)
+        if isinstance(engine, PerClient):
+            return one_by_one(algorithm, client_update, down_bytes, plans, cstates, data, work, seed, r)
         size = self.chunk_size(engine, on_dev["params"], plans, data, work.batch_size)
         rows = self.uplink_rows(algorithm, received["params"], len(cohort))
         outcomes, start = [], 0
@@ -152,7 +154,8 @@ class VmapRuntime:
         """The chunk engine for ``client_update`` (built once per update function)."""
         if self._engine[0] is not client_update:
             self._engine = (client_update, select_engine(client_update, self.fused))
-            log.info("VmapRuntime: %s engine", self._engine[1].name)
+            log.info("VmapRuntime: %s engine%s", self._engine[1].name,
+                     f" ({self._engine[1].reason})" if isinstance(self._engine[1], PerClient) else "")
         return self._engine[1]
 
     def chunk_size(self, engine, params, plans, data, width: int) -> int:
