@@ -120,12 +120,18 @@ def uplink_delta(s: dict) -> dict:
     return s["algorithm"].uplink.decode(T.split(wire.loads(s["message"]))["delta"])
 
 
-def attack_uplink_noise(s: dict) -> tuple[dict, float]:
+def own_key(s: dict, purpose: str, drawn: list) -> int:
+    """The key the client really used (the oracle's: it knows the client's secret)."""
+    assert len(drawn) == 1, "the client drew one secret for its answer"
+    return rng.private_key(s["plan"].seed, s["round"], s["cid"], purpose, drawn[0])
+
+
+def attack_uplink_noise(s: dict, key: int) -> dict:
     """local / laplace: the noise codecs are additive, so encoding zeros with the client's
-    uplink key yields exactly its noise. Returns (recovered clipped update, noise std)."""
+    uplink key yields exactly its noise; the update minus it."""
     alg, params = s["algorithm"], s["params"]
     zeros = {k: torch.zeros_like(v) for k, v in params.items()}
-    noise, _ = alg.uplink.encode(zeros, alg.uplink.init(zeros), public_key(s, "uplink"))
+    noise, _ = alg.uplink.encode(zeros, alg.uplink.init(zeros), key)
     got = uplink_delta(s)
     return {k: got[k] - noise[k] for k in got}
 
@@ -142,7 +148,7 @@ def truth_uplink(c: Client, s: dict, drawn: list, clip) -> dict:
 @pytest.mark.parametrize("mode", ["local", "laplace"])
 def test_server_cannot_subtract_local_noise(mode, monkeypatch):
     s, c, drawn = deployed(BASE + MODES[mode], monkeypatch)
-    recovered = attack_uplink_noise(s)
+    recovered = attack_uplink_noise(s, public_key(s, "uplink"))
     if mode == "local":
         truth, std = truth_uplink(c, s, drawn, codecs.clip_l2(1.0)), 0.5 * 2 * 1.0
         attack_std = math.sqrt(2) * std  # the attacker subtracts an independent draw
@@ -150,6 +156,8 @@ def test_server_cannot_subtract_local_noise(mode, monkeypatch):
         truth, std = truth_uplink(c, s, drawn, codecs.clip_linf(0.01)), math.sqrt(2) * 6.5
         attack_std = math.sqrt(2) * std
     assert T.norm(truth) > 0
+    # the oracle is right: with the client's own key the noise comes off to float rounding
+    assert rms(attack_uplink_noise(s, own_key(s, "uplink", drawn)), truth) < 1e-6 * std
     err = rms(recovered, truth)
     print(f"{mode}: recovery error {err:.3g} (noise std {std:.3g})")
     assert 0.7 * attack_std < err < 1.4 * attack_std
@@ -170,6 +178,9 @@ def test_server_cannot_subtract_dp_sgd_noise(monkeypatch):
     truth = c.client_update(s["params"], {}, received, batches, mask, 0).delta
     assert T.norm(truth) > 0
     err, scale = rms(recovered, truth), lr * std / (q * n)
+    own = dp_inputs({"y": torch.zeros(1, 1)}, s["params"], own_key(s, "client", drawn))
+    exact = {k: got[k] + lr * std * own["noise/" + k][0] / (q * n) for k in got}
+    assert rms(exact, truth) < 1e-4 * scale  # the oracle is right (float32 rounding)
     print(f"dp_sgd: recovery error {err:.3g} (noise std in the update {scale:.3g})")
     assert 0.7 * math.sqrt(2) * scale < err < 1.4 * math.sqrt(2) * scale
 
@@ -195,6 +206,9 @@ def test_server_cannot_subtract_intrinsic_privacy_noise_but_keeps_the_dither(mon
     mean = c.client_update(s["params"], {}, received, batches, mask, 0).delta
     truth = torch.cat([mean[k].reshape(-1) for k in s["params"]]).double().clamp(-0.5, 0.5)
     err = float((recovered - truth).pow(2).mean().sqrt())
+    own = _uniform_sum(rng.fold(own_key(s, "uplink", drawn), "noise"), d, z) * step
+    exact = float((m * step - dither - own - truth).abs().max())
+    assert exact <= step / 2 * (1 + 1e-6)  # oracle: only the quantization error |e| <= D_k / 2
     floor = step * math.sqrt((z + 1) / 12)  # n + e: no subtraction at all
     print(f"intrinsic: recovery error {err:.3g} (dither alone {step / math.sqrt(12):.3g}, "
           f"noise + dither {floor:.3g})")
