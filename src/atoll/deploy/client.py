@@ -48,6 +48,8 @@ log = logging.getLogger("atoll.deploy")
 
 
 class Client:
+    private = False  # whether the update carries privacy noise (set from the config by _setup)
+
     def __init__(self, server: str, data, *, ca=None, cert=None, key=None, token=None,
                  insecure: bool = False, state_path=None, allow_custom_models: bool = False,
                  poll_s: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
