@@ -173,7 +173,8 @@ def test_server_cannot_subtract_dp_sgd_noise(monkeypatch):
     got = uplink_delta(s)
     recovered = {k: got[k] + lr * std * xi["noise/" + k][0] / (q * n) for k in got}
     batches, mask = own_draw(c, s, drawn)  # the oracle: the client's own sample, noise zeroed
-    batches = {k: (torch.zeros_like(v) if k.startswith("noise/") else v) for k, v in batches.items()}
+    batches = {k: torch.zeros_like(v) if k.startswith("noise/") else v
+               for k, v in batches.items()}
     received = T.split(wire.loads(s["down"]))
     truth = c.client_update(s["params"], {}, received, batches, mask, 0).delta
     assert T.norm(truth) > 0

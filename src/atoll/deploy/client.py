@@ -12,8 +12,9 @@ encoded update, never the data. Exception: where the update carries privacy nois
 on the update or the uplink), every answer draws a fresh secret from the OS CSPRNG
 (``secrets``) that keys its noise and Poisson sample (``rng.private_key``) and is never sent,
 and the header leaves out the loss and the realised sample count: the server cannot regenerate
-the noise, and a private deployed run is not reproducible (docs/privacy.md). Connection failures are retried with exponential back-off (with
-jitter) and the client rejoins by itself when a restarted server comes back.
+the noise, and a private deployed run is not reproducible (docs/privacy.md). Connection
+failures are retried with exponential back-off (with jitter) and the client rejoins by itself
+when a restarted server comes back.
 
 Client state (optimizer, codec and correction state that an algorithm keeps across rounds) lives
 on the client machine, in ``state_path``: after an accepted update it holds the state before and
@@ -123,7 +124,8 @@ class Client:
         message, after, metrics, straggler = LoopRuntime._client(
             self.algorithm, self.client_update, task.data, before, self.cdata, self.cid, r,
             self.work, self.seed, secret)
-        loss, samples = (0.0, 0.0) if self.private else (float(metrics["loss"]), float(metrics["samples"]))
+        loss, samples = ((0.0, 0.0) if self.private  # not covered by the DP guarantee: kept here
+                         else (float(metrics["loss"]), float(metrics["samples"])))
         accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
                                        loss=loss, samples=samples, straggler=straggler)
         self.counts["answered"] += 1
@@ -151,7 +153,8 @@ def private_noise(algorithm, client_update) -> bool:
     """Whether a client's update carries privacy noise that must be secret from the server:
     its update (DP-SGD's ``step_event``) or its uplink codec (local noise, intrinsic
     quantization) declares a DP event."""
-    return algorithm.uplink.event is not None or getattr(client_update, "step_event", None) is not None
+    return (algorithm.uplink.event is not None
+            or getattr(client_update, "step_event", None) is not None)
 
 
 def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:
