@@ -4,6 +4,11 @@
 cryptographic hash, so the same client in the same round always draws the same numbers,
 whatever order clients run in and whichever process runs them. Nothing keeps a stream
 position: resuming at round r is exact because keys depend only on the counters.
+
+One exception: randomness that protects a client *from the server* (its DP noise, its Poisson
+sample) comes from ``private_key(seed, round, client, purpose, secret)``. In simulation
+``secret`` is None and it is ``key(...)``; a deployed client passes a secret that it draws from
+the OS CSPRNG and never sends, so the server, which knows ``seed``, cannot regenerate the noise.
 """
 from __future__ import annotations
 
@@ -19,6 +24,18 @@ SERVER = -1  # the "client" index used for server-side draws
 def key(seed: int, round: int, client: int, purpose: str) -> int:  # noqa: A002
     """A reproducible 63-bit key for one (seed, round, client, purpose)."""
     h = hashlib.blake2b(struct.pack("<qqq", seed, round, client) + purpose.encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def private_key(seed: int, round: int, client: int, purpose: str,  # noqa: A002
+                secret: bytes | None = None) -> int:
+    """The key of randomness that protects a client from the server: ``key(...)`` when
+    ``secret`` is None (simulation: reproducible from the run seed), else a BLAKE2b keyed with
+    ``secret`` (deployment: nobody without the client's secret can compute it)."""
+    if secret is None:
+        return key(seed, round, client, purpose)
+    h = hashlib.blake2b(struct.pack("<qqq", seed, round, client) + purpose.encode(), digest_size=8,
+                        key=secret)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 

@@ -1,6 +1,6 @@
 """[privacy] in deployment: the server charges the simulation's accountant each round, writes
-epsilon in the metrics, stops before the round that would exceed the budget, and trains the
-model the simulation trains (local DP: clients clip and noise their own updates)."""
+epsilon in the metrics, stops before the round that would exceed the budget; the clients clip and
+noise their own updates (local DP) with noise the server cannot regenerate from the seed."""
 import json
 
 import torch
@@ -38,6 +38,10 @@ def test_deployed_run_spends_the_budget_as_the_simulation_does(tmp_path, kill_on
     assert [m["epsilon"] for m in lines] == [m["epsilon"] for m in sim.metrics] == eps[:2]
     final = json.loads((run_dir / "final.json").read_text())
     assert "stopped after round 2" in final["privacy"]["stopped"]
+    assert all(m["train_loss"] is None for m in lines)  # private clients send no loss
+    # the clients' noise came from their own secrets, not from the seed the server sent: the
+    # deployed model is the simulation's up to independent noise (one client's std z * 2 * clip
+    # = 4 per coordinate, over a cohort of 4: about 2 per round), not equal to it
     deployed = torch.load(run_dir / "model.pt")
-    for k, v in sim.state.params.items():
-        assert torch.allclose(deployed[k], v, rtol=0, atol=1e-6), k
+    diff = torch.cat([(deployed[k] - v).reshape(-1) for k, v in sim.state.params.items()])
+    assert bool(torch.isfinite(diff).all()) and float(diff.pow(2).mean().sqrt()) > 1.0

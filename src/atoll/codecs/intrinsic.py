@@ -5,7 +5,8 @@ Client (encode), for an update ``g`` of ``d`` coordinates and sample count ``N_k
 1. clip ``g`` per coordinate to ``[-C, C]`` (``norm="linf"``) or to the L2 ball of radius ``C``
    (``norm="l2"``; also bounds every coordinate by ``C``);
 2. step ``D_k = D / N_k``; privacy noise ``n = sum of Z uniforms on [-D_k/2, D_k/2]`` (drawn from
-   a key the server never sees); dither ``v ~ Uniform[-D_k/2, D_k/2]`` drawn from a SEED;
+   the uplink key, which a deployed client keys with its own secret: ``rng.private_key``);
+   dither ``v ~ Uniform[-D_k/2, D_k/2]`` drawn from a SEED (public: the server subtracts it);
 3. integers ``m = round((g + n + v) / D_k)``, i.e. ``Q[g + n + v] = m * D_k``. With
    ``B = C + Z * D_k / 2`` (the patent's range) every ``|m| <= K = ceil(B / D_k)``;
 4. send ``m + K`` bit-packed at ``ceil(log2(2K + 1))`` bits each, the dither seed (8 bytes, not

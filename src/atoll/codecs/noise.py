@@ -10,7 +10,8 @@ tree between neighbouring inputs: L2 for Gaussian (``c`` after ``clip_l2(c)``), 
 
 Both are unbiased and linear (decoding is the identity, so it commutes with a secure sum).
 Noise comes from ``rng.generator(key)``: reproducible in simulation. In a deployment the
-client's key must come from a secret source, or the server could regenerate the noise.
+client's uplink key is ``rng.private_key`` of a secret only the client holds (``deploy.Client``),
+or the server could regenerate the noise.
 """
 from __future__ import annotations
 

@@ -8,8 +8,13 @@ The client dials out (no inbound port), joins, and receives the run's config fro
 it rebuilds the same algorithm and model from it and then loops: pull a task, train on its own
 data with exactly the code of the reference runtime (``LoopRuntime._client``: same batches,
 same keys ``rng.key(seed, round, client_id, ...)``, so results equal the simulation's), send the
-encoded update, never the data. Connection failures are retried with exponential back-off (with
-jitter) and the client rejoins by itself when a restarted server comes back.
+encoded update, never the data. Exception: where the update carries privacy noise (a DP event
+on the update or the uplink), every answer draws a fresh secret from the OS CSPRNG
+(``secrets``) that keys its noise and Poisson sample (``rng.private_key``) and is never sent,
+and the header leaves out the loss and the realised sample count: the server cannot regenerate
+the noise, and a private deployed run is not reproducible (docs/privacy.md). Connection
+failures are retried with exponential back-off (with jitter) and the client rejoins by itself
+when a restarted server comes back.
 
 Client state (optimizer, codec and correction state that an algorithm keeps across rounds) lives
 on the client machine, in ``state_path``: after an accepted update it holds the state before and
@@ -25,6 +30,7 @@ import hashlib
 import io
 import logging
 import random
+import secrets
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +50,8 @@ log = logging.getLogger("atoll.deploy")
 
 
 class Client:
+    private = False  # whether the update carries privacy noise (set from the config by _setup)
+
     def __init__(self, server: str, data, *, ca=None, cert=None, key=None, token=None,
                  insecure: bool = False, state_path=None, policy=None,
                  poll_s: float = 10.0, backoff: tuple[float, float] = (0.5, 30.0),
@@ -105,6 +113,7 @@ class Client:
         self.guard.built(cfg, plan, self.cdata.n, info["client_id"])
         self.algorithm, self.work, self.seed = algorithm, plan.work, plan.seed
         self.client_update = algorithm.client(model_loss(model))
+        self.private = private_noise(algorithm, self.client_update)
         self.cid, self.run_id = info["client_id"], run_id
         self.states = self._load_states()
         log.info("joined %s as %s (client %d), %d local samples", self.server, info["name"],
@@ -116,12 +125,14 @@ class Client:
             self.guard.before_task(r)
         s = self.states
         before = None if s is None else (s["before"] if s["round"] == r else s["after"])
+        secret = secrets.token_bytes(32) if self.private else None  # never leaves this method
         message, after, metrics, straggler = LoopRuntime._client(
             self.algorithm, self.client_update, task.data, before, self.cdata, self.cid, r,
-            self.work, self.seed)
+            self.work, self.seed, secret)
+        loss, samples = ((0.0, 0.0) if self.private  # not covered by the DP guarantee: kept here
+                         else (float(metrics["loss"]), float(metrics["samples"])))
         accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
-                                       loss=float(metrics["loss"]), samples=float(metrics["samples"]),
-                                       straggler=straggler)
+                                       loss=loss, samples=samples, straggler=straggler)
         self.counts["answered"] += 1
         self.counts["accepted" if accepted else "rejected"] += 1
         if accepted:
@@ -141,6 +152,14 @@ class Client:
             log.warning("%s belongs to another run; starting with a fresh client state", self.state_path)
             return None
         return states
+
+
+def private_noise(algorithm, client_update) -> bool:
+    """Whether a client's update carries privacy noise that must be secret from the server:
+    its update (DP-SGD's ``step_event``) or its uplink codec (local noise, intrinsic
+    quantization) declares a DP event."""
+    return (algorithm.uplink.event is not None
+            or getattr(client_update, "step_event", None) is not None)
 
 
 def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:

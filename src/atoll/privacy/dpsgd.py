@@ -27,7 +27,8 @@ uniforms and Gaussian noise are *tensors*: ``dp_inputs(batches, params, key)`` a
 key the update draws them itself in exactly the same way, so the loop runtime needs nothing;
 a vectorised runtime calls ``dp_inputs`` per client before stacking and then
 ``vmap(update)`` over clients works (vmap over clients of vmap over samples): loop == vmap.
-In deployment ``key`` must be secret to the client, or the server could regenerate the noise.
+In deployment ``key`` is secret to the client (``rng.private_key`` with the client's secret, drawn
+by ``deploy.Client``), or the server could regenerate the noise.
 """
 from __future__ import annotations
 

@@ -210,8 +210,8 @@ def _dp_sgd_client(model, clip, z, q, steps, norm):
     def client_fn(loss_fn, local_opt):
         update = dp_local_training(model, local_opt, clip, z, q, norm=norm)
 
-        def draw_batches(x, y, cid, r, seed, work, params):
-            key = rng.key(seed, r, cid, "client")  # the key the runtimes pass to the update
+        def draw_batches(x, y, cid, r, seed, work, params, secret=None):
+            key = rng.private_key(seed, r, cid, "client", secret)  # the key the update gets
             batches = dp_inputs(poisson_batches(x, y, steps, q, key), params, key)
             k, straggler = straggler_steps(cid, r, seed, work, steps)
             return batches, torch.arange(steps) < k, straggler
@@ -381,8 +381,8 @@ def _intrinsic_client(model, clip: float, q: float, norm: str):
             return ClientResult({**mean, COUNT_KEY: count, SEED_KEY: seed},
                                 {"dither_seed": seed, "count": count}, client_state, metrics)
 
-        def draw_batches(x, y, cid, r, seed, work, params):
-            batches = poisson_batches(x, y, 1, q, rng.key(seed, r, cid, "client"))
+        def draw_batches(x, y, cid, r, seed, work, params, secret=None):
+            batches = poisson_batches(x, y, 1, q, rng.private_key(seed, r, cid, "client", secret))
             batches["dither_seed"] = torch.tensor(rng.key(seed, r, cid, "dither"), dtype=torch.int64)
             return batches, torch.ones(1, dtype=torch.bool), False
 

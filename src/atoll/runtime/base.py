@@ -81,14 +81,16 @@ def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: in
 
 
 def draw_work(client_update, cdata, cid: int, round: int, seed: int, work: LocalWork,  # noqa: A002
-              params) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+              params, secret: bytes | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """``client_work``, or the update's own draw where it has one: ``client_update.
-    draw_batches(x, y, cid, round, seed, work, params)`` (e.g. DP-SGD's Poisson batches with
-    pre-drawn noise, ``privacy.run``), made outside the pure update so that it runs under vmap."""
+    draw_batches(x, y, cid, round, seed, work, params, secret)`` (e.g. DP-SGD's Poisson batches
+    with pre-drawn noise, ``privacy.run``, keyed by ``rng.private_key(..., secret)``), made
+    outside the pure update so that it runs under vmap."""
     draw = getattr(client_update, "draw_batches", None)
     if draw is None:
         return client_work(cdata.x, cdata.y, cid, round, seed, work)
-    return draw(cdata.x, cdata.y, cid, round, seed, work, params)
+    return draw(cdata.x, cdata.y, cid, round, seed, work, params, secret)
 
 
 def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -76,16 +76,20 @@ class LoopRuntime:
         return state, new_states, stats
 
     @staticmethod
-    def _client(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed):
+    def _client(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed,
+                secret: bytes | None = None):
+        """One client's answer. ``secret``: the deployed client's (``rng.private_key``); its
+        training and uplink keys, which draw its privacy noise, then come from it."""
         received = T.split(algorithm.downlink.decode(wire.loads(down_bytes)))
         params = received["params"]
         if cstate is None:
             cstate = algorithm.new_client_state(params)
-        batches, step_mask, straggler = draw_work(client_update, cdata, cid, r, seed, work, params)
-        key = rng.key(seed, r, cid, "client")
+        batches, step_mask, straggler = draw_work(client_update, cdata, cid, r, seed, work, params,
+                                                  secret)
+        key = rng.private_key(seed, r, cid, "client", secret)
         with rng.torch_seeded(key):  # dropout and other draws in training: the client's own
             result = client_update(params, cstate, received, batches, step_mask, key)
         payload, up_state = algorithm.uplink.encode(result.delta, cstate["uplink"],
-                                                    rng.key(seed, r, cid, "uplink"))
+                                                    rng.private_key(seed, r, cid, "uplink", secret))
         message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))
         return message, {**result.client_state, "uplink": up_state}, result.metrics, straggler
