@@ -69,7 +69,7 @@ class AlgorithmConfig(_Section):
     b2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
-    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 1 published)
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published)
     form: Literal["seed", "published"] = "seed"  # fedagrac: seed 003's calibration or the paper code's
 
 
