@@ -13,7 +13,9 @@ runtime; the loop runtime's client path otherwise); the group id is the ``round`
 keys. The server half is the Algorithm's ``server_round``, applied in arrival order:
 
 * ``fedbuff`` (Nguyen et al. 2022): arriving deltas, scaled by ``s(staleness)``, are buffered;
-  every ``buffer`` arrivals the server aggregates them (the aggregator's weights) and steps;
+  every ``buffer`` arrivals ``K`` the server averages them, each with weight ``1/K`` as in the
+  paper (``weighting = "uniform"``), or with the aggregator's weights (``"aggregator"``:
+  training-set sizes by default, atoll's rule before issue 17), and steps;
 * ``fedasync`` (Xie et al. 2019): every arrival is a server step mixing the client's model,
   ``x <- x + alpha * s(staleness) * (x_client - x)``, with ``x_client`` = the model it
   started from plus its delta.
@@ -22,8 +24,9 @@ Staleness = server versions applied since the client's dispatch; ``s`` is ``cons
 ``polynomial`` ``(1 + tau)^-a`` or ``hinge`` (1 up to ``b``, then ``1 / (a (tau - b) + 1)``).
 Updates staler than ``max_staleness`` are dropped and counted (``stale_dropped``). One line of
 ``metrics.jsonl`` per server step (``round`` = model version), with ``sim_time`` when devices
-are simulated. With zero delays, ``concurrency = buffer = C`` and FedBuff's constant weights,
-the run equals synchronous FedAvg with ``C`` clients per round (``tests/hetero``).
+are simulated. With zero delays, ``concurrency = buffer = C`` and constant staleness weights,
+FedBuff equals synchronous FedAvg with ``C`` clients per round, uniformly weighted (or weighted
+like the aggregator with ``weighting = "aggregator"``; ``tests/hetero``).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from atoll.runtime.vmap import VmapRuntime, broadcast_bytes
 from atoll.runtime.work import plan_clients
 
 MODES = ("fedasync", "fedbuff")
+WEIGHTINGS = ("uniform", "aggregator")
 STALENESS = ("constant", "polynomial", "hinge")
 
 
@@ -60,10 +64,13 @@ class AsyncPlan:
     a: float = 0.5
     b: float = 4.0
     max_staleness: int | None = None
+    weighting: str = "uniform"  # FedBuff: 1/K per buffered update (the paper) or "aggregator"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"async.mode must be one of {MODES}, got {self.mode!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"async.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.staleness not in STALENESS:
             raise ValueError(f"async.staleness must be one of {STALENESS}, got {self.staleness!r}")
         if self.concurrency < 1 or self.buffer < 1:
@@ -262,7 +269,9 @@ class _Driver:
         buf = self.win.buffer
         ids = [b[0] for b in buf]
         dtype = next(iter(state.params.values())).dtype
-        weights = self.alg.aggregator.weights(ids, torch.tensor([b[3] for b in buf], dtype=dtype))
+        samples = torch.tensor([b[3] for b in buf], dtype=dtype)
+        weights = (torch.ones_like(samples) if self.a.weighting == "uniform" and self.a.mode == "fedbuff"
+                   else self.alg.aggregator.weights(ids, samples))
         aux = T.stack([b[2] for b in buf]) if buf[0][2] else None
         key = rng.key(self.plan.seed, state.round + 1, rng.SERVER, "server")
         return self.alg.server_round(state, T.stack([b[1] for b in buf]), weights, aux, key=key, ids=ids)

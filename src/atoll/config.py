@@ -68,8 +68,9 @@ class AlgorithmConfig(_Section):
     b1: float = Field(0.9, ge=0, lt=1)
     b2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    initial_v: float | None = Field(None, ge=0)  # fedadam/fedyogi/fedadagrad: v_-1; None = tau^2 (Reddi et al.)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
-    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 1 published)
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published)
     form: Literal["seed", "published"] = "seed"  # fedagrac: seed 003's calibration or the paper code's
 
 
@@ -220,6 +221,7 @@ class AsyncConfig(_Section):
     a: float = Field(0.5, ge=0)
     b: float = Field(4.0, ge=0)
     max_staleness: int | None = Field(None, ge=0)
+    weighting: Literal["uniform", "aggregator"] = "uniform"  # fedbuff: 1/K (Nguyen et al.) or the aggregator's
 
 
 class Config(_Section):
@@ -450,9 +452,9 @@ def build(cfg: Config, data=None):
     local = (transforms.adam(c.lr, weight_decay=c.weight_decay) if c.optimizer == "adam" else
              transforms.sgd(c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
     options = {"fedavgm": {"server_momentum": a.server_momentum}, "fedprox": {"mu": a.mu},
-               "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
-               "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau},
-               "fedadagrad": {"tau": a.tau}, "fednova": {"momentum": c.momentum},
+               "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
+               "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
+               "fedadagrad": {"tau": a.tau, "initial_v": a.initial_v}, "fednova": {"momentum": c.momentum},
                "scaffold": {"local_lr": c.lr, "num_clients": len(fed.clients)},
                "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form}}.get(a.name, {})
     if a.server_lr is not None:
@@ -520,5 +522,5 @@ def _heterogeneity(cfg: Config, algorithm, model, num_clients: int):
     plan = None
     if a.mode != "none":
         plan = AsyncPlan(a.mode, a.concurrency, a.buffer, a.alpha, a.staleness, a.a, a.b,
-                         a.max_staleness)
+                         a.max_staleness, a.weighting)
     return devices, schedule, plan

@@ -218,8 +218,60 @@ def test_count_sketch_recovers_heavy_hitters_from_a_sum_of_clients():
     assert torch.allclose(S._median_rows(x), x.sort(0).values[1:3].mean(0))
 
 
+def _decoded_mean(codec, x, rounds, per_round):
+    """The decoded estimate of ``x`` averaged over ``rounds`` rounds of ``codec``."""
+    total = torch.zeros_like(x)
+    for r in range(rounds):
+        c = codecs.for_round(codec, rng.key(0, r, rng.SERVER, "uplink")) if per_round else codec
+        total += c.decode(c.encode({"x": x}, (), r)[0])["x"]
+    return total / rounds
+
+
+@pytest.mark.parametrize("estimator", ["median", "mean"])
+def test_count_sketch_collision_bias_averages_out_over_rounds(estimator):
+    """Seed 004 asks for unbiased linear compression: with hashes drawn per round a coordinate's
+    collision error is fresh noise every round, so the decoded estimate averaged over rounds
+    tends to x (error ~ 1/sqrt(rounds)); one fixed seed repeats the same error: a bias."""
+    x = torch.randn(4000, generator=_gen(11), dtype=torch.float64)
+    size = float(x.abs().mean())
+    fixed = codecs.count_sketch(5, 400, seed=0, estimator=estimator)
+    bias_fixed = float((_decoded_mean(fixed, x, 20, True) - x).abs().mean())
+    codec = codecs.count_sketch(5, 400, estimator=estimator)  # default: hashes per round
+    bias = [float((_decoded_mean(codec, x, n, True) - x).abs().mean()) for n in (25, 400)]
+    assert bias_fixed > 0.5 * size                # a permanent error as large as x itself
+    assert bias[1] < 0.35 * bias[0] and bias[1] < 0.15 * size
+
+
+def test_count_sketch_clients_of_a_round_share_hashes_rounds_do_not():
+    a, b = (torch.randn(3000, generator=_gen(i), dtype=torch.float64) for i in (12, 13))
+    codec = codecs.chain(codecs.count_sketch(5, 200))
+    r1, r2 = (codecs.for_round(codec, rng.key(0, r, rng.SERVER, "uplink")) for r in (1, 2))
+    st = codec.init({"x": a})
+    pa, pb = r1.encode({"x": a}, st, 5)[0], r1.encode({"x": b}, st, 6)[0]  # two clients, round 1
+    summed = codecs.sum_payloads([pa, pb])
+    torch.testing.assert_close(r1.decode(summed)["x"], r1.decode(r1.encode({"x": a + b}, st, 7)[0])["x"],
+                               rtol=0, atol=1e-12)
+    assert int(pa["sketch/seed"][0]) != int(r2.encode({"x": a}, st, 5)[0]["sketch/seed"][0])
+    with pytest.raises(ValueError, match="differs"):
+        codecs.sum_payloads([pa, r2.encode({"x": b}, st, 6)[0]])
+    key = rng.key(0, 1, rng.SERVER, "uplink")
+    fb = codecs.error_feedback(codecs.count_sketch(5, 200))   # wrappers pass the round on
+    seed = codecs.for_round(fb, key).encode({"x": a}, fb.init({"x": a}), 5)[0]["sketch/seed"]
+    assert torch.equal(seed, codecs.for_round(codecs.count_sketch(5, 200), key).encode({"x": a}, (), 5)[0]["sketch/seed"])
+    assert int(seed[0]) != 0
+    fixed = codecs.count_sketch(5, 200, seed=3)
+    assert codecs.for_round(fixed, 99) is fixed
+    with pytest.raises(ValueError, match="seed"):
+        fixed.decode({**fixed.encode({"x": a}, (), 0)[0], "sketch/seed": torch.tensor([4])})
+
+
 def test_count_sketch_hashes_are_balanced_and_signs_fair():
     bucket, sign = S.hashes(100_000, 3, 1000, 0)
+    g = rng.generator(rng.fold(0, "count_sketch"))   # the plain formula, out of place
+    a, b, c, e = torch.randint(-2**63, 2**63 - 1, (4, 3, 1), generator=g, dtype=torch.int64)
+    i = torch.arange(100_000, dtype=torch.int64)
+    assert torch.equal(bucket, (((((a | 1) * i + b) >> 32) & 0xFFFFFFFF) * 1000) >> 32)
+    assert torch.equal(sign, ((((c | 1) * i + e) >> 63) & 1).to(torch.int8) * 2 - 1)
     counts = torch.stack([torch.bincount(r, minlength=1000) for r in bucket]).double()
     assert int(bucket.min()) == 0 and int(bucket.max()) == 999
     assert float((counts - 100).abs().max()) < 5 * 10  # within 5 Poisson sd of the mean load
@@ -271,7 +323,8 @@ def test_payload_bytes_equal_predictions():
         + _entry("sq/s", (math.ceil(D / 100),), 4),
         codecs.rand_k(0.1): _records("randk", TREE) + _entry("randk/seed", (1,), 8)
         + _entry("randk/v", (round(0.1 * D),), itemsize),
-        codecs.count_sketch(3, 50): _records("sketch", TREE) + _entry("sketch/t", (3, 50), itemsize),
+        codecs.count_sketch(3, 50): _records("sketch", TREE) + _entry("sketch/t", (3, 50), itemsize)
+        + _entry("sketch/seed", (1,), 8),
     }
     for codec, predicted in cases.items():
         assert len(wire.dumps(codec.encode(TREE, (), 1)[0])) == head + predicted, codec.name

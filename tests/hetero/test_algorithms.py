@@ -26,11 +26,20 @@ def test_fedavg_converges_to_a_biased_point():
 @pytest.mark.parametrize("make", [
     lambda: A.scaffold(sgd(LR), local_lr=LR, num_clients=4),
     lambda: A.fedagrac(sgd(LR), local_lr=LR, form="seed"),            # lam = 0.1
-    lambda: A.fedagrac(sgd(LR), local_lr=LR, form="published"),       # lam = 1
-], ids=["scaffold", "fedagrac-seed", "fedagrac-published"])
+    lambda: A.fedagrac(sgd(LR), local_lr=LR, form="published", lam=1.0),
+], ids=["scaffold", "fedagrac-seed", "fedagrac-published-lam1"])
 def test_corrected_algorithms_reach_the_true_optimum(make):
     state, _ = q.train(make(), 100)
     assert dist(state.params["w"], q.optimum()) < 1e-6
+
+
+def test_fedagrac_published_lambda_below_one_leaves_part_of_the_bias():
+    """A client's corrected steps sum to ``K_i ((1 - lam) mu_i + lam v)``, so only ``lam = 1``
+    makes the optimum a fixed point; smaller ``lam`` stops between FedAvg's point and it."""
+    far = dist(q.fedavg_fixed_point(LR), q.optimum())
+    ends = [dist(q.train(A.fedagrac(sgd(LR), local_lr=LR, form="published", lam=lam), 100)[0]
+                 .params["w"], q.optimum()) for lam in (0.03, 0.1, 0.3)]
+    assert far > ends[0] > ends[1] > ends[2] > 0.3
 
 
 def test_fednova_reaches_its_closed_form_fixed_point():
@@ -109,6 +118,44 @@ def test_fedagrac_seed_form_matches_reference(lam):
     assert dist(state.extra["broadcast"]["vtilde"]["w"], v) < 1e-12
     for i, y in prev.items():
         assert dist(cstates[i]["x_prev"]["w"], y) < 1e-12 and float(cstates[i]["seen"]) == 1.0
+
+
+@pytest.mark.parametrize("lam", [0.03, 0.5])
+def test_fedagrac_published_form_matches_the_authors_rule(lam):
+    """HarliWu/FedaGrac, re-derived in plain loops with partial participation: every local step
+    is ``x <- x - lr (g + lam (v - mu_i))``, ``mu_i`` the mean of client i's local gradients in
+    its previous participation (0 before); ``v`` <- the weighted sum over the cohort of ``mu_i``
+    (this round's) where ``K_i`` <= the cohort's weighted mean K, else of the first gradient."""
+    x, v = torch.zeros(q.D, dtype=torch.float64), torch.zeros(q.D, dtype=torch.float64)
+    mu = {i: torch.zeros(q.D, dtype=torch.float64) for i in range(4)}
+    for cohort in COHORTS:
+        finals, picks = [], []
+        w = _weights(cohort)
+        mean_k = sum(wi * q.STEPS[i] for wi, i in zip(w, cohort))
+        for i in cohort:
+            k, y, grads = q.STEPS[i], x.clone(), []
+            for _ in range(k):
+                grads.append(_grad(y, i))
+                y = y - LR * (grads[-1] + lam * (v - mu[i]))
+            mu[i] = sum(grads) / k
+            finals.append(y)
+            picks.append(mu[i] if k <= mean_k else grads[0])
+        x = sum(wi * f for wi, f in zip(w, finals))
+        v = sum(wi * g for wi, g in zip(w, picks))
+    state, cstates = _run_cohorts(A.fedagrac(sgd(LR), local_lr=LR, lam=lam, form="published"))
+    assert dist(state.params["w"], x) < 1e-12
+    assert dist(state.extra["broadcast"]["vtilde"]["w"], v) < 1e-12
+    for i in range(4):
+        assert dist(cstates[i]["mu"]["w"], mu[i]) < 1e-12
+
+
+def test_fedagrac_published_default_lambda_is_the_authors():
+    """``--lam`` defaults to 0.03 in the authors' add_parser_arguments.py (atoll had 1)."""
+    default, _ = _run_cohorts(A.fedagrac(sgd(LR), local_lr=LR, form="published"))
+    lam003, _ = _run_cohorts(A.fedagrac(sgd(LR), local_lr=LR, form="published", lam=0.03))
+    lam1, _ = _run_cohorts(A.fedagrac(sgd(LR), local_lr=LR, form="published", lam=1.0))
+    assert torch.equal(default.params["w"], lam003.params["w"])
+    assert dist(default.params["w"], lam1.params["w"]) > 1e-3
 
 
 def test_scaffold_matches_reference():

@@ -44,9 +44,15 @@ def same_params(a, b, tol=0.0):
         assert float((a.state.params[k] - b.state.params[k]).abs().max()) <= tol, k
 
 
+WEIGHTINGS = [([], ["algorithm.weighting=uniform"]),   # Nguyen et al.: 1/K per buffered update
+              (["async.weighting=aggregator"], [])]    # the aggregator's: samples, as sync FedAvg
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS, ids=["paper-1/K", "aggregator"])
 @pytest.mark.parametrize("runtime", [LoopRuntime, VmapRuntime], ids=["loop", "vmap"])
-def test_zero_delay_fedbuff_with_cohort_buffer_is_sync_fedavg(runtime):
-    sync, asyn = run(runtime=runtime()), run(ZERO_DELAY, runtime=runtime())
+def test_zero_delay_fedbuff_with_cohort_buffer_is_sync_fedavg(runtime, weighting):
+    asyn_over, sync_over = weighting
+    sync, asyn = run(sync_over, runtime=runtime()), run(ZERO_DELAY + asyn_over, runtime=runtime())
     # the vectorised runtime sums a cohort in the order its chunks wrote their messages, which
     # differs between the two drivers: equal up to rounding there, bit for bit on the loop
     same_params(sync, asyn, tol=0.0 if runtime is LoopRuntime else 1e-12)
@@ -94,6 +100,8 @@ def test_staleness_functions():
     assert hinge.weight(4) == 1.0 and hinge.weight(6) == pytest.approx(1 / 5)
     with pytest.raises(ValueError, match="async.mode"):
         AsyncPlan(mode="fedsync")
+    with pytest.raises(ValueError, match="async.weighting"):
+        AsyncPlan(weighting="samples")
 
 
 def test_fedasync_refuses_server_hooks_and_resume():

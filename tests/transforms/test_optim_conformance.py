@@ -136,6 +136,23 @@ def test_fedadagrad_momentum_matches_paper():
     _assert_trajectories(ours, ref)
 
 
+@pytest.mark.parametrize("rule", ["adam", "yogi", "adagrad"])
+def test_adaptive_recipes_start_v_at_tau_squared(rule):
+    """Reddi et al. 2021, Algorithm 2: ``v_{-1} = tau^2`` (``initial_v = 0`` stays an option).
+    Pseudo-gradients of size 1e-3 make the start visible: ``(1 - b2) g^2 ~ tau^2``."""
+    from atoll import algorithms as A
+
+    recipe = {"adam": A.fedadam, "yogi": A.fedyogi, "adagrad": A.fedadagrad}[rule]
+    params, grads = _params(11), [{k: 1e-3 * v for k, v in g.items()} for g in _grads(12)]
+    extra = {} if rule == "adagrad" else {"b2": 0.99}
+    ends = []
+    for kw, v0 in (({}, 1e-6), ({"initial_v": 0.0}, 0.0)):
+        ours = _run(recipe(server_lr=0.03, b1=0.9, tau=1e-3, **extra, **kw).server_opt, params, grads)
+        _assert_trajectories(ours, _reddi_numpy(rule, params, grads, 0.03, 0.9, 0.99, 1e-3, v0))
+        ends.append(ours[-1])
+    assert max(float((ends[0][k] - ends[1][k]).abs().max()) for k in params) > 1e-3
+
+
 # --- torch.func: vmap over clients, grad through updates --------------------------------
 
 def _stack(trees):

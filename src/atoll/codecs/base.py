@@ -10,7 +10,10 @@ kept in the client state. Properties:
   ``count_sketch`` decoding also commutes with the sum; a sketch is decoded (median, top-k)
   only once, from the sum;
 * ``unbiased``: ``E[decode(encode(x))] = x``;
-* ``event``: the privacy event one encode causes, or ``None``.
+* ``event``: the privacy event one encode causes, or ``None``;
+* ``at_round``: for a codec with randomness that all clients of a round must share (the count
+  sketch's hashes), ``at_round(key)`` is the codec of the round whose shared key is ``key``;
+  ``None`` for the others. Runtimes encode with ``for_round(codec, key)``.
 
 ``chain`` encodes in order and decodes in reverse.
 """
@@ -32,6 +35,13 @@ class Codec:
     linear: bool = True
     unbiased: bool = True
     event: Any = None
+    at_round: Callable[[int], "Codec"] | None = None
+
+
+def for_round(codec: Codec, key: int) -> Codec:
+    """The codec every client of a round encodes with: its shared randomness drawn from the
+    round's ``key`` (``rng.key(seed, round, rng.SERVER, "uplink")``); ``codec`` itself if it has none."""
+    return codec if codec.at_round is None else codec.at_round(key)
 
 
 def identity() -> Codec:
@@ -65,6 +75,10 @@ def chain(*codecs: Codec) -> Codec:
         return payload
 
     events = [c.event for c in codecs if c.event is not None]
+
+    def at_round(key):
+        return chain(*(for_round(c, rng.fold(key, i)) for i, c in enumerate(codecs)))
+
     return Codec(
         name="+".join(c.name for c in codecs),
         init=init,
@@ -73,4 +87,5 @@ def chain(*codecs: Codec) -> Codec:
         linear=all(c.linear for c in codecs),
         unbiased=all(c.unbiased for c in codecs),
         event=events[0] if len(events) == 1 else (tuple(events) or None),
+        at_round=at_round if any(c.at_round for c in codecs) else None,
     )

@@ -40,5 +40,6 @@ def error_feedback(inner: Codec) -> Codec:
         residual = {k: (x[k] - sent[k].to(x[k].dtype)).to(res[k].dtype) for k in res}
         return payload, {"residual": residual, "inner": inner_state}
 
+    at_round = None if inner.at_round is None else (lambda key: error_feedback(inner.at_round(key)))
     return Codec(name, init=init, encode=encode, decode=inner.decode, linear=inner.linear,
-                 unbiased=False, event=inner.event)
+                 unbiased=False, event=inner.event, at_round=at_round)

@@ -14,6 +14,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.algorithm import Algorithm
+from atoll.codecs import Codec, for_round
 from atoll.runtime.check import decode_update
 from atoll.runtime.downlink import downlink_bytes
 from atoll.runtime.base import LocalWork, RoundStats, draw_work
@@ -89,7 +90,13 @@ class LoopRuntime:
         key = rng.private_key(seed, r, cid, "client", secret)
         with rng.torch_seeded(key):  # dropout and other draws in training: the client's own
             result = client_update(params, cstate, received, batches, step_mask, key)
-        payload, up_state = algorithm.uplink.encode(result.delta, cstate["uplink"],
-                                                    rng.private_key(seed, r, cid, "uplink", secret))
+        payload, up_state = uplink_codec(algorithm, seed, r).encode(
+            result.delta, cstate["uplink"], rng.private_key(seed, r, cid, "uplink", secret))
         message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))
         return message, {**result.client_state, "uplink": up_state}, result.metrics, straggler
+
+
+def uplink_codec(algorithm: Algorithm, seed: int, r: int) -> Codec:
+    """Round ``r``'s uplink codec: randomness all its clients share (count-sketch hashes) drawn
+    from the round's key, the same for every client and runtime."""
+    return for_round(algorithm.uplink, rng.key(seed, r, rng.SERVER, "uplink"))

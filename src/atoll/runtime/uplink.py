@@ -28,7 +28,7 @@ from atoll import rng
 from atoll import tree as T
 from atoll.codecs import identity
 from atoll.runtime.base import RoundStats
-from atoll.runtime.loop import LoopRuntime, decode_update
+from atoll.runtime.loop import LoopRuntime, decode_update, uplink_codec
 from atoll.transport import wire
 
 log = logging.getLogger("atoll")
@@ -64,12 +64,12 @@ def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: in
             rows.fill(name, v, start)
         messages, ups = rows.messages[start:start + len(chunk)], uplink_states  # identity: unchanged
     else:
-        messages, ups = [], []
+        messages, ups, codec = [], [], uplink_codec(algorithm, seed, r)
         per_client = [dict(zip(result.delta, vs))
                       for vs in zip(*(v.unbind() for v in result.delta.values()))]
         for i, p in enumerate(chunk):
-            payload, up = algorithm.uplink.encode(per_client[i], uplink_states[i],
-                                                  rng.key(seed, r, p.cid, "uplink"))
+            payload, up = codec.encode(per_client[i], uplink_states[i],
+                                       rng.key(seed, r, p.cid, "uplink"))
             aux = {k: v[i] for k, v in result.aux.items()}
             messages.append(wire.dumps(T.join({"delta": payload, "aux": aux})))
             ups.append(up)

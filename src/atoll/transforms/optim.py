@@ -12,7 +12,8 @@ Invariants shared by every optimizer here:
 Conventions: with default flags ``sgd``, ``adam`` and ``adagrad`` reproduce ``torch.optim.SGD``,
 ``torch.optim.Adam`` and ``torch.optim.Adagrad`` step for step. ``adam(bias_correction=False)``,
 ``yogi`` and ``adagrad(b1>0)`` are the server rules FedAdam, FedYogi and FedAdagrad of Reddi et
-al. 2021, "Adaptive Federated Optimization" (Algorithm 2), where ``eps`` is their ``tau``.
+al. 2021, "Adaptive Federated Optimization" (Algorithm 2), where ``eps`` is their ``tau`` and
+the second moment starts at ``tau^2`` (``initial_v`` / ``initial_accumulator_value``).
 """
 from __future__ import annotations
 
@@ -95,17 +96,19 @@ def _moments(d: Tree, state: dict, b1: float, b2: float) -> tuple[Tree, Tree]:
 
 
 def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         weight_decay: float = 0.0, bias_correction: bool = True) -> Transform:
-    """Adam (Kingma & Ba 2015); ``m`` and ``v`` start at zero.
+         weight_decay: float = 0.0, bias_correction: bool = True, initial_v: float = 0.0) -> Transform:
+    """Adam (Kingma & Ba 2015); ``m`` starts at zero, ``v`` at ``initial_v`` (zero by default).
 
     ``bias_correction=True`` is ``torch.optim.Adam``:
     ``-lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
-    ``bias_correction=False`` is FedAdam (Reddi et al. 2021): ``-lr * m / (sqrt(v) + eps)``.
+    ``bias_correction=False, initial_v=tau**2`` is FedAdam (Reddi et al. 2021, Algorithm 2:
+    ``v_{-1} = tau^2``): ``-lr * m / (sqrt(v) + eps)``.
     """
-    _check(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    _check(lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, initial_v=initial_v)
 
     def init(params):
-        return {"step": _step0(), "m": T.zeros_like(params), "v": T.zeros_like(params)}
+        v = {k: torch.full_like(p, initial_v) for k, p in params.items()}
+        return {"step": _step0(), "m": T.zeros_like(params), "v": v}
 
     def update(grads, state, params, ctx):
         d = _with_decay(grads, params, weight_decay)
