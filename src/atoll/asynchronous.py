@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 
-from atoll import rng
+from atoll import rng, rundir
 from atoll import tree as T
 from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval
-from atoll.runtime.base import active_steps
-from atoll.runtime.loop import LoopRuntime, decode_update
+from atoll.runtime import make_runtime
+from atoll.runtime.base import AllClientsFailed, active_steps, failure_reasons
+from atoll.runtime.loop import decode_update
 from atoll.runtime.uplink import one_by_one
 from atoll.runtime.vmap import VmapRuntime, broadcast_bytes
 from atoll.runtime.work import plan_clients
@@ -137,6 +138,7 @@ class _Driver:
         self.wake: float | None = None
         self.win = _Window()
         self.client_states: dict = {}
+        self.failed: dict[int, str] = {}  # clients that failed since the last accepted update
 
     # -- events ---------------------------------------------------------------------------
     def _push(self, t: float, kind: str, cid: int = -1, gid: int = -1) -> None:
@@ -225,12 +227,21 @@ class _Driver:
             self._train(g)
         o = g.outcomes[cid]
         if o.error is not None:
-            self.win.failures.append((cid, o.error))
             self._done(cid, g)
+            self._fail(cid, o.error)
             return
         self.win.bytes_up += len(o.message)
         up = 0.0 if self.devices is None else len(o.message) / float(self.devices.up[cid])
         self._push(self.t + up, "arrive", cid, g.gid)
+
+    def _fail(self, cid: int, why: str) -> None:
+        """Count a failed client; stop once every client failed with no update accepted since."""
+        self.win.failures.append((cid, why))
+        self.failed[cid] = why
+        if len(self.failed) == len(self.data.clients):
+            raise AllClientsFailed(f"async: all {len(self.failed)} clients failed with no update "
+                                   "accepted in between, so the model cannot train; "
+                                   f"{failure_reasons(sorted(self.failed.items()))}")
 
     def _done(self, cid: int, g: _Group) -> None:
         self.busy.discard(cid)
@@ -251,8 +262,9 @@ class _Driver:
         try:
             delta, aux = decode_update(self.alg, o.message, state.params)
         except ValueError as exc:
-            self.win.failures.append((cid, str(exc)))
+            self._fail(cid, str(exc))
             return state, False
+        self.failed.clear()
         self.client_states[cid] = o.state
         s = self.a.weight(tau)
         if self.a.mode == "fedasync":  # mix the client's model into the current one
@@ -278,21 +290,21 @@ class _Driver:
 
 
 def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,
-                   progress=False, config_text=None, plots=True):
+                   overwrite=False, progress=False, config_text=None, plots=True):
     """``simulation.simulate`` for ``plan.asynchronous``: same run folder, one line per server step."""
     from atoll.simulation import Result, _evaluate_and_log, _finish, _open_logs, _Progress
 
     if resume:
         raise ValueError("asynchronous runs cannot be resumed (the event queue is not "
                          "checkpointed); start a new run")
-    runtime = runtime or LoopRuntime()
+    runtime = runtime or make_runtime()
     if isinstance(runtime, VmapRuntime):
         runtime.start()
     run_dir = Path(run_dir) if run_dir is not None else None
     fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
     state, metrics = algorithm.init(params_of(model), buffers=buffer_names(model)), []
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.prepare(run_dir, overwrite=overwrite)
         _open_logs(run_dir, 0, config_text)
     driver = _Driver(algorithm, algorithm.client(model_loss(model)), data, plan, runtime)
     cum_up = cum_down = 0

@@ -9,11 +9,15 @@ clients that have a state are streamed, leaf by leaf and in blocks, to raw files
 ids), so a store of any size is checkpointed with bounded memory. The folder is complete and
 synced before ``checkpoint.pt`` is atomically replaced to point at it, and older folders are
 removed only after that, so a crash at any moment leaves a consistent checkpoint.
+
+Loading never unpickles objects (``torch.load(weights_only=True)``): everything saved is tensors,
+dicts, lists, tuples, strings and numbers, so a crafted ``checkpoint.pt`` cannot run code.
 """
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,11 +69,28 @@ def load(run_dir: Path, store_path: str | Path | None = None) -> tuple[ServerSta
     path = run_dir / FILE
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    ck = torch.load(path, weights_only=False)
+    ck = load_file(path, "checkpoint")
+    missing = [k for k in ("round", "params", "opt_state", "extra") if k not in ck]
+    if missing or ("client_store" not in ck and "client_states" not in ck):
+        raise ValueError(f"{path} is not an atoll checkpoint (missing {missing or 'client states'})")
     state = ServerState(ck["params"], ck["opt_state"], ck["round"], ck["extra"])
     if "client_store" in ck:
         return state, _load_store(run_dir, ck["client_store"], store_path)
     return state, ck["client_states"]
+
+
+def load_file(path: Path, what: str = "file") -> dict:
+    """A dict saved with ``torch.save``, read without unpickling objects: only tensors and plain
+    containers and scalars load (``weights_only``), so a crafted file cannot run code."""
+    try:
+        out = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {path} cannot be loaded safely: it holds something other than "
+                         f"tensors and plain data, or is damaged ({first})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{what} {path} does not hold a dict (got {type(out).__name__})")
+    return out
 
 
 def _blocks(ids: torch.Tensor, row: int):

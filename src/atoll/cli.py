@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set algorithm.name=fedprox (repeatable)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    run.add_argument("--out", metavar="DIR", help="run folder (default: OUT_DIR/NAME, made unique)")
+    run.add_argument("--out", metavar="DIR", help="run folder (default: OUT_DIR/NAME, made unique); "
+                     "must be empty or new")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in a non-empty --out folder (its run files are removed)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
@@ -60,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from atoll.runtime.base import AllClientsFailed
+
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as exc:
         print(f"atoll {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except AllClientsFailed as exc:  # the run started but cannot train
+        print(f"atoll {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _audit(args) -> int:
@@ -106,6 +114,8 @@ def _run(args) -> int:
     from atoll.simulation import simulate
 
     if args.resume:
+        if args.config or args.out or args.overwrite:
+            raise ValueError("--resume RUN_DIR continues that run: give no CONFIG, --out or --overwrite")
         run_dir = Path(args.resume)
         cfg = config.load(run_dir / "config.toml", args.set)
     elif args.config:
@@ -116,7 +126,7 @@ def _run(args) -> int:
     algorithm, model, data, plan = config.build(cfg)
     t0 = time.perf_counter()
     result = simulate(algorithm, model, data, plan, run_dir=run_dir, runtime=config.runtime(cfg),
-                      resume=bool(args.resume),
+                      resume=bool(args.resume), overwrite=args.overwrite,
                       progress=not args.quiet, config_text=config.dumps(cfg))
     _summary(cfg, result, time.perf_counter() - t0)
     return 0

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from atoll import checkpoint, sampling
+from atoll import checkpoint, rundir, sampling
 from atoll import tree as T
 from atoll.algorithm import Algorithm
 from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval, centralized, global_train_loss
-from atoll.runtime.base import LocalWork
-from atoll.runtime.loop import LoopRuntime
+from atoll.runtime import make_runtime
+from atoll.runtime.base import AllClientsFailed, LocalWork, check_round  # noqa: F401 (re-exported)
 from atoll.transport import wire
 from atoll.types import ServerState
 
@@ -58,23 +58,30 @@ class Result:
 
 
 def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Plan(), *,
-             run_dir=None, runtime=None, resume: bool = False, progress: bool = False,
-             config_text: str | None = None, plots: bool = True) -> Result:
-    """Train ``model`` on federated ``data`` with ``algorithm`` for ``plan.rounds`` rounds."""
+             run_dir=None, runtime=None, resume: bool = False, overwrite: bool = False,
+             progress: bool = False, config_text: str | None = None, plots: bool = True) -> Result:
+    """Train ``model`` on federated ``data`` with ``algorithm`` for ``plan.rounds`` rounds.
+
+    ``runtime``: default ``make_runtime()``, the vectorised runtime ``atoll run`` uses.
+    ``run_dir`` must be empty or new unless ``resume`` (continue its checkpoint; ``config_text``
+    may then only raise ``rounds``) or ``overwrite`` (remove the run there first).
+    Raises ``AllClientsFailed`` when every sampled client of a round fails."""
     if plan.asynchronous is not None:
         from atoll.asynchronous import simulate_async
 
         return simulate_async(algorithm, model, data, plan, run_dir=run_dir, runtime=runtime,
-                              resume=resume, progress=progress, config_text=config_text, plots=plots)
-    runtime = runtime or LoopRuntime()
+                              resume=resume, overwrite=overwrite, progress=progress,
+                              config_text=config_text, plots=plots)
+    runtime = runtime or make_runtime()
     run_dir = Path(run_dir) if run_dir is not None else None
     client_update = algorithm.client(model_loss(model))
     fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
     state = algorithm.init(params_of(model), buffers=buffer_names(model))
     client_states, metrics = {}, []
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
         if resume:
+            rundir.check_resume(run_dir, config_text)
             state, client_states = checkpoint.load(run_dir)
         metrics = _open_logs(run_dir, state.round, config_text)
     dense_up, dense_down = _float32_sizes(state.params)
@@ -117,6 +124,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             if stats.failures:
                 line["failures"] = [[c, why] for c, why in stats.failures]
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
+            check_round(stats, r)  # every client failed: stop, the cause is in the line above
             if run_dir is not None:
                 if r % plan.checkpoint_every == 0 or r == plan.rounds:
                     checkpoint.save(run_dir, state, client_states)
@@ -185,13 +193,15 @@ def _finish(model, state, data, fed_eval, run_dir, plots, extra=None) -> dict:
 
 
 def _open_logs(run_dir: Path, resumed_round: int, config_text: str | None) -> list[dict]:
-    """Start fresh logs, or on resume keep exactly the lines of rounds <= the checkpoint."""
-    if config_text is not None and resumed_round == 0:
-        (run_dir / "config.toml").write_text(config_text)
+    """Start fresh logs, or on resume keep exactly the lines of rounds <= the checkpoint (a torn
+    last line is dropped). ``config_text`` is written to ``config.toml`` (on resume it differs
+    at most by a raised ``rounds``, ``rundir.check_resume``)."""
+    if config_text is not None:
+        checkpoint.atomic_write(run_dir / "config.toml", config_text.encode())
     kept = []
     for name in ("metrics.jsonl", "timings.jsonl"):
         path = run_dir / name
-        lines = path.read_text().splitlines() if (resumed_round and path.exists()) else []
+        lines = rundir.read_log(path) if (resumed_round and path.exists()) else []
         lines = [ln for ln in lines if json.loads(ln)["round"] <= resumed_round]
         checkpoint.atomic_write(path, "".join(ln + "\n" for ln in lines).encode())
         if name == "metrics.jsonl":

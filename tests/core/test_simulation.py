@@ -33,8 +33,8 @@ every = 2
 def _run(tmp, text=SMALL, overrides=(), runtime=None, resume=False, run_dir=None):
     cfg = config.load(text=text, overrides=list(overrides))
     alg, model, data, plan = config.build(cfg)
-    return simulate(alg, model, data, plan, run_dir=run_dir or tmp, runtime=runtime, resume=resume,
-                    config_text=config.dumps(cfg), plots=False)
+    return simulate(alg, model, data, plan, run_dir=run_dir or tmp, runtime=runtime or LoopRuntime(),
+                    resume=resume, config_text=config.dumps(cfg), plots=False)
 
 
 def test_same_seed_gives_byte_identical_metrics(tmp_path):

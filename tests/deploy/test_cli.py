@@ -56,6 +56,23 @@ def test_config_mismatch_on_resume_is_refused(tmp_path):
         Server(other, run_dir=tmp_path / "run", certs_dir=d, port=0, plots=False)
 
 
+def test_server_refuses_another_runs_folder_unless_overwrite(tmp_path):
+    d = tmp_path / "certs"
+    main(["certs", "init", "--dir", str(d)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')  # another run, no checkpoint
+    cfg = small_config(tmp_path)
+    with pytest.raises(ValueError, match="not empty"):
+        Server(cfg, run_dir=run, certs_dir=d, port=0, plots=False)
+    assert (run / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    first = Server(cfg, run_dir=run, certs_dir=d, port=0, plots=False, overwrite=True)
+    assert (run / "metrics.jsonl").read_text() == ""
+    first.grpc.stop(0)
+    again = Server(cfg, run_dir=run, certs_dir=d, port=0, plots=False)  # a restart of this run
+    again.grpc.stop(0)
+
+
 def test_server_without_enrolment_is_an_error(tmp_path, capsys):
     (tmp_path / "exp.toml").write_text("rounds = 1\n")
     assert main(["server", str(tmp_path / "exp.toml"), "--certs", str(tmp_path / "nowhere")]) == 2

@@ -1,5 +1,6 @@
 """Client state lives on the client: advanced by accepted updates only, and a round the server
 redoes after a restart starts again from the state before that round."""
+import pytest
 import torch
 
 from atoll import algorithms, data, models, transforms
@@ -56,3 +57,28 @@ def test_state_file_commits_accepted_rounds_and_redoes_from_before(tmp_path):
     assert again.states["round"] == 2 and float(again.states["after"]["uplink"]) == 2.0
     again.run_id = "run-b"
     assert again._load_states() is None  # another run's state is not reused
+
+
+CALLS = []
+
+
+def _record(*args):  # what a crafted file would run; here it only records that it ran
+    CALLS.append(args)
+    return {}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_record, ("code ran on load",))
+
+
+def test_crafted_client_state_file_runs_no_code(tmp_path):
+    """A state file that would run code when unpickled is refused, and nothing runs."""
+    CALLS.clear()
+    path = tmp_path / "me.state.pt"
+    torch.save({"run": "r", "round": 1, "before": None, "after": _Payload()}, path)
+    c = Client("unused:1", None, token="t", insecure=True, state_path=path)
+    c.run_id = "r"
+    with pytest.raises(ValueError, match="me.state.pt"):
+        c._load_states()
+    assert CALLS == []

@@ -41,7 +41,10 @@ def register(sub) -> None:
     server.add_argument("--port", type=int, help="listening port (default: deploy.port)")
     server.add_argument("--host", help="listening address (default: deploy.host)")
     server.add_argument("--certs", help="enrolment folder (default: deploy.certs)")
-    server.add_argument("--out", help="run folder (default: OUT_DIR/NAME; resumed if it holds a checkpoint)")
+    server.add_argument("--out", help="run folder (default: OUT_DIR/NAME): new or empty, or this "
+                        "run's folder (resumed); another run's folder is refused")
+    server.add_argument("--overwrite", action="store_true",
+                        help="replace whatever run the folder holds (its run files are removed)")
     server.add_argument("--insecure", action="store_true",
                         help="no TLS (local experiments only; clients authenticate with tokens)")
     server.add_argument("--no-plots", action="store_true", help="skip the plots at the end")
@@ -157,7 +160,7 @@ def _server(args) -> int:
     _timestamped_logs()
     cfg = config.load(args.config, args.set)
     server = Server(cfg, run_dir=args.out, insecure=args.insecure, port=args.port, host=args.host,
-                    certs_dir=args.certs, plots=not args.no_plots)
+                    certs_dir=args.certs, plots=not args.no_plots, overwrite=args.overwrite)
     print(f"atoll server: {cfg.name} listening on port {server.port} "
           f"({'INSECURE' if args.insecure else 'TLS, ' + (cfg.deploy.auth)}); "
           f"run folder {server.coordinator.run_dir}", flush=True)

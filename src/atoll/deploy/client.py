@@ -147,7 +147,7 @@ class Client:
     def _load_states(self):
         if self.state_path is None or not self.state_path.exists():
             return None
-        states = torch.load(self.state_path, weights_only=False)
+        states = checkpoint.load_file(self.state_path, "client state file")
         if states.get("run") != self.run_id:
             log.warning("%s belongs to another run; starting with a fresh client state", self.state_path)
             return None

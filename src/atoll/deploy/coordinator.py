@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from atoll import checkpoint, rng, sampling
+from atoll import checkpoint, rundir, rng, sampling
 from atoll import tree as T
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
@@ -123,13 +123,15 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
 
 class Coordinator:
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
-                 config_text: str | None = None, plots: bool = True, enrolled=None):
+                 config_text: str | None = None, plots: bool = True, enrolled=None,
+                 overwrite: bool = False):
         self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
         self.num_clients = len(data.clients)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite or not _same_run(self.run_dir, config_text):  # a restart of this run resumes it
+            rundir.prepare(self.run_dir, overwrite=overwrite)
         self.state = algorithm.init(params_of(model), buffers=buffer_names(model))
         if (self.run_dir / checkpoint.FILE).exists():
             _check_same_config(self.run_dir, config_text)
@@ -382,6 +384,13 @@ def _read(chunks, limit: int) -> tuple[bytes, str | None]:
             return b"", f"update exceeds the size limit of {limit} bytes"
         buf.append(c)
     return b"".join(buf), None
+
+
+def _same_run(run_dir: Path, config_text: str | None) -> bool:
+    """Whether ``run_dir`` holds this run (a checkpoint, or the same ``config.toml``)."""
+    old = run_dir / "config.toml"
+    return (run_dir / checkpoint.FILE).exists() or (
+        config_text is not None and old.exists() and old.read_text() == config_text)
 
 
 def _check_same_config(run_dir: Path, config_text: str | None) -> None:

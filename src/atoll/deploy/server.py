@@ -31,7 +31,7 @@ log = logging.getLogger("atoll.deploy")
 class Server:
     def __init__(self, cfg: C.Config, *, run_dir=None, insecure: bool = False, port: int | None = None,
                  host: str | None = None, certs_dir=None, auth: str | None = None,
-                 plots: bool = True, linger_s: float = 2.0):
+                 plots: bool = True, linger_s: float = 2.0, overwrite: bool = False):
         d = cfg.deploy
         if d.rpc_timeout <= d.poll_s:
             raise ValueError(f"deploy.rpc_timeout ({d.rpc_timeout} s) must exceed deploy.poll_s "
@@ -57,7 +57,7 @@ class Server:
         self.coordinator = Coordinator(algorithm, model, data, plan,
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots,
-                                       enrolled=self._enrolled)
+                                       enrolled=self._enrolled, overwrite=overwrite)
         tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
                                      (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
         address = f"{host or d.host}:{d.port if port is None else port}"

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from atoll import rng
+
 
 def logreg(n_features: int, n_classes: int) -> nn.Module:
     """Multinomial logistic regression: one linear layer (softmax lives in the loss)."""
@@ -76,14 +78,24 @@ def cnn(n_features: int = 64, n_classes: int = 10, channels: tuple[int, int] = (
 MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
 
 
-def build(name: str, n_features: int, n_classes: int, **kwargs) -> nn.Module:
+def build(name: str, n_features: int, n_classes: int, *, seed: int = 0, **kwargs) -> nn.Module:
     """Build a model by registry name (``logreg``, ``mlp``, ``cnn``) or import path.
+
+    The initial weights are drawn from ``seed`` (default 0; the key ``rng.key(seed, 0, SERVER,
+    "model-init")``, the one ``atoll run`` uses for its ``seed``), without touching torch's
+    global generator: the same call gives the same model in every process.
 
     An import path ``"package.module:Attr"`` names a class or factory. It receives
     ``n_features=`` / ``n_classes=`` only where its signature names those parameters (each one
     separately), plus ``kwargs``; so ``"torch.nn:Linear"`` needs ``in_features`` and
     ``out_features`` in ``kwargs``. Unknown names and failed imports raise ``ValueError``.
     """
+    with torch.random.fork_rng():
+        torch.manual_seed(rng.key(seed, 0, rng.SERVER, "model-init"))
+        return _build(name, n_features, n_classes, **kwargs)
+
+
+def _build(name: str, n_features: int, n_classes: int, **kwargs) -> nn.Module:
     if name in MODELS:
         return MODELS[name](n_features, n_classes, **kwargs)
     if ":" not in name:

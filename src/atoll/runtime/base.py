@@ -67,6 +67,29 @@ class RoundStats:
         return self.loss_sum / self.samples if self.samples > 0 else None
 
 
+class AllClientsFailed(RuntimeError):
+    """Every client of a round failed: the run cannot train, so it stops (and says why)."""
+
+
+def check_round(stats: RoundStats, r: int) -> None:
+    """Raise ``AllClientsFailed`` when every sampled client of round ``r`` failed (raised, or
+    sent an update that was rejected); a round with no client or with dropped stragglers is not
+    a failure."""
+    if stats.sampled and not stats.succeeded and len(stats.failures) == stats.sampled:
+        raise AllClientsFailed(f"round {r}: all {stats.sampled} sampled clients failed, so the "
+                               f"model cannot train; {failure_reasons(stats.failures)}")
+
+
+def failure_reasons(failures: list[tuple[int, str]]) -> str:
+    """The distinct reasons of ``failures`` (at most three), each with its first client."""
+    first: dict[str, int] = {}
+    for cid, why in failures:
+        first.setdefault(why, cid)
+    shown = [f"client {cid}: {why}" for why, cid in list(first.items())[:3]]
+    more = f" (and {len(first) - 3} other reasons)" if len(first) > 3 else ""
+    return "; ".join(shown) + more
+
+
 def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: int,  # noqa: A002
                 work: LocalWork) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Batches ``(S, B, ...)``, the step mask ``(S,)`` and whether the client straggles."""
