@@ -7,6 +7,7 @@ import torch
 
 from atoll import attacks, config
 from atoll.attacks import Adversary
+from atoll.runtime.base import AllClientsFailed
 from atoll.runtime.loop import LoopRuntime
 from atoll.simulation import simulate
 
@@ -84,7 +85,10 @@ def run(extra, tmp_path):
 def test_a_scaled_attacker_ruins_the_mean_and_not_the_median(tmp_path):
     attack_ = "[attack]\nname = 'scaled'\nscale = -100.0\ncount = 2\n"
     clean = run("", tmp_path / "clean")
-    broken = run(attack_, tmp_path / "mean")
+    try:
+        broken = run(attack_, tmp_path / "mean")
+    except AllClientsFailed:  # the model went to NaN: every later update is rejected
+        broken = 0.0
     robust = run(attack_ + "[aggregator]\nname = 'median'\n", tmp_path / "median")
     assert clean > 0.85 and broken < 0.5 and robust > clean - 0.06, (clean, broken, robust)
 
