@@ -28,7 +28,9 @@ probability ``delta_1 = IH_cdf_n(c)``; one round ``q * (1 - (1 - delta_1)^d)``; 
 
 Everything goes through dp-accounting: the 1-D loss is an ``AdditiveNoisePrivacyLoss``
 (its documented extension point), the PLD is built with its pessimistic connect-the-dots
-construction, and composition is its FFT composition.
+construction (made symmetric, so it is a valid pair), and composition is its FFT composition.
+Subsampling mixes the *probabilities* of the composed pair (``subsample_pld``), never its
+hockey-stick curve: every round's PLD is a pair of distributions of mass 1 (checked).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ from dp_accounting.pld import privacy_loss_mechanism as plm
 
 PLD = pld_lib.PrivacyLossDistribution
 TAIL_MASS = 1e-15  # probability mass that may be pushed (pessimistically) to infinite loss
+CUT_MASS = 1e-12  # at most this much of a round's largest losses goes to infinity (with the FFT's
+#                   rounding noise, ~1e-17 per bin, beyond the real support)
+LOW_LOSS = 8.0  # one coordinate's losses below -LOW_LOSS are raised to it (mass <= e^-8 x tail)
 LOSS_CAP = 200.0  # 1-D losses beyond +-LOSS_CAP are rounded up (to infinity / to -LOSS_CAP)
 
 
@@ -182,95 +187,110 @@ class IrwinHallPrivacyLoss(plm.AdditiveNoisePrivacyLoss):
                                      epsilon_lower=max(self.privacy_loss(hi), -LOSS_CAP))
 
 
-def _connect_dots(delta_fn, eps_lo: float, eps_hi: float, disc: float) -> pld_pmf.PLDPmf:
-    """Pessimistic connect-the-dots pmf from a hockey-stick curve on the grid ``disc * Z``."""
-    lo, hi = math.floor(eps_lo / disc), math.ceil(eps_hi / disc)
-    deltas = np.clip(delta_fn(np.arange(lo, hi + 1) * disc), 0.0, 1.0)  # true values lie in [0, 1]
-    return pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(disc, lo, hi, deltas)
+def symmetric_connect_dots(grid: np.ndarray, deltas: np.ndarray, disc: float) -> pld_pmf.DensePLDPmf:
+    """Pessimistic connect-the-dots pmf of a *symmetric* pair from ``deltas[j] = H(grid[j] * disc)``
+    at increasing integers ``grid`` from 0 (the last delta becomes the mass at infinity).
+
+    dp-accounting's construction (Doroshenko et al. 2022, Alg. 1): ``H`` linear in
+    ``alpha = e^eps`` between the points, so the mass at a point is ``alpha`` times the change of
+    slope there. Negative epsilon follows from symmetry, ``H(-e) = 1 - a + a H(e)`` (``a = e^-e``):
+    the mass at ``-e`` is ``e^-e`` times the mass at ``e``. Computing it so avoids differences of
+    ``H`` near 1, whose rounding noise the other side of the pair (``e^-loss`` x mass) would
+    amplify. The result is a valid pair (both sides sum to 1) dominating the true one.
+    """
+    deltas = np.minimum.accumulate(np.clip(np.asarray(deltas, dtype=np.float64), 0.0, 1.0))
+    alpha = np.exp(np.asarray(grid) * disc)
+    if grid[0] != 0 or alpha.size < 2:
+        raise ValueError("symmetric_connect_dots needs a grid 0, e_1, ... of two points or more")
+    a1 = 1 / alpha[1]  # the mirror point -e_1: H = 1 - a1 + a1 H(e_1)
+    first = (deltas[0] - (1 - a1 + a1 * deltas[1])) / (1 - a1)
+    slopes = np.concatenate([[first], np.diff(deltas) / np.diff(alpha), [0.0]])
+    w = np.maximum(alpha * np.diff(slopes), 0.0)  # masses at the grid points
+    probs = np.zeros(2 * grid[-1] + 1)
+    probs[grid[-1] + grid] = w
+    probs[grid[-1] - grid[1:]] = w[1:] / alpha[1:]
+    return pld_pmf.DensePLDPmf(disc, -int(grid[-1]), probs, float(deltas[-1]), True)
 
 
 def one_dimensional_pld(uniforms: int, ratio: float, disc: float, stride: int = 8) -> PLD:
     """Symmetric PLD of one coordinate, unsampled; ``ratio = C / D``.
 
-    The exact hockey-stick curve is evaluated on every ``stride``-th grid epsilon and filled in
-    by chords in ``alpha = e^eps``: ``delta(alpha)`` is convex (a supremum of affine functions),
-    so a chord lies above it and the PLD stays pessimistic.
+    The exact hockey-stick curve is evaluated on every ``stride``-th grid epsilon and joined by
+    chords in ``alpha = e^eps``: ``delta(alpha)`` is convex (a supremum of affine functions), so
+    a chord lies above it and the PLD stays pessimistic.
     """
     loss = IrwinHallPrivacyLoss(uniforms, ratio)
-    bounds = loss.connect_dots_bounds()
-
-    def delta_fn(eps):
-        idx = np.unique(np.concatenate([np.arange(0, eps.size, stride), [eps.size - 1]]))
-        exact = loss.get_delta_for_epsilon(eps[idx])
-        return np.interp(np.exp(eps), np.exp(eps[idx]), exact)
-
-    pmf = _connect_dots(delta_fn, bounds.epsilon_lower, bounds.epsilon_upper, disc)
-    return PLD(pmf)
+    hi = max(2, math.ceil(loss.connect_dots_bounds().epsilon_upper / disc))
+    grid = np.unique(np.concatenate([np.arange(0, hi + 1, stride), [hi]]))
+    pmf = symmetric_connect_dots(grid, loss.get_delta_for_epsilon(grid * disc), disc)
+    return PLD(_raise_low_losses(pmf, LOW_LOSS))
 
 
-def subsample_pld(pld: PLD, q: float, disc: float, tail_mass: float = TAIL_MASS) -> PLD:
-    """Poisson-subsample a *symmetric* PLD of a pair ``(Q, P)`` (one coin for the whole release).
+def _raise_low_losses(pmf: pld_pmf.DensePLDPmf, floor: float) -> pld_pmf.DensePLDPmf:
+    """The mass at losses below ``-floor`` moved up to ``-floor`` (pessimistic): by symmetry it
+    is at most ``e^-floor`` of the mass above ``floor``, but it would widen every composition."""
+    cut = max(0, -pmf._lower_loss - math.ceil(floor / pmf._discretization))  # noqa: SLF001
+    probs = pmf._probs[cut:].copy()  # noqa: SLF001
+    probs[0] += pmf._probs[:cut].sum()  # noqa: SLF001
+    return pld_pmf.DensePLDPmf(pmf._discretization, pmf._lower_loss + cut, probs,  # noqa: SLF001
+                               pmf._infinity_mass, True)  # noqa: SLF001
 
-    Remove: ``H_a((1-q)P + qQ || P) = q * H_{1 + (a-1)/q}(Q || P)`` (``1 - a`` when
-    ``a <= 1 - q``). Add: ``H_a(P || (1-q)P + qQ) = u * H_{aq/u}(P || Q)`` with
-    ``u = 1 - a(1-q)`` (zero when ``u <= 0``), and ``H(P||Q) = H(Q||P)`` by symmetry.
-    Both curves are rebuilt with pessimistic connect-the-dots on dp-accounting's grid.
+
+MASS_TOLERANCE = 1e-9  # a subsampled round's pmf must have mass 1 within this
+
+
+def subsample_pld(pld: PLD, q: float, disc: float, tail_mass: float = CUT_MASS) -> PLD:
+    """Poisson-subsample the PLD of a *symmetric* pair ``(Q, P)`` (one coin for the whole release).
+
+    Mixing happens on probabilities. The pmf is the law of the loss ``l = log Q/P`` under ``Q``;
+    under ``P`` a bin at ``l`` weighs ``e^-l`` times as much, and by symmetry the law under ``P``
+    is the mirror of the law under ``Q``. So only the bins ``l >= 0`` are read (the others are
+    FFT noise after composition): ``Q`` at ``-l`` is ``e^-l`` times ``Q`` at ``l``. ``m`` = the
+    mass at infinity (outcomes only ``Q`` gives; as much only ``P`` gives, by symmetry), to which
+    the largest losses and their mirrors move, up to ``tail_mass`` (pessimistic, still a pair).
+
+    Remove, ``((1-q)P + qQ, P)``: loss ``log(1-q + q e^l)`` with mass ``q Q_l + (1-q) P_l``;
+    ``(1-q) m`` at ``log(1-q)``; ``q m`` at infinity. Add, ``(P, (1-q)P + qQ)``: loss
+    ``-log(1-q + q e^l)`` with mass ``P_l``; ``m`` at ``-log(1-q)``. Each loss is then split
+    between its two grid neighbours keeping both sides' masses (connect-the-dots of one atom:
+    pessimistic), so the result is again a valid pair; its mass is checked to be 1.
     """
     if q >= 1.0:
         return pld
-    hs = _hockey_stick(pld)
-    inf_mass = float(hs(np.array([np.inf]))[0])
-    above = lambda w: hs(np.array([w]))[0] > inf_mass + tail_mass  # noqa: E731
-    w_lo, w_hi = 0.0, 1.0
-    while above(w_hi) and w_hi < 1e5:
-        w_lo, w_hi = w_hi, 2.0 * w_hi
-    for _ in range(20):  # the smallest such loss, to keep the grid short
-        mid = 0.5 * (w_lo + w_hi)
-        w_lo, w_hi = (mid, w_hi) if above(mid) else (w_lo, mid)
-    # largest loss kept finite (both directions): log(1 - q + q e^w_hi)
-    top = float(np.logaddexp(math.log1p(-q), math.log(q) + w_hi))
-
-    def remove(eps):
-        a = np.exp(eps)
-        arg = np.log(np.maximum(a - 1 + q, 1e-300) / q)
-        return np.where(a <= 1 - q, 1 - a, q * hs(arg))
-
-    def add(eps):
-        a = np.exp(eps)
-        u = 1 - a * (1 - q)
-        arg = np.log(np.maximum(a * q, 1e-300) / np.maximum(u, 1e-300))
-        return np.where(u <= 0, 0.0, np.maximum(u, 0.0) * hs(arg))
-
-    pmf_remove = _connect_dots(remove, math.log1p(-q), top, disc)
-    pmf_add = _connect_dots(add, -top, -math.log1p(-q), disc)
-    return PLD(pmf_remove, pmf_add)
-
-
-def _hockey_stick(pld: PLD, eps=None):
-    """``H_{e^eps}`` of a symmetric PLD at any ``eps`` (any order), vectorised; with
-    ``eps=None`` the curve itself (a function), its cumulative sums computed once.
-
-    Same formula as dp-accounting's ``get_delta_for_epsilon`` (``inf_mass + sum_{l > eps}
-    p_l (1 - e^{eps - l})``), evaluated with cumulative sums because its vectorised version
-    is a Python loop (minutes for the 10^6-point curves built here). It reads the dense pmf's
-    arrays; ``tests/privacy`` checks it against ``get_delta_for_epsilon``.
-    """
     if not pld._symmetric:  # noqa: SLF001 (dp-accounting exposes no accessor)
         raise ValueError("subsample_pld needs a symmetric (unsampled) PLD")
     pmf = pld._pmf_remove.to_dense_pmf()  # noqa: SLF001
-    losses = (pmf._lower_loss + np.arange(pmf._probs.size)) * pmf._discretization  # noqa: SLF001
-    probs, inf_mass = pmf._probs, pmf._infinity_mass  # noqa: SLF001
-    up = np.concatenate([np.cumsum(probs[::-1])[::-1], [0.0]])  # mass with loss >= l_i
-    low = np.concatenate([np.cumsum((probs * np.exp(-losses))[::-1])[::-1], [0.0]])
+    zero, probs = -pmf._lower_loss, np.maximum(pmf._probs, 0.0)  # noqa: SLF001
+    pos = probs[zero:] if zero >= 0 else np.concatenate([np.zeros(-zero), probs])
+    loss = np.arange(pos.size) * pmf._discretization  # noqa: SLF001
+    both = pos * (1 + np.exp(-loss))  # a bin at l and its mirror at -l: their mass, both sides
+    tail = np.cumsum(both[::-1])[::-1]  # losses >= l; up to TAIL_MASS of them go to the atoms
+    keep = max(2, int(np.searchsorted(-tail, -tail_mass, side="right")))
+    m = float(pmf._infinity_mass) + float(tail[keep]) if keep < pos.size else float(pmf._infinity_mass)  # noqa: SLF001
+    pos, loss = pos[:keep], loss[:keep]
+    mass_q = np.concatenate([(pos[1:] * np.exp(-loss[1:]))[::-1], pos])  # losses -L .. L
+    mass_p = mass_q[::-1]
+    g = np.logaddexp(math.log1p(-q), math.log(q) + np.concatenate([-loss[:0:-1], loss]))
+    remove = _split_pmf(np.append(g, math.log1p(-q)),
+                        np.append(q * mass_q + (1 - q) * mass_p, (1 - q) * m), q * m, disc)
+    add = _split_pmf(np.append(-g, -math.log1p(-q)), np.append(mass_p, m), 0.0, disc)
+    return PLD(remove, add)
 
-    def curve(e):
-        e = np.asarray(e, dtype=np.float64)
-        i = np.searchsorted(losses, e, side="right")  # first loss > e
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = inf_mass + up[i] - np.exp(e) * low[i]
-        return np.where(np.isposinf(e), inf_mass, np.clip(out, 0.0, 1.0))
 
-    return curve if eps is None else curve(eps)
+def _split_pmf(losses: np.ndarray, probs: np.ndarray, inf_mass: float,
+               disc: float) -> pld_pmf.DensePLDPmf:
+    """A pmf on the grid ``disc * Z`` from masses at any finite losses: each mass goes to its two
+    grid neighbours so that both it and its ``e^-loss``-weighted mass are kept."""
+    k = np.floor(losses / disc)
+    up = probs * np.expm1(-(losses / disc - k) * disc) / math.expm1(-disc)  # upper neighbour's share
+    lo = int(k.min())
+    idx = (k - lo).astype(np.int64)
+    out = np.bincount(idx, weights=probs - up, minlength=int(idx.max()) + 2)
+    out += np.bincount(idx + 1, weights=up, minlength=out.size)
+    total = float(out.sum()) + inf_mass
+    if not abs(total - 1.0) <= MASS_TOLERANCE:
+        raise ArithmeticError(f"subsampled PLD has mass {total!r}, not 1 (within {MASS_TOLERANCE:g})")
+    return pld_pmf.DensePLDPmf(disc, lo, out, inf_mass, True)
 
 
 @functools.lru_cache(maxsize=32)
