@@ -60,7 +60,8 @@ def main(rounds: int = 200) -> None:
         cfg = config.load(text=BASE.format(rounds=rounds), overrides=over)
         alg, model, data, plan = config.build(cfg)
         t0 = time.perf_counter()
-        simulate(alg, model, data, plan, run_dir=OUT / name, config_text=config.dumps(cfg), plots=False)
+        simulate(alg, model, data, plan, run_dir=OUT / name, config_text=config.dumps(cfg), plots=False,
+                 overwrite=True)
         secs[name] = time.perf_counter() - t0
         dirs.append(OUT / name)
     base = read_metrics(OUT / "fedavg-f32")

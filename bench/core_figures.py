@@ -26,7 +26,8 @@ def run(path_or_text, name, overrides=()):
         cfg = config.load(text=path_or_text, overrides=list(overrides))
     alg, model, data, plan = config.build(cfg)
     t0 = time.perf_counter()
-    res = simulate(alg, model, data, plan, run_dir=OUT / name, config_text=config.dumps(cfg))
+    res = simulate(alg, model, data, plan, run_dir=OUT / name, config_text=config.dumps(cfg),
+                   overwrite=True)
     return res, time.perf_counter() - t0
 
 

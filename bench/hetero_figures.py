@@ -87,7 +87,7 @@ def run(scenario: str, algo: str, rounds: int):
     name = f"{scenario}-{algo.lower().replace(' ', '-').replace('(', '').replace(')', '')}"
     t0 = time.perf_counter()
     res = simulate(alg, model, data, plan, run_dir=OUT / name, runtime=VmapRuntime(threads=2),
-                   config_text=config.dumps(cfg), plots=False)
+                   config_text=config.dumps(cfg), plots=False, overwrite=True)
     return res.metrics, time.perf_counter() - t0
 
 

@@ -75,7 +75,7 @@ def run(out: Path, name: str, rounds: int, seed: int, overrides: list[str]) -> d
     run_dir = out / f"{name}-s{seed}"
     t0 = time.perf_counter()
     res = simulate(alg, model, fed, plan, run_dir=run_dir, runtime=VmapRuntime(threads=1),
-                   config_text=config.dumps(cfg), plots=True)
+                   config_text=config.dumps(cfg), plots=True, overwrite=True)
     last = res.metrics[-1]
     p = cfg.privacy
     if p.mode == "intrinsic":  # bits per integer of each client: ceil(log2(2K + 1)), K from N_k
