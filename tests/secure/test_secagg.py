@@ -124,3 +124,31 @@ def test_a_client_refuses_inputs_outside_the_ring():
     c.advertise()
     with pytest.raises(SecAggError, match="8 integers in"):
         c.masked(np.full(8, 1 << st.bits, dtype=np.uint64), {})
+
+
+def test_hostile_bytes_are_refused_before_use():
+    chunks = shamir.chunks_for(32)
+    with pytest.raises(ValueError, match="must be 44 bytes"):
+        shamir.from_bytes(b"\0" * 43, chunks)
+    with pytest.raises(ValueError, match="outside the field"):
+        shamir.from_bytes(b"\xff" * 44, chunks)
+    with pytest.raises(ValueError, match="is 3 bytes, got 4"):
+        pr.unpack(b"\0" * 4, 1, 23)  # a packed vector of the wrong length: refused, not read
+    with pytest.raises(ValueError, match="public key must be 32 bytes"):
+        pr.agree(pr.keypair()[0], b"\0" * 31, b"mask")
+    with pytest.raises(ValueError, match="too short"):
+        pr.open_(b"k" * 32, b"\0" * 10, b"")
+    st = Setup.new(range(5), 1, 8, 16)
+    x = inputs(st)
+    clients = {u: secagg.Client(st, u) for u in st.clients}
+    server = secagg.Server(st)
+    keys = server.collect_keys({u: c.advertise() for u, c in clients.items()})
+    inbox = server.collect_shares({u: c.share(keys[u]) for u, c in clients.items()})
+    bad = dict(inbox[0])
+    bad[1] = bad[1][:-1] + bytes([bad[1][-1] ^ 1])  # a share tampered with on the way
+    masked = {u: c.masked(x[u], bad if u == 0 else inbox[u]) for u, c in clients.items()}
+    requests = server.collect_inputs(masked)
+    with pytest.raises(InvalidTag):
+        clients[0].unmask(*requests[0])
+    with pytest.raises(ValueError, match="packed vector"):
+        server.collect_inputs({0: b"\0" * 3})
