@@ -10,6 +10,16 @@ A thin, checkpointable wrapper over Google's ``dp_accounting``:
   ``epsilon = min_a RDP(a) + log(1/delta) / (a - 1)`` (Abadi et al. 2016; Mironov 2017, Prop. 3),
   on TF-Privacy's legacy orders: reproduces published numbers computed that way.
 
+Sensitivity convention (one for every event and relation): a noise multiplier is noise std /
+clip, and one record (or client) contributes a vector of norm at most the clip. Adding or removing
+it moves the released sum by one clip; *replacing* it moves the sum by up to two clips. So under
+``replace_one`` every Gaussian or Laplace event is accounted with twice the sensitivity:
+dp-accounting's PLD already does so for the Gaussian (its ``REPLACE`` adjacency shifts by two
+sensitivities); its RDP accountant ignores the relation for ``GaussianDpEvent`` and
+``LaplaceDpEvent``, and its PLD refuses Laplace, so ``_RdpAccountant`` / ``_PLDAccountant``
+below halve the multiplier (the scale) of those events. Poisson-subsampled events under
+``replace_one`` are PLD-only (dp-accounting's RDP has no bound for them).
+
 Invariants: the accountant is pure data, a run-length list of ``(event, count)``; epsilon is
 always recomputed from that list by a fresh dp-accounting accountant, so ``from_state(state())``
 answers exactly what the original answers (resume reproduces), and ``would_exceed`` checks a
@@ -37,10 +47,21 @@ NEIGHBORING = {"add_remove": NeighborRel.ADD_OR_REMOVE_ONE, "replace_one": Neigh
 LEGACY_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
+FINITE_MIN = 1e-9  # a composed PLD with less finite mass is treated as non-private (delta floor ~ 1)
+
+
 class _PLDAccountant(PLDAccountant):
-    """dp-accounting's PLD accountant that also composes ``IrwinHallDpEvent``."""
+    """dp-accounting's PLD accountant that also composes ``IrwinHallDpEvent``, and Laplace under
+    ``replace_one`` (sensitivity two: ``from_laplace_mechanism(b, sensitivity=2)``)."""
 
     def _maybe_compose(self, event, count, do_compose):
+        if (isinstance(event, ev.dp_event.LaplaceDpEvent) and event.noise_multiplier > 0
+                and self.neighboring_relation is NeighborRel.REPLACE_ONE):
+            if do_compose:
+                self._pld = self._pld.compose(pld_lib.from_laplace_mechanism(
+                    event.noise_multiplier, sensitivity=2,
+                    value_discretization_interval=self._value_discretization_interval).self_compose(count))
+            return None
         if _cacheable(event):  # same PLD as dp-accounting builds, built once per process
             if do_compose:
                 base = _subsampled_gaussian(event.event.noise_multiplier, event.sampling_probability,
@@ -55,11 +76,52 @@ class _PLDAccountant(PLDAccountant):
         if do_compose:
             pld = round_pld(event.uniforms, event.width, event.sensitivity, event.dimension,
                             event.sampling_probability, self._value_discretization_interval)
-            if pld is None:
+            # Where (almost) every outcome has infinite loss, epsilon is infinite at any delta the
+            # run could ask (delta floor >= 1 - FINITE_MIN); dp-accounting cannot compose a pmf
+            # with no finite mass, so such a run is marked non-private instead.
+            if pld is None or _finite(self._pld) * _finite(pld) ** count < FINITE_MIN:
                 self._contains_non_dp_event = True
-            else:
+            elif not self._contains_non_dp_event:
                 self._pld = self._pld.compose(pld.self_compose(count))
         return None
+
+
+def _finite(pld) -> float:
+    """The finite mass of a PLD (the smaller of its two sides')."""
+    return min(1.0 - pld._pmf_remove._infinity_mass, 1.0 - pld._pmf_add._infinity_mass)  # noqa: SLF001
+
+
+class _RdpAccountant(RdpAccountant):
+    """dp-accounting's RDP accountant with atoll's sensitivity convention under ``replace_one``:
+    a Gaussian or Laplace leaf (also inside a fixed-size sample) is composed at half its
+    multiplier, i.e. at sensitivity two clips. Only leaves are rewritten, once: composite
+    events reach their leaves through this same method."""
+
+    def _maybe_compose(self, event, count, do_compose):
+        if self._neighboring_relation is NeighborRel.REPLACE_ONE:
+            event = _halved(event)
+        return super()._maybe_compose(event, count, do_compose)
+
+
+def _halved(event):
+    D = ev.dp_event  # noqa: N806
+    if isinstance(event, D.GaussianDpEvent):
+        return D.GaussianDpEvent(event.noise_multiplier / 2)
+    if isinstance(event, D.LaplaceDpEvent):
+        return D.LaplaceDpEvent(event.noise_multiplier / 2)
+    if isinstance(event, D.SampledWithoutReplacementDpEvent):  # its inner Gaussian is read directly
+        return D.SampledWithoutReplacementDpEvent(event.source_dataset_size, event.sample_size,
+                                                  _halved_tree(event.event))
+    return event
+
+
+def _halved_tree(event):
+    D = ev.dp_event  # noqa: N806
+    if isinstance(event, D.SelfComposedDpEvent):
+        return D.SelfComposedDpEvent(_halved_tree(event.event), event.count)
+    if isinstance(event, D.ComposedDpEvent):
+        return D.ComposedDpEvent([_halved_tree(e) for e in event.events])
+    return _halved(event)
 
 
 def _cacheable(event) -> bool:
@@ -100,7 +162,7 @@ class Accountant:
         if self.kind == "pld":
             return _PLDAccountant(rel, value_discretization_interval=self.discretization)
         orders = LEGACY_ORDERS if self.kind == "rdp_classic" else None
-        return RdpAccountant(orders=orders, neighboring_relation=rel)
+        return _RdpAccountant(orders=orders, neighboring_relation=rel)
 
     def step(self, event: ev.DpEvent, count: int = 1) -> None:
         """Record ``count`` repetitions of ``event`` (e.g. one per round)."""
@@ -137,6 +199,7 @@ class Accountant:
     # ----------------------------------------------------------------- answers
     def epsilon(self, delta: float) -> float:
         """Smallest epsilon such that the run so far is (epsilon, delta)-DP (``inf`` if none)."""
+        check_delta(delta)
         if self._built is None:  # nothing composed here yet: the remembered answer if any
             return _ledger_epsilon(self.kind, self.neighboring, self.discretization,
                                    tuple(self._ledger), float(delta))
@@ -144,6 +207,8 @@ class Accountant:
 
     def delta(self, epsilon: float) -> float:
         """Smallest delta such that the run so far is (epsilon, delta)-DP."""
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
         acc = self._acc()
         if self.kind == "rdp_classic":
             with np.errstate(over="ignore"):
@@ -158,6 +223,7 @@ class Accountant:
     def epsilon_after(self, steps: list[tuple[ev.DpEvent, int]], delta: float) -> float:
         """epsilon if ``steps`` (``(event, count)`` pairs, e.g. one round's) ran next; the
         ledger is unchanged. Equals ``epsilon(delta)`` after ``step``-ping them."""
+        check_delta(delta)
         trial = Accountant(self.kind, self.neighboring, self.discretization)
         trial._ledger = list(self._ledger)
         for event, count in steps:
@@ -191,6 +257,13 @@ class Accountant:
         acc = cls(state["kind"], state["neighboring"], state["discretization"])
         acc._ledger = [(ev.from_dict(e), int(c)) for e, c in state["events"]]
         return acc
+
+
+def check_delta(delta: float) -> None:
+    """Refuse a delta outside (0, 1): at 0 no Gaussian run has a finite epsilon, at 1 any
+    mechanism, however revealing, is "(0, 1)-DP"."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
 def classical_epsilon(orders, rdp, delta: float) -> float:

@@ -7,11 +7,14 @@ Registered by ``atoll.cli`` with ``add_parser(subparsers)``; ``run(args)`` print
     atoll privacy steps   --q 0.01 --noise 4 --epsilon 1.0
 
 The sampling rate is ``--q`` or ``--batch / --records``; the length is ``--steps`` or
-``--epochs`` (steps = epochs * records // batch, as TF-Privacy counts them, or epochs / q).
+``--epochs``, counted as runs count it: ``ceil(epochs / q)`` steps (TF-Privacy's
+``compute_dp_sgd_privacy`` floors ``epochs * records / batch``; pass ``--steps`` to match it).
+A noise multiplier is printed rounded *up* (so the printed value itself meets the target).
 """
 from __future__ import annotations
 
 import argparse
+import math
 
 from atoll.privacy import KINDS
 
@@ -27,8 +30,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _rate(noise), _length(noise), _target(noise)
     steps = sub.add_parser("steps", help="most steps within a target epsilon")
     _rate(steps), _noise(steps), _target(steps)
+    steps.add_argument("--max-steps", type=int, default=10**6,
+                       help="search no further than this many steps (default 1e6)")
     for q in (eps, noise, steps):
-        q.add_argument("--delta", type=float, default=1e-5, help="target delta (default 1e-5)")
+        q.add_argument("--delta", type=float, default=1e-5, help="target delta, in (0, 1) (default 1e-5)")
+        q.add_argument("--neighboring", choices=("add_remove", "replace_one"), default="add_remove",
+                       help="neighbouring datasets differ by adding/removing one record (default) "
+                            "or by replacing one (sensitivity twice the clip)")
         q.add_argument("--accountant", choices=("all",) + KINDS, default="all" if q is eps else "pld")
         q.set_defaults(func=run)
     return p
@@ -55,20 +63,34 @@ def _target(p):
 
 def sampling_rate(args) -> float:
     if args.q is not None:
-        return args.q
-    if args.batch and args.records:
-        return args.batch / args.records
-    raise ValueError("give --q, or --batch and --records")
+        q = args.q
+    elif args.batch and args.records:
+        q = args.batch / args.records
+    else:
+        raise ValueError("give --q, or --batch and --records")
+    if not 0 < q <= 1:
+        raise ValueError(f"the sampling rate must be in (0, 1], got {q:g}")
+    return q
 
 
 def num_steps(args) -> int:
-    if getattr(args, "steps", None):
+    from atoll.privacy.calibrate import steps_for_epochs
+
+    if getattr(args, "steps", None) is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
         return args.steps
-    if getattr(args, "epochs", None):
-        if args.batch and args.records:
-            return int(args.epochs * args.records // args.batch)
-        return round(args.epochs / sampling_rate(args))
+    if getattr(args, "epochs", None) is not None:
+        return steps_for_epochs(args.epochs, sampling_rate(args))
     raise ValueError("give --steps or --epochs")
+
+
+def round_up(x: float, digits: int = 6) -> float:
+    """``x`` rounded up to ``digits`` significant digits (never below ``x``)."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale * (1 - 1e-15)) / scale
 
 
 def run(args) -> int:
@@ -77,12 +99,17 @@ def run(args) -> int:
 
     from atoll.privacy import calibrate
 
+    from atoll.privacy.accountant import check_delta
+
     q = sampling_rate(args)
+    check_delta(args.delta)
+    rel = args.neighboring
     kinds = KINDS if args.accountant == "all" else (args.accountant,)
-    table = Table(title=f"atoll privacy {args.privacy_command} (q={q:.6g}, delta={args.delta:g})")
+    table = Table(title=f"atoll privacy {args.privacy_command} (q={q:.6g}, delta={args.delta:g}, "
+                        f"{rel.replace('_', '/')} neighbouring)")
     if args.privacy_command == "epsilon":
         t = num_steps(args)
-        eps = calibrate.privacy_table(q, args.noise, t, args.delta, kinds)
+        eps = calibrate.privacy_table(q, args.noise, t, args.delta, kinds, rel)
         table.add_column("accountant"), table.add_column("steps"), table.add_column("noise")
         table.add_column("epsilon")
         for k, e in eps.items():
@@ -91,11 +118,13 @@ def run(args) -> int:
         t = num_steps(args)
         table.add_column("accountant"), table.add_column("steps"), table.add_column("noise multiplier")
         for k in kinds:
-            table.add_row(k, str(t), f"{calibrate.noise_for_epsilon(args.epsilon, q, t, args.delta, k):.4f}")
+            z = round_up(calibrate.noise_for_epsilon(args.epsilon, q, t, args.delta, k, neighboring=rel))
+            table.add_row(k, str(t), f"{z:.6g}")
     else:
         table.add_column("accountant"), table.add_column("noise"), table.add_column("steps")
         for k in kinds:
-            table.add_row(k, f"{args.noise:g}",
-                          str(calibrate.steps_for_budget(args.epsilon, q, args.noise, args.delta, k)))
+            t = calibrate.steps_for_budget(args.epsilon, q, args.noise, args.delta, k,
+                                           args.max_steps, rel)
+            table.add_row(k, f"{args.noise:g}", f">= {t}" if t >= args.max_steps else str(t))
     Console().print(table)
     return 0

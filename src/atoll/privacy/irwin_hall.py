@@ -300,10 +300,23 @@ def round_pld(uniforms: int, width: float, sensitivity: float, dimension: int, q
     ratio = sensitivity / width
     if ratio >= uniforms:
         return None
+    if delta_floor(uniforms, width, sensitivity, dimension) >= 1 - 1e-12:
+        # almost every unsampled release has infinite loss (composing d coordinates would leave
+        # no finite mass, and needs memory that grows with d): the release is non-private,
+        # and subsampling leaves exactly the pair "sampled: infinite loss, else nothing"
+        return None if q >= 1.0 else _sampled_blatant(q, disc)
     pld = one_dimensional_pld(uniforms, ratio, disc)
     if dimension > 1:
         pld = pld.self_compose(dimension, tail_mass_truncation=TAIL_MASS)
     return subsample_pld(pld, q, disc)
+
+
+def _sampled_blatant(q: float, disc: float) -> PLD:
+    """Poisson subsampling (rate ``q``) of a release whose loss is always infinite: remove has
+    ``q`` at infinity and ``1 - q`` at ``log(1-q)``; add has all its mass at ``-log(1-q)``."""
+    remove = _split_pmf(np.array([math.log1p(-q)]), np.array([1.0 - q]), q, disc)
+    add = _split_pmf(np.array([-math.log1p(-q)]), np.array([1.0]), 0.0, disc)
+    return PLD(remove, add)
 
 
 def hockey_stick_1d(uniforms: int, ratio: float, q: float, eps: float) -> float:

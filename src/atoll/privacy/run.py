@@ -47,7 +47,8 @@ from atoll.codecs.quantize import stochastic_quantize
 from atoll.privacy import events as ev
 from atoll.privacy import ghost
 from atoll.privacy.accountant import Accountant
-from atoll.privacy.calibrate import noise_for_epsilon
+from atoll.privacy.calibrate import noise_for_epsilon, step_event, steps_for_epochs
+from atoll.privacy.irwin_hall import delta_floor
 from atoll.privacy.dpsgd import dp_inputs, dp_local_training, poisson_batches
 from atoll.runtime.base import straggler_steps
 from atoll.types import ClientResult, ServerState
@@ -181,7 +182,8 @@ def _noise(cfg, q: float, steps: int) -> tuple[float, bool]:
     if p.accountant == "rdp_classic":
         raise _err("privacy.noise_multiplier cannot be calibrated with accountant rdp_classic; "
                    "give it, or use accountant pld or rdp")
-    return noise_for_epsilon(p.target_epsilon, q, steps, p.delta, p.accountant), True
+    return noise_for_epsilon(p.target_epsilon, q, steps, p.delta, p.accountant,
+                             neighboring=p.neighboring), True
 
 
 def _dp_sgd(cfg, algorithm, model, data, plan):
@@ -193,7 +195,7 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     if p.target_quantile is not None:
         raise _err("privacy.target_quantile (adaptive clipping) belongs to mode \"dp_fedavg\"")
     q, norm = p.sample_rate, p.norm or "l2"
-    steps = cfg.client.steps or math.ceil(cfg.client.epochs / q)  # epochs in expectation
+    steps = cfg.client.steps or steps_for_epochs(cfg.client.epochs, q)  # epochs in expectation
     z, calibrated = _noise(cfg, q, cfg.rounds * steps)
     client_fn = _dp_sgd_client(model, p.clip, z, q, steps, norm)
     parts = {"client_fn": client_fn}
@@ -203,7 +205,7 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     work = dataclasses.replace(plan.work, steps=steps, epochs=None)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
                "sample_rate": q, "local_steps": steps}
-    return algorithm, dataclasses.replace(plan, work=work), [(ev.poisson_gaussian(q, z), steps)], details
+    return algorithm, dataclasses.replace(plan, work=work), [(step_event(q, z), steps)], details
 
 
 def _dp_sgd_client(model, clip, z, q, steps, norm):
@@ -256,7 +258,7 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
     details = {"noise_multiplier": z, "calibrated": calibrated, "update_noise_multiplier": z_update,
                "clip": p.clip, "adaptive": adaptive, "target_quantile": p.target_quantile,
                "clip_count_stddev": sigma_b, "expected_clients": m}
-    return algorithm, plan, [(ev.poisson_gaussian(s.rate, z), 1)], details
+    return algorithm, plan, [(step_event(s.rate, z), 1)], details
 
 
 def _clipping_client(adaptive: bool):
@@ -322,7 +324,10 @@ def _local(cfg, algorithm, model, data, plan):
     algorithm = dataclasses.replace(algorithm, uplink=chain(*codecs))
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
                "sensitivity": 2 * p.clip}
-    return algorithm, plan, [(ev.gaussian(z), 1)], details
+    # The noise std is z x 2C: one record (added, removed or replaced) can move the clipped
+    # update anywhere in the ball, 2C. Events count in clips (replace_one doubles them), so the
+    # event's multiplier is z under add/remove and 2z under replace_one: epsilon is the same.
+    return algorithm, plan, [(ev.gaussian(z if p.neighboring == "add_remove" else 2 * z), 1)], details
 
 
 def _intrinsic(cfg, algorithm, model, data, plan):
@@ -346,6 +351,13 @@ def _intrinsic(cfg, algorithm, model, data, plan):
     algorithm = dataclasses.replace(
         algorithm, uplink=uplink, client_fn=_intrinsic_client(model, p.clip, q, norm),
         server_fn=intrinsic_server(p.step, cfg.client.lr), aux_spec=_INTRINSIC_AUX)
+    floor = delta_floor(p.uniforms + 1, p.step, p.clip, d, q, cfg.rounds)
+    if floor >= p.delta:
+        raise _err(f"privacy.mode = \"intrinsic\": epsilon is infinite at privacy.delta = "
+                   f"{p.delta:g}: with clip/step = {p.clip / p.step:g} and {p.uniforms + 1} "
+                   f"uniforms, some of the {d} coordinates falls outside the noise's overlap with "
+                   f"probability {floor:.3g} over {cfg.rounds} rounds (the delta floor). Lower "
+                   "privacy.clip, raise privacy.step or privacy.uniforms, or lower sample_rate")
     work = dataclasses.replace(plan.work, steps=1, epochs=None)
     details = {"uniforms": p.uniforms, "step": p.step, "clip": p.clip, "norm": norm,
                "sample_rate": q, "dimension": d, "server_lr": cfg.client.lr}
