@@ -20,6 +20,16 @@ keys. The server half is the Algorithm's ``server_round``, applied in arrival or
   ``x <- x + alpha * s(staleness) * (x_client - x)``, with ``x_client`` = the model it
   started from plus its delta.
 
+Privacy (``plan.privacy``). Record-level modes (``dp_sgd``, ``intrinsic``) and ``local`` protect
+each client's data by the noise of each of its own releases, so a run's epsilon is that of the
+client that has taken part most often: a participation is charged to the accountant when some
+client is dispatched for the ``n``-th time and no client had been dispatched ``n`` times before
+(the synchronous driver charges every round, which bounds the same quantity). Before such a
+dispatch the budget is checked; if it would be exceeded nobody else is dispatched, the clients in
+flight finish, and the run stops cleanly with the reason (``final.json["privacy"]["stopped"]``).
+``dp_fedavg`` is refused: its accounting amplifies by Poisson-sampled cohorts, and FedBuff's
+buffers are not Poisson samples (a client can even appear in one buffer twice).
+
 Staleness = server versions applied since the client's dispatch; ``s`` is ``constant`` (1),
 ``polynomial`` ``(1 + tau)^-a`` or ``hinge`` (1 up to ``b``, then ``1 / (a (tau - b) + 1)``).
 Updates staler than ``max_staleness`` are dropped and counted (``stale_dropped``). One line of
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,6 +61,7 @@ from atoll.runtime.uplink import one_by_one
 from atoll.runtime.vmap import VmapRuntime, broadcast_bytes
 from atoll.runtime.work import plan_clients
 
+log = logging.getLogger("atoll")
 MODES = ("fedasync", "fedbuff")
 WEIGHTINGS = ("uniform", "aggregator")
 STALENESS = ("constant", "polynomial", "hinge")
@@ -127,6 +139,10 @@ class _Driver:
         if self.a.mode == "fedasync" and algorithm.server_fn is not None:
             raise ValueError(f"async.mode = \"fedasync\" mixes models and cannot run "
                              f"{algorithm.name}'s server hook; use mode = \"fedbuff\"")
+        check_privacy(plan.privacy)
+        self.privacy = plan.privacy.driver() if plan.privacy is not None else None
+        self.uses: dict[int, int] = {}  # participations per client, and the most charged so far
+        self.charged = 0
         if self.a.concurrency > len(data.clients):
             raise ValueError(f"async.concurrency ({self.a.concurrency}) exceeds the number of "
                              f"clients ({len(data.clients)})")
@@ -149,6 +165,8 @@ class _Driver:
         self._fill(state)
         while True:
             if not self.events:
+                if self.privacy is not None and self.privacy.stopped:
+                    return  # the budget stopped dispatching and the last client has arrived
                 raise RuntimeError("async: no client can be dispatched any more (all offline for good?)")
             self.t, _, kind, cid, gid = heapq.heappop(self.events)
             stepped = False
@@ -164,7 +182,7 @@ class _Driver:
 
     def _fill(self, state) -> None:
         free = self.a.concurrency - len(self.busy)
-        if free <= 0:
+        if free <= 0 or (self.privacy is not None and self.privacy.stopped):
             return
         self.waves += 1
         n = len(self.data.clients)
@@ -178,6 +196,8 @@ class _Driver:
                 if len(picked) == free:
                     break
         for c in sorted(picked):
+            if not self._may_release(c):
+                return
             self._dispatch(c, state)
         if len(picked) < free and avail is not None:  # wake up when the next client comes online
             nxt = min((avail.next_online(c, self.t) for c in range(n) if c not in self.busy),
@@ -186,6 +206,20 @@ class _Driver:
                                                          or nxt < self.wake):
                 self.wake = nxt
                 self._push(nxt, "wake")
+
+    def _may_release(self, cid: int) -> bool:
+        """Charge ``cid``'s next participation if it is the most any client has had; False
+        (and the driver stops dispatching) if that would exceed the privacy budget."""
+        if self.privacy is None:
+            return True
+        n = self.uses.get(cid, 0) + 1
+        if n > self.charged:
+            if self.privacy.before_round(n, "participation of a client"):
+                return False
+            self.privacy.charge()
+            self.charged = n
+        self.uses[cid] = n
+        return True
 
     def _dispatch(self, cid: int, state) -> None:
         g = self.open
@@ -289,6 +323,15 @@ class _Driver:
         return self.alg.server_round(state, T.stack([b[1] for b in buf]), weights, aux, key=key, ids=ids)
 
 
+def check_privacy(spec) -> None:
+    """Refuse privacy modes whose accounting asynchronous training would break."""
+    if spec is not None and spec.mode == "dp_fedavg":
+        raise ValueError("privacy.mode = \"dp_fedavg\" cannot run asynchronously: its epsilon "
+                         "amplifies by Poisson-sampled cohorts, and FedBuff's buffers are not "
+                         "Poisson samples (a client can even appear in one buffer twice); use "
+                         "mode dp_sgd, local or intrinsic, or synchronous rounds")
+
+
 def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,
                    overwrite=False, progress=False, config_text=None, plots=True):
     """``simulation.simulate`` for ``plan.asynchronous``: same run folder, one line per server step."""
@@ -328,9 +371,16 @@ def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, 
                 line["stragglers_dropped"] = w.stragglers_dropped
             if w.failures:
                 line["failures"] = [[c, why] for c, why in w.failures]
+            if driver.privacy is not None:
+                state, privacy_line = driver.privacy.after_round(state, charge=False)
+                line.update(privacy_line, participations_max=driver.charged)
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             bar.update(line)
             if r >= plan.rounds:
                 break
-    final = _finish(model, state, data, fed_eval, run_dir, plots)
+    privacy = driver.privacy
+    if privacy is not None and privacy.stopped:
+        log.warning(privacy.stopped)
+    final = _finish(model, state, data, fed_eval, run_dir, plots,
+                    {"privacy": privacy.summary()} if privacy is not None else {})
     return Result(state, metrics, final, run_dir)

@@ -500,6 +500,12 @@ def build(cfg: Config, data=None):
         from atoll.privacy.run import configure
 
         algorithm, plan = configure(cfg, algorithm, model, fed, plan)
+        if plan.asynchronous is not None:
+            from atoll.asynchronous import check_privacy
+            try:
+                check_privacy(plan.privacy)
+            except ValueError as exc:
+                raise ConfigError(f"[async] with [privacy]: {exc}") from None
     return algorithm, model, fed, plan
 
 

@@ -70,7 +70,7 @@ class PrivacySpec:
     target_epsilon: float | None = None
     details: dict = field(default_factory=dict)
 
-    def driver(self, state: ServerState) -> Driver:
+    def driver(self, state: ServerState | None = None) -> Driver:
         return Driver(self, state)
 
 
@@ -78,30 +78,37 @@ class Driver:
     """Charges a run's rounds to its accountant; stops before a round that would exceed the
     target. The accountant is rebuilt from ``state.extra[STATE_KEY]`` when resuming."""
 
-    def __init__(self, spec: PrivacySpec, state: ServerState):
+    def __init__(self, spec: PrivacySpec, state: ServerState | None = None):
         self.spec = spec
-        saved = state.extra.get(STATE_KEY)
+        saved = state.extra.get(STATE_KEY) if state is not None else None
         self.acc = (Accountant.from_state(saved) if saved is not None
                     else Accountant(spec.accountant, spec.neighboring))
         self.epsilon = self.acc.epsilon(spec.delta) if self.acc.events else 0.0
         self.stopped: str | None = None
         self._next = None
 
-    def before_round(self, r: int) -> str | None:
-        """None to go on; else why round ``r`` must not run (also kept in ``stopped``)."""
+    def before_round(self, r: int, what: str = "round") -> str | None:
+        """None to go on; else why ``what`` ``r`` (a round; for the asynchronous scheduler a
+        client's ``r``-th participation) must not run (also kept in ``stopped``)."""
         self._next = self.acc.epsilon_after(list(self.spec.events), self.spec.delta)
         target = self.spec.target_epsilon
         if target is not None and self._next > target:
-            self.stopped = (f"privacy budget: round {r} would raise epsilon from "
+            self.stopped = (f"privacy budget: {what} {r} would raise epsilon from "
                             f"{self.epsilon:.4g} to {self._next:.4g} > target_epsilon {target:g} "
-                            f"(delta {self.spec.delta:g}); stopped after round {r - 1}")
+                            f"(delta {self.spec.delta:g}); stopped after {what} {r - 1}")
         return self.stopped
 
-    def after_round(self, state: ServerState) -> tuple[ServerState, dict]:
-        """Charge the round; the new state (accountant inside) and the metrics to log."""
+    def charge(self) -> None:
+        """Charge one round's events (after ``before_round`` allowed them)."""
         for event, count in self.spec.events:
             self.acc.step(event, count)
         self.epsilon = self._next
+
+    def after_round(self, state: ServerState, charge: bool = True) -> tuple[ServerState, dict]:
+        """Charge the round (unless ``charge`` is False: the scheduler charged already); the
+        new state (accountant inside) and the metrics to log."""
+        if charge:
+            self.charge()
         state = ServerState(state.params, state.opt_state, state.round,
                             {**state.extra, STATE_KEY: self.acc.state()})
         line = {"epsilon": self.epsilon}
