@@ -21,7 +21,7 @@ def one(spec: str, prefix: str, d: int) -> str:
     from atoll import tree as T
     from atoll.algorithm import Algorithm
     from atoll.codecs import build_codec
-    from atoll.runtime.loop import decode_update
+    from atoll.runtime.check import decode_update
     from atoll.transforms import sgd
     from atoll.transport import wire
 

@@ -56,9 +56,9 @@ from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval
 from atoll.runtime import make_runtime
 from atoll.runtime.base import AllClientsFailed, active_steps, failure_reasons
-from atoll.runtime.loop import decode_update
-from atoll.runtime.uplink import one_by_one
-from atoll.runtime.vmap import VmapRuntime, broadcast_bytes
+from atoll.runtime.check import decode_update
+from atoll.runtime.round import broadcast_bytes, one_by_one, server_step
+from atoll.runtime.vmap import VmapRuntime
 from atoll.runtime.work import plan_clients
 
 log = logging.getLogger("atoll")
@@ -313,14 +313,11 @@ class _Driver:
 
     def _server_step(self, state):
         buf = self.win.buffer
-        ids = [b[0] for b in buf]
-        dtype = next(iter(state.params.values())).dtype
-        samples = torch.tensor([b[3] for b in buf], dtype=dtype)
-        weights = (torch.ones_like(samples) if self.a.weighting == "uniform" and self.a.mode == "fedbuff"
-                   else self.alg.aggregator.weights(ids, samples))
-        aux = T.stack([b[2] for b in buf]) if buf[0][2] else None
-        key = rng.key(self.plan.seed, state.round + 1, rng.SERVER, "server")
-        return self.alg.server_round(state, T.stack([b[1] for b in buf]), weights, aux, key=key, ids=ids)
+        weights = None
+        if self.a.weighting == "uniform" and self.a.mode == "fedbuff":
+            weights = torch.ones(len(buf), dtype=next(iter(state.params.values())).dtype)
+        return server_step(self.alg, state, [b[0] for b in buf], [b[1] for b in buf],
+                           [b[3] for b in buf], [b[2] for b in buf], self.plan.seed, weights)
 
 
 def check_privacy(spec) -> None:

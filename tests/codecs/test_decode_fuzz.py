@@ -75,7 +75,7 @@ def fuzz(seed: int = 0) -> dict:
     from atoll import tree as T
     from atoll.algorithm import Algorithm
     from atoll.codecs import build_codec
-    from atoll.runtime.loop import decode_update
+    from atoll.runtime.check import decode_update
     from atoll.transforms import sgd
     from atoll.transport import wire
 

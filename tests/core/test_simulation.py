@@ -6,6 +6,7 @@ import torch
 
 from atoll import config, tree as T
 from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.simulation import simulate
 from atoll.transport import wire
 
@@ -83,10 +84,10 @@ class _Faulty(LoopRuntime):
     """Client 0 raises; client 1 sends NaN; client 2 sends a wrong shape."""
 
     @staticmethod
-    def _client(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed):
+    def client_round(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed):
         if cid == 0:
             raise RuntimeError("out of memory on device")
-        msg, st, met, strag = LoopRuntime._client(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed)
+        msg, st, met, strag = client_round(algorithm, client_update, down_bytes, cstate, cdata, cid, r, work, seed)
         parts = T.split(wire.loads(msg))
         k = next(iter(parts["delta"]))
         if cid == 1:

@@ -8,6 +8,7 @@ from atoll.deploy import local
 from atoll.deploy.client import credentials
 from atoll.deploy.server import Server
 from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.transport.grpc.client import Connection
 
 from .conftest import ServerThread, small_config
@@ -30,7 +31,7 @@ def test_deployed_round_with_batchnorm_and_dropout_equals_the_loop_runtime(tmp_p
     assert [conns[c].join()["client_id"] for c in range(3)] == [0, 1, 2]
     for c in cohort:  # what a deployed client runs (atoll.deploy.client)
         task = conns[c].get_task(5)
-        msg, _, m, _ = LoopRuntime._client(algorithm, update, task.data, None, data.clients[c], c,
+        msg, _, m, _ = client_round(algorithm, update, task.data, None, data.clients[c], c,
                                            1, plan.work, plan.seed)
         assert conns[c].submit(1, task.task_id, msg, num_examples=data.clients[c].n,
                                loss=float(m["loss"]), samples=float(m["samples"])) == (True, "")

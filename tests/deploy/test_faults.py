@@ -16,6 +16,7 @@ from atoll.deploy.client import Client
 from atoll.deploy.coordinator import downlink_bytes
 from atoll.deploy.server import Server
 from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.simulation import simulate
 
 from .conftest import ServerThread, atoll_process, env, free_port, small_config, wait_for
@@ -53,7 +54,7 @@ def test_client_killed_mid_round_round_closes_at_deadline(tmp_path, kill_on_exit
     algorithm, model, data, plan = config.build(cfg)
     state, update = algorithm.init(dict(model.named_parameters())), algorithm.client(model_loss(model))
     # warm torch.func up in this process, so the surviving clients answer well within the deadline
-    LoopRuntime._client(algorithm, update, downlink_bytes(algorithm, state, cfg.seed), None,
+    client_round(algorithm, update, downlink_bytes(algorithm, state, cfg.seed), None,
                         data.clients[0], 0, 1, plan.work, plan.seed)
     server = Server(cfg, run_dir=tmp_path / "run", certs_dir=tmp_path / "certs", host="localhost",
                     port=0, auth="token", plots=False, linger_s=0)

@@ -22,6 +22,7 @@ from atoll import tree as T
 from atoll.client import model_loss
 from atoll.deploy.coordinator import Coordinator, Header, RoundPolicy
 from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.transport import wire
 
 TOML = """
@@ -78,7 +79,7 @@ class Round:
         return r, task_id, down
 
     def honest(self, c, r, down):
-        msg, _, m, _ = LoopRuntime._client(self.algorithm, self.update, down, None, self.data.clients[c],
+        msg, _, m, _ = client_round(self.algorithm, self.update, down, None, self.data.clients[c],
                                            c, r, self.plan.work, self.plan.seed)
         return msg, {"num_examples": self.data.clients[c].n, "loss": float(m["loss"]),
                      "samples": float(m["samples"])}

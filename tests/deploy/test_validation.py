@@ -12,6 +12,7 @@ from atoll.deploy.client import credentials
 from atoll.deploy.coordinator import downlink_bytes
 from atoll.deploy.server import Server
 from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.transport import wire
 from atoll.transport.grpc.client import Connection
 
@@ -37,7 +38,7 @@ def test_bad_updates_are_rejected_without_harming_the_round(tmp_path):
     assert all(t.kind == "TASK" and t.round == 1 for t in tasks.values())
 
     def honest_update(c):
-        msg, _, metrics, _ = LoopRuntime._client(algorithm, update, tasks[cohort[0]].data, None,
+        msg, _, metrics, _ = client_round(algorithm, update, tasks[cohort[0]].data, None,
                                                  data.clients[c], c, 1, plan.work, plan.seed)
         return msg, {"num_examples": data.clients[c].n, "loss": float(metrics["loss"]),
                      "samples": float(metrics["samples"])}
@@ -98,12 +99,12 @@ def test_late_update_is_discarded_and_counted(tmp_path):
     conns = [Connection(f"localhost:{server.port}", **credentials(ca=e["ca"], token=e["token"]))
              for e in enrolled]
     down = downlink_bytes(algorithm, algorithm.init(dict(model.named_parameters())), cfg.seed)
-    LoopRuntime._client(algorithm, update, down, None, data.clients[0], 0, 1, plan.work, plan.seed)
+    client_round(algorithm, update, down, None, data.clients[0], 0, 1, plan.work, plan.seed)
     answers = []  # (the call above warms up torch.func, so round 1 is answered well in time)
     for r in (1, 2):
         tasks = [c.get_task(5) for c in conns]
         assert [t.round for t in tasks] == [r, r]
-        msg, _, m, _ = LoopRuntime._client(algorithm, update, tasks[0].data, None, data.clients[0],
+        msg, _, m, _ = client_round(algorithm, update, tasks[0].data, None, data.clients[0],
                                            0, r, plan.work, plan.seed)
         head = {"num_examples": data.clients[0].n, "loss": float(m["loss"]), "samples": float(m["samples"])}
         answers.append(conns[0].submit(r, tasks[0].task_id, msg, **head))
@@ -111,7 +112,7 @@ def test_late_update_is_discarded_and_counted(tmp_path):
             late_task = tasks[1]
         else:   # client 1's round-1 answer arrives during round 2
             answers.append(conns[1].submit(1, late_task.task_id, msg, **head))
-            msg1, _, m1, _ = LoopRuntime._client(algorithm, update, tasks[1].data, None,
+            msg1, _, m1, _ = client_round(algorithm, update, tasks[1].data, None,
                                                  data.clients[1], 1, 2, plan.work, plan.seed)
             answers.append(conns[1].submit(2, tasks[1].task_id, msg1, num_examples=data.clients[1].n,
                                            loss=float(m1["loss"]), samples=float(m1["samples"])))

@@ -57,7 +57,7 @@ def test_local_start_is_retried_once_then_reported():
 
 def test_messages_pack_into_one_array_and_back():
     from atoll.runtime.ray import pack_messages, unpack_messages
-    from atoll.runtime.uplink import Outcome
+    from atoll.runtime.base import Outcome
 
     msgs = [b"abc", None, b"", bytes(range(200))]
     outs = [Outcome(i, 10 + i, m, None, 0.0, 1.0, False, None if m is not None else "failed")

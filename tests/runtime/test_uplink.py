@@ -7,10 +7,13 @@ import torch
 
 from atoll import sampling
 from atoll import tree as T
-from atoll.runtime.loop import LoopRuntime, decode_update
+from atoll.runtime.check import decode_update
+from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.runtime.base import RoundStats
-from atoll.runtime.uplink import DecodeBuffers, finish_round
-from atoll.runtime.vmap import VmapRuntime, broadcast_bytes
+from atoll.runtime.decode import DecodeBuffers
+from atoll.runtime.round import broadcast_bytes, close_round
+from atoll.runtime.vmap import VmapRuntime
 from atoll.transport import wire
 from tests.runtime.test_equivalence import assert_same, build, run
 
@@ -34,7 +37,7 @@ def test_every_message_is_the_dumps_of_the_loop_clients_tree(fused):
     for o in outcomes:
         tree = wire.loads(o.message)
         assert bytes(o.message) == wire.dumps(tree)
-        ref, _, _, _ = LoopRuntime._client(alg, update, down, None, fed.clients[o.cid], o.cid, 1,
+        ref, _, _, _ = client_round(alg, update, down, None, fed.clients[o.cid], o.cid, 1,
                                            plan.work, plan.seed)
         expect = wire.loads(ref)
         assert len(ref) == len(o.message) and list(expect) == list(tree)
@@ -51,8 +54,9 @@ def _spy_in_place(monkeypatch):
 @pytest.mark.parametrize("over", [[], ["client.steps=3", "client.stragglers=0.0"]],
                          ids=["stragglers", "equal-steps"])
 def test_rows_of_one_buffer_are_read_in_place(monkeypatch, over):
+    ref = run(LoopRuntime(), over)  # (separate messages: the loop runtime's are never in place)
     seen = _spy_in_place(monkeypatch)
-    assert_same(run(LoopRuntime(), over), run(VmapRuntime(chunk_clients=4), over))
+    assert_same(ref, run(VmapRuntime(chunk_clients=4), over))
     assert seen and all(seen)
 
 
@@ -63,8 +67,9 @@ def test_messages_from_a_failed_chunk_are_copied(monkeypatch):
         raise RuntimeError("chunk failed")
 
     monkeypatch.setattr(FusedMLP, "run", boom)  # every chunk goes client by client: bytes
+    ref = run(LoopRuntime())
     seen = _spy_in_place(monkeypatch)
-    assert_same(run(LoopRuntime()), run(VmapRuntime(chunk_clients=4)))
+    assert_same(ref, run(VmapRuntime(chunk_clients=4)))
     assert seen and not any(seen)
 
 
@@ -82,7 +87,7 @@ def test_a_message_of_another_layout_gets_the_loop_reason():
             decode_update(alg, o.message, state.params)
         reasons[o.cid] = str(exc.value)
     stats = RoundStats(sampled=len(outcomes))
-    new, accepted = finish_round(alg, state, outcomes, fed, plan.work, stats, DecodeBuffers())
+    new, accepted = close_round(alg, state, outcomes, fed, plan.work, stats, plan.seed, DecodeBuffers())
     assert dict(stats.failures) == reasons
     assert sorted(c for c, _ in accepted) == sorted(o.cid for o in outcomes if o.cid not in reasons)
     assert stats.bytes_up == sum(len(o.message) for o in outcomes)

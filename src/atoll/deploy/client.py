@@ -6,7 +6,7 @@
 
 The client dials out (no inbound port), joins, and receives the run's config from the server;
 it rebuilds the same algorithm and model from it and then loops: pull a task, train on its own
-data with exactly the code of the reference runtime (``LoopRuntime._client``: same batches,
+data with exactly the code of the reference runtime (``runtime.round.client_round``: same batches,
 same keys ``rng.key(seed, round, client_id, ...)``, so results equal the simulation's), send the
 encoded update, never the data. Exception: where the update carries privacy noise (a DP event
 on the update or the uplink), every answer draws a fresh secret from the OS CSPRNG
@@ -43,7 +43,7 @@ from atoll import config as C
 from atoll.client import model_loss
 from atoll.data.federated import ClientData
 from atoll.deploy import policy as P
-from atoll.runtime.loop import LoopRuntime
+from atoll.runtime.round import client_round
 from atoll.transport.grpc.client import Connection, TransportError
 
 log = logging.getLogger("atoll.deploy")
@@ -126,7 +126,7 @@ class Client:
         s = self.states
         before = None if s is None else (s["before"] if s["round"] == r else s["after"])
         secret = secrets.token_bytes(32) if self.private else None  # never leaves this method
-        message, after, metrics, straggler = LoopRuntime._client(
+        message, after, metrics, straggler = client_round(
             self.algorithm, self.client_update, task.data, before, self.cdata, self.cid, r,
             self.work, self.seed, secret)
         loss, samples = ((0.0, 0.0) if self.private  # not covered by the DP guarantee: kept here

@@ -35,15 +35,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from atoll import checkpoint, rundir, rng, sampling
-from atoll import tree as T
+from atoll import checkpoint, rundir, sampling
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
 from atoll.deploy import guard
-from atoll.runtime.loop import decode_update
+from atoll.runtime.check import decode_update
+from atoll.runtime.round import broadcast_bytes, server_step
 from atoll.simulation import _append, _finish, _open_logs, json_safe
 from atoll.transport import wire
 
@@ -103,22 +101,14 @@ class Answer:
 
 
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
-    """The broadcast of round ``state.round + 1`` as wire bytes (as ``LoopRuntime`` makes it)."""
-    r = state.round + 1
-    payload, _ = algorithm.downlink.encode(T.join(algorithm.broadcast(state)), (),
-                                           rng.key(seed, r, rng.SERVER, "downlink"))
-    return wire.dumps(payload)
+    """The broadcast of round ``state.round + 1`` as wire bytes (``runtime.round``'s)."""
+    return broadcast_bytes(algorithm, state, seed, state.round + 1)
 
 
 def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples: list, seed: int):
-    """The server step on the valid updates of one round, in cohort order (``[]``: nobody)."""
-    dtype = next(iter(state.params.values())).dtype
-    weights = algorithm.aggregator.weights(ids, torch.tensor(samples, dtype=dtype)) if ids else None
-    stacked = T.stack(deltas) if ids else None
-    stacked_aux = T.stack(aux) if ids and aux[0] else None
-    # the one server step of a deployed round, with the simulation's server key
-    return algorithm.server_round(state, stacked, weights, stacked_aux,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"), ids=ids)
+    """The server step on the valid updates of one round, in cohort order (``[]``: nobody):
+    ``runtime.round.server_step``, with the simulation's weights and server key."""
+    return server_step(algorithm, state, ids, deltas, samples, aux, seed)
 
 
 class Coordinator:

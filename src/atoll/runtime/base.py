@@ -7,7 +7,7 @@ runtime draws the same batches and the same straggler decisions for the same cli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -65,6 +65,20 @@ class RoundStats:
     @property
     def train_loss(self) -> float | None:
         return self.loss_sum / self.samples if self.samples > 0 else None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One client's round as the server sees it (``error``: the client raised)."""
+
+    pos: int
+    cid: int
+    message: bytes | None
+    state: Any
+    loss: float
+    samples: float
+    straggler: bool
+    error: str | None = None
 
 
 class AllClientsFailed(RuntimeError):

@@ -11,7 +11,7 @@ client ids and states, and receive the shard's uplink messages back to back in o
 A worker is a ``VmapRuntime`` with ``threads`` torch threads (default: the driver's usable
 cores divided by the workers, at least 1, so a local instance never oversubscribes the
 machine). It runs exactly ``VmapRuntime.train`` on its shard, and the driver finishes the round
-with the same ``finish_round`` as every runtime: results equal ``LoopRuntime``'s (float64, 1e-9).
+with the same ``round.close_round`` as every runtime: results equal ``LoopRuntime``'s (float64, 1e-9).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from atoll.runtime.base import LocalWork
 from atoll.runtime.host import usable_cores
-from atoll.runtime.uplink import DecodeBuffers
+from atoll.runtime.decode import DecodeBuffers
 from atoll.runtime.vmap import VmapRuntime, begin_round, end_round
 
 log = logging.getLogger("atoll")

@@ -6,7 +6,7 @@ drawn by ``client_work`` with the loop runtime's keys, the cohort is cut into ch
 chunk is padded to ``(C, S, B, ...)`` and trained by one engine call (``engine.py``: the pure
 ``ClientUpdate`` under ``torch.func.vmap``, or the fused MLP/SGD path where it applies). Each
 client's row of the stacked delta is then encoded by the uplink codec and serialised to its
-own ``wire`` message, and the server half is the loop runtime's (``uplink.finish_round``).
+own ``wire`` message, and the server half is the loop runtime's (``round.close_round``).
 With the identity uplink the round's messages are rows of one buffer (``wire.Rows``) that the
 fused engine trains in and the server reads in place: one message per client, no copies.
 
@@ -29,13 +29,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from atoll import rng
 from atoll import tree as T
-from atoll.runtime.downlink import downlink_bytes
-from atoll.runtime.base import LocalWork, RoundStats, draw_work, stack_drawn
+from atoll.runtime.base import LocalWork, draw_work, stack_drawn
+from atoll.runtime.decode import DecodeBuffers, is_identity
 from atoll.runtime.engine import PerClient, VmapEngine, select_engine
 from atoll.runtime.host import freeze_heap, tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
-from atoll.runtime.uplink import (DecodeBuffers, encode_chunk, finish_round, is_identity,
-                                  one_by_one, split_state)
+from atoll.runtime.round import close_round, one_by_one, open_round
+from atoll.runtime.uplink import encode_chunk, split_state
 from atoll.runtime.work import chunk_batches, cut_chunks, plan_clients
 from atoll.transport import wire
 
@@ -177,23 +177,18 @@ class VmapRuntime:
 
 
 def begin_round(algorithm, state, client_states, cohort: list[int], data, seed: int):
-    """The server's side of a round before training, as the fast runtimes do it:
-    ``(round, stats with the downlink bytes, broadcast bytes, state, client-state store,
-    the cohort's states)``."""
-    r = state.round + 1
-    stats = RoundStats(sampled=len(cohort))
-    down_bytes = broadcast_bytes(algorithm, state, seed, r)
-    sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down_bytes)
-    stats.bytes_down = sum(sizes) + anchor
+    """``round.open_round``, and the cohort's states from the client-state store:
+    ``(round, stats, broadcast bytes, state, client-state store, the cohort's states)``."""
+    r, stats, down_bytes, state = open_round(algorithm, state, cohort, seed)
     client_states = store_for(algorithm, state, client_states, len(data.clients))
     return r, stats, down_bytes, state, client_states, load_states(client_states, cohort)
 
 
 def end_round(algorithm, state, client_states, outcomes: list, data, work, stats, buffers,
               seed: int, r: int):
-    """Validate, aggregate and store the round's ``outcomes``: ``(state, client_states, stats)``."""
-    state, accepted = finish_round(algorithm, state, outcomes, data, work, stats, buffers,
-                                   key=rng.key(seed, r, rng.SERVER, "server"))
+    """``round.close_round``, and the accepted clients' states stored: ``(state,
+    client_states, stats)``."""
+    state, accepted = close_round(algorithm, state, outcomes, data, work, stats, seed, buffers)
     return state, save_states(client_states, accepted), stats
 
 
@@ -203,13 +198,6 @@ def drawn_batches(client_update, chunk, data, work, seed: int, r: int, params, d
     drawn = [draw_work(client_update, data.clients[p.cid], p.cid, r, seed, work, cpu) for p in chunk]
     batches = {k: v.to(device) for k, v in stack_drawn([b for b, _, _ in drawn]).items()}
     return batches, torch.stack([m for _, m, _ in drawn]).to(device)
-
-
-def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
-    """The round's downlink message, serialised once (the loop runtime's bytes and key)."""
-    payload, _ = algorithm.downlink.encode(
-        T.join(algorithm.broadcast(state)), (), rng.key(seed, r, rng.SERVER, "downlink"))
-    return wire.dumps(payload)
 
 
 def store_for(algorithm, state, client_states, num_clients: int):
