@@ -177,7 +177,7 @@ class PrivacyConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(1.0, gt=0)
-    norm: Literal["l2", "linf"] | None = None  # per-sample clipping; default l2 (intrinsic: linf)
+    norm: Literal["l1", "l2", "linf"] | None = None  # clipping; default l2 (intrinsic: linf, laplace: l1)
     noise_multiplier: float | None = Field(None, ge=0)  # omitted: calibrated to target_epsilon
     sample_rate: float | None = Field(None, gt=0, le=1)  # Poisson rate of records (dp_sgd, intrinsic)
     target_quantile: float | None = Field(None, gt=0, lt=1)  # dp_fedavg adaptive clipping
@@ -186,6 +186,7 @@ class PrivacyConfig(_Section):
     step: float | None = Field(None, gt=0)  # intrinsic: quantization step Delta
     uniforms: int = Field(3, ge=0, le=11)  # intrinsic: Z added uniforms
     quantize_bits: int | None = Field(None, ge=1, le=16)  # stochastic quantizer after the noise
+    mechanism: Literal["gaussian", "laplace"] = "gaussian"  # local: Laplace clips in L1
 
 
 class DevicesConfig(_Section):
@@ -379,6 +380,11 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
         uplink = build_codec(comm.uplink)
     except ValueError as exc:
         raise ConfigError(f"comm.uplink: {exc}") from None
+    if uplink.event is not None:
+        raise ConfigError(f"comm.uplink = {uplink.name!r} adds privacy noise that nothing here "
+                          "would account; use privacy.mode = \"local\" (privacy.mechanism = "
+                          "\"gaussian\" or \"laplace\"), which clips, adds and accounts it; "
+                          "comm.uplink may then compress after it")
     parts = {"uplink": uplink}
     if comm.server_topk is not None:
         parts["server_opt"] = transforms.chain(

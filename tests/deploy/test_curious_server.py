@@ -45,7 +45,7 @@ federated = false
 """
 MODES = {  # mode -> config lines
     "local": '[privacy]\nmode = "local"\nclip = 1.0\nnoise_multiplier = 0.5\n',
-    "laplace": '[comm]\nuplink = "clip_linf(0.01)+laplace_noise(1.0, 6.5)"\n',
+    "laplace": '[privacy]\nmode = "local"\nmechanism = "laplace"\nclip = 0.1\nnoise_multiplier = 1.0\n',
     "dp_sgd": '[privacy]\nmode = "dp_sgd"\nclip = 1.0\nnoise_multiplier = 1.0\nsample_rate = 0.2\n',
     "intrinsic": ('[privacy]\nmode = "intrinsic"\nclip = 0.5\nsample_rate = 0.2\nstep = 20.0\n'
                   'uniforms = 5\n'),
@@ -153,7 +153,7 @@ def test_server_cannot_subtract_local_noise(mode, monkeypatch):
         truth, std = truth_uplink(c, s, drawn, codecs.clip_l2(1.0)), 0.5 * 2 * 1.0
         attack_std = math.sqrt(2) * std  # the attacker subtracts an independent draw
     else:
-        truth, std = truth_uplink(c, s, drawn, codecs.clip_linf(0.01)), math.sqrt(2) * 6.5
+        truth, std = truth_uplink(c, s, drawn, codecs.clip_l1(0.1)), math.sqrt(2) * 1.0 * 2 * 0.1
         attack_std = math.sqrt(2) * std
     assert T.norm(truth) > 0
     # the oracle is right: with the client's own key the noise comes off to float rounding

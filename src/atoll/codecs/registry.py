@@ -22,7 +22,7 @@ import inspect
 from typing import Any, Callable
 
 from atoll.codecs.base import Codec, chain, identity
-from atoll.codecs.clip import clip_l2, clip_linf
+from atoll.codecs.clip import clip_l1, clip_l2, clip_linf
 from atoll.codecs.feedback import error_feedback
 from atoll.codecs.intrinsic import dithered_quantize
 from atoll.codecs.noise import gaussian_noise, laplace_noise
@@ -32,7 +32,7 @@ from atoll.codecs.sparsify import rand_k, top_k
 
 CODECS: dict[str, Callable[..., Codec]] = {
     f.__name__: f for f in (identity, cast, stochastic_quantize, top_k, rand_k, count_sketch,
-                            error_feedback, clip_l2, clip_linf, gaussian_noise, laplace_noise,
+                            error_feedback, clip_l1, clip_l2, clip_linf, gaussian_noise, laplace_noise,
                             dithered_quantize)
 }
 

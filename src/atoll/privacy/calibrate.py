@@ -26,16 +26,21 @@ def steps_for_epochs(epochs: float, q: float) -> int:
     return max(1, math.ceil(x - 1e-9 * x))
 
 
-def step_event(q: float, sigma: float) -> ev.DpEvent:
-    """One step: Poisson sampling at rate ``q`` then Gaussian; at ``q = 1`` plainly Gaussian."""
+def step_event(q: float, sigma: float, mechanism: str = "gaussian") -> ev.DpEvent:
+    """One step: Poisson sampling at rate ``q`` then Gaussian; at ``q = 1`` plainly Gaussian.
+    ``mechanism = "laplace"``: Laplace of scale ``sigma`` (no subsampling: ``q`` must be 1)."""
+    if mechanism == "laplace":
+        if q < 1:
+            raise ValueError(f"the Laplace mechanism is accounted without subsampling, got q={q}")
+        return ev.laplace(sigma)
     return ev.gaussian(sigma) if q >= 1 else ev.poisson_gaussian(q, sigma)
 
 
 def epsilon(q: float, sigma: float, steps: int, delta: float, kind: str = "pld",
-            neighboring: str = "add_remove") -> float:
+            neighboring: str = "add_remove", mechanism: str = "gaussian") -> float:
     """epsilon after ``steps`` Poisson-sampled Gaussian steps (rate ``q``, multiplier ``sigma``)."""
     acc = Accountant(kind, neighboring)
-    acc.step(step_event(q, sigma), steps)
+    acc.step(step_event(q, sigma, mechanism), steps)
     return acc.epsilon(delta)
 
 
@@ -49,7 +54,8 @@ def privacy_table(q: float, sigma: float, steps: int, delta: float,
 
 
 def noise_for_epsilon(target_epsilon: float, q: float, steps: int, delta: float,
-                      kind: str = "pld", tol: float = 1e-4, neighboring: str = "add_remove") -> float:
+                      kind: str = "pld", tol: float = 1e-4, neighboring: str = "add_remove",
+                      mechanism: str = "gaussian") -> float:
     """The smallest noise multiplier (to relative ``tol``) with epsilon <= ``target_epsilon``.
 
     Illinois (bracketed regula falsi) on ``log epsilon`` against ``log sigma``; the bracket's
@@ -61,10 +67,10 @@ def noise_for_epsilon(target_epsilon: float, q: float, steps: int, delta: float,
     check_delta(delta)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    eps = lambda s: epsilon(q, s, steps, delta, kind, neighboring)  # noqa: E731
+    eps = lambda s: epsilon(q, s, steps, delta, kind, neighboring, mechanism)  # noqa: E731
     g = lambda s: _log_gap(eps(s), target_epsilon)  # noqa: E731
     guess = 1.0
-    if kind == "pld":  # RDP is looser and fast: PLD's start
+    if kind == "pld" and mechanism == "gaussian":  # RDP is looser and fast: PLD's start
         rel = neighboring if q >= 1 else "add_remove"  # RDP has no Poisson replace-one bound:
         try:  # start from twice the add/remove answer (replacing moves the sum twice as far)
             guess = noise_for_epsilon(target_epsilon, q, steps, delta, "rdp", 1e-2, rel)

@@ -41,7 +41,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.client import buffer_names, local_training
-from atoll.codecs import chain, clip_l2, dithered_quantize, gaussian_noise
+from atoll.codecs import chain, clip_l1, clip_l2, dithered_quantize, gaussian_noise, laplace_noise
 from atoll.codecs.intrinsic import COUNT_KEY, SEED_KEY, dither
 from atoll.codecs.quantize import stochastic_quantize
 from atoll.privacy import events as ev
@@ -137,10 +137,18 @@ def configure(cfg, algorithm, model, data, plan):
     if p.mode == "none":
         given = [k for k in ("target_epsilon", "noise_multiplier", "sample_rate", "step",
                              "target_quantile", "quantize_bits") if getattr(p, k) is not None]
+        if p.mechanism != "gaussian":
+            given.append("mechanism")
         if given:
             raise ConfigError(f"privacy.{given[0]} is set but privacy.mode is \"none\"; choose a "
                               "mode: dp_sgd, dp_fedavg, local or intrinsic")
         return algorithm, plan
+    if p.mechanism != "gaussian" and p.mode != "local":
+        raise ConfigError(f"privacy.mechanism = {p.mechanism!r} applies to mode \"local\" only "
+                          f"(mode {p.mode!r} adds Gaussian noise or the quantizer's)")
+    if p.norm == "l1" and p.mode != "local":
+        raise ConfigError(f"privacy.norm = \"l1\" applies to mode \"local\" with the Laplace "
+                          f"mechanism only, not to mode {p.mode!r}")
     names = buffer_names(model)
     if p.mode in ("dp_sgd", "intrinsic") and names:
         raise ConfigError(f"privacy.mode = {p.mode!r} clips each sample's gradient, but model "
@@ -168,13 +176,31 @@ def _err(msg: str):
     return ConfigError(msg)
 
 
-def _own_parts(algorithm, mode: str, uplink: bool = True) -> None:
+def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
+    """Refuse, with the reason, an algorithm this privacy mode cannot protect or account.
+
+    Every mode but ``intrinsic`` composes with a compressed uplink (compression after the
+    noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). What does not
+    compose: an algorithm whose clients send ``aux`` (SCAFFOLD's control variates, FedaGrac's
+    gradients, FedNova's step counts), which no mode clips or noises; and a second client or
+    server function where the mode brings its own."""
+    probe = {"w": torch.zeros(1)}
+    aux = sorted(algorithm.aux_spec(probe))
+    if aux:
+        raise _err(f"privacy.mode = {mode!r} cannot protect algorithm {algorithm.name!r}: its "
+                   f"clients also send {aux} (aux), which the mode neither clips nor noises, "
+                   "so no epsilon would cover it; use fedavg, fedprox or fedadam/fedyogi")
     if algorithm.client_fn is not local_training or algorithm.server_fn is not None:
         raise _err(f"privacy.mode = {mode!r} replaces the client/server functions, but algorithm "
                    f"{algorithm.name!r} brings its own")
     if uplink and algorithm.uplink.name != "identity":
-        raise _err(f"privacy.mode = {mode!r} sets the uplink codec, but the algorithm already "
-                   f"has {algorithm.uplink.name!r}")
+        raise _err(f"privacy.mode = {mode!r} is itself the uplink codec (its quantizer is the "
+                   f"noise), so it cannot run with comm.uplink = {algorithm.uplink.name!r}")
+
+
+def _after(codec, algorithm):
+    """``codec`` followed by the algorithm's own uplink (compression after the noise)."""
+    return codec if algorithm.uplink.name == "identity" else chain(codec, algorithm.uplink)
 
 
 def _noise(cfg, q: float, steps: int) -> tuple[float, bool]:
@@ -190,12 +216,12 @@ def _noise(cfg, q: float, steps: int) -> tuple[float, bool]:
         raise _err("privacy.noise_multiplier cannot be calibrated with accountant rdp_classic; "
                    "give it, or use accountant pld or rdp")
     return noise_for_epsilon(p.target_epsilon, q, steps, p.delta, p.accountant,
-                             neighboring=p.neighboring), True
+                             neighboring=p.neighboring, mechanism=p.mechanism), True
 
 
 def _dp_sgd(cfg, algorithm, model, data, plan):
     p = cfg.privacy
-    _own_parts(algorithm, "dp_sgd", uplink=p.quantize_bits is not None)
+    _own_parts(algorithm, "dp_sgd")
     if p.sample_rate is None:
         raise _err("privacy.mode = \"dp_sgd\" needs privacy.sample_rate: the Poisson rate at "
                    "which each local step samples the client's records")
@@ -207,7 +233,7 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     client_fn = _dp_sgd_client(model, p.clip, z, q, steps, norm)
     parts = {"client_fn": client_fn}
     if p.quantize_bits is not None:
-        parts["uplink"] = stochastic_quantize(p.quantize_bits, bucket=_WHOLE)
+        parts["uplink"] = _after(stochastic_quantize(p.quantize_bits, bucket=_WHOLE), algorithm)
     algorithm = dataclasses.replace(algorithm, **parts)
     work = dataclasses.replace(plan.work, steps=steps, epochs=None)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
@@ -261,7 +287,8 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
         aux_spec=lambda params: {"dp_below": ((), None, -0.5, 0.5)} if adaptive else {},
         server_init=lambda params: {"broadcast": {"dp": {"clip": torch.tensor(
             [p.clip], dtype=next(iter(params.values())).dtype)}}},
-        server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr))
+        server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr,
+                                   reclip=algorithm.uplink.name != "identity"))
     details = {"noise_multiplier": z, "calibrated": calibrated, "update_noise_multiplier": z_update,
                "clip": p.clip, "adaptive": adaptive, "target_quantile": p.target_quantile,
                "clip_count_stddev": sigma_b, "expected_clients": m}
@@ -291,14 +318,18 @@ def _clipping_client(adaptive: bool):
 
 
 def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
-                     quantile: float | None, clip_lr: float):
+                     quantile: float | None, clip_lr: float, reclip: bool = False):
     """The DP-FedAvg ``server_fn``: noisy sum of the clipped deltas over ``expected`` clients;
-    adaptive clipping moves ``clip`` by ``exp(-clip_lr * (noisy fraction below - quantile))``."""
+    adaptive clipping moves ``clip`` by ``exp(-clip_lr * (noisy fraction below - quantile))``.
+    ``reclip``: clip every decoded delta again (an uplink codec after the client's clip, e.g.
+    a quantizer or a sketch, can raise its norm; the sum's sensitivity must stay ``clip``)."""
 
     def server_fn(state, agg, deltas, weights, aux, key, extra):
         clip = extra["broadcast"]["dp"]["clip"]
         g = rng.generator(rng.fold(key, "dp_fedavg"))
         std = z_update * float(clip[0])
+        if reclip:
+            deltas = _clip_rows(deltas, float(clip[0]))
         out = {}
         for k, v in deltas.items():
             noise = torch.randn(v.shape[1:], generator=g, dtype=torch.float64).to(v.dtype)
@@ -314,32 +345,51 @@ def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
     return server_fn
 
 
+def _clip_rows(deltas: dict, clip: float) -> dict:
+    """Each row (client) of the stacked ``deltas`` scaled to L2 norm at most ``clip``."""
+    n = next(iter(deltas.values())).shape[0]
+    norm = torch.cat([v.reshape(n, -1) for v in deltas.values()], 1).norm(dim=1)
+    factor = torch.clamp(clip / norm.clamp(min=1e-30), max=1.0)
+    return {k: v * factor.reshape(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in deltas.items()}
+
+
 _WHOLE = 2**31 - 1  # one scale for the whole update: the separate quantizer of the seed-000 comparison
 
 
 def _local(cfg, algorithm, model, data, plan):
+    """Local DP: each client clips its update and adds noise before it leaves the device.
+    Gaussian: ``clip_l2(C)`` then ``N(0, (z 2C)^2)``; Laplace (``privacy.mechanism``):
+    ``clip_l1(C)`` then ``Laplace(b 2C)`` per coordinate (pure ``1/b``-DP per round). Any two
+    inputs of a client differ by at most ``2C`` after the clip, under either relation."""
     p = cfg.privacy
     _own_parts(algorithm, "local")
     if p.sample_rate is not None or p.target_quantile is not None:
         raise _err("privacy.sample_rate / privacy.target_quantile do not apply to mode \"local\"")
-    if (p.norm or "l2") != "l2":
-        raise _err("privacy.norm: local mode clips each update in L2")
+    laplace = p.mechanism == "laplace"
+    norm = p.norm or ("l1" if laplace else "l2")
+    if norm != ("l1" if laplace else "l2"):
+        raise _err(f"privacy.norm = {norm!r}: local mode clips each update in "
+                   f"{'L1 (the Laplace mechanism)' if laplace else 'L2 (the Gaussian mechanism)'}")
     z, calibrated = _noise(cfg, 1.0, cfg.rounds)
-    codecs = [clip_l2(p.clip), gaussian_noise(z, 2 * p.clip)]
+    if laplace:
+        codecs = [clip_l1(p.clip), laplace_noise(z, 2 * p.clip)]
+    else:
+        codecs = [clip_l2(p.clip), gaussian_noise(z, 2 * p.clip)]
     if p.quantize_bits is not None:
         codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
-    algorithm = dataclasses.replace(algorithm, uplink=chain(*codecs))
-    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
-               "sensitivity": 2 * p.clip}
-    # The noise std is z x 2C: one record (added, removed or replaced) can move the clipped
+    algorithm = dataclasses.replace(algorithm, uplink=_after(chain(*codecs), algorithm))
+    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
+               "mechanism": p.mechanism, "sensitivity": 2 * p.clip}
+    # The noise scale is z x 2C: one record (added, removed or replaced) can move the clipped
     # update anywhere in the ball, 2C. Events count in clips (replace_one doubles them), so the
     # event's multiplier is z under add/remove and 2z under replace_one: epsilon is the same.
-    return algorithm, plan, [(ev.gaussian(z if p.neighboring == "add_remove" else 2 * z), 1)], details
+    zz = z if p.neighboring == "add_remove" else 2 * z
+    return algorithm, plan, [(ev.laplace(zz) if laplace else ev.gaussian(zz), 1)], details
 
 
 def _intrinsic(cfg, algorithm, model, data, plan):
     p = cfg.privacy
-    _own_parts(algorithm, "intrinsic")
+    _own_parts(algorithm, "intrinsic", uplink=True)
     missing = [k for k in ("sample_rate", "step") if getattr(p, k) is None]
     if missing:
         raise _err(f"privacy.mode = \"intrinsic\" needs privacy.{missing[0]} (sample_rate: the "
