@@ -66,7 +66,7 @@ class Algorithm:
     server_fn: ServerFn | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
     aux_spec: Callable[[Tree], AuxSpec] = _no_client_state
-    tracker: Any = None  # seed 004: atoll.downlink.DeltaTracker, per-client sparse downlink
+    tracker: Any = None  # atoll.downlink.DeltaTracker: per-client sparse downlink (US 2025/0265475 A1)
     adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ keys. The server half is the Algorithm's ``server_round``, applied in arrival or
 * ``fedbuff`` (Nguyen et al. 2022): arriving deltas, scaled by ``s(staleness)``, are buffered;
   every ``buffer`` arrivals ``K`` the server averages them, each with weight ``1/K`` as in the
   paper (``weighting = "uniform"``), or with the aggregator's weights (``"aggregator"``:
-  training-set sizes by default, atoll's rule before issue 17), and steps;
+  training-set sizes by default), and steps;
 * ``fedasync`` (Xie et al. 2019): every arrival is a server step mixing the client's model,
   ``x <- x + alpha * s(staleness) * (x_client - x)``, with ``x_client`` = the model it
   started from plus its delta.

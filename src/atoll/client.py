@@ -9,7 +9,7 @@ that runs ``S`` local steps of ``transform`` from ``params`` on ``batches`` (a d
 runs only where ``step_mask[s]`` is true; a masked step leaves parameters and optimizer state
 untouched, which expresses clients with fewer steps (stragglers, heterogeneous devices) in
 one fixed-shape computation. The function is pure tensor code: it serves one client, or many
-under ``torch.func.vmap`` (issue: vectorised runtime).
+under ``torch.func.vmap`` (the vectorised runtime).
 """
 from __future__ import annotations
 

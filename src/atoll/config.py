@@ -71,7 +71,7 @@ class AlgorithmConfig(_Section):
     initial_v: float | None = Field(None, ge=0)  # fedadam/fedyogi/fedadagrad: v_-1; None = tau^2 (Reddi et al.)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
     lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published)
-    form: Literal["seed", "published"] = "seed"  # fedagrac: seed 003's calibration or the paper code's
+    form: Literal["seed", "published"] = "seed"  # fedagrac: the patent's calibration (CN 112990488 B) or the paper code's
 
 
 class AggregatorConfig(_Section):
@@ -105,7 +105,7 @@ class AttackConfig(_Section):
 
 
 class CommConfig(_Section):
-    """Communication: the uplink codec, seed 004's server top-k and per-client downlink deltas."""
+    """Communication: the uplink codec, server top-k and per-client downlink deltas (US 2025/0265475 A1)."""
 
     uplink: str | list | dict = "identity"  # a codec spec, see atoll.codecs.registry
     server_topk: float | None = Field(None, gt=0, le=1)  # fraction of coordinates applied per round

@@ -1,4 +1,4 @@
-"""Heterogeneous devices and the simulated clock (issue 6).
+"""Heterogeneous devices and the simulated clock.
 
 A :class:`Devices` gives every client a compute speed (local steps per second), a link
 bandwidth up and down (bytes per second) and an availability pattern; it turns one client's

@@ -45,7 +45,7 @@ class Plan:
     train_eval: bool = False
     checkpoint_every: int = 10
     privacy: Any = None  # atoll.privacy.run.PrivacySpec: per-round events and the budget
-    devices: object | None = None       # atoll.devices.Devices: simulated clock (issue 6)
+    devices: object | None = None       # atoll.devices.Devices: the simulated clock
     asynchronous: object | None = None  # atoll.asynchronous.AsyncPlan: event-driven training
 
 

@@ -10,7 +10,7 @@ from atoll.algorithms.fedyogi import fedyogi
 from atoll.algorithms.scaffold import scaffold
 
 RECIPES = {f.__name__: f for f in (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)}
-# heterogeneous devices (issue 6)
+# heterogeneous devices
 RECIPES.update({f.__name__: f for f in (fednova, scaffold, fedagrac)})
 
 __all__ = list(RECIPES) + ["RECIPES"]

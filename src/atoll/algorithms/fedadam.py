@@ -1,7 +1,7 @@
 """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization"): Adam without bias
 correction on the server's pseudo-gradient, tau (eps) = 1e-3 by default; ``v`` starts at
 ``initial_v``, ``tau**2`` by default as in the paper's Algorithm 2 (``v_{-1} = tau^2``; 0 was
-atoll's default before issue 17 and remains an option)."""
+atoll's earlier default, kept as an option)."""
 from atoll.algorithm import Algorithm
 from atoll.transforms import Transform, adam, sgd
 

@@ -1,5 +1,5 @@
 """FedaGrac: gradient calibration for clients that run different numbers of local steps
-(seed 003, CN 112990488 B; Wu et al., arXiv 2112.09355 and its code, HarliWu/FedaGrac).
+(CN 112990488 B; Wu et al., arXiv 2112.09355 and its code, HarliWu/FedaGrac).
 
 The server sends the global model ``x~`` and the global gradient ``v~`` (zero before the
 first round). Client i runs ``K_i`` steps ``x <- x - lr * (g + c)`` with a constant

@@ -11,6 +11,8 @@ kept in the client state. Properties:
   only once, from the sum;
 * ``unbiased``: ``E[decode(encode(x))] = x``;
 * ``event``: the privacy event one encode causes, or ``None``;
+* ``plain``: the codec sends the tree as it is and keeps no state (only ``identity()``): a
+  runtime may then lay every message of a round out as rows of one buffer;
 * ``at_round``: for a codec with randomness that all clients of a round must share (the count
   sketch's hashes), ``at_round(key)`` is the codec of the round whose shared key is ``key``;
   ``None`` for the others. Runtimes encode with ``for_round(codec, key)``.
@@ -36,6 +38,7 @@ class Codec:
     unbiased: bool = True
     event: Any = None
     at_round: Callable[[int], "Codec"] | None = None
+    plain: bool = False
 
 
 def for_round(codec: Codec, key: int) -> Codec:
@@ -51,6 +54,7 @@ def identity() -> Codec:
         init=lambda tree: (),
         encode=lambda tree, state, key: (dict(tree), state),
         decode=lambda payload: dict(payload),
+        plain=True,
     )
 
 

@@ -103,7 +103,7 @@ def count_sketch(rows: int, cols: int, k: int | None = None, seed: int | None = 
     ``seed=None`` (default): the hashes are drawn afresh every round from the round's shared key
     (``for_round``), the same for all clients of the round, so a collision is noise that averages
     out over rounds instead of a fixed bias; an integer ``seed`` keeps the same hashes for every
-    round (atoll before issue 17). The hash seed travels in the payload (``sketch/seed``), so the
+    round (atoll's earlier rule). The hash seed travels in the payload (``sketch/seed``), so the
     receiver decodes with the sender's hashes and ``sum_payloads`` refuses sketches of different
     rounds.
 

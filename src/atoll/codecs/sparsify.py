@@ -10,7 +10,7 @@ client's key and multiplies them by ``d / k``, so ``E[decode(encode(x))] = x`` (
 004 [0118]-[0119]). Only the 8-byte index seed travels (``randk/seed``); the server regenerates
 the indices from it. ``rand_k(fraction, masked=True)`` returns instead the dense tree with the
 other coordinates zeroed (decode is the identity), to feed a linear codec that needs the full
-coordinate space: ``chain(rand_k(0.1, masked=True), count_sketch(5, 20000))`` (seed 004 [0122]).
+coordinate space: ``chain(rand_k(0.1, masked=True), count_sketch(5, 20000))`` (US 2025/0265475 A1 [0122]).
 """
 from __future__ import annotations
 

@@ -14,19 +14,12 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from atoll import tree as T
-from atoll.codecs import identity
 from atoll.runtime.check import decode_update
 from atoll.transport import wire
 
-_IDENTITY = identity()
-
-
 def is_identity(codec) -> bool:
-    """Whether ``codec`` is ``codecs.identity()`` (by code: a codec shipped to a Ray worker by
-    cloudpickle has equal, not identical, code objects)."""
-    return (getattr(codec.encode, "__code__", None) == _IDENTITY.encode.__code__
-            and getattr(codec.decode, "__code__", None) == _IDENTITY.decode.__code__
-            and getattr(codec.init, "__code__", None) == _IDENTITY.init.__code__)
+    """Whether ``codec`` sends the tree as it is and keeps no state (``Codec.plain``)."""
+    return codec.plain
 
 
 class DecodeBuffers:
