@@ -49,7 +49,8 @@ def mnistlike(n=12_000, seed=0) -> Dataset:
     return Dataset("mnistlike", x, y, 10)
 
 
-def config_text(split, rule, f, attack, rounds, seed):
+def config_text(split, rule, f, attack, rounds, seed, momentum=0.0):
+    comm = f"[comm]\nuplink = 'worker_momentum({momentum})'\n" if momentum else ""
     attack_part = f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n" if f else ""
     return f"""
 seed = {seed}
@@ -76,11 +77,14 @@ f = {f}
 [eval]
 federated = false
 every = {rounds}
-{attack_part}"""
+{comm}{attack_part}"""
 
 
-def one(name, split, rule, f, attack, rounds, seed=0):
-    cfg = config.load(text=config_text(split, rule, f, attack, rounds, seed))
+def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
+        server_lr=0.5):
+    text = config_text(split, rule, f, attack, rounds, seed, momentum)
+    cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
+                                            f"algorithm.server_lr={server_lr}"])
     fed = None
     if name == "mnistlike":
         d = cfg.data
@@ -100,18 +104,24 @@ def main():
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--momentum", type=float, default=0.0, help="worker momentum (0: off)")
+    ap.add_argument("--server-momentum", type=float, default=0.9)
+    ap.add_argument("--server-lr", type=float, default=0.5)
     a = ap.parse_args()
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     results = []
     for name in a.data.split(","):
         for split in a.split.split(","):
-            clean = {r: one(name, split, r, 0, None, a.rounds) for r in a.rules.split(",")}
+            clean = {r: one(name, split, r, 0, None, a.rounds, 0, a.momentum, a.server_momentum,
+                             a.server_lr)
+                     for r in a.rules.split(",")}
             for f in map(int, a.f.split(",")):
                 for rule in a.rules.split(","):
                     t0, accs = time.time(), {}
                     for attack in a.attacks.split(","):
-                        accs[attack] = one(name, split, rule, f, attack, a.rounds)
+                        accs[attack] = one(name, split, rule, f, attack, a.rounds, 0, a.momentum,
+                                           a.server_momentum, a.server_lr)
                     worst = min(accs, key=accs.get)
                     row = {"data": name, "split": split, "f": f, "rule": rule, "clean": clean[rule],
                            "worst": accs[worst], "worst_attack": worst, "all": accs,

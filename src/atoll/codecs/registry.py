@@ -25,6 +25,7 @@ from atoll.codecs.base import Codec, chain, identity
 from atoll.codecs.clip import clip_l1, clip_l2, clip_linf
 from atoll.codecs.feedback import error_feedback
 from atoll.codecs.intrinsic import dithered_quantize
+from atoll.codecs.momentum import worker_momentum
 from atoll.codecs.noise import gaussian_noise, laplace_noise
 from atoll.codecs.quantize import cast, stochastic_quantize
 from atoll.codecs.sketch import count_sketch
@@ -33,7 +34,7 @@ from atoll.codecs.sparsify import rand_k, top_k
 CODECS: dict[str, Callable[..., Codec]] = {
     f.__name__: f for f in (identity, cast, stochastic_quantize, top_k, rand_k, count_sketch,
                             error_feedback, clip_l1, clip_l2, clip_linf, gaussian_noise, laplace_noise,
-                            dithered_quantize)
+                            dithered_quantize, worker_momentum)
 }
 
 
