@@ -36,6 +36,7 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3",
          "nnm+trimmed_mean": "name = 'trimmed_mean'\nnnm = true",
          "nnm+median": "name = 'median'\nnnm = true",
+         "nnm+centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3\nnnm = true",
          "bucketing+median": "name = 'median'\nbucket = 2"}
 HONEST = 10
 

@@ -68,6 +68,7 @@ class Algorithm:
     aux_spec: Callable[[Tree], AuxSpec] = _no_client_state
     tracker: Any = None  # atoll.downlink.DeltaTracker: per-client sparse downlink (US 2025/0265475 A1)
     adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
+    secure: Any = None  # atoll.secure.stage.SecureSum: the server learns only the cohort's sum
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.

@@ -225,6 +225,19 @@ class AsyncConfig(_Section):
     weighting: Literal["uniform", "aggregator"] = "uniform"  # fedbuff: 1/K (Nguyen et al.) or the aggregator's
 
 
+class SecureConfig(_Section):
+    """Secure aggregation (``atoll.secure``; docs/secure-aggregation.md); off while method = "none"."""
+
+    method: Literal["none", "secagg", "secagg+"] = "none"  # secagg: complete graph
+    clip: float = Field(0.1, gt=0)          # per-coordinate range of an update: [-clip, clip]
+    bits: int = Field(16, ge=2, le=24)      # bits per coordinate of a client's input
+    neighbours: int | None = Field(None, ge=2)  # secagg+: default 20 (or everyone, if fewer)
+    threshold: int | None = Field(None, ge=1)   # default neighbours // 2 + 1
+    max_weight: float | None = Field(None, gt=0)  # public bound on a client's record count
+    dropout: float = Field(0.0, ge=0, lt=1)  # simulation: this fraction vanishes mid-protocol
+    dropout_stage: int = Field(3, ge=1, le=4)  # ... before stage 1 keys, 2 shares, 3 input, 4 unmask
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -244,6 +257,7 @@ class Config(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure: SecureConfig = SecureConfig()
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
 
@@ -399,6 +413,48 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
     return dataclasses.replace(algorithm, **parts)
 
 
+def _with_secure(cfg: Config, algorithm, fed):
+    """``[secure]``: the algorithm with a ``SecureSum``; refuses the parts that need what a
+    secure sum hides (each client's row, its aux) or that would change the sum's meaning."""
+    import dataclasses
+
+    from atoll.secure.stage import SecureSum
+
+    s, m = cfg.secure, cfg.secure.method
+    why = []
+    g = cfg.aggregator
+    if g.name != "mean" or g.nnm or g.bucket:
+        why.append(f"aggregator.name = {g.name!r} needs each client's update, which a secure sum hides")
+    if sorted(algorithm.aux_spec({"w": torch_zeros()})) or algorithm.server_fn is not None:
+        why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
+    if not algorithm.uplink.plain:
+        why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")
+    if cfg.privacy.mode != "none":
+        why.append(f"privacy.mode = {cfg.privacy.mode!r}: distributed DP under a secure sum is not built yet")
+    if cfg.attack.name != "none":
+        why.append("[attack]: robust aggregation under a secure sum (bucketing) is not built yet")
+    if cfg.asynchronous.mode != "none":
+        why.append("[async]: buffers of one client each have nothing to hide the client in")
+    if why:
+        raise ConfigError(f"secure.method = {m!r} cannot run with " + "; ".join(why))
+    neighbours = s.neighbours if m == "secagg+" else None
+    if m == "secagg+" and neighbours is None:
+        neighbours = 20
+    if m == "secagg" and s.neighbours is not None:
+        raise ConfigError('secure.neighbours applies to method "secagg+" (secagg is the complete graph)')
+    if s.threshold is not None and neighbours is not None and s.threshold > neighbours:
+        raise ConfigError(f"secure.threshold = {s.threshold} exceeds secure.neighbours = {neighbours}")
+    max_weight = s.max_weight or float(max(c.n for c in fed.clients))
+    return dataclasses.replace(algorithm, secure=SecureSum(
+        s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage))
+
+
+def torch_zeros():
+    import torch
+
+    return torch.zeros(1)
+
+
 def build_aggregator(cfg: Config):
     """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass."""
     from atoll import aggregators as A
@@ -493,6 +549,8 @@ def build(cfg: Config, data=None):
     if cfg.attack.name != "none":
         algorithm, fed = _with_attack(cfg, algorithm, fed)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
+    if cfg.secure.method != "none":
+        algorithm = _with_secure(cfg, algorithm, fed)
     s = cfg.sampling
     devices, schedule, asynchronous = _heterogeneity(cfg, algorithm, model, len(fed.clients))
     work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,

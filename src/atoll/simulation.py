@@ -116,7 +116,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
                     "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
                     "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down,
                     **privacy_line}
-            line.update(_byte_ratios(stats, dense_up, dense_down))
+            line.update(_byte_ratios(stats, dense_up, dense_down), **stats.extra)
             if clock is not None:
                 line.update(clock.end_round(cohort, stats, r))
             if stats.stragglers_dropped:

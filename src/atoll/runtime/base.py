@@ -61,6 +61,7 @@ class RoundStats:
     stragglers_dropped: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
     up_bytes: dict[int, int] = field(default_factory=dict)  # per client, for the simulated clock
+    extra: dict = field(default_factory=dict)  # more metrics of the round (the secure sum's)
 
     @property
     def train_loss(self) -> float | None:

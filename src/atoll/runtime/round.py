@@ -128,10 +128,38 @@ def close_round(algorithm, state, outcomes: list[Outcome], data, work, stats: Ro
         stats.samples += o.samples
     stats.succeeded = len(kept)
     ids = [o.cid for o in kept]
+    if algorithm.secure is not None and kept:
+        return _secure_round(algorithm, state, kept, deltas, data, stats, seed), \
+            [(o.cid, o.state) for o in kept]
     state = server_step(algorithm, state, ids, deltas if kept else None,
                         [data.clients[i].n for i in ids], aux, seed)
     buffers.settle(state)
     return state, [(o.cid, o.state) for o in kept]
+
+
+def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
+    """The server step on the secure sum of the kept clients' updates: each client's half
+    (``SecureSum.encode``, from its own key) runs on its own row; the server only gets the
+    protocol's sum. A round that cannot finish securely leaves the model unchanged."""
+    from atoll.secure.secagg import SecAggError
+
+    r, sec = state.round + 1, algorithm.secure
+    inputs = {}
+    for i, o in enumerate(kept):
+        row = {k: v[i] for k, v in deltas.items()}
+        inputs[o.cid] = sec.encode(row, data.clients[o.cid].n, rng.key(seed, r, o.cid, "secure"))
+    try:
+        mean, extra = sec.aggregate(inputs, r, state.params)
+    except SecAggError as exc:
+        stats.failures.append((-1, f"secure aggregation failed: {exc}"))
+        log.warning("round %d: secure aggregation failed, model unchanged: %s", r, exc)
+        return algorithm.server_round(state, None, None)
+    stats.extra.update(extra)
+    stats.bytes_up = extra["secure_bytes_up"] * extra["secure_survivors"]
+    ids = sorted(inputs)
+    one = torch.ones(1, dtype=next(iter(state.params.values())).dtype)
+    return algorithm.server_round(state, {k: v[None] for k, v in mean.items()}, one,
+                                  key=rng.key(seed, r, rng.SERVER, "server"), ids=ids[:1])
 
 
 def server_step(algorithm, state, ids: list[int], deltas, samples: list, aux, seed: int,

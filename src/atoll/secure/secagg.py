@@ -266,9 +266,23 @@ def run(setup: Setup, inputs: dict[int, np.ndarray], drop: dict[int, set] | None
     server = Server(setup)
     keys = server.collect_keys({u: clients[u].advertise() for u in alive})
     alive -= drop.get(2, set())
-    inbox = server.collect_shares({u: clients[u].share(keys[u]) for u in alive if u in keys})
+    inbox = server.collect_shares(_each(alive, keys, lambda u: clients[u].share(keys[u])))
     alive -= drop.get(3, set())
-    requests = server.collect_inputs({u: clients[u].masked(inputs[u], inbox[u]) for u in alive if u in inbox})
+    requests = server.collect_inputs(_each(alive, inbox, lambda u: clients[u].masked(inputs[u], inbox[u])))
     alive -= drop.get(4, set())
-    answers = {u: clients[u].unmask(*requests[u]) for u in alive if u in requests}
+    answers = _each(alive, requests, lambda u: clients[u].unmask(*requests[u]))
     return server.finish(answers), set(server.inputs), clients, server
+
+
+def _each(alive: set, have: dict, step) -> dict:
+    """``step(u)`` for every live client the server has a message for; a client that cannot go
+    on (``SecAggError``: too few neighbours left, a request it refuses) drops out of the round,
+    as a vanished one does, and the server copes or fails."""
+    out = {}
+    for u in sorted(alive):
+        if u in have:
+            try:
+                out[u] = step(u)
+            except SecAggError:
+                continue
+    return out

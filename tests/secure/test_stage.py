@@ -1,0 +1,113 @@
+"""Secure aggregation as the round's sum: exact against the plain integer sum, unbiased against
+weighted FedAvg, surviving failing clients, failing cleanly, and refusing what it cannot hide."""
+import numpy as np
+import pytest
+import torch
+
+from atoll import config
+from atoll.runtime.loop import LoopRuntime
+from atoll.secure.stage import SecureSum
+from atoll.simulation import simulate
+
+BASE = """
+rounds = 3
+dtype = "float64"
+[data]
+name = "digits"
+num_clients = 8
+partition = "dirichlet"
+alpha = 0.5
+[model]
+name = "logreg"
+[client]
+lr = 0.1
+steps = 3
+[eval]
+federated = false
+"""
+
+
+def test_mean_is_the_plain_integer_sum_decoded_bit_for_bit():
+    sec = SecureSum(clip=0.5, max_weight=100.0, input_bits=12, neighbours=4)
+    g = torch.Generator().manual_seed(0)
+    like = {"w": torch.zeros(3, 4, dtype=torch.float64), "b": torch.zeros(4, dtype=torch.float64)}
+    inputs = {}
+    for cid in range(7):
+        delta = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.3 for k, v in like.items()}
+        inputs[cid] = sec.encode(delta, n=10 * (cid + 1), key=cid)
+    mean, stats = sec.aggregate(inputs, 1, like)
+    plain = np.sum(np.stack(list(inputs.values())), axis=0)  # what the protocol must reveal
+    want = torch.from_numpy(plain[:-1].astype(np.float64) / float(plain[-1]) * 0.5)
+    got = torch.cat([mean["w"].reshape(-1), mean["b"]])
+    assert torch.equal(got, want)
+    assert stats["secure_survivors"] == 7 and stats["secure_bits"] == 12 + 3
+
+
+def test_encoding_is_unbiased_and_weighted_like_fedavg():
+    sec = SecureSum(clip=1.0, max_weight=50.0, input_bits=8)
+    x = {"w": torch.tensor([0.3, -0.7, 0.05], dtype=torch.float64)}
+    draws = np.stack([sec.encode(x, n=25, key=k) for k in range(4000)]).astype(np.float64)
+    est = draws.mean(0) / sec.top  # (w x / clip, w) with w = 25 / 50
+    assert np.allclose(est, [0.15, -0.35, 0.025, 0.5], atol=4 / np.sqrt(4000) / sec.top * 10)
+    with pytest.raises(ValueError, match="not finite"):
+        sec.encode({"w": torch.tensor([float("nan")])}, 1, 0)
+
+
+def _run(over, runtime=None):
+    alg, model, fed, plan = config.build(config.load(text=BASE, overrides=list(over)))
+    return simulate(alg, model, fed, plan, runtime=runtime or LoopRuntime(), plots=False)
+
+
+@pytest.mark.parametrize("method", [["secure.method=secagg"],
+                                    ["secure.method=secagg+", "secure.neighbours=4"]])
+def test_secure_run_follows_plaintext_fedavg_within_the_quantization(method):
+    plain, sec = _run([]), _run(method + ["secure.clip=0.5", "secure.bits=16"])
+    step = 0.5 / (2 ** 15 - 1)
+    for k in plain.state.params:
+        diff = float((plain.state.params[k] - sec.state.params[k]).abs().max())
+        assert diff < 20 * step, k  # 3 rounds of averaged, unbiased rounding errors
+    line = sec.metrics[-1]
+    assert line["secure_survivors"] == 8 and line["bytes_up"] == 8 * line["secure_bytes_up"]
+    assert line["bytes_up"] < plain.metrics[-1]["bytes_up"]  # 19-bit ring vs float64
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+def test_thirty_percent_dropout_at_each_stage_keeps_the_sum_exact(stage):
+    sec = SecureSum(clip=0.5, max_weight=10.0, input_bits=10, neighbours=8, dropout=0.3,
+                    dropout_stage=stage)
+    g = torch.Generator().manual_seed(stage)
+    like = {"w": torch.zeros(5, dtype=torch.float64)}
+    inputs = {c: sec.encode({"w": torch.randn(5, generator=g, dtype=torch.float64)}, 5, c)
+              for c in range(10)}
+    mean, stats = sec.aggregate(inputs, 7, like)
+    gone = sec.dropped(list(range(10)), 7)
+    # stage 4 drops after the inputs were sent: their sum is still everyone's
+    kept = [c for c in inputs if stage == 4 or c not in gone]
+    plain = np.sum(np.stack([inputs[c] for c in kept]), axis=0)
+    assert torch.equal(mean["w"], torch.from_numpy(plain[:-1] / float(plain[-1]) * 0.5))
+    assert stats["secure_survivors"] == len(kept) and len(gone) == 3
+
+
+def test_a_round_that_cannot_finish_securely_leaves_the_model_unchanged():
+    res = _run(["secure.method=secagg+", "secure.neighbours=4", "secure.dropout=0.75",
+                "secure.dropout_stage=4", "rounds=1"])  # too few left to rebuild the masks
+    assert any("secure aggregation failed" in why for _, why in res.metrics[0]["failures"])
+    alg, model, fed, plan = config.build(config.load(text=BASE, overrides=["rounds=1"]))
+    init = alg.init({k: v.detach() for k, v in model.named_parameters()})
+    for k in init.params:
+        assert torch.equal(res.state.params[k], init.params[k])
+
+
+@pytest.mark.parametrize("over, part", [
+    (["aggregator.name=median"], "aggregator.name = 'median'"),
+    (["algorithm.name=scaffold"], "reads each client's aux"),
+    (["comm.uplink=top_k(0.1)"], "comm.uplink"),
+    (["privacy.mode=local", "privacy.noise_multiplier=1.0"], "privacy.mode"),
+    (["attack.name=sign_flip", "attack.count=1"], "[attack]"),
+    (["async.mode=fedbuff"], "[async]"),
+    (["secure.threshold=9", "secure.method=secagg+", "secure.neighbours=4"], "exceeds"),
+])
+def test_parts_a_secure_sum_would_hide_are_refused_naming_both(over, part):
+    with pytest.raises(config.ConfigError) as info:
+        config.build(config.load(text=BASE, overrides=["secure.method=secagg"] + over))
+    assert part in str(info.value) and "secure." in str(info.value)
