@@ -3,8 +3,10 @@
 An algorithm is ``(local_opt, uplink, aggregator, server_opt, downlink)`` plus three optional
 hooks for algorithms that carry more than a model between rounds:
 
-* ``client_fn(loss_fn, local_opt) -> ClientUpdate`` builds the client half
-  (default ``local_training``; SCAFFOLD, FedaGrac or DP-SGD bring their own);
+* ``client_fn(loss_fn, local_opt, grad_fn) -> ClientUpdate`` builds the client half
+  (default ``local_training``; SCAFFOLD, FedaGrac, FedNova bring their own) on the gradient
+  estimator ``grad_fn`` (``None``: the plain gradient of ``loss_fn``; DP-SGD's with
+  ``estimator``), so privacy composes with every client half;
 * ``client_init(params) -> dict`` the client's persistent state before its first round
   (control variates, previous local model, ...; default none). A runtime starts a client at
   ``new_client_state(params) = {"uplink": uplink.init(params), **client_init(params)}``;
@@ -61,7 +63,7 @@ class Algorithm:
     uplink: Codec = field(default_factory=identity)
     downlink: Codec = field(default_factory=identity)
     aggregator: Aggregator = field(default_factory=mean)
-    client_fn: Callable[[LossFn, Transform], ClientUpdate] = local_training
+    client_fn: Callable[..., ClientUpdate] = local_training
     client_init: Callable[[Tree], dict] = _no_client_state
     server_fn: ServerFn | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
@@ -69,6 +71,12 @@ class Algorithm:
     tracker: Any = None  # atoll.downlink.DeltaTracker: per-client sparse downlink (US 2025/0265475 A1)
     adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
     secure: Any = None  # atoll.secure.stage.SecureSum: the server learns only the cohort's sum
+    # The client step loop's extension points: ``estimator(loss_fn)`` -> the gradient estimator
+    # every client_fn steps on (default ``client.value_and_grad``; DP-SGD's clipped, noised sum),
+    # and ``draw(x, y, cid, round, seed, work, params, secret)`` -> the round's batches (default
+    # ``runtime.base.client_work``; DP-SGD's Poisson batches with pre-drawn noise).
+    estimator: Callable | None = None
+    draw: Callable | None = None
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.
@@ -96,7 +104,13 @@ class Algorithm:
         return {"params": state.params, **state.extra.get("broadcast", {})}
 
     def client(self, loss_fn: LossFn) -> ClientUpdate:
-        return mark_update(self.client_fn(loss_fn, self.local_opt), loss_fn)
+        """The client half's pure update: ``client_fn(loss_fn, local_opt, grad_fn)``, with the
+        algorithm's estimator where it has one."""
+        grad_fn = self.estimator(loss_fn) if self.estimator is not None else None
+        update = mark_update(self.client_fn(loss_fn, self.local_opt, grad_fn), loss_fn)
+        if self.draw is not None:
+            update.draw_batches = self.draw
+        return update
 
     def new_client_state(self, params: Tree) -> dict:
         """A client's state before its first round."""

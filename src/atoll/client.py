@@ -91,23 +91,26 @@ def params_of(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Tree:
 
 
 def value_and_grad(loss_fn: LossFn):
-    """``(params, x, y, mask) -> (grads, loss, new buffers)``: the gradient of ``loss_fn``
-    (zero for buffer entries) and the buffers its forward pass updated (``{}`` if none)."""
+    """The plain gradient estimator: ``(params, step) -> (grads, loss, new buffers)``, where
+    ``step`` is one step's slice of the batches (``x``, ``y``, ``mask``, ...): the gradient of
+    ``loss_fn`` (zero for buffer entries) and the buffers its forward pass updated (``{}`` if
+    none). Another estimator (DP-SGD's clipped and noised per-sample sum,
+    ``privacy.dpsgd.dp_gradients``) has the same signature and plugs into the same step loop."""
     names = getattr(loss_fn, "buffers", ())
     if not names:
         g = grad_and_value(loss_fn)
 
-        def plain(p, x, y, mask):
-            grads, loss = g(p, x, y, mask)
+        def plain(p, step):
+            grads, loss = g(p, step["x"], step["y"], step["mask"])
             return grads, loss, {}
 
         plain.buffers = ()
         return plain
     g = grad_and_value(lambda p, b, x, y, m: loss_fn.with_buffers({**p, **b}, x, y, m), has_aux=True)
 
-    def stateful(p, x, y, mask):
+    def stateful(p, step):
         trainable, bufs = split_buffers(p, names)
-        grads, (loss, new) = g(trainable, bufs, x, y, mask)
+        grads, (loss, new) = g(trainable, bufs, step["x"], step["y"], step["mask"])
         return {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in p.items()}, loss, new
 
     stateful.buffers = names
@@ -120,9 +123,10 @@ def split_buffers(tree: Tree, names) -> tuple[Tree, Tree]:
             {k: v for k, v in tree.items() if k in names})
 
 
-def local_training(loss_fn: LossFn, transform: Transform) -> ClientUpdate:
-    """Build the pure ClientUpdate running ``transform`` on ``loss_fn``."""
-    step_fn = value_and_grad(loss_fn)
+def local_training(loss_fn: LossFn, transform: Transform, grad_fn=None) -> ClientUpdate:
+    """Build the pure ClientUpdate running ``transform`` on ``grad_fn``'s gradients (default:
+    ``value_and_grad(loss_fn)``)."""
+    step_fn = grad_fn or value_and_grad(loss_fn)
 
     def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
                batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key: int) -> ClientResult:
@@ -130,7 +134,8 @@ def local_training(loss_fn: LossFn, transform: Transform) -> ClientUpdate:
                                {"broadcast": broadcast, "key": key})
         return ClientResult(T.sub(p, params), {}, client_state, metrics)
 
-    update.parts = (loss_fn, transform)  # what a runtime's fast path needs to reproduce it
+    if grad_fn is None:
+        update.parts = (loss_fn, transform)  # what a runtime's fast path needs to reproduce it
     mark_update(update, loss_fn)
     return update
 
@@ -149,7 +154,7 @@ def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, to
               step_mask: torch.Tensor, ctx: dict, correction: Tree | None = None,
               first: tuple | None = None) -> tuple[Tree, dict]:
     """The masked local steps: ``(final params, metrics)``. Step ``s`` runs ``transform`` on
-    ``grad_fn``'s gradient (``value_and_grad``; plus a constant ``correction``, as SCAFFOLD and
+    ``grad_fn``'s gradient (``value_and_grad`` or another estimator; plus a constant ``correction``, as SCAFFOLD and
     FedaGrac add) only where ``step_mask[s]`` is true. Buffers (``grad_fn.buffers``) are not
     trained: each active step replaces them with those its forward pass updated. ``first``:
     ``value_and_grad``'s output for step 0, if already computed (FedaGrac needs it before it
@@ -163,8 +168,7 @@ def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, to
         if s == 0 and first is not None:
             grads, loss, new_b = first
         else:
-            grads, loss, new_b = grad_fn({**p, **b} if b else p, batches["x"][s], batches["y"][s],
-                                         batches["mask"][s])
+            grads, loss, new_b = grad_fn({**p, **b} if b else p, step_of(batches, s))
         if correction is not None:
             grads = T.add(grads, correction)
         if b:
@@ -180,6 +184,11 @@ def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, to
         seen = seen + n
     metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum()}
     return ({k: p[k] if k in p else b[k] for k in params} if b else p), metrics
+
+
+def step_of(batches: dict[str, torch.Tensor], s: int) -> dict[str, torch.Tensor]:
+    """Step ``s``'s slice of the batches (every entry has a leading step axis)."""
+    return {k: v[s] for k, v in batches.items()}
 
 
 def _dtype(tree: Tree) -> torch.dtype:

@@ -63,8 +63,30 @@ def test_dp_fedavg_composes_with_a_quantizer_and_reclips_what_it_decodes():
     assert torch.allclose(out["w"], (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])).double() / 2)
 
 
+ALGOS = [["algorithm.name=scaffold"], ["algorithm.name=fedagrac"],
+         ["algorithm.name=fedagrac", "algorithm.form=published"], ["algorithm.name=fednova"]]
+
+
+@pytest.mark.parametrize("algo", ALGOS, ids=lambda a: "-".join(x.split("=")[1] for x in a))
+def test_dp_sgd_is_the_estimator_of_every_client_half(algo):
+    """DP-SGD is the gradient estimator SCAFFOLD's, FedaGrac's and FedNova's step loops run on,
+    so their aux is post-processing of DP releases: accounted like FedAvg's. Before, refused."""
+    ref = run(DP_SGD)
+    res = run(DP_SGD + algo)
+    assert res.metrics[-1]["epsilon"] == ref.metrics[-1]["epsilon"] > 0
+    # the estimator really is DP-SGD's: with a tiny clip and no noise nothing moves
+    alg, model, fed, plan = build(algo)
+    init = alg.init({k: v.detach() for k, v in model.named_parameters()})
+    tiny = run(["privacy.mode=dp_sgd", "privacy.sample_rate=0.1", "privacy.noise_multiplier=0.0",
+                "privacy.clip=1e-9"] + algo)
+    plain = run(algo)
+    for k in init.params:
+        assert float((tiny.state.params[k] - init.params[k]).abs().max()) < 1e-6
+        assert float((plain.state.params[k] - init.params[k]).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("algo", ["scaffold", "fedagrac", "fednova"])
-@pytest.mark.parametrize("mode", [["privacy.mode=local", "privacy.noise_multiplier=2.0"], DP_SGD,
+@pytest.mark.parametrize("mode", [["privacy.mode=local", "privacy.noise_multiplier=2.0"],
                                   ["privacy.mode=dp_fedavg", "sampling.method=poisson",
                                    "sampling.rate=0.5", "privacy.noise_multiplier=1.0"]])
 def test_algorithms_sending_aux_are_refused_with_the_reason(algo, mode):

@@ -28,7 +28,7 @@ import torch
 from atoll import tree as T
 from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
-from atoll.client import run_steps, value_and_grad
+from atoll.client import run_steps, step_of, value_and_grad
 from atoll.transforms import Transform, sgd
 
 FORMS = ("seed", "published")
@@ -65,13 +65,13 @@ def _idle(params, client_state, step_mask, aux):
 
 
 def _seed_client(lam, local_lr):
-    def client_fn(loss_fn, opt):
-        grad_fn = value_and_grad(loss_fn)
+    def client_fn(loss_fn, opt, grad_fn=None):
+        grad_fn = grad_fn or value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             if batches["y"].shape[0] == 0:
                 return _idle(params, client_state, step_mask, T.zeros_like(params))
-            v_i, loss0, b0 = grad_fn(params, batches["x"][0], batches["y"][0], batches["mask"][0])
+            v_i, loss0, b0 = grad_fn(params, step_of(batches, 0))
             v_i = T.detach(v_i)
             k = steps_taken(step_mask, _dtype(params))
             gap = T.sub(params, client_state["x_prev"])
@@ -98,25 +98,25 @@ def _seed_server(state, agg, deltas, weights, aux, key, extra):
 
 
 def _published_client(lam):
-    def client_fn(loss_fn, opt):
-        grad_fn = value_and_grad(loss_fn)
+    def client_fn(loss_fn, opt, grad_fn=None):
+        grad_fn = grad_fn or value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             zeros = T.zeros_like(params)
             if batches["y"].shape[0] == 0:
                 aux = {**T.join({"mean": zeros, "first": zeros}), "k": torch.zeros((), dtype=_dtype(params))}
                 return _idle(params, client_state, step_mask, aux)
-            g0, loss0, b0 = grad_fn(params, batches["x"][0], batches["y"][0], batches["mask"][0])
+            g0, loss0, b0 = grad_fn(params, step_of(batches, 0))
             g0 = T.detach(g0)
             total, step = [T.where(step_mask[0], g0, zeros)], [1]
 
-            def recording(p, x, y, mask):  # run_steps calls it once per step s = 1, 2, ...
-                g, loss, new_b = grad_fn(p, x, y, mask)
+            def recording(p, one):  # run_steps calls it once per step s = 1, 2, ...
+                g, loss, new_b = grad_fn(p, one)
                 total[0] = T.add(total[0], T.where(step_mask[step[0]], T.detach(g), zeros))
                 step[0] += 1
                 return g, loss, new_b
 
-            recording.buffers = grad_fn.buffers
+            recording.buffers = getattr(grad_fn, "buffers", ())
             c = T.scale(T.sub(broadcast["vtilde"], client_state["mu"]), lam)
             final, metrics = run_steps(recording, opt, params, batches, step_mask,
                                        {"broadcast": broadcast, "key": key}, correction=c,

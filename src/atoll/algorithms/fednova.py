@@ -37,8 +37,8 @@ def fednova(local_opt: Transform | None = None, server_lr: float = 1.0, momentum
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"fednova: momentum must be in [0, 1), got {momentum}")
 
-    def client_fn(loss_fn, opt):
-        inner = local_training(loss_fn, opt)
+    def client_fn(loss_fn, opt, grad_fn=None):
+        inner = local_training(loss_fn, opt, grad_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             res = inner(params, client_state, broadcast, batches, step_mask, key)

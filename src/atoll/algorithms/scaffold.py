@@ -27,8 +27,8 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
     if local_lr <= 0:
         raise ValueError(f"scaffold: local_lr must be > 0, got {local_lr}")
 
-    def client_fn(loss_fn, opt):
-        grad_fn = value_and_grad(loss_fn)
+    def client_fn(loss_fn, opt, grad_fn=None):
+        grad_fn = grad_fn or value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             c, c_i = broadcast["c"], client_state["c_i"]

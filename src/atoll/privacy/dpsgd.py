@@ -32,25 +32,27 @@ by ``deploy.Client``), or the server could regenerate the noise.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from atoll import rng
-from atoll import tree as T
 from atoll.privacy import events, ghost
-from atoll.transforms.base import Transform, apply_updates
+from atoll.client import local_training
+from atoll.transforms.base import Transform
 from atoll.tree import Tree
 from atoll.types import ClientResult
 
 
-def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
-                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None,
-                      norm: str = "l2"):
-    """The DP-SGD ``ClientUpdate`` (see the module docstring). ``use_ghost``: ``None`` = when
-    the model allows it, ``True`` = require it, ``False`` = always materialise (the oracle).
-    ``norm``: per-sample clipping, ``"l2"`` (ball of radius ``clip``) or ``"linf"``."""
+def dp_gradients(model: torch.nn.Module, clip: float, noise_multiplier: float,
+                 sample_rate: float, use_ghost: bool | None = None, norm: str = "l2"):
+    """The DP-SGD gradient estimator ``(params, step) -> (grads, loss, {})`` for
+    ``client.run_steps``: per-sample gradients clipped, their sum noised from the step's
+    pre-drawn ``noise/<param>``, divided by the expected batch ``q * records``. Any client step
+    loop that takes an estimator (``local_training``, SCAFFOLD's, FedaGrac's) becomes DP-SGD
+    with it. ``use_ghost``: ``None`` = when the model allows it, ``True`` = require it, ``False``
+    = always materialise (the oracle). ``norm``: ``"l2"`` (ball of radius ``clip``) or ``"linf"``."""
     if not (clip > 0 and noise_multiplier >= 0 and 0 < sample_rate <= 1):
         raise ValueError(f"dp_local_training: need clip > 0, noise_multiplier >= 0, 0 < q <= 1; got "
                          f"clip={clip}, noise_multiplier={noise_multiplier}, q={sample_rate}")
@@ -65,31 +67,52 @@ def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
     dim = sum(p.numel() for p in model.parameters())
     std = noise_multiplier * clip * (dim ** 0.5 if norm == "linf" else 1.0)
 
+    def estimate(p, step):
+        dtype = next(iter(p.values())).dtype
+        missing = [k for k in p if "noise/" + k not in step]
+        if missing:
+            raise ValueError("DP-SGD: the step has no pre-drawn noise for "
+                             f"{missing[:3]} (draw the batches with privacy.dpsgd.dp_inputs)")
+        sel = step["mask"]
+        if "poisson_u" in step:
+            sel = sel & (step["poisson_u"] < sample_rate)
+        total, losses = sum_fn(p, step["x"], step["y"], sel.to(dtype))
+        records = step["records"] if "records" in step else step["mask"].sum()
+        denom = sample_rate * records.to(dtype).clamp(min=1.0)
+        grads = {k: (total[k] + std * step["noise/" + k].to(dtype)) / denom for k in p}
+        # run_steps weighs the loss by mask.sum(): this makes it the selected records' sum
+        loss = (losses.detach() * sel.to(dtype)).sum() / step["mask"].sum().to(dtype).clamp(min=1.0)
+        return grads, loss, {}
+
+    estimate.buffers = ()
+    return estimate
+
+
+@dataclass(frozen=True)
+class DpEstimator:
+    """``Algorithm.estimator`` for DP-SGD: ``estimator(loss_fn)`` is the ``dp_gradients``
+    estimator (it computes its own per-sample losses), and ``event`` is one step's privacy event,
+    by which a deployed client knows its noise must come from its own secret."""
+
+    grad_fn: Any
+    event: Any
+
+    def __call__(self, loss_fn):
+        return self.grad_fn
+
+
+def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
+                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None,
+                      norm: str = "l2"):
+    """The DP-SGD ``ClientUpdate``: ``local_training`` with the ``dp_gradients`` estimator. With
+    a plain ``int`` key it draws the step noise itself when the batches lack it."""
+    estimate = dp_gradients(model, clip, noise_multiplier, sample_rate, use_ghost, norm)
+    inner = local_training(None, transform, estimate)
+
     def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
                batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key) -> ClientResult:
-        batches = _with_inputs(batches, params, key)
-        ctx = {"broadcast": broadcast, "key": key}
-        opt_state, p = transform.init(params), params
-        dtype = next(iter(params.values())).dtype
-        loss_sum, seen = torch.zeros((), dtype=dtype), torch.zeros((), dtype=dtype)
-        for s in range(batches["y"].shape[0]):  # (S, B, ...)
-            sel = batches["mask"][s]
-            if "poisson_u" in batches:
-                sel = sel & (batches["poisson_u"][s] < sample_rate)
-            total, losses = sum_fn(p, batches["x"][s], batches["y"][s], sel.to(dtype))
-            records = batches["records"][s] if "records" in batches else batches["mask"][s].sum()
-            denom = sample_rate * records.to(dtype).clamp(min=1.0)
-            grads = {k: (total[k] + std * batches["noise/" + k][s].to(dtype)) / denom
-                     for k in p}
-            updates, new_state = transform.update(grads, opt_state, p, ctx)
-            active = step_mask[s]
-            p = T.where(active, apply_updates(p, updates), p)
-            opt_state = tree_map(lambda a, b: torch.where(active, a, b), new_state, opt_state)
-            n = sel.to(dtype).sum() * active.to(dtype)
-            loss_sum = loss_sum + (losses * sel.to(dtype)).sum() * active.to(dtype)
-            seen = seen + n
-        metrics = {"loss": loss_sum / seen.clamp(min=1.0), "samples": seen, "steps": step_mask.sum()}
-        return ClientResult(T.sub(p, params), {}, client_state, metrics)
+        return inner(params, client_state, broadcast, _with_inputs(batches, params, key),
+                     step_mask, key)
 
     update.step_event = events.poisson_gaussian(sample_rate, noise_multiplier)
     return update

@@ -49,7 +49,7 @@ from atoll.privacy import ghost
 from atoll.privacy.accountant import Accountant
 from atoll.privacy.calibrate import noise_for_epsilon, step_event, steps_for_epochs
 from atoll.privacy.irwin_hall import delta_floor
-from atoll.privacy.dpsgd import dp_inputs, dp_local_training, poisson_batches
+from atoll.privacy.dpsgd import DpEstimator, dp_gradients, dp_inputs, poisson_batches
 from atoll.runtime.base import straggler_steps
 from atoll.types import ClientResult, ServerState
 
@@ -180,10 +180,17 @@ def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
     """Refuse, with the reason, an algorithm this privacy mode cannot protect or account.
 
     Every mode but ``intrinsic`` composes with a compressed uplink (compression after the
-    noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). What does not
-    compose: an algorithm whose clients send ``aux`` (SCAFFOLD's control variates, FedaGrac's
-    gradients, FedNova's step counts), which no mode clips or noises; and a second client or
-    server function where the mode brings its own."""
+    noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). ``dp_sgd``
+    composes with every client half (it is the gradient estimator they all step on, so what
+    they send, ``aux`` included, is post-processing of DP-SGD's releases). What does not
+    compose with the other modes: an algorithm whose clients send ``aux`` (SCAFFOLD's control
+    variates, FedaGrac's gradients, FedNova's step counts), which they neither clip nor noise;
+    and a second client or server function where the mode brings its own."""
+    if algorithm.estimator is not None or algorithm.draw is not None:
+        raise _err(f"privacy.mode = {mode!r}: algorithm {algorithm.name!r} already has its own "
+                   "gradient estimator or batch draw")
+    if mode == "dp_sgd":
+        return
     probe = {"w": torch.zeros(1)}
     aux = sorted(algorithm.aux_spec(probe))
     if aux:
@@ -230,8 +237,8 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     q, norm = p.sample_rate, p.norm or "l2"
     steps = cfg.client.steps or steps_for_epochs(cfg.client.epochs, q)  # epochs in expectation
     z, calibrated = _noise(cfg, q, cfg.rounds * steps)
-    client_fn = _dp_sgd_client(model, p.clip, z, q, steps, norm)
-    parts = {"client_fn": client_fn}
+    estimator = dp_gradients(model, p.clip, z, q, norm=norm)
+    parts = {"estimator": DpEstimator(estimator, step_event(q, z)), "draw": _dp_sgd_draw(q, steps)}
     if p.quantize_bits is not None:
         parts["uplink"] = _after(stochastic_quantize(p.quantize_bits, bucket=_WHOLE), algorithm)
     algorithm = dataclasses.replace(algorithm, **parts)
@@ -241,20 +248,17 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     return algorithm, dataclasses.replace(plan, work=work), [(step_event(q, z), steps)], details
 
 
-def _dp_sgd_client(model, clip, z, q, steps, norm):
-    def client_fn(loss_fn, local_opt):
-        update = dp_local_training(model, local_opt, clip, z, q, norm=norm)
+def _dp_sgd_draw(q, steps):
+    """DP-SGD's batches: ``steps`` Poisson samples of the client's records at rate ``q``, with
+    the step noise pre-drawn (from the client's key: its secret in deployment)."""
 
-        def draw_batches(x, y, cid, r, seed, work, params, secret=None):
-            key = rng.private_key(seed, r, cid, "client", secret)  # the key the update gets
-            batches = dp_inputs(poisson_batches(x, y, steps, q, key), params, key)
-            k, straggler = straggler_steps(cid, r, seed, work, steps)
-            return batches, torch.arange(steps) < k, straggler
+    def draw(x, y, cid, r, seed, work, params, secret=None):
+        key = rng.private_key(seed, r, cid, "client", secret)  # the key the update gets
+        batches = dp_inputs(poisson_batches(x, y, steps, q, key), params, key)
+        k, straggler = straggler_steps(cid, r, seed, work, steps)
+        return batches, torch.arange(steps) < k, straggler
 
-        update.draw_batches = draw_batches
-        return update
-
-    return client_fn
+    return draw
 
 
 def _dp_fedavg(cfg, algorithm, model, data, plan):
@@ -299,8 +303,8 @@ def _clipping_client(adaptive: bool):
     """local_training, then the update clipped to L2 ``broadcast["dp"]["clip"]``; with
     adaptive clipping also ``aux["dp_below"] = 1[norm <= clip] - 1/2``."""
 
-    def client_fn(loss_fn, local_opt):
-        inner = local_training(loss_fn, local_opt)
+    def client_fn(loss_fn, local_opt, grad_fn=None):
+        inner = local_training(loss_fn, local_opt, grad_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             res = inner(params, client_state, broadcast, batches, step_mask, key)
@@ -430,7 +434,7 @@ def _intrinsic_client(model, clip: float, q: float, norm: str):
     the public normaliser ``N_k = q * n_k``; the dither seed and ``N_k`` travel in the tree (for
     the codec) and in ``aux`` (for the server's integer aggregation)."""
 
-    def client_fn(loss_fn, local_opt):
+    def client_fn(loss_fn, local_opt, grad_fn=None):  # one per-sample gradient sum, no estimator
         def update(params, client_state, broadcast, batches, step_mask, key):
             x, y, sel = batches["x"][0], batches["y"][0], batches["mask"][0]
             dtype = next(iter(params.values())).dtype
