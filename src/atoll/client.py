@@ -56,6 +56,7 @@ def model_loss(model: torch.nn.Module) -> LossFn:
         return _masked_ce(logits, y, mask), bufs
 
     loss_fn.model = model  # lets a runtime recognise the model and take a fused fast path
+    loss_fn.loss = "masked_cross_entropy"  # ... and what it computes
     loss_fn.buffers = names
     loss_fn.random = uses_dropout(model)
     if names:

@@ -1,9 +1,8 @@
 """A hand-fused chunk engine for ReLU MLPs trained locally by plain SGD.
 
 ``match(client_update)`` recognises a ``ClientUpdate`` built as
-``local_training(model_loss(model), transform)`` (by its ``parts`` and the code objects of the
-functions involved, and reads the hyperparameters from the transforms' closures)
-where ``model`` is an ``nn.Linear`` or an ``nn.Sequential`` of ``Linear`` layers joined by
+``local_training(model_loss(model), transform)`` (by its ``parts``, the loss's declared kind
+and the transforms' ``spec``: plain data, no code objects or closures are read) where ``model`` is an ``nn.Linear`` or an ``nn.Sequential`` of ``Linear`` layers joined by
 ``ReLU`` (no hooks, no buffers) and ``transform`` is ``sgd(lr, momentum=0, weight_decay)``,
 optionally chained after ``proximal(mu)`` / ``add_decayed_weights`` corrections. Anything
 else returns ``None`` and the generic ``vmap`` engine runs instead, so the fast path never
@@ -35,10 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atoll.client import local_training, model_loss
 from atoll.runtime.engine import ChunkResult, VmapEngine
-from atoll.transforms import base as tbase
-from atoll.transforms import corrections, optim
 
 
 @dataclass(frozen=True)
@@ -50,34 +46,13 @@ class FusedSpec:
     client_update: object
 
 
-def _code(fn):
-    return getattr(fn, "__code__", None)
-
-
-_LOCAL = _code(local_training(lambda *a: None, tbase.identity()))
-_LOSS = _code(model_loss(nn.Identity()))
-_SGD = _code(optim.sgd(1.0).update)
-_PROX = _code(corrections.proximal(0.0).update)
-_DECAY = _code(optim.add_decayed_weights(0.0).update)
-_CHAIN = _code(tbase.chain().update)
-_IDENT = _code(tbase.identity().update)
-
-
-def _cells(fn, code) -> dict | None:
-    """The closure of ``fn`` as a dict, if ``fn`` runs exactly ``code``; else None."""
-    if code is None or _code(fn) != code:  # ==, not is: a function shipped to a Ray
-        # worker by cloudpickle is rebuilt with an equal but new code object
-        return None
-    return dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
-
-
 def match(client_update) -> FusedSpec | None:
     """The fused plan for ``client_update``, or None where the generic path must run."""
     parts = getattr(client_update, "parts", None)  # set by local_training: (loss_fn, transform)
-    if _code(client_update) != _LOCAL or parts is None:
+    if parts is None:
         return None
     loss_fn, transform = parts
-    if _code(loss_fn) != _LOSS or not hasattr(loss_fn, "model"):
+    if getattr(loss_fn, "loss", None) != "masked_cross_entropy" or not hasattr(loss_fn, "model"):
         return None
     layers, coeffs = _mlp_layers(loss_fn.model), _sgd_coeffs(transform)
     if layers is None or coeffs is None:
@@ -107,36 +82,34 @@ def _mlp_layers(model) -> tuple | None:
 
 
 def _sgd_coeffs(transform) -> tuple[float, float, float] | None:
-    """``(lr, mu, wd)`` for [proximal | add_decayed_weights | identity]* then sgd(momentum=0)."""
-    parts = _flatten_chain(transform)
-    if not parts:
+    """``(lr, mu, wd)`` for [proximal | add_decayed_weights | identity]* then sgd(momentum=0),
+    read from the transforms' ``spec`` (plain data), never from their closures."""
+    parts = _flatten(transform.spec)
+    if not parts or parts[-1][0] != "sgd" or parts[-1][2] != 0.0:
         return None
-    s = _cells(parts[-1].update, _SGD)
-    if s is None or s["momentum"] != 0.0 or _code(parts[-1].init) != _code(optim.sgd(1.0).init):
-        return None
-    mu, wd = 0.0, float(s["weight_decay"])
-    for t in parts[:-1]:
-        if (p := _cells(t.update, _PROX)) is not None:
-            if _code(t.init) != _code(corrections.proximal(0.0).init):
-                return None
-            mu += float(p["mu"])
-        elif (d := _cells(t.update, _DECAY)) is not None:
-            wd += float(d["weight_decay"])
-        elif _code(t.update) != _IDENT:
+    lr, wd, mu = parts[-1][1], parts[-1][5], 0.0
+    for spec in parts[:-1]:
+        if spec[0] == "proximal":
+            mu += spec[1]
+        elif spec[0] == "decay":
+            wd += spec[1]
+        elif spec[0] != "identity":
             return None
-    return float(s["lr"]), mu, wd
+    return lr, mu, wd
 
 
-def _flatten_chain(t) -> list | None:
-    cells = _cells(t.update, _CHAIN)
-    if cells is None:
-        return [t]
+def _flatten(spec: tuple) -> list:
+    """The leaf specs of a chain in order ([] where any part has no spec)."""
+    if not spec:
+        return []
+    if spec[0] != "chain":
+        return [spec]
     out = []
-    for sub in cells["transforms"]:
-        parts = _flatten_chain(sub)
-        if parts is None:
-            return None
-        out += parts
+    for sub in spec[1]:
+        leaves = _flatten(sub)
+        if not leaves:
+            return []
+        out += leaves
     return out
 
 

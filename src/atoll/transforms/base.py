@@ -20,6 +20,10 @@ from atoll.tree import Tree
 class Transform(NamedTuple):
     init: Callable[[Tree], Any]
     update: Callable[[Tree, Any, Tree, dict], tuple[Tree, Any]]
+    # What the transform is, as plain data: ("sgd", lr, momentum, dampening, nesterov,
+    # weight_decay), ("proximal", mu), ("decay", weight_decay), ("chain", (spec, ...)),
+    # ("identity",); () for others. A runtime's fast path reads this, never the closures.
+    spec: tuple = ()
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
@@ -39,8 +43,8 @@ def chain(*transforms: Transform) -> Transform:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return Transform(init, update)
+    return Transform(init, update, ("chain", tuple(t.spec for t in transforms)))
 
 
 def identity() -> Transform:
-    return Transform(lambda params: (), lambda g, s, p, ctx: (g, s))
+    return Transform(lambda params: (), lambda g, s, p, ctx: (g, s), ("identity",))

@@ -28,4 +28,4 @@ def proximal(mu: float) -> Transform:
         anchor = state["anchor"]
         return {k: g + mu * (params[k] - anchor[k]) for k, g in grads.items()}, state
 
-    return Transform(init, update)
+    return Transform(init, update, ("proximal", float(mu)))

@@ -49,7 +49,7 @@ def add_decayed_weights(weight_decay: float) -> Transform:
     def update(grads, state, params, ctx):
         return _with_decay(grads, params, weight_decay), state
 
-    return Transform(lambda params: {}, update)
+    return Transform(lambda params: {}, update, ("decay", float(weight_decay)))
 
 
 def sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -80,7 +80,8 @@ def sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool
         direction = T.axpy(momentum, buf, d) if nesterov else buf
         return T.scale(direction, -lr), {"step": step, "buf": buf}
 
-    return Transform(init, update)
+    return Transform(init, update, ("sgd", float(lr), float(momentum), float(dampening),
+                                    bool(nesterov), float(weight_decay)))
 
 
 def momentum(lr: float, beta: float = 0.9, nesterov: bool = False) -> Transform:
