@@ -1,0 +1,70 @@
+"""Seed 004's per-client sparse downlink in deployment (docs/communication.md, "In deployment"):
+each sampled client receives the coordinates that changed since the model it holds, the bytes on
+the wire equal the simulation's count round by round, and the model equals the simulation's."""
+import json
+import threading
+
+import torch
+
+from atoll import config
+from atoll.deploy import local
+from atoll.deploy.client import Client
+from atoll.deploy.server import Server
+from atoll.runtime.loop import LoopRuntime
+from atoll.simulation import simulate
+
+from .conftest import ServerThread, small_config, wait_for
+
+COMM = '\ndtype = "float64"\n[comm]\ndownlink = "{base}"\nserver_topk = 0.05\nanchor_every = {anchor}\n'
+
+
+def tracker_config(tmp_path, base="client", anchor=0, rounds=5, clients=4, per_round=2):
+    small_config(tmp_path, rounds=rounds, clients=clients, per_round=per_round, timeout=20.0)
+    text = (tmp_path / "exp.toml").read_text()
+    head, rest = text.split("[data]", 1)  # top-level keys before the first table
+    (tmp_path / "exp.toml").write_text(head + 'dtype = "float64"\n[data]' + rest
+                                       + COMM.split("\n", 2)[2].format(base=base, anchor=anchor))
+    return config.load(tmp_path / "exp.toml")
+
+
+def deployed(cfg, tmp_path, state_dir=None, between=None):
+    """Run ``cfg`` with one in-process server and one in-process client per enrolled id."""
+    enrolled = local.prepare(cfg, tmp_path, tokens=True)
+    server = Server(cfg, run_dir=tmp_path / "run", certs_dir=tmp_path / "certs", host="localhost",
+                    port=0, auth="token", plots=False, linger_s=0.5)
+    thread = ServerThread(server)
+    clients = [Client(f"localhost:{server.port}", e["data"], ca=e["ca"], token=e["token"],
+                      backoff=(0.1, 1.0), give_up_s=30, poll_s=2.0,
+                      state_path=None if state_dir is None else state_dir / f"{e['name']}.state.pt")
+               for e in enrolled]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+    for c, t in zip(clients, threads):  # one at a time: building a model draws from torch's global
+        t.start()                       # generator, which threads share (processes do not)
+        wait_for(lambda: c.run_id is not None, 30, "the client to join")
+    thread.join(90)
+    for t in threads:
+        t.join(10)
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return server, clients, lines
+
+
+def simulated(cfg):
+    algorithm, model, data, plan = config.build(cfg)
+    return simulate(algorithm, model, data, plan, runtime=LoopRuntime())
+
+
+def assert_same_model(got, want):
+    for k, v in want.items():
+        assert got[k].dtype == torch.float64
+        scale = float(v.abs().max()) + 1.0
+        assert torch.allclose(got[k], v, rtol=0, atol=1e-12 * scale), k
+
+
+def test_deployed_tracker_sends_per_client_deltas_with_the_simulations_bytes(tmp_path):
+    cfg = tracker_config(tmp_path)
+    sim = simulated(cfg)
+    server, clients, lines = deployed(cfg, tmp_path)
+    print("bytes_down deployed", [m["bytes_down"] for m in lines])
+    print("bytes_down simulated", [m["bytes_down"] for m in sim.metrics])
+    assert [m["bytes_down"] for m in lines] == [m["bytes_down"] for m in sim.metrics]
+    assert_same_model(server.coordinator.state.params, sim.state.params)
