@@ -147,6 +147,8 @@ class Client:
             self._hold(int(saved["round"]), saved["params"])
         elif tr.holds_initial or tr.base == "initial":  # built from the run's config and seed
             self._hold(0, self.model0)
+        else:
+            self._hold(None, None)
 
     def _hold(self, r: int | None, params) -> None:
         self.held = None if r is None else {"round": r, "params": params,
@@ -164,6 +166,7 @@ class Client:
             log.error("round %d: refused the server's downlink payload: %s", task.round, exc)
             self.counts["refused"] += 1
             self._hold(None, None)
+            time.sleep(self.backoff[0])  # a server that keeps sending bad payloads is not spun on
             return None
         self._hold(task.round - 1, params)  # the model of the round before the task's
         return {"params": params, **other}
