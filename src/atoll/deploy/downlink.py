@@ -124,7 +124,7 @@ def receive(data: bytes, held: dict | None, model: dict, rest: dict | None) -> t
         raise ValueError(f"downlink payload: {len(spans)} messages, expected "
                          f"{'one anchor' if rest is None else '[anchor] + model' + (' + rest' if rest else '')}")
     for i, (specs, _, _) in enumerate(spans[:n]):
-        check_message(specs, model, held is not None, f"downlink message {i + 1}")
+        check_message(specs, model, held is not None or i > 0, f"downlink message {i + 1}")
     if rest and {s[0]: s[1:] for s in spans[-1][0]} != {s[0]: s[1:] for s in spec(rest)}:
         got = {s[0] for s in spans[-1][0]} ^ set(rest)
         raise ValueError(f"downlink payload: the broadcast's other entries do not match the "
