@@ -9,7 +9,8 @@ client of the federation receives the anchor message first. Each message is seri
 
 In simulation the client then trains from the server's parameters: by the tracker's invariant
 (tested in ``tests/downlink``) they are bit-identical to what the client holds after applying
-its message, so keeping a model per simulated client would only cost memory.
+its message, so keeping a model per simulated client would only cost memory. A deployment
+(``atoll.deploy.downlink``) sends these same messages and its clients do keep their copy.
 """
 from __future__ import annotations
 
