@@ -80,7 +80,8 @@ def main() -> None:
     dense = simulate(*config.build(dense_cfg), runtime=LoopRuntime())
     got = [m["bytes_down"] for m in lines]
     want = [m["bytes_down"] for m in sim.metrics]
-    diff = max(float((server.coordinator.state.params[k] - v).abs().max()) for k, v in sim.state.params.items())
+    mine = server.coordinator.state.params
+    diff = max(float((mine[k] - v).abs().max()) for k, v in sim.state.params.items())
     print(json.dumps({
         "config": {"rounds": a.rounds, "clients": a.clients, "per_round": a.per_round, "base": a.base,
                    "anchor_every": a.anchor_every, "server_topk": 0.05, "model": "digits MLP 64-64-10"},

@@ -88,6 +88,8 @@ class Client:
             conn = Connection(self.server, max_task_bytes=self.policy.max_task_bytes, **self.creds)
             try:
                 self._setup(conn.join())
+                if self.tracked:  # a larger task is refused before it is received
+                    conn.max_task = min(conn.max_task, downlink.payload_limit(self.model0, self.rest))
                 failures, last_ok = 0, time.monotonic()
                 while True:
                     task = conn.get_task(self.poll_s, self._claim())

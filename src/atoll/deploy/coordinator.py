@@ -176,8 +176,9 @@ class Coordinator:
                     rnd.stats.bytes_down += len(data)
                     self.cond.notify_all()
                     return ("TASK", rnd.r, rnd.tasks[cid], data)
-                if rnd and not rnd.closed and rnd.tracked and rnd.tracked.anchor and cid not in rnd.tracked.anchored:
-                    data = rnd.tracked.sync(cid, self._held(held))
+                t = rnd.tracked if rnd and not rnd.closed else None
+                if t is not None and t.anchor is not None and cid not in t.anchored:
+                    data = t.sync(cid, self._held(held))
                     self.cond.notify_all()
                     if data is not None:
                         rnd.stats.bytes_down += len(data)

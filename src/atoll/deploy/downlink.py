@@ -105,13 +105,18 @@ def open_round(algorithm, state, cohort: list[int]):
 
 
 # ---- the client's side -----------------------------------------------------------------------
+def payload_limit(model: dict, rest: dict | None) -> int:
+    """The most bytes a payload can take: an anchor and a message, each at most the dense model,
+    and the other entries."""
+    return 2 * flat.wire_size({f"w/{k}": v for k, v in model.items()}) + (flat.wire_size(rest) if rest else 0)
+
+
 def receive(data: bytes, held: dict | None, model: dict, rest: dict | None) -> tuple[dict, dict]:
     """``(the model after the payload, the broadcast's other entries)``. ``held``: the client's
     copy (None: it holds none); ``model``: a tree with the model's dtypes and shapes; ``rest``:
     a tree like the broadcast's other entries, joined (None for an anchor alone).
     Raises ValueError naming what is wrong, before anything is decoded."""
-    dense = flat.wire_size({f"w/{k}": v for k, v in model.items()})
-    limit = 2 * dense + (flat.wire_size(rest) if rest else 0)  # [anchor] + message + rest
+    limit = payload_limit(model, rest)
     if len(data) > limit:
         raise ValueError(f"downlink payload of {len(data)} bytes exceeds the {limit} bytes this "
                          "model's messages can take")
@@ -121,8 +126,8 @@ def receive(data: bytes, held: dict | None, model: dict, rest: dict | None) -> t
         raise ValueError(f"downlink payload: {exc}") from None
     n = len(spans) - (1 if rest else 0)
     if not (1 <= n <= (1 if rest is None else 2)):
-        raise ValueError(f"downlink payload: {len(spans)} messages, expected "
-                         f"{'one anchor' if rest is None else '[anchor] + model' + (' + rest' if rest else '')}")
+        want = "one anchor" if rest is None else "[anchor] + model" + (" + other entries" if rest else "")
+        raise ValueError(f"downlink payload: {len(spans)} messages, expected {want}")
     for i, (specs, _, _) in enumerate(spans[:n]):
         check_message(specs, model, held is not None or i > 0, f"downlink message {i + 1}")
     if rest and {s[0]: s[1:] for s in spans[-1][0]} != {s[0]: s[1:] for s in spec(rest)}:
