@@ -21,7 +21,7 @@ on the client machine, in ``state_path``: after an accepted update it holds the 
 after that round, so a round the server has to redo (it was restarted before finishing it)
 starts again from the right state. A rejected or late update leaves the state as it was.
 
-With a per-client downlink (``comm.downlink = "client"`` or ``"initial"``, ``deploy.downlink``)
+With a per-client downlink (``comm.downlink = "client"`` or ``"initial"``, seed 004's tracker)
 the client also keeps its copy of the model between rounds (in ``state_path`` too): it tells
 the server which model it holds (round and hash), applies the sparse messages it receives after
 checking them against the model, and trains from the result. Without a copy (or when its hash is
