@@ -236,7 +236,7 @@ def test_a_call_whose_request_never_comes_is_cut(tmp_path):
 
 
 class SlowBackend:
-    def next_task(self, cid, wait_s):
+    def next_task(self, cid, wait_s, held=None):
         time.sleep(3)  # a task download that does not move
         return ("WAIT",)
 

@@ -21,6 +21,13 @@ on the client machine, in ``state_path``: after an accepted update it holds the 
 after that round, so a round the server has to redo (it was restarted before finishing it)
 starts again from the right state. A rejected or late update leaves the state as it was.
 
+With a per-client downlink (``comm.downlink = "client"`` or ``"initial"``, the tracker of US 2025/0265475 A1)
+the client also keeps its copy of the model between rounds (in ``state_path`` too): it tells
+the server which model it holds (round and hash), applies the sparse messages it receives after
+checking them against the model, and trains from the result. Without a copy (or when its hash is
+not one the server knows) it receives the dense model. A payload that fails the checks is
+refused (logged, counted in ``refused``, no answer) and the copy dropped, so the next task is dense.
+
 Data: an ``.npz`` file with ``x`` (N, n_features) float features, already preprocessed as the
 model expects, and ``y`` (N,) integer class ids in ``[0, n_classes)``.
 """
@@ -40,10 +47,13 @@ import torch
 
 from atoll import checkpoint
 from atoll import config as C
-from atoll.client import model_loss
+from atoll import tree as T
+from atoll.client import buffer_names, model_loss, params_of
 from atoll.data.federated import ClientData
+from atoll.deploy import downlink
 from atoll.deploy import policy as P
 from atoll.runtime.round import client_round
+from atoll.transport import wire
 from atoll.transport.grpc.client import Connection, TransportError
 
 log = logging.getLogger("atoll.deploy")
@@ -66,7 +76,9 @@ class Client:
         self.guard = P.Guard(self.policy, ledger)
         self.backoff, self.give_up_s = backoff, give_up_s
         self.run_id = None
-        self.counts = {"answered": 0, "accepted": 0, "rejected": 0, "reconnects": 0}
+        self.counts = {"answered": 0, "accepted": 0, "rejected": 0, "reconnects": 0, "refused": 0}
+        self.tracked = False  # per-client downlink: self.held is the model this client holds
+        self.held: dict | None = None
         self.first_task_s: float | None = None  # seconds from the first connection to the first task
 
     def run(self) -> dict:
@@ -76,12 +88,16 @@ class Client:
             conn = Connection(self.server, max_task_bytes=self.policy.max_task_bytes, **self.creds)
             try:
                 self._setup(conn.join())
+                if self.tracked:  # a larger task is refused before it is received
+                    conn.max_task = min(conn.max_task, downlink.payload_limit(self.model0, self.rest))
                 failures, last_ok = 0, time.monotonic()
                 while True:
-                    task = conn.get_task(self.poll_s)
+                    task = conn.get_task(self.poll_s, self._claim())
                     last_ok = time.monotonic()
                     if task.kind == "DONE":
                         return self.counts
+                    if task.kind == "SYNC":
+                        self._sync(task)
                     if task.kind == "TASK":
                         self.first_task_s = self.first_task_s or time.monotonic() - t0
                         self._answer(conn, task)
@@ -116,13 +132,61 @@ class Client:
         self.private = private_noise(algorithm, self.client_update)
         self.cid, self.run_id = info["client_id"], run_id
         self.states = self._load_states()
+        if algorithm.tracker is not None:
+            self._track(algorithm, model)
         log.info("joined %s as %s (client %d), %d local samples", self.server, info["name"],
                  self.cid, self.cdata.n)
+
+    def _track(self, algorithm, model) -> None:
+        """The model template, the broadcast's other entries and the copy this client holds."""
+        w0 = params_of(model)
+        rest = algorithm.broadcast(algorithm.init(w0, buffers=buffer_names(model)))
+        self.tracked, self.model0 = True, {k: v.detach().clone() for k, v in w0.items()}
+        self.rest = T.join({k: v for k, v in rest.items() if k != "params"})
+        saved = (self.states or {}).pop("held", None)
+        tr = algorithm.tracker
+        if saved is not None and downlink.spec(saved["params"]) == downlink.spec(self.model0):
+            self._hold(int(saved["round"]), saved["params"])
+        elif tr.holds_initial or tr.base == "initial":  # built from the run's config and seed
+            self._hold(0, self.model0)
+        else:
+            self._hold(None, None)
+
+    def _hold(self, r: int | None, params) -> None:
+        self.held = None if r is None else {"round": r, "params": params,
+                                            "hash": downlink.model_hash(params)}
+
+    def _claim(self):
+        return None if self.held is None else (self.held["round"], self.held["hash"])
+
+    def _receive(self, task, rest) -> dict | None:
+        """Apply a per-client payload to the held copy; None (and no copy) if it is refused."""
+        held = None if self.held is None else self.held["params"]
+        try:
+            params, other = downlink.receive(task.data, held, self.model0, rest)
+        except ValueError as exc:
+            log.error("round %d: refused the server's downlink payload: %s", task.round, exc)
+            self.counts["refused"] += 1
+            self._hold(None, None)
+            time.sleep(self.backoff[0])  # a server that keeps sending bad payloads is not spun on
+            return None
+        self._hold(task.round - 1, params)  # the model of the round before the task's
+        return {"params": params, **other}
+
+    def _sync(self, task) -> None:
+        """An anchor sent to every client: apply it to the held copy."""
+        if self._receive(task, None) is not None:
+            self._save()
 
     def _answer(self, conn: Connection, task) -> None:
         r = task.round
         if self.guard.plan is not None:  # set by _setup (a unit test may drive _answer alone)
             self.guard.before_task(r)
+        if self.tracked:  # the broadcast rebuilt from the held copy (identity downlink codec)
+            received = self._receive(task, self.rest)
+            if received is None:
+                return
+            task = SimpleNamespace(round=r, task_id=task.task_id, data=wire.dumps(T.join(received)))
         s = self.states
         before = None if s is None else (s["before"] if s["round"] == r else s["after"])
         secret = secrets.token_bytes(32) if self.private else None  # never leaves this method
@@ -137,12 +201,21 @@ class Client:
         self.counts["accepted" if accepted else "rejected"] += 1
         if accepted:
             self.states = {"run": self.run_id, "round": r, "before": before, "after": after}
-            if self.state_path is not None:
-                buf = io.BytesIO()
-                torch.save(self.states, buf)
-                checkpoint.atomic_write(self.state_path, buf.getvalue())
         else:
             log.warning("round %d: update not accepted: %s", r, reason)
+        if accepted or self.held is not None:
+            self._save()
+
+    def _save(self) -> None:
+        """Write the states (and the held model) to ``state_path`` atomically."""
+        if self.state_path is None:
+            return
+        out = dict(self.states or {"run": self.run_id, "round": 0, "before": None, "after": None})
+        if self.held is not None:
+            out["held"] = {"round": self.held["round"], "params": self.held["params"]}
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        checkpoint.atomic_write(self.state_path, buf.getvalue())
 
     def _load_states(self):
         if self.state_path is None or not self.state_path.exists():

@@ -39,7 +39,7 @@ from atoll import checkpoint, rundir, sampling
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
 from atoll.runtime.base import RoundStats
-from atoll.deploy import guard
+from atoll.deploy import downlink, guard
 from atoll.runtime.check import decode_update
 from atoll.runtime.round import broadcast_bytes, server_step
 from atoll.simulation import _append, _finish, _open_logs, json_safe
@@ -86,6 +86,7 @@ class _Round:
     closed: bool = False
     privacy: dict = field(default_factory=dict)   # the round's epsilon (and clip) for its metrics line
     server_error: str | None = None               # the server step failed: the model is unchanged
+    tracked: downlink.TrackedRound | None = None  # the tracker's per-client downlink (None: broadcast)
 
 
 @dataclass
@@ -123,6 +124,9 @@ class Coordinator:
         if overwrite or not _same_run(self.run_dir, config_text):  # a restart of this run resumes it
             rundir.prepare(self.run_dir, overwrite=overwrite)
         self.state = algorithm.init(params_of(model), buffers=buffer_names(model))
+        if algorithm.tracker is not None:  # the models clients may hold, by round (w_0 always)
+            downlink.check_supported(algorithm)
+            self.hashes = {0: downlink.model_hash(self.state.params)}
         if (self.run_dir / checkpoint.FILE).exists():
             _check_same_config(self.run_dir, config_text)
             self.state, _ = checkpoint.load(self.run_dir)
@@ -143,8 +147,10 @@ class Coordinator:
     def seen(self, cid: int) -> None:
         self.last_seen[cid] = time.monotonic()
 
-    def next_task(self, cid: int, wait_s: float):
-        """``("TASK", round, task_id, bytes)``, ``("WAIT",)`` or ``("DONE",)``; long-polls."""
+    def next_task(self, cid: int, wait_s: float, held: tuple[int, str] | None = None):
+        """``("TASK", round, task_id, bytes)``, ``("SYNC", round, "", bytes)`` (an anchor for a
+        client not sampled), ``("WAIT",)`` or ``("DONE",)``; long-polls. ``held``: the round and
+        ``downlink.model_hash`` of the model the client holds (with a tracker)."""
         until = time.monotonic() + min(max(wait_s, 0.0), self.policy.poll_s)
         with self.cond:
             while True:
@@ -156,13 +162,28 @@ class Coordinator:
                         and cid not in rnd.busy):
                     rnd.opened = rnd.opened or time.monotonic()
                     log.debug("round %d: task sent to client %d", rnd.r, cid)
-                    rnd.stats.bytes_down += len(rnd.down)
+                    data = rnd.down if rnd.tracked is None else rnd.tracked.task(cid, self._held(held))
+                    rnd.stats.bytes_down += len(data)
                     self.cond.notify_all()
-                    return ("TASK", rnd.r, rnd.tasks[cid], rnd.down)
+                    return ("TASK", rnd.r, rnd.tasks[cid], data)
+                t = rnd.tracked if rnd and not rnd.closed else None
+                if t is not None and t.anchor is not None and cid not in t.anchored:
+                    data = t.sync(cid, self._held(held))
+                    self.cond.notify_all()
+                    if data is not None:
+                        rnd.stats.bytes_down += len(data)
+                        return ("SYNC", rnd.r, "", data)
                 left = until - time.monotonic()
                 if left <= 0:
                     return ("WAIT",)
                 self.cond.wait(left)
+
+    def _held(self, held) -> int | None:
+        """The round of the model a client says it holds, if its hash is that round's model's."""
+        if held is None or self.algorithm.tracker is None:
+            return None
+        want = self.hashes.get(held[0])
+        return held[0] if want is not None and secrets.compare_digest(want, held[1]) else None
 
     def submit(self, cid: int, head: Header, chunks) -> tuple[bool, str]:
         """Validate and keep one update; ``chunks`` iterates over its bytes. (accepted, reason)."""
@@ -278,11 +299,15 @@ class Coordinator:
         if self.enrolled is not None:  # same draw as simulation, minus revoked clients
             ids = self._some_enrolled()
             cohort = [c for c in cohort if c in ids]
-        rnd = _Round(r, cohort, downlink_bytes(self.algorithm, self.state, p.seed),
-                     {c: secrets.token_hex(16) for c in cohort}, self.state.params)
+        tracked, state = None, self.state
+        if self.algorithm.tracker is not None:  # per-client payloads, the tracker's state advanced
+            self.hashes[state.round] = downlink.model_hash(state.params)
+            tracked, state = downlink.open_round(self.algorithm, state, cohort)
+        rnd = _Round(r, cohort, b"" if tracked else downlink_bytes(self.algorithm, state, p.seed),
+                     {c: secrets.token_hex(16) for c in cohort}, state.params, tracked=tracked)
         rnd.stats.sampled = len(cohort)
         with self.cond:
-            self.current, self.phase = rnd, "training"
+            self.state, self.current, self.phase = state, rnd, "training"
             self.cond.notify_all()
         return rnd
 
@@ -297,7 +322,8 @@ class Coordinator:
         target = max(self.policy.min_clients, math.ceil(self.policy.min_fraction * len(rnd.cohort)))
         with self.cond:
             while not self._stop:
-                if len(rnd.final & set(rnd.cohort)) == len(rnd.cohort) or len(rnd.answers) >= target:
+                if ((len(rnd.final & set(rnd.cohort)) == len(rnd.cohort) or len(rnd.answers) >= target)
+                        and not self._anchor_pending(rnd)):
                     break
                 left = None if rnd.opened is None else rnd.opened + self.policy.round_timeout - time.monotonic()
                 if left is not None and left <= 0:
@@ -308,6 +334,14 @@ class Coordinator:
             rnd.closed = True
             self.phase = "aggregating"
             rnd.late, self.late = self.late, 0
+
+    def _anchor_pending(self, rnd: _Round) -> bool:
+        """Whether a connected client has not been offered this round's anchor yet."""
+        if rnd.tracked is None or rnd.tracked.anchor is None:
+            return False
+        now = time.monotonic()
+        connected = {c for c, t in self.last_seen.items() if now - t < self.policy.poll_s + 5}
+        return bool(connected - rnd.tracked.anchored)
 
     def _close(self, rnd: _Round, start: float) -> None:
         ids = [c for c in rnd.cohort if c in rnd.answers]

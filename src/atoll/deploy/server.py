@@ -87,8 +87,8 @@ class Server:
         return {"client_id": cid, "name": name, "config_toml": self.config_text,
                 "max_update_bytes": self.coordinator.max_update_bytes, **self.shape}
 
-    def next_task(self, cid: int, wait_s: float):
-        return self.coordinator.next_task(cid, wait_s)
+    def next_task(self, cid: int, wait_s: float, held=None):
+        return self.coordinator.next_task(cid, wait_s, held)
 
     def submit(self, cid: int, head: dict, chunks) -> tuple[bool, str]:
         return self.coordinator.submit(cid, Header(**head), chunks)

@@ -1,4 +1,4 @@
-"""Seed 004's server update (US 2025/0265475 A1, [0116] and [0124]-[0126], claims 1-3): apply only
+"""The server update of US 2025/0265475 A1 ([0116] and [0124]-[0126], claims 1-3): apply only
 the ``k`` largest aggregated gradients and keep the rest for later rounds.
 
 ``server_topk(fraction | k=, momentum=rho)`` is a ``Transform`` for the server optimizer chain:

@@ -1,4 +1,4 @@
-"""Seed 004's downlink (US 2025/0265475 A1, [0127]-[0136], claims 4-7): each client receives only
+"""The downlink of US 2025/0265475 A1 ([0127]-[0136], claims 4-7): each client receives only
 the coordinates that changed since the model it already holds, and the server keeps no model
 copy per client.
 
@@ -139,8 +139,11 @@ def apply(params: Tree, msg: Tree) -> Tree:
     if "v" not in msg:
         raise ValueError("downlink message: neither dense 'w/...' entries nor sparse values 'v'")
     vec = torch.cat([v.detach().reshape(-1) for v in params.values()])
+    if msg["v"].dtype != vec.dtype or msg["v"].dim() != 1:
+        raise ValueError(f"downlink message: values 'v' are {msg['v'].dtype} {tuple(msg['v'].shape)}, "
+                         f"expected 1-D {vec.dtype}")
     idx = sparse_index.decode(msg, "idx", msg["v"].numel(), vec.numel(), "downlink message")
-    vec[idx] = msg["v"].to(vec.dtype)
+    vec[idx] = msg["v"]
     out, i = {}, 0
     for k, v in params.items():
         out[k] = vec[i:i + v.numel()].reshape(v.shape).to(v.dtype)

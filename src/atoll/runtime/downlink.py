@@ -1,4 +1,4 @@
-"""The bytes of a round's downlink: one broadcast for everyone, or seed 004's per-client deltas.
+"""The bytes of a round's downlink: one broadcast for everyone, or the per-client (US 2025/0265475 A1) deltas.
 
 Without a tracker every sampled client receives the same message (the broadcast, serialised
 once). With ``algorithm.tracker`` (``atoll.downlink.DeltaTracker``) each sampled client receives
@@ -9,7 +9,8 @@ client of the federation receives the anchor message first. Each message is seri
 
 In simulation the client then trains from the server's parameters: by the tracker's invariant
 (tested in ``tests/downlink``) they are bit-identical to what the client holds after applying
-its message, so keeping a model per simulated client would only cost memory.
+its message, so keeping a model per simulated client would only cost memory. A deployment
+(``atoll.deploy.downlink``) sends these same messages and its clients do keep their copy.
 """
 from __future__ import annotations
 

@@ -67,6 +67,22 @@ def loads(data: bytes, max_bytes: int | None = None) -> Tree:
     return tree
 
 
+def spans(data: bytes) -> list[tuple[list, int, int]]:
+    """The messages of ``data``, several ``dumps`` outputs one after the other: for each, its
+    entries ``[(name, dtype, shape)]`` and its byte range ``(start, end)``. Read from the headers
+    alone (nothing is allocated), so a caller can check them before ``loads`` of each range."""
+    view, pos, out = memoryview(data), 0, []
+    while pos < len(view):
+        specs, end = _read_header(view[pos:])
+        end += pos + sum(_numel(shape) * _itemsize(dtype) for _, dtype, shape in specs)
+        if end > len(view):
+            raise WireError(f"message {len(out) + 1}: truncated ({len(view) - pos} bytes left, "
+                            f"its header announces {end - pos})")
+        out.append((specs, pos, end))
+        pos = end
+    return out
+
+
 def _read_header(view) -> tuple[list, int]:
     """``([(name, dtype, shape)], end of the header)``, validated."""
     if bytes(view[:3]) != MAGIC:

@@ -29,7 +29,7 @@ class TransportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Task:
-    kind: str            # TASK, WAIT or DONE
+    kind: str            # TASK, SYNC, WAIT or DONE
     round: int = 0
     task_id: str = ""
     data: bytes = b""
@@ -68,12 +68,15 @@ class Connection:
         self.chunk = min(reply.chunk_bytes or self.chunk, MAX_CHUNK)
         return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
 
-    def get_task(self, wait_s: float = 10.0) -> Task:
+    def get_task(self, wait_s: float = 10.0, held: tuple[int, str] | None = None) -> Task:
+        """The next task; ``held``: the round and hash of the model this client holds."""
+        request = M.TaskRequest(wait_s=wait_s, **({} if held is None else
+                                                  {"held_round": held[0], "held_hash": held[1]}))
+
         def receive():
-            stream = self.stubs["GetTask"](M.TaskRequest(wait_s=wait_s), metadata=self.meta,
-                                           timeout=wait_s + self.timeout)
+            stream = self.stubs["GetTask"](request, metadata=self.meta, timeout=wait_s + self.timeout)
             head = next(stream)
-            if head.kind != "TASK":
+            if head.kind not in ("TASK", "SYNC"):
                 return Task(head.kind)
             if head.total_bytes > self.max_task:  # refused before a byte more is received
                 stream.cancel()
@@ -90,7 +93,7 @@ class Connection:
             if size != head.total_bytes:
                 raise TransportError("DATA_LOSS", f"task of {size} bytes or more, announced "
                                      f"{head.total_bytes}", True)
-            return Task("TASK", head.round, head.task_id, data)
+            return Task(head.kind, head.round, head.task_id, data)
 
         return _wrap(receive)
 

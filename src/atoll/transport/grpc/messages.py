@@ -20,8 +20,10 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
     "JoinReply": [("client_id", "int32"), ("name", "string"), ("config_toml", "string"),
                   ("n_features", "int32"), ("n_classes", "int32"), ("num_clients", "int32"),
                   ("max_update_bytes", "int64"), ("chunk_bytes", "int32")],
-    # kind: TASK (a task header, then data chunks), WAIT (poll again), DONE (training finished)
-    "TaskRequest": [("wait_s", "double")],
+    # kind: TASK (a task header, then data chunks), SYNC (an anchor for the model the client
+    # holds, framed like a task), WAIT (poll again), DONE (training finished). held_*: the round
+    # and hash of the model the client holds (per-client downlink; empty hash: none)
+    "TaskRequest": [("wait_s", "double"), ("held_round", "int64"), ("held_hash", "string")],
     "TaskChunk": [("kind", "string"), ("round", "int32"), ("task_id", "string"),
                   ("total_bytes", "int64"), ("data", "bytes")],
     # the first chunk carries the header fields; every chunk carries data

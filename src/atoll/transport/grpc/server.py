@@ -95,12 +95,13 @@ class GrpcServer:
     def _gettask(self, request, context):
         _, cid = self._who(context)
         self.slots.take(context, "GetTask", cid, self.watchdog, self.limits.rpc_timeout)
-        task = self.backend.next_task(cid, request.wait_s)
-        if task[0] != "TASK":
+        held = (request.held_round, request.held_hash) if request.held_hash else None
+        task = self.backend.next_task(cid, request.wait_s, held)
+        if task[0] not in ("TASK", "SYNC"):
             yield M.TaskChunk(kind=task[0])
             return
         _, r, task_id, data = task
-        yield M.TaskChunk(kind="TASK", round=r, task_id=task_id, total_bytes=len(data),
+        yield M.TaskChunk(kind=task[0], round=r, task_id=task_id, total_bytes=len(data),
                           data=data[:self.chunk])
         for i in range(self.chunk, len(data), self.chunk):
             yield M.TaskChunk(data=data[i:i + self.chunk])
