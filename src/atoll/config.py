@@ -225,6 +225,20 @@ class AsyncConfig(_Section):
     weighting: Literal["uniform", "aggregator"] = "uniform"  # fedbuff: 1/K (Nguyen et al.) or the aggregator's
 
 
+class WatermarkConfig(_Section):
+    """Server-side trigger-set watermark (``atoll.watermark``; docs/watermark.md); off while
+    enabled = false. The key file is the server's secret: created if missing, never sent."""
+
+    enabled: bool = False
+    key_file: str = "watermark.key"
+    trigger_size: int = Field(100, ge=1)
+    scale: float = Field(3.0, gt=0)  # triggers are uniform on [-scale, scale]
+    steps: int = Field(20, ge=1)     # SGD steps on the trigger set after a server step
+    lr: float = Field(0.05, gt=0)
+    batch: int = Field(50, ge=1)
+    every: int = Field(1, ge=1)      # embed after every k-th server step
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -246,6 +260,7 @@ class Config(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
+    watermark: WatermarkConfig = WatermarkConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -512,7 +527,20 @@ def build(cfg: Config, data=None):
                 check_privacy(plan.privacy)
             except ValueError as exc:
                 raise ConfigError(f"[async] with [privacy]: {exc}") from None
+    if cfg.watermark.enabled and data is None:  # the server side only: a client never reads the key
+        algorithm = _with_watermark(cfg, algorithm, model, fed)
     return algorithm, model, fed, plan
+
+
+def _with_watermark(cfg: Config, algorithm, model, fed):
+    """``[watermark]``: the server optimizer followed by the trigger-set embedding."""
+    from atoll import watermark as W
+
+    w = cfg.watermark
+    triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
+                             fed.n_classes, w.scale, next(model.parameters()).dtype)
+    return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
+                            lr=w.lr, every=w.every, batch=w.batch)
 
 
 def build_data(cfg: Config):
