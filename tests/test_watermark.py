@@ -42,7 +42,7 @@ def test_trigger_set_reproducible_from_key_and_unpredictable_without():
     agree = float((a.y == c.y).float().mean())
     assert 0.07 < agree < 0.13  # another key's labels agree at chance (0.1)
     assert abs(float(torch.corrcoef(torch.stack([a.x.flatten(), c.x.flatten()]))[0, 1])) < 0.01
-    assert a.x.abs().max() <= 3.0 and set(a.y.tolist()) == set(range(10))
+    assert a.x.abs().max() <= 6.0 and set(a.y.tolist()) == set(range(10))
 
 
 def test_binomial_pvalue_equals_scipy_binomtest():
@@ -64,6 +64,17 @@ def test_watermarked_model_verified_clean_and_other_key_not(setup):
     for params, trig in [(clean, triggers), (marked, W.trigger_set(OTHER, 100, (64,), 10))]:
         u = W.verify(model, params, trig)
         assert not u["owned"] and u["p_value"] > 1e-6 and u["trigger_accuracy"] < 0.3
+
+
+def test_false_positive_rate_of_an_unmarked_model_is_at_most_alpha(setup):
+    """The null is exact: over 200 random keys, a model that never saw them hits 1/10 of the
+    triggers on average and p <= 0.05 in at most ~5% of the keys (the test is conservative)."""
+    model, _, clean = setup
+    results = [W.verify(model, clean, W.trigger_set(hashlib.sha256(b"%d" % i).digest(), 50, (64,), 10)) for i in range(200)]
+    rate = sum(r["hits"] for r in results) / (200 * 50)
+    assert 0.085 < rate < 0.115  # 10000 Bernoulli(0.1): sd 0.003
+    assert sum(r["p_value"] <= 0.05 for r in results) / 200 <= 0.05 + 3 * (0.05 * 0.95 / 200) ** 0.5
+    assert not any(r["owned"] for r in results)
 
 
 def test_watermark_step_only_every_k_steps(setup):

@@ -231,9 +231,9 @@ class WatermarkConfig(_Section):
 
     enabled: bool = False
     key_file: str = "watermark.key"
-    trigger_size: int = Field(100, ge=1)
-    scale: float = Field(3.0, gt=0)  # triggers are uniform on [-scale, scale]
-    steps: int = Field(20, ge=1)     # SGD steps on the trigger set after a server step
+    trigger_size: int = Field(50, ge=1)
+    scale: float = Field(6.0, gt=0)  # triggers are uniform on [-scale, scale]
+    steps: int = Field(5, ge=1)      # SGD steps on the trigger set after a server step
     lr: float = Field(0.05, gt=0)
     batch: int = Field(50, ge=1)
     every: int = Field(1, ge=1)      # embed after every k-th server step

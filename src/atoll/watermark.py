@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from scipy.stats import binom
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from atoll import tree as T
 from atoll.transforms.base import Transform, chain
@@ -73,7 +73,7 @@ class TriggerSet:
     n_classes: int
 
 
-def trigger_set(key: bytes, size: int, shape: tuple[int, ...], n_classes: int, scale: float = 3.0,
+def trigger_set(key: bytes, size: int, shape: tuple[int, ...], n_classes: int, scale: float = 6.0,
                 dtype: torch.dtype = torch.float32) -> TriggerSet:
     """``size`` inputs uniform on ``[-scale, scale]`` of ``shape`` (one input's shape) and labels
     uniform over ``n_classes``, all drawn independently from the key."""
@@ -127,19 +127,19 @@ def load_params(path: str | Path, model: torch.nn.Module) -> Tree:
 def finetune(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor, steps: int,
              lr: float, batch: int = 50, key: bytes = b"", round_: int = 0) -> Tree:
     """``steps`` SGD steps on cross-entropy over mini-batches of ``(x, y)`` drawn from ``key``."""
-    def loss(p, xb, yb):
-        return torch.nn.functional.cross_entropy(functional_call(model, p, (xb,), strict=False), yb)
-
     g = _generator(key, "batches", round_)
     params = {k: v.detach() for k, v in params.items()}
     for _ in range(steps):
         idx = torch.randperm(len(y), generator=g)[:batch]
-        grads = grad(loss)(params, x[idx], y[idx])
-        params = {k: params[k] - lr * grads[k].to(params[k].dtype) for k in params}
+        with torch.enable_grad():
+            live = {k: v.clone().requires_grad_() for k, v in params.items()}
+            out = functional_call(model, live, (x[idx],), strict=False)
+            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y[idx]), list(live.values()))
+        params = {k: params[k] - lr * gk for k, gk in zip(params, grads)}
     return params
 
 
-def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, steps: int = 20,
+def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, steps: int = 5,
                    lr: float = 0.05, every: int = 1, batch: int = 50) -> Transform:
     """A server transform: on every ``every``-th step, the model after the updates so far in the
     chain is fine-tuned on ``triggers``; the returned updates take it there. Other steps pass
@@ -200,17 +200,17 @@ def _projection(params: Tree, fp: Fingerprints) -> torch.Tensor:
     return fp.matrix @ params[fp.layer].detach().reshape(-1).to(torch.float64)  # (bits,)
 
 
-def embed_fingerprint(params: Tree, fp: Fingerprints, client: int, margin: float = 2.0,
-                      steps: int = 200) -> Tree:
+def embed_fingerprint(params: Tree, fp: Fingerprints, client: int, margin: float = 0.5,
+                      steps: int = 100) -> Tree:
     """``params`` with ``client``'s code embedded: projected gradient descent on the hinge loss
-    ``sum relu(margin * s - b_i * (M w))`` over the one layer, where ``s`` is the spread of
-    ``M w`` for a weight matrix of the same RMS (``||w||``) -- a smallest-change embedding."""
+    ``sum relu(margin * ||w|| - b_i * (M w))`` over the one layer (``||w||`` is the spread of
+    ``M w``), until every bit has its margin: a smallest-change embedding."""
     code, w = fp.code(client), params[fp.layer].detach().reshape(-1).to(torch.float64)
     target = margin * w.norm()
     step = 1.0 / (fp.matrix.norm(dim=1) ** 2).mean()  # exact for one active row
     for _ in range(steps):
-        gap = target - code * (fp.matrix @ w)
-        active = gap > 0
+        gap = 1.1 * target - code * (fp.matrix @ w)  # aim 10% past the margin: few iterations
+        active = gap > 0.1 * target
         if not active.any():
             break
         w = w + step * (fp.matrix[active].T @ (code[active] * gap[active]))
