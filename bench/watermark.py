@@ -76,23 +76,43 @@ def main() -> None:
     key = W.load_key(key_file)
     print("seed | clean acc (no wm / wm) | cost (pts; of one embedding step) | p as is | fine-tuned | pruned 50% | both "
           "| acc after ft / prune | p of model without wm")
+    costs, detected, null_p = [], {}, []
     for seed in args.seeds:
-        cfg, model, fed, base = train(seed, key_file, False, args.set)
-        _, _, _, wm = train(seed, key_file, True, args.set)
-        w = cfg.watermark
-        triggers = W.trigger_set(key, w.trigger_size, (fed.n_features,), fed.n_classes, w.scale)
-        a0, a1 = accuracy(model, base, fed.x_test, fed.y_test), accuracy(model, wm, fed.x_test, fed.y_test)
-        stolen = attacks(model, wm, fed, seed)
-        ps = {k: W.verify(model, v, triggers) for k, v in stolen.items()}
-        accs = [accuracy(model, stolen[k], fed.x_test, fed.y_test) for k in ("fine-tuned", "pruned 50%")]
-        step = W.watermark_step(model, triggers, key, w.steps, w.lr, batch=w.batch)
-        direct = a0 - accuracy(model, T.add(base, step.update(T.zeros_like(base), step.init(base), base, {})[0]),
-                               fed.x_test, fed.y_test)
-        print(f"{seed} | {a0:.4f} / {a1:.4f} | {100 * (a0 - a1):+.2f} ({100 * direct:+.2f}) | "
-              + " | ".join(f"{ps[k]['p_value']:.1e} ({ps[k]['trigger_accuracy']:.2f})" for k in ps)
-              + f" | {accs[0]:.4f} / {accs[1]:.4f} | {W.verify(model, base, triggers)['p_value']:.2f}")
-        if args.margin:
-            fingerprint_rows(model, wm, base, fed, key, seed, args.margin)
+        cost, ps, p0 = seed_row(seed, key_file, key, args)
+        costs.append(cost)
+        null_p.append(p0)
+        for k, v in ps.items():
+            detected[k] = detected.get(k, 0) + v["owned"]
+    n = len(costs)
+    mean = sum(costs) / n
+    se = (sum((c - mean) ** 2 for c in costs) / max(n - 1, 1) / n) ** 0.5
+    fp = "none claimed" if all(p > W.ALPHA for p in null_p) else "FALSE POSITIVE"
+    print(f"\nover {n} seeds: clean accuracy cost {mean:+.2f} +- {se:.2f} pts (mean +- standard error); "
+          "detected at p <= 1e-6: " + ", ".join(f"{k} {v}/{n}" for k, v in detected.items())
+          + f"; models without the watermark: smallest p {min(null_p):.2f} ({fp})")
+
+
+def seed_row(seed, key_file, key, args):
+    """One seed's row: (accuracy cost in points, verifications of the stolen model, p of the
+    model trained without the watermark)."""
+    cfg, model, fed, base = train(seed, key_file, False, args.set)
+    _, _, _, wm = train(seed, key_file, True, args.set)
+    w = cfg.watermark
+    triggers = W.trigger_set(key, w.trigger_size, (fed.n_features,), fed.n_classes, w.scale)
+    a0, a1 = accuracy(model, base, fed.x_test, fed.y_test), accuracy(model, wm, fed.x_test, fed.y_test)
+    stolen = attacks(model, wm, fed, seed)
+    ps = {k: W.verify(model, v, triggers) for k, v in stolen.items()}
+    accs = [accuracy(model, stolen[k], fed.x_test, fed.y_test) for k in ("fine-tuned", "pruned 50%")]
+    step = W.watermark_step(model, triggers, key, w.steps, w.lr, batch=w.batch)
+    once = T.add(base, step.update(T.zeros_like(base), step.init(base), base, {})[0])
+    direct = a0 - accuracy(model, once, fed.x_test, fed.y_test)
+    p0 = W.verify(model, base, triggers)["p_value"]
+    print(f"{seed} | {a0:.4f} / {a1:.4f} | {100 * (a0 - a1):+.2f} ({100 * direct:+.2f}) | "
+          + " | ".join(f"{ps[k]['p_value']:.1e} ({ps[k]['trigger_accuracy']:.2f})" for k in ps)
+          + f" | {accs[0]:.4f} / {accs[1]:.4f} | {p0:.2f}")
+    if args.margin:
+        fingerprint_rows(model, wm, base, fed, key, seed, args.margin)
+    return 100 * (a0 - a1), ps, p0
 
 
 def fingerprint_rows(model, wm, base, fed, key, seed, margin, clients=10):

@@ -70,7 +70,8 @@ def test_false_positive_rate_of_an_unmarked_model_is_at_most_alpha(setup):
     """The null is exact: over 200 random keys, a model that never saw them hits 1/10 of the
     triggers on average and p <= 0.05 in at most ~5% of the keys (the test is conservative)."""
     model, _, clean = setup
-    results = [W.verify(model, clean, W.trigger_set(hashlib.sha256(b"%d" % i).digest(), 50, (64,), 10)) for i in range(200)]
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(200)]
+    results = [W.verify(model, clean, W.trigger_set(k, 50, (64,), 10)) for k in keys]
     rate = sum(r["hits"] for r in results) / (200 * 50)
     assert 0.085 < rate < 0.115  # 10000 Bernoulli(0.1): sd 0.003
     assert sum(r["p_value"] <= 0.05 for r in results) / 200 <= 0.05 + 3 * (0.05 * 0.95 / 200) ** 0.5
@@ -85,6 +86,25 @@ def test_watermark_step_only_every_k_steps(setup):
     assert all(torch.equal(u1[k], grads[k]) for k in grads)  # step 1: passed through
     u2, s = step.update(grads, s, clean, {})
     assert int(s) == 2 and float(T.norm(T.sub(u2, grads))) > 1e-3  # step 2: embedded
+
+
+def test_watermark_needs_only_the_aggregate(setup):
+    """Two cohorts with the same mean update give the same watermarked model: the server step
+    reads nothing but the aggregate, so it composes with secure aggregation."""
+    from atoll.algorithms import fedavg
+
+    model, _, clean = setup
+    algorithm = W.with_watermark(fedavg(), model, W.trigger_set(KEY, 50, (64,), 10), KEY)
+    state = algorithm.init(clean)
+    g = torch.Generator().manual_seed(0)
+    noise = {k: torch.randn((2, *v.shape), generator=g) * 0.01 for k, v in clean.items()}
+    spread = {k: torch.stack([v[0] + v[1], v[0] - v[1]]) for k, v in noise.items()}  # same mean
+    weights = torch.ones(2)
+    a = algorithm.server_round(state, {k: torch.stack([v[0], v[0]]) for k, v in noise.items()}, weights)
+    b = algorithm.server_round(state, spread, weights)
+    assert all(torch.allclose(a.params[k], b.params[k], rtol=1e-5, atol=1e-6 * float(clean[k].abs().max()))
+               for k in clean)
+    assert float(T.norm(T.sub(a.params, T.add(clean, T.map(lambda v: v[0], noise))))) > 1e-3
 
 
 def test_config_run_is_watermarked_and_audit_reports_it(tmp_path):
