@@ -59,15 +59,20 @@ def prune(params, fraction=0.5):
     return out
 
 
-def attacks(model, params, fed, seed):
+def attacks(model, params, fed, seed, stress=False):
     ft = steal_finetune(model, params, fed, seed)
-    return {"as is": params, "fine-tuned": ft, "pruned 50%": prune(params), "both": prune(ft)}
+    out = {"as is": params, "fine-tuned": ft, "pruned 50%": prune(params), "both": prune(ft)}
+    if stress:  # beyond the targets: all the training data; 80% pruning
+        out.update({"fine-tuned on 100%": steal_finetune(model, params, fed, seed, fraction=1.0),
+                    "pruned 80%": prune(params, 0.8)})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. watermark.steps=10")
+    ap.add_argument("--stress", action="store_true", help="also fine-tune on all data, prune 80%%")
     ap.add_argument("--margin", type=float, default=0.5, help="fingerprint margin (0: no fingerprints)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
@@ -100,7 +105,7 @@ def seed_row(seed, key_file, key, args):
     w = cfg.watermark
     triggers = W.trigger_set(key, w.trigger_size, (fed.n_features,), fed.n_classes, w.scale)
     a0, a1 = accuracy(model, base, fed.x_test, fed.y_test), accuracy(model, wm, fed.x_test, fed.y_test)
-    stolen = attacks(model, wm, fed, seed)
+    stolen = attacks(model, wm, fed, seed, args.stress)
     ps = {k: W.verify(model, v, triggers) for k, v in stolen.items()}
     accs = [accuracy(model, stolen[k], fed.x_test, fed.y_test) for k in ("fine-tuned", "pruned 50%")]
     step = W.watermark_step(model, triggers, key, w.steps, w.lr, batch=w.batch)

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +91,21 @@ def binomial_pvalue(k: int, n: int, p: float) -> float:
     return float(binom.sf(k - 1, n, p))
 
 
+@contextmanager
+def _eval(model: torch.nn.Module):
+    """The model in eval mode (buffers read, never updated; no dropout), then as it was."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def predict(model: torch.nn.Module, params: Tree, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return functional_call(model, params, (x,), strict=False).argmax(-1)
+    ref = next(iter(params.values()))
+    with torch.no_grad(), _eval(model):
+        return functional_call(model, params, (x.to(ref.device, ref.dtype),), strict=False).argmax(-1).cpu()
 
 
 def verify(model: torch.nn.Module, params: Tree, triggers: TriggerSet, alpha: float = ALPHA) -> dict:
@@ -108,10 +121,10 @@ def verify(model: torch.nn.Module, params: Tree, triggers: TriggerSet, alpha: fl
 def load_params(path: str | Path, model: torch.nn.Module) -> Tree:
     """A model file's parameters (a state dict of tensors, loaded without unpickling objects),
     checked against ``model``'s names and shapes."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise
     except Exception as exc:  # noqa: BLE001 -- any unreadable file gets the same clear error
         raise ValueError(f"{path}: not a model state dict ({exc})") from None
     expected = dict(model.named_parameters())
@@ -126,12 +139,15 @@ def load_params(path: str | Path, model: torch.nn.Module) -> Tree:
 
 def finetune(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor, steps: int,
              lr: float, batch: int = 50, key: bytes = b"", round_: int = 0) -> Tree:
-    """``steps`` SGD steps on cross-entropy over mini-batches of ``(x, y)`` drawn from ``key``."""
+    """``steps`` SGD steps on cross-entropy over mini-batches of ``(x, y)`` drawn from ``key``
+    (the model in eval mode: its buffers are not updated)."""
     g = _generator(key, "batches", round_)
     params = {k: v.detach() for k, v in params.items()}
+    ref = next(iter(params.values()))
+    x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
     for _ in range(steps):
-        idx = torch.randperm(len(y), generator=g)[:batch]
-        with torch.enable_grad():
+        idx = torch.randperm(len(y), generator=g)[:batch].to(ref.device)
+        with torch.enable_grad(), _eval(model):
             live = {k: v.clone().requires_grad_() for k, v in params.items()}
             out = functional_call(model, live, (x[idx],), strict=False)
             grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y[idx]), list(live.values()))
@@ -154,9 +170,8 @@ def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, ste
         count = count + 1
         if int(count) % every:
             return updates, count
-        dtype = next(iter(params.values())).dtype
-        new = finetune(model, T.add(params, updates), triggers.x.to(dtype), triggers.y, steps, lr,
-                       batch, key, int(count))
+        new = finetune(model, T.add(params, updates), triggers.x, triggers.y, steps, lr, batch,
+                       key, int(count))
         return T.sub(new, params), count
 
     return Transform(init, update)
@@ -197,7 +212,7 @@ def fingerprints(key: bytes, params: Tree, clients: int, bits: int = 128, layer:
 
 
 def _projection(params: Tree, fp: Fingerprints) -> torch.Tensor:
-    return fp.matrix @ params[fp.layer].detach().reshape(-1).to(torch.float64)  # (bits,)
+    return fp.matrix @ params[fp.layer].detach().reshape(-1).cpu().to(torch.float64)  # (bits,)
 
 
 def embed_fingerprint(params: Tree, fp: Fingerprints, client: int, margin: float = 0.5,
@@ -205,7 +220,7 @@ def embed_fingerprint(params: Tree, fp: Fingerprints, client: int, margin: float
     """``params`` with ``client``'s code embedded: projected gradient descent on the hinge loss
     ``sum relu(margin * ||w|| - b_i * (M w))`` over the one layer (``||w||`` is the spread of
     ``M w``), until every bit has its margin: a smallest-change embedding."""
-    code, w = fp.code(client), params[fp.layer].detach().reshape(-1).to(torch.float64)
+    code, w = fp.code(client), params[fp.layer].detach().reshape(-1).cpu().to(torch.float64)
     target = margin * w.norm()
     step = 1.0 / (fp.matrix.norm(dim=1) ** 2).mean()  # exact for one active row
     for _ in range(steps):
@@ -215,7 +230,8 @@ def embed_fingerprint(params: Tree, fp: Fingerprints, client: int, margin: float
             break
         w = w + step * (fp.matrix[active].T @ (code[active] * gap[active]))
     new = dict(params)
-    new[fp.layer] = w.reshape(params[fp.layer].shape).to(params[fp.layer].dtype)
+    old = params[fp.layer]
+    new[fp.layer] = w.reshape(old.shape).to(old.device, old.dtype)
     return new
 
 
