@@ -149,3 +149,30 @@ def test_fingerprint_traces_the_client_that_received_the_model(setup):
         assert not t["traced"] and t["p_value"] > 1e-6
     with pytest.raises(ValueError, match="client 6"):
         fp.code(6)
+
+
+def test_watermarked_run_resumes_identically(tmp_path):
+    """The embedding's step count and batches live in the checkpointed server state."""
+    from atoll.runtime.loop import LoopRuntime
+
+    class Crash(LoopRuntime):
+        def run_round(self, algorithm, client_update, state, *args):
+            if state.round == 3:
+                raise KeyboardInterrupt
+            return super().run_round(algorithm, client_update, state, *args)
+
+    text = (f'rounds = 4\n[data]\nnum_clients = 3\n[model]\nhidden = [16]\n[checkpoint]\nevery = 2\n'
+            f'[watermark]\nenabled = true\nkey_file = "{tmp_path / "k"}"\nevery = 2\n')
+
+    def go(out, runtime, resume=False):
+        cfg = config.load(text=text)
+        algorithm, model, fed, plan = config.build(cfg)
+        return simulate(algorithm, model, fed, plan, run_dir=out, runtime=runtime, resume=resume,
+                        config_text=config.dumps(cfg), plots=False)
+
+    full = go(tmp_path / "full", LoopRuntime())
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "cut", Crash())
+    cut = go(tmp_path / "cut", LoopRuntime(), resume=True)
+    assert all(torch.equal(full.state.params[k], cut.state.params[k]) for k in full.state.params)
+    assert int(cut.state.opt_state[-1]) == 4
