@@ -43,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
                         description="List the built-in data sets (no download needed).")
     ds.set_defaults(func=_datasets)
 
-    aud = sub.add_parser("audit", help="attack a run's own model: gradient leakage",
+    aud = sub.add_parser("audit", help="attack a run's own model: gradient leakage; check a watermark",
                          description="atoll audit leakage RUN_DIR: reconstruct test samples from "
                                      "batch-1 updates of the run's model, with no defence and "
-                                     "under DP at several epsilons; writes leakage.json and leakage.png.")
-    aud.add_argument("what", choices=["leakage"])
+                                     "under DP at several epsilons; writes leakage.json and leakage.png. "
+                                     "atoll audit watermark RUN_DIR --model FILE: is FILE the run's "
+                                     "watermarked model, and whose fingerprint does it carry?")
+    aud.add_argument("what", choices=["leakage", "watermark"])
     aud.add_argument("run_dir")
     aud.add_argument("--samples", type=int, default=20)
     aud.add_argument("--iterative", action="store_true", help="also DLG and inverting gradients (slow)")
+    aud.add_argument("--model", help="watermark: the suspect model's state dict (default RUN_DIR/model.pt)")
     aud.set_defaults(func=_audit)
 
     from atoll.privacy import cli as privacy_cli
@@ -84,6 +87,8 @@ def _audit(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = config.load(run_dir / "config.toml")
+    if args.what == "watermark":
+        return _audit_watermark(cfg, Path(args.model or run_dir / "model.pt"))
     _, model, data, _ = config.build(cfg)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -106,6 +111,28 @@ def _audit(args) -> int:
     none = result["none"]
     print(f"labels recovered {none['label_rate']:.0%}; analytic PSNR {none['analytic_psnr']:.1f} dB; "
           + ", ".join(f"eps {r['epsilon']}: {r['psnr']:.1f} dB" for r in result["dp"]))
+    return 0
+
+
+def _audit_watermark(cfg, path: Path) -> int:
+    """Trigger accuracy, binomial p-value and the best-matching client fingerprint of ``path``."""
+    from atoll import config
+    from atoll import watermark as W
+
+    key, w = W.load_key(cfg.watermark.key_file), cfg.watermark
+    data = config.build_data(cfg)
+    _, model, _, _ = config.build(cfg, data=data)  # data given: no watermark stage, no key written
+    params = W.load_params(path, model)
+    triggers = W.trigger_set(key, w.trigger_size, (data.n_features,), data.n_classes, w.scale,
+                             next(model.parameters()).dtype)
+    v = W.verify(model, params, triggers)
+    t = W.trace(params, W.fingerprints(key, params, cfg.data.num_clients))
+    print(f"watermark: trigger accuracy {v['trigger_accuracy']:.2%} ({v['hits']}/{v['triggers']}, "
+          f"chance {v['chance']:.2%}), p = {v['p_value']:.3g}: "
+          + ("OWNED (p <= 1e-6)" if v["owned"] else "not shown (p > 1e-6)"))
+    print(f"fingerprint: best match client {t['client']} ({t['matches']}/{t['bits']} bits), "
+          f"p = {t['p_value']:.3g} (Bonferroni over {cfg.data.num_clients} clients): "
+          + ("TRACED" if t["traced"] else "not traced"))
     return 0
 
 

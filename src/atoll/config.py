@@ -238,6 +238,20 @@ class SecureConfig(_Section):
     dropout_stage: int = Field(3, ge=1, le=4)  # ... before stage 1 keys, 2 shares, 3 input, 4 unmask
 
 
+class WatermarkConfig(_Section):
+    """Server-side trigger-set watermark (``atoll.watermark``; docs/watermark.md); off while
+    enabled = false. The key file is the server's secret: created if missing, never sent."""
+
+    enabled: bool = False
+    key_file: str = "watermark.key"
+    trigger_size: int = Field(50, ge=1)
+    scale: float = Field(6.0, gt=0)  # triggers are uniform on [-scale, scale]
+    steps: int = Field(5, ge=1)      # SGD steps on the trigger set after a server step
+    lr: float = Field(0.05, gt=0)
+    batch: int = Field(50, ge=1)
+    every: int = Field(1, ge=1)      # embed after every k-th server step
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -260,6 +274,7 @@ class Config(_Section):
     secure: SecureConfig = SecureConfig()
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
+    watermark: WatermarkConfig = WatermarkConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -570,7 +585,20 @@ def build(cfg: Config, data=None):
                 check_privacy(plan.privacy)
             except ValueError as exc:
                 raise ConfigError(f"[async] with [privacy]: {exc}") from None
+    if cfg.watermark.enabled and data is None:  # the server side only: a client never reads the key
+        algorithm = _with_watermark(cfg, algorithm, model, fed)
     return algorithm, model, fed, plan
+
+
+def _with_watermark(cfg: Config, algorithm, model, fed):
+    """``[watermark]``: the server optimizer followed by the trigger-set embedding."""
+    from atoll import watermark as W
+
+    w = cfg.watermark
+    triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
+                             fed.n_classes, w.scale, next(model.parameters()).dtype)
+    return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
+                            lr=w.lr, every=w.every, batch=w.batch)
 
 
 def build_data(cfg: Config):
