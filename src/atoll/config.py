@@ -78,7 +78,7 @@ class AggregatorConfig(_Section):
     """How the server combines the cohort's updates (``atoll.aggregators``; docs/robustness.md)."""
 
     name: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-                  "geometric_median", "centered_clipping", "norm_bound"] = "mean"
+                  "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame"] = "mean"
     f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
     tau: float = Field(10.0, gt=0)              # centered_clipping radius
@@ -87,6 +87,8 @@ class AggregatorConfig(_Section):
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = "mean"
     nnm: bool = False                           # nearest-neighbour mixing before the rule
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
+    root: int = Field(0, ge=0)                  # fltrust: root samples the server trains on
+    lam: float = Field(0.001, ge=0)             # flame: noise std = lam * median update norm
 
 
 class AttackConfig(_Section):
@@ -399,11 +401,13 @@ def _with_comm(algorithm, comm: CommConfig, num_clients: int):
     return dataclasses.replace(algorithm, **parts)
 
 
-def build_aggregator(cfg: Config):
-    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass."""
+def build_aggregator(cfg: Config, server_update=None):
+    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass.
+    ``server_update(params, key) -> delta``: FLTrust's training on its root data (``build``)."""
     from atoll import aggregators as A
 
     g, a = cfg.aggregator, cfg.algorithm
+    _check_trust(g, server_update)
     if g.name == "mean" and not (g.nnm or g.bucket):
         return A.mean(a.weighting)
     where = {"algorithm.name": a.name if a.name in ("fednova", "scaffold", "fedagrac") else None,
@@ -421,7 +425,8 @@ def build_aggregator(cfg: Config):
                 "krum": lambda: A.krum(g.f), "multi_krum": lambda: A.multi_krum(g.f, g.m),
                 "bulyan": lambda: A.bulyan(g.f),
                 "geometric_median": lambda: A.geometric_median(iters=max(g.iters, 100)),
-                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters)}
+                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters),
+                "fltrust": lambda: A.fltrust(server_update), "flame": lambda: A.flame(g.lam, cfg.seed)}
         if name == "norm_bound":
             if g.c is None:
                 raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound)')
@@ -434,6 +439,50 @@ def build_aggregator(cfg: Config):
     if g.bucket:
         agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
     return agg
+
+
+def _check_trust(g: AggregatorConfig, server_update) -> None:
+    if g.name in ("fltrust", "flame") and (g.nnm or g.bucket):
+        raise ConfigError(f"aggregator.name = {g.name!r} chooses whom to trust from the raw updates: "
+                          "it cannot run after aggregator.nnm or aggregator.bucket")
+    if g.root and g.name != "fltrust":
+        raise ConfigError(f"aggregator.root = {g.root} is FLTrust's root data; aggregator.name = "
+                          f"{g.name!r} does not use it")
+    if g.name == "fltrust" and (not g.root or server_update is None):
+        raise ConfigError('aggregator.name = "fltrust" needs root data: set aggregator.root to the '
+                          "number of clean samples the server trains on (the paper uses 100), in a "
+                          "simulation that loads [data]")
+
+
+def root_update(cfg: Config, model, local, fed):
+    """FLTrust's ``server_update(params, key) -> delta``: the clients' local training (optimizer,
+    batch size, steps or epochs) on ``aggregator.root`` samples drawn once, uniformly, from the
+    union of the clients' (clean) training data, as in Cao et al.'s default setting."""
+    import torch
+
+    from atoll import rng
+    from atoll.client import local_training, model_loss
+    from atoll.data import batch_indices, gather
+
+    n, c = cfg.aggregator.root, cfg.client
+    if not fed.clients or getattr(fed.clients[0], "x", None) is None:
+        raise ConfigError('aggregator.name = "fltrust" needs the training data to draw its root '
+                          "samples from (a deployed server has none)")
+    xs, ys = torch.cat([d.x for d in fed.clients]), torch.cat([d.y for d in fed.clients])
+    if n > ys.shape[0]:
+        raise ConfigError(f"aggregator.root = {n} is more than the {ys.shape[0]} training samples")
+    pick = torch.randperm(ys.shape[0], generator=rng.generator(rng.key(cfg.seed, 0, rng.SERVER, "root")))[:n]
+    x, y, update = xs[pick], ys[pick], local_training(model_loss(model), local)
+
+    def server_update(params, key):
+        idx = batch_indices(n, c.batch_size, steps=c.steps, epochs=None if c.steps else c.epochs,
+                            generator=rng.generator(rng.fold(key, "fltrust")))
+        xb, yb, mask = gather(x, y, idx)
+        res = update(params, {}, {"params": params}, {"x": xb, "y": yb, "mask": mask},
+                     torch.ones(idx.shape[0], dtype=torch.bool), key)
+        return res.delta
+
+    return server_update
 
 
 def _with_attack(cfg: Config, algorithm, fed):
@@ -489,7 +538,8 @@ def build(cfg: Config, data=None):
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
-    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg), **options)
+    trust = root_update(cfg, model, local, fed) if cfg.aggregator.name == "fltrust" else None
+    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg, trust), **options)
     if cfg.attack.name != "none":
         algorithm, fed = _with_attack(cfg, algorithm, fed)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
