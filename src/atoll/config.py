@@ -454,35 +454,20 @@ def _check_trust(g: AggregatorConfig, server_update) -> None:
                           "simulation that loads [data]")
 
 
-def root_update(cfg: Config, model, local, fed):
-    """FLTrust's ``server_update(params, key) -> delta``: the clients' local training (optimizer,
-    batch size, steps or epochs) on ``aggregator.root`` samples drawn once, uniformly, from the
-    union of the clients' (clean) training data, as in Cao et al.'s default setting."""
-    import torch
+def _root_update(cfg: Config, model, local, fed):
+    """FLTrust's ``server_update`` on ``aggregator.root`` clean training samples (before any
+    data attack; ``algorithms.root``); a deployed client's stand-in data has none to give."""
+    from atoll.algorithms.root import root_update
 
-    from atoll import rng
-    from atoll.client import local_training, model_loss
-    from atoll.data import batch_indices, gather
-
-    n, c = cfg.aggregator.root, cfg.client
-    if not fed.clients or getattr(fed.clients[0], "x", None) is None:
-        raise ConfigError('aggregator.name = "fltrust" needs the training data to draw its root '
-                          "samples from (a deployed server has none)")
-    xs, ys = torch.cat([d.x for d in fed.clients]), torch.cat([d.y for d in fed.clients])
-    if n > ys.shape[0]:
-        raise ConfigError(f"aggregator.root = {n} is more than the {ys.shape[0]} training samples")
-    pick = torch.randperm(ys.shape[0], generator=rng.generator(rng.key(cfg.seed, 0, rng.SERVER, "root")))[:n]
-    x, y, update = xs[pick], ys[pick], local_training(model_loss(model), local)
-
-    def server_update(params, key):
-        idx = batch_indices(n, c.batch_size, steps=c.steps, epochs=None if c.steps else c.epochs,
-                            generator=rng.generator(rng.fold(key, "fltrust")))
-        xb, yb, mask = gather(x, y, idx)
-        res = update(params, {}, {"params": params}, {"x": xb, "y": yb, "mask": mask},
-                     torch.ones(idx.shape[0], dtype=torch.bool), key)
-        return res.delta
-
-    return server_update
+    g, c = cfg.aggregator, cfg.client
+    if not g.root or not fed.clients or getattr(fed.clients[0], "x", None) is None:
+        def no_root(params, key):
+            raise RuntimeError("fltrust: the server update runs where the root data is (the server)")
+        return no_root if g.root else None
+    try:
+        return root_update(model, local, fed.clients, g.root, cfg.seed, c.batch_size, c.steps, c.epochs)
+    except ValueError as exc:
+        raise ConfigError(f"aggregator.root = {g.root}: {exc}") from None
 
 
 def _with_attack(cfg: Config, algorithm, fed):
@@ -538,7 +523,7 @@ def build(cfg: Config, data=None):
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
-    trust = root_update(cfg, model, local, fed) if cfg.aggregator.name == "fltrust" else None
+    trust = _root_update(cfg, model, local, fed) if cfg.aggregator.name == "fltrust" else None
     algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg, trust), **options)
     if cfg.attack.name != "none":
         algorithm, fed = _with_attack(cfg, algorithm, fed)

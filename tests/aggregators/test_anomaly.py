@@ -91,7 +91,7 @@ def test_report_maps_rows_to_client_ids_and_skips_zero_weights():
     ("name = 'fltrust'\n", "needs root data: set aggregator.root"),
     ("name = 'median'\nroot = 10\n", "aggregator.root = 10 is FLTrust's root data"),
     ("name = 'flame'\nnnm = true\n", "cannot run after aggregator.nnm"),
-    ("name = 'fltrust'\nroot = 100000\n", "more than the"),
+    ("name = 'fltrust'\nroot = 100000\n", "root = 100000: 100000 root samples asked of"),
     ("name = 'flame'\n[algorithm]\nname = 'scaffold'\n", "aggregator.name = 'flame' cannot be combined")])
 def test_trust_rules_refused_where_they_cannot_work(extra, message):
     with pytest.raises(config.ConfigError, match=message):
@@ -105,3 +105,11 @@ def test_trust_rules_built_from_the_config():
     assert alg.aggregator.name == "fltrust" and alg.aggregator.prepare is not None
     with pytest.raises(ValueError, match="lam must be >= 0"):
         A.flame(lam=-1.0)
+
+
+def test_a_deployed_client_builds_an_fltrust_config_without_root_data():
+    from types import SimpleNamespace
+    cfg = config.load(text=BASE + "[aggregator]\nname = 'fltrust'\nroot = 50\n")
+    alg = config.build(cfg, data=SimpleNamespace(n_features=64, n_classes=10, clients=[None] * 8))[0]
+    with pytest.raises(RuntimeError, match="runs where the root data is"):
+        alg.aggregator.prepare({}, {}, 0)
