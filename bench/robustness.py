@@ -3,6 +3,8 @@
     PYTHONPATH=src python bench/robustness.py                       # the full table (long)
     PYTHONPATH=src python bench/robustness.py --data digits --split dir0.1 --f 2 \
         --rules nnm+trimmed_mean,median --rounds 30              # one cell family
+    PYTHONPATH=src python bench/robustness.py --backdoor --data digits --split iid --f 2 \
+        --rules mean,flame                                        # backdoor success, clean accuracy
 
 The ByzFL protocol (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1),
 all taking part in every round; each cell is the worst test accuracy (final round) over the
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from atoll import config, data
+from atoll import attacks, config, data
 from atoll.data.datasets import Dataset
 from atoll.runtime.vmap import VmapRuntime
 from atoll.simulation import simulate
@@ -39,7 +41,8 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "centered_clipping(tau=0.3)": "name = 'centered_clipping'\ntau = 0.3\niters = 3",
          "centered_clipping(tau=0.1)": "name = 'centered_clipping'\ntau = 0.1\niters = 3",
          "nnm+centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3\nnnm = true",
-         "bucketing+median": "name = 'median'\nbucket = 2"}
+         "bucketing+median": "name = 'median'\nbucket = 2",
+         "fltrust": "name = 'fltrust'\nroot = 100", "flame": "name = 'flame'"}
 HONEST = 10
 
 
@@ -84,7 +87,8 @@ every = {rounds}
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
-        server_lr=0.5):
+        server_lr=0.5, backdoor=False):
+    """Final test accuracy (and with ``backdoor``, the trigger's success rate)."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
                                             f"algorithm.server_lr={server_lr}"])
@@ -95,8 +99,28 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
                          seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
                          client_test_fraction=0.0)
     alg, model, fed, plan = config.build(cfg, data=fed)
+    high = float(max(c.x.max() for c in fed.clients if c.n))  # the trigger's value (attacks.poison)
     res = simulate(alg, model, fed, plan, runtime=VmapRuntime(), plots=False)
-    return float(res.final["test_acc"])
+    if not backdoor:
+        return float(res.final["test_acc"])
+    model_fn = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+    hit = attacks.backdoor_success(model_fn, res.state.params, fed.x_test, fed.y_test, 0, high)
+    return float(res.final["test_acc"]), hit
+
+
+def backdoor_table(a):
+    """Model-replacement backdoor (f attackers, boost 10): clean accuracy without attackers,
+    accuracy and trigger success with them, per rule."""
+    print("\n| data | split | rule | clean acc (no attack) | acc under backdoor | backdoor success |")
+    print("|---|---|---|---|---|---|")
+    for name in a.data.split(","):
+        for split in a.split.split(","):
+            for f in map(int, a.f.split(",")):
+                for rule in a.rules.split(","):
+                    clean = one(name, split, rule, 0, None, a.rounds)
+                    acc, hit = one(name, split, rule, f, "backdoor", a.rounds, backdoor=True)
+                    print(f"| {name} | {split} (f={f}) | {rule} | {clean:.3f} | {acc:.3f} | {hit:.3f} |",
+                          flush=True)
 
 
 def main():
@@ -110,7 +134,10 @@ def main():
     ap.add_argument("--momentum", type=float, default=0.0, help="worker momentum (0: off)")
     ap.add_argument("--server-momentum", type=float, default=0.9)
     ap.add_argument("--server-lr", type=float, default=0.5)
+    ap.add_argument("--backdoor", action="store_true", help="the backdoor table instead")
     a = ap.parse_args()
+    if a.backdoor:
+        return backdoor_table(a)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     results = []

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from atoll import tree as T
-from atoll.aggregators import Aggregator, mean
+from atoll.aggregators import Aggregator, anomaly, mean
 from atoll.client import ClientUpdate, LossFn, local_training, mark_update, split_buffers
 from atoll.codecs import Codec, identity
 from atoll.transforms.base import Transform, apply_updates
@@ -128,8 +128,14 @@ class Algorithm:
             return ServerState(state.params, state.opt_state, state.round + 1, extra)
         if self.adversary is not None:
             deltas = self.adversary(deltas, list(ids), state.round + 1, key)
-        agg, agg_state = self.aggregator.aggregate(deltas, weights, state.extra["aggregator"])
+        agg_in = state.extra["aggregator"]
+        if self.aggregator.prepare is not None:  # e.g. FLTrust's own update on its root data
+            agg_in = self.aggregator.prepare(agg_in, state.params, key)
+        agg, agg_state = self.aggregator.aggregate(deltas, weights, agg_in)
         extra = {**state.extra, "aggregator": agg_state}
+        if self.aggregator.needs_individual:  # per-client scores: the run folder's anomaly.jsonl
+            extra["anomaly"] = {"round": state.round + 1, **anomaly.report(
+                self.aggregator.name, deltas, weights, agg, agg_state, ids)}
         if self.server_fn is not None:
             agg, extra = self.server_fn(state, agg, deltas, weights, aux or {}, key, extra)
         params, opt_state = self._step(state, agg)

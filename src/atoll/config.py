@@ -78,7 +78,7 @@ class AggregatorConfig(_Section):
     """How the server combines the cohort's updates (``atoll.aggregators``; docs/robustness.md)."""
 
     name: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-                  "geometric_median", "centered_clipping", "norm_bound"] = "mean"
+                  "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame"] = "mean"
     f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
     tau: float = Field(10.0, gt=0)              # centered_clipping radius
@@ -87,6 +87,8 @@ class AggregatorConfig(_Section):
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = "mean"
     nnm: bool = False                           # nearest-neighbour mixing before the rule
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
+    root: int = Field(0, ge=0)                  # fltrust: root samples the server trains on
+    lam: float = Field(0.001, ge=0)             # flame: noise std = lam * median update norm
 
 
 class AttackConfig(_Section):
@@ -470,11 +472,13 @@ def torch_zeros():
     return torch.zeros(1)
 
 
-def build_aggregator(cfg: Config):
-    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass."""
+def build_aggregator(cfg: Config, server_update=None):
+    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass.
+    ``server_update(params, key) -> delta``: FLTrust's training on its root data (``build``)."""
     from atoll import aggregators as A
 
     g, a = cfg.aggregator, cfg.algorithm
+    _check_trust(g, server_update)
     if g.name == "mean" and not (g.nnm or g.bucket):
         return A.mean(a.weighting)
     where = {"algorithm.name": a.name if a.name in ("fednova", "scaffold", "fedagrac") else None,
@@ -492,7 +496,8 @@ def build_aggregator(cfg: Config):
                 "krum": lambda: A.krum(g.f), "multi_krum": lambda: A.multi_krum(g.f, g.m),
                 "bulyan": lambda: A.bulyan(g.f),
                 "geometric_median": lambda: A.geometric_median(iters=max(g.iters, 100)),
-                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters)}
+                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters),
+                "fltrust": lambda: A.fltrust(server_update), "flame": lambda: A.flame(g.lam, cfg.seed)}
         if name == "norm_bound":
             if g.c is None:
                 raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound)')
@@ -505,6 +510,35 @@ def build_aggregator(cfg: Config):
     if g.bucket:
         agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
     return agg
+
+
+def _check_trust(g: AggregatorConfig, server_update) -> None:
+    if g.name in ("fltrust", "flame") and (g.nnm or g.bucket):
+        raise ConfigError(f"aggregator.name = {g.name!r} chooses whom to trust from the raw updates: "
+                          "it cannot run after aggregator.nnm or aggregator.bucket")
+    if g.root and g.name != "fltrust":
+        raise ConfigError(f"aggregator.root = {g.root} is FLTrust's root data; aggregator.name = "
+                          f"{g.name!r} does not use it")
+    if g.name == "fltrust" and (not g.root or server_update is None):
+        raise ConfigError('aggregator.name = "fltrust" needs root data: set aggregator.root to the '
+                          "number of clean samples the server trains on (the paper uses 100), in a "
+                          "simulation that loads [data]")
+
+
+def _root_update(cfg: Config, model, local, fed):
+    """FLTrust's ``server_update`` on ``aggregator.root`` clean training samples (before any
+    data attack; ``algorithms.root``); a deployed client's stand-in data has none to give."""
+    from atoll.algorithms.root import root_update
+
+    g, c = cfg.aggregator, cfg.client
+    if not g.root or not fed.clients or getattr(fed.clients[0], "x", None) is None:
+        def no_root(params, key):
+            raise RuntimeError("fltrust: the server update runs where the root data is (the server)")
+        return no_root if g.root else None
+    try:
+        return root_update(model, local, fed.clients, g.root, cfg.seed, c.batch_size, c.steps, c.epochs)
+    except ValueError as exc:
+        raise ConfigError(f"aggregator.root = {g.root}: {exc}") from None
 
 
 def _with_attack(cfg: Config, algorithm, fed):
@@ -560,7 +594,8 @@ def build(cfg: Config, data=None):
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
         raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
                           f"{len(fed.clients)} clients")
-    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg), **options)
+    trust = _root_update(cfg, model, local, fed) if cfg.aggregator.name == "fltrust" else None
+    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg, trust), **options)
     if cfg.attack.name != "none":
         algorithm, fed = _with_attack(cfg, algorithm, fed)
     algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))

@@ -1,7 +1,8 @@
 """Run rounds: sample, let the runtime execute, evaluate, write metrics, checkpoint.
 
 Run folder: ``metrics.jsonl`` (one deterministic JSON line per round: same config and seed give
-a byte-identical file), ``timings.jsonl`` (wall-clock seconds, kept apart because they differ
+a byte-identical file), ``anomaly.jsonl`` (robust rules: per-client scores and exclusions,
+``aggregators.anomaly``), ``timings.jsonl`` (wall-clock seconds, kept apart because they differ
 between runs), ``checkpoint.pt``, ``final.json``, ``model.pt``, ``plots/`` and ``summary.md``.
 """
 from __future__ import annotations
@@ -124,6 +125,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             if stats.failures:
                 line["failures"] = [[c, why] for c, why in stats.failures]
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
+            if run_dir is not None and state.extra.get("anomaly", {}).get("round") == r:
+                _append(run_dir / "anomaly.jsonl", state.extra["anomaly"])  # robust rules' scores
             check_round(stats, r)  # every client failed: stop, the cause is in the line above
             if run_dir is not None:
                 if r % plan.checkpoint_every == 0 or r == plan.rounds:
@@ -199,8 +202,10 @@ def _open_logs(run_dir: Path, resumed_round: int, config_text: str | None) -> li
     if config_text is not None:
         checkpoint.atomic_write(run_dir / "config.toml", config_text.encode())
     kept = []
-    for name in ("metrics.jsonl", "timings.jsonl"):
+    for name in ("metrics.jsonl", "timings.jsonl", "anomaly.jsonl"):
         path = run_dir / name
+        if name == "anomaly.jsonl" and not path.exists():
+            continue  # written by robust rules only
         lines = rundir.read_log(path) if (resumed_round and path.exists()) else []
         lines = [ln for ln in lines if json.loads(ln)["round"] <= resumed_round]
         checkpoint.atomic_write(path, "".join(ln + "\n" for ln in lines).encode())

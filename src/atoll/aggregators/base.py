@@ -4,6 +4,11 @@
 leading client axis ``(C, ...)``, ``weights`` a ``(C,)`` tensor of non-negative weights.
 ``needs_individual`` says the rule must see each client's update (robust rules); such a rule
 cannot sit behind secure aggregation, which only reveals the sum.
+``prepare(state, params, key) -> state``, where a rule has one, is called by the server step
+just before ``aggregate`` with the round's global model and server key (FLTrust trains its own
+root-data update there). A rule may list the rows it left out of its output in its returned
+state under ``"excluded"`` (row indices among the participating clients; ``atoll.aggregators.
+anomaly``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class Aggregator:
     aggregate: Callable[[Tree, torch.Tensor, Any], tuple[Tree, Any]]
     needs_individual: bool = False
     weigh: Callable[[list[int], torch.Tensor], torch.Tensor] = None  # (ids, samples) -> weights
+    prepare: Callable[[Any, Tree, int], Any] | None = None  # (state, global params, server key) -> state
 
     def weights(self, client_ids: list[int], samples: torch.Tensor) -> torch.Tensor:
         """The aggregation weights of a cohort, from its ids and training-set sizes."""

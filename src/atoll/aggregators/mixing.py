@@ -44,8 +44,10 @@ def centered_clipping(tau: float = 10.0, iters: int = 1) -> Aggregator:
                       weigh=_uniform)
 
 
-def _wrapped(name: str, inner: Aggregator, transform, init=None) -> Aggregator:
-    """``inner`` after ``transform(rows, weights, state) -> (rows, weights, state)``."""
+def _wrapped(name: str, inner: Aggregator, transform, init=None, rowwise=True) -> Aggregator:
+    """``inner`` after ``transform(rows, weights, state) -> (rows, weights, state)``;
+    ``rowwise``: row i of the transform's output is client i's (the inner rule's exclusions
+    are then the clients'; bucketing's rows are buckets)."""
 
     def aggregate(decoded: Tree, weights: torch.Tensor, state):
         rows, like = matrix(decoded, weights)
@@ -53,7 +55,8 @@ def _wrapped(name: str, inner: Aggregator, transform, init=None) -> Aggregator:
         need(name, rows.shape[0], 1, "one update")
         rows, keep, own = transform(rows, keep, state["own"])
         out, inner_state = inner.aggregate(batched(rows, like), keep, state["inner"])
-        return out, {"own": own, "inner": inner_state}
+        gone = inner_state.get("excluded") if rowwise and isinstance(inner_state, dict) else None
+        return out, {"own": own, "inner": inner_state, **({"excluded": gone} if gone else {})}
 
     return Aggregator(f"{name}({inner.name})", needs_individual=True, weigh=inner.weigh,
                       aggregate=aggregate,
@@ -91,5 +94,5 @@ def bucketing(s: int, inner: Aggregator, seed: int = 0) -> Aggregator:
         means = torch.stack([rows[order[i:i + s]].mean(dim=0) for i in range(0, n, s)])
         return means, torch.ones(means.shape[0], dtype=weights.dtype), count + 1
 
-    agg = _wrapped(f"bucketing(s={s})", inner, transform, init=lambda: 0)
+    agg = _wrapped(f"bucketing(s={s})", inner, transform, init=lambda: 0, rowwise=False)
     return Aggregator(agg.name, agg.init, agg.aggregate, needs_individual=True, weigh=_uniform)

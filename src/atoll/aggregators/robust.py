@@ -58,6 +58,12 @@ def _rule(name: str, fn, needs_least=lambda n: 1, rule="", init=lambda params: (
                       weigh=lambda ids, samples: torch.ones_like(samples))
 
 
+def left_out(n: int, kept) -> dict:
+    """A rule's state naming the rows it did not use (``"excluded"``, see ``anomaly``)."""
+    kept = set(int(i) for i in kept)
+    return {"excluded": [i for i in range(n) if i not in kept]}
+
+
 def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
     """Per-coordinate median; the mean of the two middle values when n is even."""
     s, n = rows.sort(dim=0).values, rows.shape[0]
@@ -92,7 +98,8 @@ def krum_scores(rows: torch.Tensor, f: int) -> torch.Tensor:
 
 def krum(f: int) -> Aggregator:
     def fn(rows, st):
-        return rows[int(krum_scores(rows, f).argmin())], st
+        best = int(krum_scores(rows, f).argmin())
+        return rows[best], left_out(rows.shape[0], [best])
 
     return _rule(f"krum(f={f})", fn, lambda n: 2 * f + 3, "2f + 3")
 
@@ -103,7 +110,7 @@ def multi_krum(f: int, m: int | None = None) -> Aggregator:
     def fn(rows, st):
         k = m if m is not None else rows.shape[0] - f
         best = krum_scores(rows, f).argsort()[:k]
-        return rows[best].mean(dim=0), st
+        return rows[best].mean(dim=0), left_out(rows.shape[0], best.tolist())
 
     return _rule(f"multi_krum(f={f})", fn, lambda n: max(2 * f + 3, m or 0), "2f + 3 and m")
 
@@ -120,7 +127,7 @@ def bulyan(f: int) -> Aggregator:
         beta = sel.shape[0] - 2 * f
         med = coordinate_median(sel)
         nearest = (sel - med).abs().argsort(dim=0)[:beta]  # (beta, D)
-        return sel.gather(0, nearest).mean(dim=0), st
+        return sel.gather(0, nearest).mean(dim=0), left_out(n, chosen)
 
     return _rule(f"bulyan(f={f})", fn, lambda n: 4 * f + 3, "4f + 3")
 
