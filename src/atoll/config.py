@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what is accepted."""
+from atoll.errors import ConfigError  # noqa: F401 (re-exported: atoll.config.ConfigError)
 
 
 class _Section(BaseModel):

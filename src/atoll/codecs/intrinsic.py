@@ -36,7 +36,7 @@ from atoll import rng
 from atoll.codecs import bits as B
 from atoll.codecs import flat
 from atoll.codecs.base import Codec
-from atoll.transport.wire import CODE, DTYPES
+from atoll.wireformat import CODE, DTYPES
 
 COUNT_KEY = "__count__"  # optional scalar entry of the encoded tree: this client's N_k
 SEED_KEY = "__dither_seed__"  # optional int64 scalar entry: the dither seed (else from the key)
