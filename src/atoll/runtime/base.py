@@ -13,6 +13,7 @@ import torch
 
 from atoll import rng
 from atoll.data import batch_indices, gather, num_steps
+from atoll.sampling import straggler_steps
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,3 @@ def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 def active_steps(cid: int, round: int, seed: int, work: LocalWork, n: int) -> int:  # noqa: A002
     """The number of steps client ``cid`` (``n`` samples) completes in ``round``."""
     return straggler_steps(cid, round, seed, work, work.round_steps(cid, round, seed, n))[0]
-
-
-def straggler_steps(cid: int, round: int, seed: int, work: LocalWork, total: int) -> tuple[int, bool]:  # noqa: A002
-    """How many of its ``total`` steps client ``cid`` runs this round, and whether it straggles."""
-    if work.stragglers > 0 and total > 1:
-        gs = rng.generator(rng.key(seed, round, cid, "straggler"))
-        coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
-        if coin < work.stragglers:
-            return 1 + int(frac * (total - 1)), True  # uniform in [1, total-1]
-    return total, False
