@@ -167,7 +167,7 @@ class DeployConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of a run (``atoll.privacy.run``; docs/privacy.md)."""
+    """Differential privacy of a run (``atoll.privacy_config``; docs/privacy.md)."""
 
     mode: Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"] = "none"
     accountant: Literal["pld", "rdp", "rdp_classic"] = "pld"
@@ -495,7 +495,7 @@ def build(cfg: Config, data=None):
                 train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
-        from atoll.privacy.run import configure
+        from atoll.privacy_config import configure
 
         algorithm, plan = configure(cfg, algorithm, model, fed, plan)
     return algorithm, model, fed, plan

@@ -109,7 +109,7 @@ def draw_work(client_update, cdata, cid: int, round: int, seed: int, work: Local
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """``client_work``, or the update's own draw where it has one: ``client_update.
     draw_batches(x, y, cid, round, seed, work, params, secret)`` (e.g. DP-SGD's Poisson batches
-    with pre-drawn noise, ``privacy.run``, keyed by ``rng.private_key(..., secret)``), made
+    with pre-drawn noise, ``algorithms.dp``, keyed by ``rng.private_key(..., secret)``), made
     outside the pure update so that it runs under vmap."""
     draw = getattr(client_update, "draw_batches", None)
     if draw is None:
