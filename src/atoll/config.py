@@ -322,28 +322,6 @@ def dumps(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def check_resume(old_text: str, new_text: str, source: str = "config.toml") -> None:
-    """Refuse a resumed config that changes the run: every key must keep its value, except
-    ``rounds``, which may grow (more rounds of the same run)."""
-    old, new = _flat(tomllib.loads(old_text)), _flat(tomllib.loads(new_text))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "rounds")
-    if changed:
-        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
-        raise ConfigError(f"a resume cannot change the run recorded in {source}; it changes "
-                          f"{shown}. Only rounds may be raised; start a new run (another --out) "
-                          "for other settings")
-    if new.get("rounds", 0) < old.get("rounds", 0):
-        raise ConfigError(f"a resume may raise rounds, not lower it ({source} has rounds = "
-                          f"{old['rounds']}, got {new['rounds']})")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
