@@ -13,11 +13,17 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # the stages and the parts built on them: they never reach up to the runtime, the wire or the edge
-STAGES = ("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.transforms",
-          "atoll.codecs", "atoll.aggregators", "atoll.privacy", "atoll.client", "atoll.algorithm",
-          "atoll.algorithms")
+STAGES = ("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat",
+          "atoll.sampling", "atoll.transforms", "atoll.codecs", "atoll.aggregators",
+          "atoll.privacy", "atoll.client", "atoll.algorithm", "atoll.algorithms")
 ABOVE_STAGES = ("atoll.runtime", "atoll.transport", "atoll.config", "atoll.cli",
                 "atoll.simulation", "atoll.asynchronous", "atoll.deploy", "atoll.wiring")
+# DESIGN.md's direction below the runtime: a module imports only its own rank and those below
+RANKS = [("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat",
+          "atoll.sampling"),
+         ("atoll.transforms", "atoll.codecs", "atoll.aggregators", "atoll.privacy"),
+         ("atoll.client", "atoll.algorithm"),
+         ("atoll.algorithms",)]
 ONLY_IMPORTED_BY = {"grpc": ("atoll.transport",), "ray": ("atoll.runtime.ray",)}
 
 
@@ -121,6 +127,17 @@ def import_graph(src: Path = SRC):
     return edges, external
 
 
+def contract(edges, nodes) -> dict[str, set]:
+    """``edges`` without ``nodes``: an import of one of them becomes an import of everything it
+    imports (``from atoll import codecs`` depends on all that ``codecs/__init__`` pulls in)."""
+    def reach(v, seen):
+        out = set()
+        for w in edges[v] - seen:
+            out |= reach(w, seen | {w}) if w in nodes else {w}
+        return out
+    return {v: reach(v, {v}) - {v} for v in edges if v not in nodes}
+
+
 def cycles(edges, skip=()) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), ``skip`` left out."""
     index, low, stack, on, out = {}, {}, [], set(), []
@@ -159,13 +176,22 @@ def layer_violations(edges):
                   for t in ts if _under(t, ABOVE_STAGES))
 
 
+def rank_violations(edges):
+    """Imports from a ranked module to a higher rank, or to a module outside the ranks."""
+    def rank(m):
+        return next((i for i, r in enumerate(RANKS) if _under(m, r)), None)
+    return sorted(f"{m} -> {t}" for m, ts in edges.items() if rank(m) is not None
+                  for t in ts if rank(t) is None or rank(t) > rank(m))
+
+
 def library_violations(external):
     return sorted(f"{m} imports {lib}" for m, libs in external.items() for lib in libs
                   if lib in ONLY_IMPORTED_BY and not _under(m, ONLY_IMPORTED_BY[lib]))
 
 
-def _skip():
-    return {m for m, p in modules().items() if reexport_only(p)}
+def _package_graph(edges):
+    """The graph with the re-export-only package ``__init__`` modules contracted away."""
+    return contract(edges, {m for m, p in modules().items() if reexport_only(p)})
 
 
 def test_graph_sees_lazy_and_reexported_imports():
@@ -184,12 +210,29 @@ def test_cycle_finder_on_a_known_graph():
          "g": {"f"}}
     assert cycles(g) == [["a", "b", "c"], ["f", "g"]]
     assert cycles(g, skip={"g"}) == [["a", "b", "c"]]
+    # a re-exporting package between two modules still closes their cycle once contracted
+    h = {"x": {"pkg"}, "pkg": {"pkg.y"}, "pkg.y": {"x"}}
+    assert contract(h, {"pkg"}) == {"x": {"pkg.y"}, "pkg.y": {"x"}}
+    assert cycles(contract(h, {"pkg"})) == [["pkg.y", "x"]]
+    assert layer_violations({"atoll.codecs.x": {"atoll.transport.wire", "atoll.tree"}}) == [
+        "atoll.codecs.x -> atoll.transport.wire"]
+    assert rank_violations({"atoll.privacy.x": {"atoll.client", "atoll.codecs"}}) == [
+        "atoll.privacy.x -> atoll.client"]
+    assert library_violations({"atoll.deploy.x": {"grpc"}, "atoll.transport.y": {"grpc"},
+                               "atoll.runtime.loop": {"ray"}}) == [
+        "atoll.deploy.x imports grpc", "atoll.runtime.loop imports ray"]
 
 
 def test_stages_do_not_import_runtime_transport_or_config():
     edges, _ = import_graph()
     bad = layer_violations(edges)
     assert not bad, "stages import from above them:\n" + "\n".join(bad)
+
+
+def test_core_stages_client_algorithms_import_only_downwards():
+    edges, _ = import_graph()
+    bad = rank_violations(edges)
+    assert not bad, "imports against core <- stages <- client, algorithm <- algorithms:\n" + "\n".join(bad)
 
 
 def test_only_transport_imports_grpc_and_only_runtime_ray_imports_ray():
@@ -200,12 +243,12 @@ def test_only_transport_imports_grpc_and_only_runtime_ray_imports_ray():
 
 def test_no_import_cycles():
     edges, _ = import_graph()
-    found = cycles(edges, skip=_skip())
+    found = cycles(_package_graph(edges))
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 if __name__ == "__main__":  # print what the checks find
     e, x = import_graph()
-    print("\n".join(layer_violations(e) + library_violations(x)))
-    for c in cycles(e, skip=_skip()):
+    print("\n".join(layer_violations(e) + rank_violations(e) + library_violations(x)))
+    for c in cycles(_package_graph(e)):
         print("cycle:", " <-> ".join(c))
