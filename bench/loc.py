@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 LAYERS = [  # (layer, modules or packages under atoll/)
-    ("core", ("tree", "rng", "types", "errors")),
+    ("core", ("tree", "rng", "types", "errors", "wireformat", "sampling")),
     ("stages", ("transforms", "codecs", "aggregators", "privacy")),
     ("client/algorithm(s)", ("client", "algorithm", "algorithms")),
     ("runtime", ("runtime",)),
     ("transport", ("transport",)),
     ("deploy", ("deploy",)),
-    ("edge", ("config", "cli", "simulation", "asynchronous", "wiring")),
+    ("edge", ("config", "privacy_config", "cli", "simulation", "asynchronous", "runlog")),
 ]
 
 
