@@ -23,7 +23,8 @@ import torch
 
 from atoll.client import local_training, model_loss, params_of
 from atoll.models.zoo import mlp
-from atoll.privacy.dpsgd import dp_inputs, dp_local_training
+from atoll.algorithms.dp import dp_local_training
+from atoll.privacy.dpsgd import dp_inputs
 from atoll.transforms.optim import sgd
 
 

@@ -54,6 +54,11 @@ from atoll import rng, rundir
 from atoll import tree as T
 from atoll.client import buffer_names, model_loss, params_of
 from atoll.evaluate import FederatedEval
+from atoll.runlog import Progress as _Progress
+from atoll.runlog import Result
+from atoll.runlog import evaluate_and_log as _evaluate_and_log
+from atoll.runlog import finish as _finish
+from atoll.runlog import open_logs as _open_logs
 from atoll.runtime import make_runtime
 from atoll.runtime.base import AllClientsFailed, active_steps, failure_reasons
 from atoll.runtime.check import decode_update
@@ -332,8 +337,6 @@ def check_privacy(spec) -> None:
 def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,
                    overwrite=False, progress=False, config_text=None, plots=True):
     """``simulation.simulate`` for ``plan.asynchronous``: same run folder, one line per server step."""
-    from atoll.simulation import Result, _evaluate_and_log, _finish, _open_logs, _Progress
-
     if resume:
         raise ValueError("asynchronous runs cannot be resumed (the event queue is not "
                          "checkpointed); start a new run")

@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what is accepted."""
+from atoll.errors import ConfigError  # noqa: F401 (re-exported: atoll.config.ConfigError)
 
 
 class _Section(BaseModel):
@@ -171,7 +169,7 @@ class DeployConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of a run (``atoll.privacy.run``; docs/privacy.md)."""
+    """Differential privacy of a run (``atoll.privacy_config``; docs/privacy.md)."""
 
     mode: Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"] = "none"
     accountant: Literal["pld", "rdp", "rdp_classic"] = "pld"
@@ -354,28 +352,6 @@ def dumps(cfg: Config) -> str:
             lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
             lines.append("")
     return "\n".join(lines)
-
-
-def check_resume(old_text: str, new_text: str, source: str = "config.toml") -> None:
-    """Refuse a resumed config that changes the run: every key must keep its value, except
-    ``rounds``, which may grow (more rounds of the same run)."""
-    old, new = _flat(tomllib.loads(old_text)), _flat(tomllib.loads(new_text))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "rounds")
-    if changed:
-        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
-        raise ConfigError(f"a resume cannot change the run recorded in {source}; it changes "
-                          f"{shown}. Only rounds may be raised; start a new run (another --out) "
-                          "for other settings")
-    if new.get("rounds", 0) < old.get("rounds", 0):
-        raise ConfigError(f"a resume may raise rounds, not lower it ({source} has rounds = "
-                          f"{old['rounds']}, got {new['rounds']})")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _toml(v) -> str:
@@ -611,7 +587,7 @@ def build(cfg: Config, data=None):
                 train_eval=cfg.eval.train_loss,
                 checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
-        from atoll.privacy.run import configure
+        from atoll.privacy_config import configure
 
         algorithm, plan = configure(cfg, algorithm, model, fed, plan)
         if plan.asynchronous is not None:

@@ -4,7 +4,7 @@ survive a torn last line.
 * A new run goes only into an empty (or new) folder; ``overwrite`` first removes the files a run
   writes (and only those: a user's other files stay), so two runs never mix.
 * A resume may not change the run: the resumed config must equal ``config.toml`` except for a
-  larger ``rounds`` (``config.check_resume``), which is then recorded in ``config.toml``.
+  larger ``rounds`` (``check_config_change``), which is then recorded in ``config.toml``.
 * ``metrics.jsonl`` and ``timings.jsonl`` are appended line by line; a crash with a full disk
   can leave the last line torn. ``read_log`` drops (and logs) that line; a bad line before the
   last is an error naming the file and the line.
@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tomllib
 from pathlib import Path
+
+from atoll.errors import ConfigError
 
 log = logging.getLogger("atoll")
 
@@ -56,9 +59,29 @@ def check_resume(run_dir: Path, config_text: str | None) -> None:
     old = Path(run_dir) / "config.toml"
     if config_text is None or not old.exists():
         return
-    from atoll.config import check_resume
+    check_config_change(old.read_text(), config_text, source=str(old))
 
-    check_resume(old.read_text(), config_text, source=str(old))
+
+def check_config_change(old_text: str, new_text: str, source: str = "config.toml") -> None:
+    """Refuse a resumed config that changes the run: every key must keep its value, except
+    ``rounds``, which may grow (more rounds of the same run)."""
+    old, new = _flat(tomllib.loads(old_text)), _flat(tomllib.loads(new_text))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "rounds")
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
+        raise ConfigError(f"a resume cannot change the run recorded in {source}; it changes "
+                          f"{shown}. Only rounds may be raised; start a new run (another --out) "
+                          "for other settings")
+    if new.get("rounds", 0) < old.get("rounds", 0):
+        raise ConfigError(f"a resume may raise rounds, not lower it ({source} has rounds = "
+                          f"{old['rounds']}, got {new['rounds']})")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def read_log(path: Path) -> list[str]:

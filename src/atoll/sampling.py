@@ -1,4 +1,5 @@
-"""Client selection per round, reproducible from ``rng.key(seed, round, SERVER, "sample")``.
+"""Client selection per round, reproducible from ``rng.key(seed, round, SERVER, "sample")``,
+and which sampled clients straggle (``rng.key(seed, round, client, "straggler")``).
 
 * ``fixed``: a fixed count (or a fraction of the population) without replacement;
 * ``poisson``: each client joins independently with probability ``rate`` (the cohort size
@@ -29,3 +30,14 @@ def sample(num_clients: int, round: int, seed: int, *, method: str = "fixed",  #
         coins = torch.rand(num_clients, generator=g, dtype=torch.float64)
         return torch.nonzero(coins < rate).flatten().tolist()
     raise ValueError(f"sampling.method must be 'fixed' or 'poisson', got {method!r}")
+
+
+def straggler_steps(cid: int, round: int, seed: int, work, total: int) -> tuple[int, bool]:  # noqa: A002
+    """How many of its ``total`` steps client ``cid`` runs this round, and whether it straggles
+    (``work``: a ``runtime.base.LocalWork``; only its ``stragglers`` fraction is read)."""
+    if work.stragglers > 0 and total > 1:
+        gs = rng.generator(rng.key(seed, round, cid, "straggler"))
+        coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
+        if coin < work.stragglers:
+            return 1 + int(frac * (total - 1)), True  # uniform in [1, total-1]
+    return total, False

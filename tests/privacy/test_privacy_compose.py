@@ -8,7 +8,7 @@ import torch
 
 from atoll import config
 from atoll import privacy as P
-from atoll.privacy.run import dp_fedavg_server
+from atoll.algorithms.dp import dp_fedavg_server
 from atoll.simulation import simulate
 from atoll.types import ServerState
 

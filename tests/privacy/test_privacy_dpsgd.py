@@ -7,7 +7,8 @@ from torch.func import vmap
 
 from atoll import privacy as P
 from atoll.privacy import ghost as G
-from atoll.privacy.dpsgd import dp_inputs, dp_local_training, poisson_batches
+from atoll.algorithms.dp import dp_local_training
+from atoll.privacy.dpsgd import dp_inputs, poisson_batches
 from atoll.transforms.optim import sgd
 
 

@@ -1,4 +1,4 @@
-"""Privacy wired into training runs (``atoll.privacy.run``): accounting per round, budget stop
+"""Privacy wired into training runs (``atoll.privacy_config``, ``atoll.privacy.run``): accounting per round, budget stop
 and resume, DP-FedAvg noise and adaptive clipping, intrinsic integer aggregation, vmap == loop,
 configuration errors."""
 import json
@@ -11,7 +11,8 @@ from atoll import config
 from atoll import privacy as P
 from atoll.client import model_loss
 from atoll.codecs import dithered_quantize
-from atoll.privacy.run import STATE_KEY, dp_fedavg_server
+from atoll.algorithms.dp import dp_fedavg_server
+from atoll.privacy.run import STATE_KEY
 from atoll.runtime.base import draw_work
 from atoll.runtime.loop import LoopRuntime
 from atoll.runtime.vmap import VmapRuntime

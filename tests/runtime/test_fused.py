@@ -5,7 +5,8 @@ import torch
 
 from atoll.client import local_training, model_loss, params_of
 from atoll.models import zoo
-from atoll.runtime.engine import VmapEngine, select_engine
+from atoll.runtime.engine import VmapEngine
+from atoll.runtime.vmap import select_engine
 from atoll.runtime.fused import FusedMLP, match
 from atoll.transforms import adam, chain, proximal, sgd
 from atoll.transforms.optim import add_decayed_weights

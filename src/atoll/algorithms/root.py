@@ -12,7 +12,7 @@ import torch
 
 from atoll import rng
 from atoll.client import local_training, model_loss
-from atoll.data import batch_indices, gather
+from atoll.data.batching import batch_indices, gather
 
 
 def draw_root(clients, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

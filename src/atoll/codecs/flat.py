@@ -22,9 +22,7 @@ import math
 import torch
 
 from atoll.tree import Tree
-from atoll.transport.wire import MAGIC
-
-WIRE_HEADER = len(MAGIC) + 1 + 4  # magic, u8 version, u32 entry count
+from atoll.wireformat import HEADER_BYTES
 
 
 def gather(tree: Tree, prefix: str, what: str) -> tuple[torch.Tensor, Tree]:
@@ -106,7 +104,7 @@ def entry(payload: Tree, name: str, what: str, dtype: torch.dtype | None = None)
 
 def wire_size(tree: Tree) -> int:
     """``len(wire.dumps(tree))``, computed from the format without serialising."""
-    total = WIRE_HEADER
+    total = HEADER_BYTES
     for name, t in tree.items():
         total += 2 + len(name.encode()) + 2 + 4 * t.dim() + t.numel() * t.element_size()
     return total

@@ -36,7 +36,7 @@ from atoll import rng
 from atoll.codecs import bits as B
 from atoll.codecs import flat
 from atoll.codecs.base import Codec
-from atoll.transport.wire import CODE, DTYPES
+from atoll.wireformat import CODE, DTYPES
 
 COUNT_KEY = "__count__"  # optional scalar entry of the encoded tree: this client's N_k
 SEED_KEY = "__dither_seed__"  # optional int64 scalar entry: the dither seed (else from the key)
@@ -57,8 +57,8 @@ def dithered_quantize(delta: float, Z: int, clip: float, norm: str = "linf",  # 
 
     ``integers=True``: ``decode`` returns the integers ``m`` themselves (as floats of the leaf
     dtype, exact) instead of ``m * D_k - v``: the server then aggregates integers and removes
-    the dithers itself (``privacy.run``'s intrinsic mode, where the dither seed comes with the
-    tree as ``SEED_KEY`` and reaches the server beside the payload)."""
+    the dithers itself (the ``intrinsic`` privacy mode, ``algorithms.dp``, where the dither seed
+    comes with the tree as ``SEED_KEY`` and reaches the server beside the payload)."""
     if not (delta > 0 and clip > 0 and count > 0 and int(Z) == Z and Z >= 0):
         raise ValueError(f"dithered_quantize: need delta, clip, count > 0 and integer Z >= 0; "
                          f"got delta={delta}, clip={clip}, count={count}, Z={Z}")

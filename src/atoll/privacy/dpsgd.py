@@ -39,7 +39,6 @@ import torch
 
 from atoll import rng
 from atoll.privacy import events, ghost
-from atoll.client import local_training
 from atoll.transforms.base import Transform
 from atoll.tree import Tree
 from atoll.types import ClientResult
@@ -99,23 +98,6 @@ class DpEstimator:
 
     def __call__(self, loss_fn):
         return self.grad_fn
-
-
-def dp_local_training(model: torch.nn.Module, transform: Transform, clip: float,
-                      noise_multiplier: float, sample_rate: float, use_ghost: bool | None = None,
-                      norm: str = "l2"):
-    """The DP-SGD ``ClientUpdate``: ``local_training`` with the ``dp_gradients`` estimator. With
-    a plain ``int`` key it draws the step noise itself when the batches lack it."""
-    estimate = dp_gradients(model, clip, noise_multiplier, sample_rate, use_ghost, norm)
-    inner = local_training(None, transform, estimate)
-
-    def update(params: Tree, client_state: dict[str, Any], broadcast: dict[str, Tree],
-               batches: dict[str, torch.Tensor], step_mask: torch.Tensor, key) -> ClientResult:
-        return inner(params, client_state, broadcast, _with_inputs(batches, params, key),
-                     step_mask, key)
-
-    update.step_event = events.poisson_gaussian(sample_rate, noise_multiplier)
-    return update
 
 
 def _vmap_sum(model, clip):

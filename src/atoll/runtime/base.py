@@ -13,6 +13,7 @@ import torch
 
 from atoll import rng
 from atoll.data import batch_indices, gather, num_steps
+from atoll.sampling import straggler_steps
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def draw_work(client_update, cdata, cid: int, round: int, seed: int, work: Local
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """``client_work``, or the update's own draw where it has one: ``client_update.
     draw_batches(x, y, cid, round, seed, work, params, secret)`` (e.g. DP-SGD's Poisson batches
-    with pre-drawn noise, ``privacy.run``, keyed by ``rng.private_key(..., secret)``), made
+    with pre-drawn noise, ``algorithms.dp``, keyed by ``rng.private_key(..., secret)``), made
     outside the pure update so that it runs under vmap."""
     draw = getattr(client_update, "draw_batches", None)
     if draw is None:
@@ -148,13 +149,3 @@ def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 def active_steps(cid: int, round: int, seed: int, work: LocalWork, n: int) -> int:  # noqa: A002
     """The number of steps client ``cid`` (``n`` samples) completes in ``round``."""
     return straggler_steps(cid, round, seed, work, work.round_steps(cid, round, seed, n))[0]
-
-
-def straggler_steps(cid: int, round: int, seed: int, work: LocalWork, total: int) -> tuple[int, bool]:  # noqa: A002
-    """How many of its ``total`` steps client ``cid`` runs this round, and whether it straggles."""
-    if work.stragglers > 0 and total > 1:
-        gs = rng.generator(rng.key(seed, round, cid, "straggler"))
-        coin, frac = torch.rand(2, generator=gs, dtype=torch.float64).tolist()
-        if coin < work.stragglers:
-            return 1 + int(frac * (total - 1)), True  # uniform in [1, total-1]
-    return total, False

@@ -9,8 +9,8 @@ leading client axis. Two engines exist:
   client is one shared product over ``C * B`` samples; the client axis appears after it.
 * ``atoll.runtime.fused.FusedMLP``, a hand-fused path for ReLU MLPs trained by SGD with
   optional proximal and weight-decay terms (FedAvg, FedProx, FedAdam, ... with ``sgd``
-  locally); ``select_engine`` uses it only where it recognises every part, else the generic
-  path. Both give ``LoopRuntime``'s results (tests/runtime, float64, 1e-9).
+  locally); ``runtime.vmap.select_engine`` uses it only where it recognises every part, else
+  the generic path. Both give ``LoopRuntime``'s results (tests/runtime, float64, 1e-9).
 """
 from __future__ import annotations
 
@@ -86,17 +86,3 @@ class PerClient:
 
 def _cpu(tree: Tree) -> Tree:
     return {k: v.detach().cpu() for k, v in tree.items()}
-
-
-def select_engine(client_update, fused: bool = True):
-    """The fused engine where it applies to ``client_update``, else :class:`VmapEngine`;
-    :class:`PerClient` for an update that draws random numbers."""
-    if getattr(client_update, "random", False):
-        return PerClient(client_update)
-    if fused:
-        from atoll.runtime.fused import FusedMLP, match
-
-        spec = match(client_update)
-        if spec is not None:
-            return FusedMLP(spec)
-    return VmapEngine(client_update)

@@ -31,7 +31,8 @@ from atoll import rng
 from atoll import tree as T
 from atoll.runtime.base import LocalWork, draw_work, stack_drawn
 from atoll.runtime.decode import DecodeBuffers, is_identity
-from atoll.runtime.engine import PerClient, VmapEngine, select_engine
+from atoll.runtime.engine import PerClient, VmapEngine
+from atoll.runtime.fused import FusedMLP, match
 from atoll.runtime.host import freeze_heap, tune_allocator, usable_cores
 from atoll.runtime.store import ClientStore
 from atoll.runtime.round import close_round, one_by_one, open_round
@@ -40,6 +41,18 @@ from atoll.runtime.work import chunk_batches, cut_chunks, plan_clients
 from atoll.transport import wire
 
 log = logging.getLogger("atoll")
+
+
+def select_engine(client_update, fused: bool = True):
+    """The fused engine where it applies to ``client_update``, else :class:`VmapEngine`;
+    :class:`PerClient` for an update that draws random numbers."""
+    if getattr(client_update, "random", False):
+        return PerClient(client_update)
+    if fused:
+        spec = match(client_update)
+        if spec is not None:
+            return FusedMLP(spec)
+    return VmapEngine(client_update)
 
 
 def resolve_device(device: str) -> torch.device:

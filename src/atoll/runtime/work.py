@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 
 from atoll import rng
-from atoll.runtime.base import LocalWork, straggler_steps
+from atoll.runtime.base import LocalWork
+from atoll.sampling import straggler_steps
 
 SMALL_CHUNK_BYTES = 4 * 2**20  # below this, a chunk's data is concatenated and gathered at once
 _ZERO = torch.zeros(1, dtype=torch.long)  # the permutation of one sample (never written)

@@ -19,16 +19,7 @@ import numpy as np
 import torch
 
 from atoll.tree import Tree
-
-MAGIC = b"ATL"
-VERSION = 1
-DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint8, torch.bool, torch.complex64, torch.complex128,
-    torch.uint16, torch.uint32, torch.uint64,
-]
-CODE = {d: i for i, d in enumerate(DTYPES)}
+from atoll.wireformat import CODE, DTYPES, MAGIC, VERSION
 
 
 class WireError(ValueError):

@@ -1,0 +1,270 @@
+"""The ``[privacy]`` section wired into a run: each mode's parts, events and checks.
+
+``configure(cfg, algorithm, model, data, plan)`` (called by ``config.build``) checks the
+``[privacy]`` section against the rest of the config and returns the algorithm with its private
+parts (``atoll.algorithms.dp``) and the plan with a ``privacy.run.PrivacySpec`` (the run's
+events per round and its budget). It sits at the edge beside ``config.py``: it reads a config
+and assembles algorithms, so no stage imports it.
+
+Modes (``privacy.mode``), each declaring its event per round:
+
+* ``dp_sgd``: record-level DP-SGD inside each client (``privacy.dpsgd``): ``S`` steps of
+  ``poisson_gaussian(sample_rate, z)``. Poisson batches and noise are drawn outside the pure
+  update (``draw_batches``), so the vectorised runtime runs it under ``vmap``.
+* ``dp_fedavg``: client-level DP-FedAvg (McMahan et al. 2018): each client clips its update to
+  L2 ``clip``; Poisson client sampling at ``sampling.rate``; the server adds
+  ``N(0, (z_update * clip)^2)`` to the *sum* and divides by the expected cohort ``rate * K``;
+  optional adaptive clipping to ``target_quantile`` (Andrew et al. 2021, geometric update, noisy
+  count with std ``clip_count_stddev``; ``z`` is then the effective multiplier of both).
+  Event: ``poisson_gaussian(rate, z)``.
+* ``local``: local DP on the uplink: ``clip_l2(clip)`` then Gaussian noise of std
+  ``z * 2 * clip`` (any two inputs of a client differ by at most ``2 * clip``). Event:
+  ``gaussian(z)``.
+* ``intrinsic``: DP intrinsic quantization (US 11,017,322 B1, FIG. 4): one clipped-gradient mean
+  per round over a Poisson sample of records, quantized by ``dithered_quantize``; the server sums
+  the *integers* (what secure aggregation would reveal), removes the dithers from their seeds and
+  steps ``w -= lr * g``. Event: ``intrinsic_quantization(Z + 1, step, clip, d, sample_rate)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from atoll.algorithms.dp import (INTRINSIC_AUX, clipping_client, dp_fedavg_server, dp_sgd_draw,
+                                 intrinsic_client, intrinsic_server)
+from atoll.client import buffer_names, local_training
+from atoll.codecs import chain, clip_l1, clip_l2, dithered_quantize, gaussian_noise, laplace_noise
+from atoll.codecs.quantize import stochastic_quantize
+from atoll.errors import ConfigError
+from atoll.privacy import events as ev
+from atoll.privacy.accountant import Accountant
+from atoll.privacy.dpsgd import DpEstimator, dp_gradients
+from atoll.privacy.calibrate import noise_for_epsilon, step_event, steps_for_epochs
+from atoll.privacy.irwin_hall import delta_floor
+from atoll.privacy.run import PrivacySpec
+
+
+def configure(cfg, algorithm, model, data, plan):
+    """``(algorithm, plan)`` with the privacy mode of ``cfg.privacy`` wired in (or unchanged
+    for ``mode = "none"``); a ``ConfigError`` naming the keys for inconsistent settings."""
+    p = cfg.privacy
+    if p.mode == "none":
+        given = [k for k in ("target_epsilon", "noise_multiplier", "sample_rate", "step",
+                             "target_quantile", "quantize_bits") if getattr(p, k) is not None]
+        if p.mechanism != "gaussian":
+            given.append("mechanism")
+        if given:
+            raise ConfigError(f"privacy.{given[0]} is set but privacy.mode is \"none\"; choose a "
+                              "mode: dp_sgd, dp_fedavg, local or intrinsic")
+        return algorithm, plan
+    if p.mechanism != "gaussian" and p.mode != "local":
+        raise ConfigError(f"privacy.mechanism = {p.mechanism!r} applies to mode \"local\" only "
+                          f"(mode {p.mode!r} adds Gaussian noise or the quantizer's)")
+    if p.norm == "l1" and p.mode != "local":
+        raise ConfigError(f"privacy.norm = \"l1\" applies to mode \"local\" with the Laplace "
+                          f"mechanism only, not to mode {p.mode!r}")
+    names = buffer_names(model)
+    if p.mode in ("dp_sgd", "intrinsic") and names:
+        raise ConfigError(f"privacy.mode = {p.mode!r} clips each sample's gradient, but model "
+                          f"{type(model).__name__} has buffers {list(names[:3])} (BatchNorm's "
+                          "running statistics mix the samples of a batch and are not clipped): "
+                          "use GroupNorm/LayerNorm, or mode dp_fedavg or local, which clip and "
+                          "noise the whole update, buffers included")
+    try:
+        algorithm, plan, events, details = _MODES[p.mode](cfg, algorithm, model, data, plan)
+        spec = PrivacySpec(p.mode, tuple(events), p.accountant, p.neighboring, p.delta,
+                           p.target_epsilon, details)
+        probe = Accountant(p.accountant, p.neighboring)
+        for event, count in events:
+            probe.step(event, count)  # refuses events this accountant cannot compose
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"[privacy] mode {p.mode!r}: {exc}") from None
+    return algorithm, dataclasses.replace(plan, privacy=spec)
+
+
+def _err(msg: str):
+    return ConfigError(msg)
+
+
+def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
+    """Refuse, with the reason, an algorithm this privacy mode cannot protect or account.
+
+    Every mode but ``intrinsic`` composes with a compressed uplink (compression after the
+    noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). ``dp_sgd``
+    composes with every client half (it is the gradient estimator they all step on, so what
+    they send, ``aux`` included, is post-processing of DP-SGD's releases). What does not
+    compose with the other modes: an algorithm whose clients send ``aux`` (SCAFFOLD's control
+    variates, FedaGrac's gradients, FedNova's step counts), which they neither clip nor noise;
+    and a second client or server function where the mode brings its own."""
+    if algorithm.estimator is not None or algorithm.draw is not None:
+        raise _err(f"privacy.mode = {mode!r}: algorithm {algorithm.name!r} already has its own "
+                   "gradient estimator or batch draw")
+    if mode == "dp_sgd":
+        return
+    probe = {"w": torch.zeros(1)}
+    aux = sorted(algorithm.aux_spec(probe))
+    if aux:
+        raise _err(f"privacy.mode = {mode!r} cannot protect algorithm {algorithm.name!r}: its "
+                   f"clients also send {aux} (aux), which the mode neither clips nor noises, "
+                   "so no epsilon would cover it; use fedavg, fedprox or fedadam/fedyogi")
+    if algorithm.client_fn is not local_training or algorithm.server_fn is not None:
+        raise _err(f"privacy.mode = {mode!r} replaces the client/server functions, but algorithm "
+                   f"{algorithm.name!r} brings its own")
+    if uplink and algorithm.uplink.name != "identity":
+        raise _err(f"privacy.mode = {mode!r} is itself the uplink codec (its quantizer is the "
+                   f"noise), so it cannot run with comm.uplink = {algorithm.uplink.name!r}")
+
+
+def _after(codec, algorithm):
+    """``codec`` followed by the algorithm's own uplink (compression after the noise)."""
+    return codec if algorithm.uplink.name == "identity" else chain(codec, algorithm.uplink)
+
+
+def _noise(cfg, q: float, steps: int) -> tuple[float, bool]:
+    """``(noise multiplier, calibrated?)``: the configured one, or the smallest that keeps the
+    whole run (``rounds`` x ``steps`` Poisson-Gaussian steps) within ``target_epsilon``."""
+    p = cfg.privacy
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier, False
+    if p.target_epsilon is None:
+        raise _err(f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier, or "
+                   "privacy.target_epsilon to calibrate it for the whole run")
+    if p.accountant == "rdp_classic":
+        raise _err("privacy.noise_multiplier cannot be calibrated with accountant rdp_classic; "
+                   "give it, or use accountant pld or rdp")
+    return noise_for_epsilon(p.target_epsilon, q, steps, p.delta, p.accountant,
+                             neighboring=p.neighboring, mechanism=p.mechanism), True
+
+
+def _dp_sgd(cfg, algorithm, model, data, plan):
+    p = cfg.privacy
+    _own_parts(algorithm, "dp_sgd")
+    if p.sample_rate is None:
+        raise _err("privacy.mode = \"dp_sgd\" needs privacy.sample_rate: the Poisson rate at "
+                   "which each local step samples the client's records")
+    if p.target_quantile is not None:
+        raise _err("privacy.target_quantile (adaptive clipping) belongs to mode \"dp_fedavg\"")
+    q, norm = p.sample_rate, p.norm or "l2"
+    steps = cfg.client.steps or steps_for_epochs(cfg.client.epochs, q)  # epochs in expectation
+    z, calibrated = _noise(cfg, q, cfg.rounds * steps)
+    estimator = dp_gradients(model, p.clip, z, q, norm=norm)
+    parts = {"estimator": DpEstimator(estimator, step_event(q, z)), "draw": dp_sgd_draw(q, steps)}
+    if p.quantize_bits is not None:
+        parts["uplink"] = _after(stochastic_quantize(p.quantize_bits, bucket=_WHOLE), algorithm)
+    algorithm = dataclasses.replace(algorithm, **parts)
+    work = dataclasses.replace(plan.work, steps=steps, epochs=None)
+    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
+               "sample_rate": q, "local_steps": steps}
+    return algorithm, dataclasses.replace(plan, work=work), [(step_event(q, z), steps)], details
+
+
+def _dp_fedavg(cfg, algorithm, model, data, plan):
+    p, s = cfg.privacy, cfg.sampling
+    _own_parts(algorithm, "dp_fedavg")
+    if s.method != "poisson" or s.rate is None:
+        raise _err("privacy.mode = \"dp_fedavg\" needs sampling.method = \"poisson\" and "
+                   "sampling.rate: its accounting (Poisson-subsampled Gaussian) assumes every "
+                   "client joins each round independently with probability sampling.rate; "
+                   f"got sampling.method = {s.method!r}, rate = {s.rate}")
+    if p.sample_rate is not None or p.quantize_bits is not None:
+        raise _err("privacy.sample_rate / privacy.quantize_bits do not apply to mode "
+                   "\"dp_fedavg\" (clients are sampled with sampling.rate; the server needs the "
+                   "clipped updates exactly)")
+    if (p.norm or "l2") != "l2":
+        raise _err("privacy.norm: dp_fedavg clips client updates in L2")
+    z, calibrated = _noise(cfg, s.rate, cfg.rounds)
+    m = s.rate * len(data.clients)  # expected cohort: the fixed denominator
+    adaptive = p.target_quantile is not None
+    z_update, sigma_b = z, None
+    if adaptive:
+        sigma_b = p.clip_count_stddev if p.clip_count_stddev is not None else m / 20
+        if not 2 * sigma_b > z:
+            raise _err(f"privacy.clip_count_stddev = {sigma_b:g} is too small for "
+                       f"noise_multiplier {z:g}: adaptive clipping needs 2 * stddev > "
+                       "noise_multiplier (Andrew et al. 2021, Thm 1)")
+        z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5 if z > 0 else 0.0
+    algorithm = dataclasses.replace(
+        algorithm, client_fn=clipping_client(adaptive),
+        aux_spec=lambda params: {"dp_below": ((), None, -0.5, 0.5)} if adaptive else {},
+        server_init=lambda params: {"broadcast": {"dp": {"clip": torch.tensor(
+            [p.clip], dtype=next(iter(params.values())).dtype)}}},
+        server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr,
+                                   reclip=algorithm.uplink.name != "identity"))
+    details = {"noise_multiplier": z, "calibrated": calibrated, "update_noise_multiplier": z_update,
+               "clip": p.clip, "adaptive": adaptive, "target_quantile": p.target_quantile,
+               "clip_count_stddev": sigma_b, "expected_clients": m}
+    return algorithm, plan, [(step_event(s.rate, z), 1)], details
+
+
+_WHOLE = 2**31 - 1  # one scale for the whole update: the separate quantizer of the seed-000 comparison
+
+
+def _local(cfg, algorithm, model, data, plan):
+    """Local DP: each client clips its update and adds noise before it leaves the device.
+    Gaussian: ``clip_l2(C)`` then ``N(0, (z 2C)^2)``; Laplace (``privacy.mechanism``):
+    ``clip_l1(C)`` then ``Laplace(b 2C)`` per coordinate (pure ``1/b``-DP per round). Any two
+    inputs of a client differ by at most ``2C`` after the clip, under either relation."""
+    p = cfg.privacy
+    _own_parts(algorithm, "local")
+    if p.sample_rate is not None or p.target_quantile is not None:
+        raise _err("privacy.sample_rate / privacy.target_quantile do not apply to mode \"local\"")
+    laplace = p.mechanism == "laplace"
+    norm = p.norm or ("l1" if laplace else "l2")
+    if norm != ("l1" if laplace else "l2"):
+        raise _err(f"privacy.norm = {norm!r}: local mode clips each update in "
+                   f"{'L1 (the Laplace mechanism)' if laplace else 'L2 (the Gaussian mechanism)'}")
+    z, calibrated = _noise(cfg, 1.0, cfg.rounds)
+    if laplace:
+        codecs = [clip_l1(p.clip), laplace_noise(z, 2 * p.clip)]
+    else:
+        codecs = [clip_l2(p.clip), gaussian_noise(z, 2 * p.clip)]
+    if p.quantize_bits is not None:
+        codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
+    algorithm = dataclasses.replace(algorithm, uplink=_after(chain(*codecs), algorithm))
+    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
+               "mechanism": p.mechanism, "sensitivity": 2 * p.clip}
+    # The noise scale is z x 2C: one record (added, removed or replaced) can move the clipped
+    # update anywhere in the ball, 2C. Events count in clips (replace_one doubles them), so the
+    # event's multiplier is z under add/remove and 2z under replace_one: epsilon is the same.
+    zz = z if p.neighboring == "add_remove" else 2 * z
+    return algorithm, plan, [(ev.laplace(zz) if laplace else ev.gaussian(zz), 1)], details
+
+
+def _intrinsic(cfg, algorithm, model, data, plan):
+    p = cfg.privacy
+    _own_parts(algorithm, "intrinsic", uplink=True)
+    missing = [k for k in ("sample_rate", "step") if getattr(p, k) is None]
+    if missing:
+        raise _err(f"privacy.mode = \"intrinsic\" needs privacy.{missing[0]} (sample_rate: the "
+                   "Poisson rate of records; step: the quantization step Delta of FIG. 4)")
+    extra = [k for k in ("noise_multiplier", "quantize_bits", "target_quantile")
+             if getattr(p, k) is not None]
+    if extra:
+        raise _err(f"privacy.{extra[0]} does not apply to mode \"intrinsic\" (its noise is the "
+                   "quantizer's: privacy.uniforms and privacy.step)")
+    if cfg.client.steps not in (None, 1):
+        raise _err("mode \"intrinsic\" computes one clipped gradient per round (FIG. 4); "
+                   f"client.steps = {cfg.client.steps} does not apply")
+    q, norm, d = p.sample_rate, p.norm or "linf", sum(v.numel() for v in model.parameters())
+    uplink = dithered_quantize(p.step, p.uniforms, p.clip, norm=norm, dimension=d, sample_rate=q,
+                               integers=True)
+    algorithm = dataclasses.replace(
+        algorithm, uplink=uplink, client_fn=intrinsic_client(model, p.clip, q, norm),
+        server_fn=intrinsic_server(p.step, cfg.client.lr), aux_spec=INTRINSIC_AUX)
+    floor = delta_floor(p.uniforms + 1, p.step, p.clip, d, q, cfg.rounds)
+    if floor >= p.delta:
+        raise _err(f"privacy.mode = \"intrinsic\": epsilon is infinite at privacy.delta = "
+                   f"{p.delta:g}: with clip/step = {p.clip / p.step:g} and {p.uniforms + 1} "
+                   f"uniforms, some of the {d} coordinates falls outside the noise's overlap with "
+                   f"probability {floor:.3g} over {cfg.rounds} rounds (the delta floor). Lower "
+                   "privacy.clip, raise privacy.step or privacy.uniforms, or lower sample_rate")
+    work = dataclasses.replace(plan.work, steps=1, epochs=None)
+    details = {"uniforms": p.uniforms, "step": p.step, "clip": p.clip, "norm": norm,
+               "sample_rate": q, "dimension": d, "server_lr": cfg.client.lr}
+    return algorithm, dataclasses.replace(plan, work=work), [(uplink.event, 1)], details
+
+
+_MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": _intrinsic}
