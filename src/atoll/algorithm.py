@@ -112,6 +112,11 @@ class Algorithm:
             update.draw_batches = self.draw
         return update
 
+    def aux_names(self) -> list[str]:
+        """The entries of the ``aux`` tree its clients send (``[]``: none), read off
+        ``aux_spec`` with a one-entry probe model."""
+        return sorted(self.aux_spec({"w": torch.zeros(1)}))
+
     def new_client_state(self, params: Tree) -> dict:
         """A client's state before its first round."""
         return {"uplink": self.uplink.init(params), **self.client_init(params)}

@@ -418,7 +418,7 @@ def _with_secure(cfg: Config, algorithm, fed):
     g = cfg.aggregator
     if g.name != "mean" or g.nnm or g.bucket:
         why.append(f"aggregator.name = {g.name!r} needs each client's update, which a secure sum hides")
-    if sorted(algorithm.aux_spec({"w": torch_zeros()})) or algorithm.server_fn is not None:
+    if algorithm.aux_names() or algorithm.server_fn is not None:
         why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
     if not algorithm.uplink.plain:
         why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")
@@ -440,12 +440,6 @@ def _with_secure(cfg: Config, algorithm, fed):
     max_weight = s.max_weight or float(max(c.n for c in fed.clients))
     return dataclasses.replace(algorithm, secure=SecureSum(
         s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage))
-
-
-def torch_zeros():
-    import torch
-
-    return torch.zeros(1)
 
 
 def build_aggregator(cfg: Config, server_update=None):

@@ -104,8 +104,7 @@ def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
                    "gradient estimator or batch draw")
     if mode == "dp_sgd":
         return
-    probe = {"w": torch.zeros(1)}
-    aux = sorted(algorithm.aux_spec(probe))
+    aux = algorithm.aux_names()
     if aux:
         raise _err(f"privacy.mode = {mode!r} cannot protect algorithm {algorithm.name!r}: its "
                    f"clients also send {aux} (aux), which the mode neither clips nor noises, "

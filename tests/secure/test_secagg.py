@@ -101,13 +101,18 @@ def test_below_threshold_the_round_fails_cleanly():
         secagg.run(st, x, drop={4: set(range(2, 10))})
 
 
-def test_an_honest_client_never_reveals_both_shares_of_one_peer():
-    st = Setup.new(range(5), 1, 8, 16)
+def _shared(n: int):
+    """A session of ``n`` clients through stages 1 and 2: (setup, inputs, clients, server, inboxes)."""
+    st = Setup.new(range(n), 1, 8, 16)
     x = inputs(st)
     clients = {u: secagg.Client(st, u) for u in st.clients}
     server = secagg.Server(st)
     keys = server.collect_keys({u: c.advertise() for u, c in clients.items()})
-    inbox = server.collect_shares({u: c.share(keys[u]) for u, c in clients.items()})
+    return st, x, clients, server, server.collect_shares({u: c.share(keys[u]) for u, c in clients.items()})
+
+
+def test_an_honest_client_never_reveals_both_shares_of_one_peer():
+    st, x, clients, server, inbox = _shared(5)
     server.collect_inputs({u: c.masked(x[u], inbox[u]) for u, c in clients.items()})
     with pytest.raises(SecAggError, match="both survivor and dropped"):
         clients[0].unmask({0, 1, 2, 3}, {3})
@@ -138,12 +143,7 @@ def test_hostile_bytes_are_refused_before_use():
         pr.agree(pr.keypair()[0], b"\0" * 31, b"mask")
     with pytest.raises(ValueError, match="too short"):
         pr.open_(b"k" * 32, b"\0" * 10, b"")
-    st = Setup.new(range(5), 1, 8, 16)
-    x = inputs(st)
-    clients = {u: secagg.Client(st, u) for u in st.clients}
-    server = secagg.Server(st)
-    keys = server.collect_keys({u: c.advertise() for u, c in clients.items()})
-    inbox = server.collect_shares({u: c.share(keys[u]) for u, c in clients.items()})
+    st, x, clients, server, inbox = _shared(5)
     bad = dict(inbox[0])
     bad[1] = bad[1][:-1] + bytes([bad[1][-1] ^ 1])  # a share tampered with on the way
     masked = {u: c.masked(x[u], bad if u == 0 else inbox[u]) for u, c in clients.items()}

@@ -9,22 +9,9 @@ from atoll.runtime.loop import LoopRuntime
 from atoll.secure.stage import SecureSum
 from atoll.simulation import simulate
 
-BASE = """
-rounds = 3
-dtype = "float64"
-[data]
-name = "digits"
-num_clients = 8
-partition = "dirichlet"
-alpha = 0.5
-[model]
-name = "logreg"
-[client]
-lr = 0.1
-steps = 3
-[eval]
-federated = false
-"""
+from tests.privacy.test_privacy_run import BASE as PRIVACY_BASE
+
+BASE = PRIVACY_BASE.replace("num_clients = 6", "num_clients = 8").replace("steps = 2", "steps = 3")
 
 
 def test_mean_is_the_plain_integer_sum_decoded_bit_for_bit():

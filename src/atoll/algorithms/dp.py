@@ -24,7 +24,7 @@ from atoll.client import local_training
 from atoll.codecs.intrinsic import COUNT_KEY, SEED_KEY, dither
 from atoll.privacy import ghost
 from atoll.privacy import events
-from atoll.privacy.dpsgd import _with_inputs, dp_gradients, dp_inputs, poisson_batches
+from atoll.privacy.dpsgd import with_inputs, dp_gradients, dp_inputs, poisson_batches
 from atoll.transforms.base import Transform
 from atoll.sampling import straggler_steps
 from atoll.types import ClientResult
@@ -38,7 +38,7 @@ def dp_local_training(model, transform: Transform, clip: float, noise_multiplier
     inner = local_training(None, transform, estimate)
 
     def update(params, client_state, broadcast, batches, step_mask, key) -> ClientResult:
-        return inner(params, client_state, broadcast, _with_inputs(batches, params, key),
+        return inner(params, client_state, broadcast, with_inputs(batches, params, key),
                      step_mask, key)
 
     update.step_event = events.poisson_gaussian(sample_rate, noise_multiplier)

@@ -139,7 +139,7 @@ def dp_inputs(batches: dict[str, torch.Tensor], params: Tree, key: int,
     return out
 
 
-def _with_inputs(batches, params, key):
+def with_inputs(batches, params, key):
     if all("noise/" + k in batches for k in params):
         return batches
     if not isinstance(key, int):

@@ -17,11 +17,6 @@ from atoll import tree as T
 from atoll.runtime.check import decode_update
 from atoll.transport import wire
 
-def is_identity(codec) -> bool:
-    """Whether ``codec`` sends the tree as it is and keeps no state (``Codec.plain``)."""
-    return codec.plain
-
-
 class DecodeBuffers:
     """The stacked decode buffers, reused from round to round.
 
@@ -75,7 +70,7 @@ def _stack(algorithm, todo: list[Outcome], params, buffers: DecodeBuffers):
     where that is what the loop runtime decodes: identity uplink, every message of the first
     one's layout, whose entries are the model's (floating, same shapes) plus ``aux/...``.
     None where anything differs (the per-message path then decides, with its reasons)."""
-    if not todo or not is_identity(algorithm.uplink):
+    if not todo or not algorithm.uplink.plain:
         return None
     try:
         layout = wire.Layout.parse(todo[0].message)

@@ -4,7 +4,7 @@
 (the uplink codec runs on the client's slice of the stacked delta with the client's own key),
 so the server half (``runtime.round.close_round``) reads exactly what ``client_round`` writes.
 
-Identity uplink (``decode.is_identity``: the codec sends the delta as it is, and keeps no
+Identity uplink (``Codec.plain``: the codec sends the delta as it is, and keeps no
 state): every message of a round has one structure, so the messages are rows of one
 ``wire.Rows`` buffer (an engine may write its deltas straight into them), and the server reads
 them back with ``wire.Layout.stack``: in place when they are still equally spaced rows of one

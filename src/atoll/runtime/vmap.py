@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from atoll import rng
 from atoll import tree as T
 from atoll.runtime.base import LocalWork, draw_work, stack_drawn
-from atoll.runtime.decode import DecodeBuffers, is_identity
+from atoll.runtime.decode import DecodeBuffers
 from atoll.runtime.engine import PerClient, VmapEngine
 from atoll.runtime.fused import FusedMLP, match
 from atoll.runtime.host import freeze_heap, tune_allocator, usable_cores
@@ -138,7 +138,7 @@ class VmapRuntime:
         """With the identity uplink, the round's ``n`` messages as rows of one buffer, laid out
         as a message of a delta like ``params`` and no aux (``encode_chunk`` falls back to one
         ``dumps`` per client for a chunk whose results have another layout)."""
-        if not is_identity(algorithm.uplink):
+        if not algorithm.uplink.plain:
             return None
         layout = wire.Layout.of(T.join({"delta": params, "aux": {}}))
         return layout.rows(n, self._buffers.raw(n * layout.stride + wire.ALIGN, "rows"))
