@@ -176,3 +176,15 @@ def test_watermarked_run_resumes_identically(tmp_path):
     cut = go(tmp_path / "cut", LoopRuntime(), resume=True)
     assert all(torch.equal(full.state.params[k], cut.state.params[k]) for k in full.state.params)
     assert int(cut.state.opt_state[-1]) == 4
+
+
+@pytest.mark.parametrize("size", [0, 31, 33, 10_000_000])
+def test_a_key_file_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, size, monkeypatch):
+    path = tmp_path / "wm.key"
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: a 10 MB file costs nothing to make
+    read = []
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: read.append(self) or b"")
+    with pytest.raises(ValueError, match=f"exactly 32 bytes, it holds {size}"):
+        W.load_key(path)
+    assert read == []
