@@ -12,8 +12,13 @@ hooks for algorithms that carry more than a model between rounds:
   ``new_client_state(params) = {"uplink": uplink.init(params), **client_init(params)}``;
 * ``server_fn(state, agg, deltas, weights, aux, key) -> (agg, extra)`` rewrites the aggregated
   delta and the server's extra state from the clients' ``aux`` trees (FedNova's normalisation,
-  SCAFFOLD's global control variate, server-side DP noise, ...). Entries of
-  ``extra["broadcast"]`` are sent to every sampled client next to ``params``;
+  server-side DP noise, ...). Entries of ``extra["broadcast"]`` are sent to every sampled
+  client next to ``params``;
+* ``server_aux(state, agg, aux_mean, cohort, extra) -> (agg, extra)`` the server's step for an
+  algorithm that reads its clients' ``aux`` only through their weighted mean (with the
+  aggregator's weights) and the cohort's size (SCAFFOLD's global control variate, FedaGrac's
+  global gradient). Such an ``aux`` is linear: a private mode can clip and noise it with the
+  delta and hand this hook the noisy mean over its fixed cohort (``algorithms.dp``);
 * ``aux_spec(params) -> {name: (shape, dtype, low, high)}`` the ``aux`` tree a client sends:
   every entry, its shape, its dtype (``None``: the model's floating dtype, any floating dtype
   accepted and cast) and the closed range of its values. A deployed server refuses any other
@@ -66,8 +71,10 @@ class Algorithm:
     client_fn: Callable[..., ClientUpdate] = local_training
     client_init: Callable[[Tree], dict] = _no_client_state
     server_fn: ServerFn | None = None
+    server_aux: Callable[..., tuple[Tree, dict[str, Any]]] | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
     aux_spec: Callable[[Tree], AuxSpec] = _no_client_state
+    aux_codec: Codec = field(default_factory=identity)  # the client's aux on its way out (local DP)
     tracker: Any = None  # atoll.downlink.DeltaTracker: per-client sparse downlink (US 2025/0265475 A1)
     adversary: Callable | None = None  # simulation only: atoll.attacks.Adversary rewrites its clients' rows
     secure: Any = None  # atoll.secure.stage.SecureSum: the server learns only the cohort's sum
@@ -143,6 +150,9 @@ class Algorithm:
                 self.aggregator.name, deltas, weights, agg, agg_state, ids)}
         if self.server_fn is not None:
             agg, extra = self.server_fn(state, agg, deltas, weights, aux or {}, key, extra)
+        if self.server_aux is not None:
+            mean_aux = T.weighted_sum(aux, weights / weights.sum())
+            agg, extra = self.server_aux(state, agg, mean_aux, weights.shape[0], extra)
         params, opt_state = self._step(state, agg)
         if self.tracker is not None:
             extra["tracker"] = self.tracker.commit(extra["tracker"], state.params, params)

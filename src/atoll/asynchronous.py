@@ -141,7 +141,7 @@ class _Driver:
         self.alg, self.update, self.data, self.plan = algorithm, client_update, data, plan
         self.a: AsyncPlan = plan.asynchronous
         self.runtime, self.devices = runtime, plan.devices
-        if self.a.mode == "fedasync" and algorithm.server_fn is not None:
+        if self.a.mode == "fedasync" and (algorithm.server_fn or algorithm.server_aux):
             raise ValueError(f"async.mode = \"fedasync\" mixes models and cannot run "
                              f"{algorithm.name}'s server hook; use mode = \"fedbuff\"")
         check_privacy(plan.privacy)

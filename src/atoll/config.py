@@ -177,6 +177,7 @@ class PrivacyConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(1.0, gt=0)
+    aux_clip: float | None = Field(None, gt=0)  # dp_fedavg/local: clip of SCAFFOLD's/FedaGrac's aux; default clip
     norm: Literal["l1", "l2", "linf"] | None = None  # clipping; default l2 (intrinsic: linf, laplace: l1)
     noise_multiplier: float | None = Field(None, ge=0)  # omitted: calibrated to target_epsilon
     sample_rate: float | None = Field(None, gt=0, le=1)  # Poisson rate of records (dp_sgd, intrinsic)
@@ -418,7 +419,7 @@ def _with_secure(cfg: Config, algorithm, fed):
     g = cfg.aggregator
     if g.name != "mean" or g.nnm or g.bucket:
         why.append(f"aggregator.name = {g.name!r} needs each client's update, which a secure sum hides")
-    if algorithm.aux_names() or algorithm.server_fn is not None:
+    if algorithm.aux_names() or algorithm.server_fn or algorithm.server_aux:
         why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
     if not algorithm.uplink.plain:
         why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")

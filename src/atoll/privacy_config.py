@@ -28,6 +28,7 @@ Modes (``privacy.mode``), each declaring its event per round:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -95,26 +96,41 @@ def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
     Every mode but ``intrinsic`` composes with a compressed uplink (compression after the
     noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). ``dp_sgd``
     composes with every client half (it is the gradient estimator they all step on, so what
-    they send, ``aux`` included, is post-processing of DP-SGD's releases). What does not
-    compose with the other modes: an algorithm whose clients send ``aux`` (SCAFFOLD's control
-    variates, FedaGrac's gradients, FedNova's step counts), which they neither clip nor noise;
-    and a second client or server function where the mode brings its own."""
+    they send, ``aux`` included, is post-processing of DP-SGD's releases). ``dp_fedavg`` and
+    ``local`` clip and noise the ``aux`` of an algorithm whose server reads only its mean
+    (``server_aux``: SCAFFOLD, FedaGrac's seed form) with the delta; they refuse a server step
+    that reads each client's update or aux on its own (``server_fn``: FedNova's step counts,
+    FedaGrac's published rule), which no noisy sum gives. ``intrinsic`` brings its own client
+    and server halves and sends no aux."""
     if algorithm.estimator is not None or algorithm.draw is not None:
         raise _err(f"privacy.mode = {mode!r}: algorithm {algorithm.name!r} already has its own "
                    "gradient estimator or batch draw")
     if mode == "dp_sgd":
         return
     aux = algorithm.aux_names()
-    if aux:
+    if algorithm.server_fn is not None or (aux and algorithm.server_aux is None):
         raise _err(f"privacy.mode = {mode!r} cannot protect algorithm {algorithm.name!r}: its "
-                   f"clients also send {aux} (aux), which the mode neither clips nor noises, "
-                   "so no epsilon would cover it; use fedavg, fedprox or fedadam/fedyogi")
-    if algorithm.client_fn is not local_training or algorithm.server_fn is not None:
-        raise _err(f"privacy.mode = {mode!r} replaces the client/server functions, but algorithm "
-                   f"{algorithm.name!r} brings its own")
+                   f"server step reads each client's update or aux {aux} on its own, which no "
+                   "noisy sum gives, so no epsilon would cover it; use fedavg, fedprox, "
+                   "fedadam/fedyogi, scaffold or fedagrac (form seed), or privacy.mode = dp_sgd")
+    if mode != "intrinsic":
+        return
+    if aux or algorithm.client_fn is not local_training:
+        raise _err(f"privacy.mode = \"intrinsic\" replaces the client's half (one clipped gradient "
+                   f"per round), so it cannot run algorithm {algorithm.name!r}'s own")
     if uplink and algorithm.uplink.name != "identity":
         raise _err(f"privacy.mode = {mode!r} is itself the uplink codec (its quantizer is the "
                    f"noise), so it cannot run with comm.uplink = {algorithm.uplink.name!r}")
+
+
+def _aux_ratio(p, algorithm) -> float | None:
+    """``aux_clip / clip`` for an algorithm that sends aux (``None``: it sends none)."""
+    if not algorithm.aux_names():
+        if p.aux_clip is not None:
+            raise _err(f"privacy.aux_clip applies to algorithms that send aux (scaffold, "
+                       f"fedagrac); {algorithm.name!r} sends none")
+        return None
+    return (p.aux_clip if p.aux_clip is not None else p.clip) / p.clip
 
 
 def _after(codec, algorithm):
@@ -185,16 +201,27 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
                        f"noise_multiplier {z:g}: adaptive clipping needs 2 * stddev > "
                        "noise_multiplier (Andrew et al. 2021, Thm 1)")
         z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5 if z > 0 else 0.0
+    ratio, inner_spec, inner_init = _aux_ratio(p, algorithm), algorithm.aux_spec, algorithm.server_init
+
+    def server_init(params):
+        dtype = next(iter(params.values())).dtype
+        own = inner_init(params) if inner_init is not None else {}
+        return {**own, "broadcast": {**own.get("broadcast", {}),
+                                     "dp": {"clip": torch.tensor([p.clip], dtype=dtype)}}}
+
     algorithm = dataclasses.replace(
-        algorithm, client_fn=clipping_client(adaptive),
-        aux_spec=lambda params: {"dp_below": ((), None, -0.5, 0.5)} if adaptive else {},
-        server_init=lambda params: {"broadcast": {"dp": {"clip": torch.tensor(
-            [p.clip], dtype=next(iter(params.values())).dtype)}}},
+        algorithm, client_fn=clipping_client(adaptive, ratio, algorithm.client_fn),
+        aux_spec=lambda params: {**inner_spec(params),
+                                 **({"dp_below": ((), None, -0.5, 0.5)} if adaptive else {})},
+        server_init=server_init, server_aux=None,
         server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr,
-                                   reclip=algorithm.uplink.name != "identity"))
+                                   reclip=algorithm.uplink.name != "identity", aux_ratio=ratio,
+                                   server_aux=algorithm.server_aux))
     details = {"noise_multiplier": z, "calibrated": calibrated, "update_noise_multiplier": z_update,
                "clip": p.clip, "adaptive": adaptive, "target_quantile": p.target_quantile,
                "clip_count_stddev": sigma_b, "expected_clients": m}
+    if ratio is not None:
+        details["aux_clip"] = ratio * p.clip
     return algorithm, plan, [(step_event(s.rate, z), 1)], details
 
 
@@ -216,15 +243,23 @@ def _local(cfg, algorithm, model, data, plan):
         raise _err(f"privacy.norm = {norm!r}: local mode clips each update in "
                    f"{'L1 (the Laplace mechanism)' if laplace else 'L2 (the Gaussian mechanism)'}")
     z, calibrated = _noise(cfg, 1.0, cfg.rounds)
-    if laplace:
-        codecs = [clip_l1(p.clip), laplace_noise(z, 2 * p.clip)]
-    else:
-        codecs = [clip_l2(p.clip), gaussian_noise(z, 2 * p.clip)]
+    ratio = _aux_ratio(p, algorithm)
+    clip, noise = (clip_l1, laplace_noise) if laplace else (clip_l2, gaussian_noise)
+    # The pair (delta, aux) moves by at most 2C and 2 C_aux: jointly 2(C + C_aux) in L1 and
+    # 2 sqrt(C^2 + C_aux^2) in L2, the noise's scale on both.
+    joint = 1.0 if ratio is None else (1 + ratio if laplace else math.sqrt(1 + ratio ** 2))
+    sensitivity = 2 * p.clip * joint
+    codecs = [clip(p.clip), noise(z, sensitivity)]
     if p.quantize_bits is not None:
         codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
-    algorithm = dataclasses.replace(algorithm, uplink=_after(chain(*codecs), algorithm))
+    parts = {"uplink": _after(chain(*codecs), algorithm)}
+    if ratio is not None:
+        parts["aux_codec"] = chain(clip(ratio * p.clip), noise(z, sensitivity))
+    algorithm = dataclasses.replace(algorithm, **parts)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
-               "mechanism": p.mechanism, "sensitivity": 2 * p.clip}
+               "mechanism": p.mechanism, "sensitivity": sensitivity}
+    if ratio is not None:
+        details["aux_clip"] = ratio * p.clip
     # The noise scale is z x 2C: one record (added, removed or replaced) can move the clipped
     # update anywhere in the ball, 2C. Events count in clips (replace_one doubles them), so the
     # event's multiplier is z under add/remove and 2z under replace_one: epsilon is the same.

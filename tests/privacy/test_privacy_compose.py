@@ -85,13 +85,108 @@ def test_dp_sgd_is_the_estimator_of_every_client_half(algo):
         assert float((plain.state.params[k] - init.params[k]).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("algo", ["scaffold", "fedagrac", "fednova"])
-@pytest.mark.parametrize("mode", [["privacy.mode=local", "privacy.noise_multiplier=2.0"],
-                                  ["privacy.mode=dp_fedavg", "sampling.method=poisson",
-                                   "sampling.rate=0.5", "privacy.noise_multiplier=1.0"]])
-def test_algorithms_sending_aux_are_refused_with_the_reason(algo, mode):
-    with pytest.raises(config.ConfigError, match=r"neither clips nor noises"):
-        build(mode + [f"algorithm.name={algo}"])
+LOCAL = ["privacy.mode=local", "privacy.noise_multiplier=2.0"]
+DP_FEDAVG = ["privacy.mode=dp_fedavg", "sampling.method=poisson", "sampling.rate=0.5",
+             "privacy.noise_multiplier=1.0"]
+
+
+@pytest.mark.parametrize("algo", ["scaffold", "fedagrac"])
+@pytest.mark.parametrize("mode", [LOCAL, DP_FEDAVG], ids=["local", "dp_fedavg"])
+@pytest.mark.parametrize("uplink", [[], ["comm.uplink=top_k(0.1)"]], ids=["plain", "top_k"])
+def test_dp_modes_protect_the_aux_of_scaffold_and_fedagrac(algo, mode, uplink):
+    """The aux (control variates, gradients) is clipped and noised with the delta: the same
+    events, so the same epsilon as FedAvg's. Before: refused ("neither clips nor noises")."""
+    ref = run(mode)
+    res = run(mode + uplink + [f"algorithm.name={algo}", "privacy.aux_clip=2.0"])
+    assert res.state.round == 3
+    assert res.metrics[-1]["epsilon"] == ref.metrics[-1]["epsilon"] > 0
+    shared = res.state.extra["broadcast"]["c" if algo == "scaffold" else "vtilde"]
+    assert all(bool(torch.isfinite(v).all()) for v in shared.values())
+    assert sum(float(v.abs().sum()) for v in shared.values()) > 0
+    assert res.final["privacy"]["aux_clip"] == 2.0
+
+
+def _aux_probe(state, agg, mean, cohort, extra):
+    return agg, {**extra, "probe": (mean, cohort)}
+
+
+def test_dp_fedavg_reclips_the_aux_and_hands_its_noisy_mean_over_the_fixed_cohort():
+    server = dp_fedavg_server(2.0, 0.0, None, None, 0.2, aux_ratio=2.0, server_aux=_aux_probe)
+    deltas = {"w": torch.zeros(2, 2, dtype=torch.float64)}
+    aux = {"c": torch.tensor([[30.0, 40.0], [0.3, 0.4]], dtype=torch.float64)}
+    extra = {"broadcast": {"dp": {"clip": torch.tensor([1.0], dtype=torch.float64)}}}
+    state = ServerState({"w": torch.zeros(2, dtype=torch.float64)}, (), 0, extra)
+    _, out = server(state, None, deltas, None, aux, 0, extra)
+    mean, cohort = out["probe"]
+    # a client that sends an aux of norm 50 counts as norm 2 (= aux_clip): the server re-clips
+    assert torch.allclose(mean["c"], torch.tensor([1.2 + 0.3, 1.6 + 0.4], dtype=torch.float64) / 2)
+    assert cohort == 2.0  # the expected cohort, never the number that came
+
+
+def test_dp_fedavg_noise_on_delta_and_aux_has_the_joint_scale():
+    d, z, clip, ratio = 40_000, 0.7, 0.5, 3.0
+    server = dp_fedavg_server(4.0, z, None, None, 0.2, aux_ratio=ratio, server_aux=_aux_probe)
+    zeros = {"w": torch.zeros(1, d, dtype=torch.float64)}
+    extra = {"broadcast": {"dp": {"clip": torch.tensor([clip], dtype=torch.float64)}}}
+    state = ServerState({"w": torch.zeros(d, dtype=torch.float64)}, (), 0, extra)
+    agg, out = server(state, None, zeros, None, {"c": zeros["w"]}, 7, extra)
+    want = z * clip * math.sqrt(1 + ratio ** 2) / 4.0  # sensitivity of the pair, over the cohort
+    for got in (agg["w"], out["probe"][0]["c"]):
+        assert float(got.std()) == pytest.approx(want, rel=0.03)
+
+
+@pytest.mark.parametrize("laplace", [False, True])
+def test_local_mode_clips_and_noises_the_aux_on_the_client(laplace):
+    over = LOCAL + ["algorithm.name=scaffold", "privacy.clip=0.5", "privacy.aux_clip=1.5"]
+    alg = build(over + (["privacy.mechanism=laplace"] if laplace else []))[0]
+    d = 40_000
+    zeros = {"w": torch.zeros(d, dtype=torch.float64)}
+    joint = 2 * (0.5 + 1.5) if laplace else 2 * math.sqrt(0.5 ** 2 + 1.5 ** 2)
+    for codec in (alg.uplink, alg.aux_codec):
+        noisy, _ = codec.encode(zeros, codec.init(zeros), 11)
+        std = 2.0 * math.sqrt(2) * joint if laplace else 2.0 * joint  # Laplace(b s): std b s sqrt 2
+        assert float(noisy["w"].std()) == pytest.approx(std, rel=0.03)
+    assert alg.aux_codec.event == alg.uplink.event  # one release of the pair, one event
+    big = {"w": torch.full((d,), 10.0, dtype=torch.float64)}
+    enc = lambda tree: alg.aux_codec.encode(tree, alg.aux_codec.init(tree), 11)[0]["w"]  # noqa: E731
+    clipped = enc(big) - enc(zeros)
+    norm = clipped.abs().sum() if laplace else clipped.norm()
+    assert float(norm) == pytest.approx(1.5, rel=1e-9)  # the aux clip, before the same noise
+
+
+@pytest.mark.parametrize("runtime", ["loop", "vmap"])
+def test_every_runtime_sends_the_aux_through_the_aux_codec(runtime):
+    """SCAFFOLD's global control variate is the mean of what the clients sent: with a tiny
+    aux clip (and next to no noise) it stays tiny in every runtime; with a large one it moves."""
+    from atoll.runtime.loop import LoopRuntime
+    from atoll.runtime.vmap import VmapRuntime
+
+    def c_size(aux_clip):
+        over = ["privacy.mode=local", "privacy.noise_multiplier=1e-12", "algorithm.name=scaffold",
+                f"privacy.aux_clip={aux_clip}"]
+        rt = LoopRuntime() if runtime == "loop" else VmapRuntime(threads=1, chunk_clients=4)
+        res = run_on(over, rt)
+        return max(float(v.abs().max()) for v in res.state.extra["broadcast"]["c"].values())
+
+    assert c_size(1e-9) < 1e-8 < 1e-2 < c_size(100.0)
+
+
+def run_on(over, runtime):
+    alg, model, fed, plan = build(over)
+    return simulate(alg, model, fed, plan, runtime=runtime, plots=False)
+
+
+@pytest.mark.parametrize("algo", [["algorithm.name=fednova"],
+                                  ["algorithm.name=fedagrac", "algorithm.form=published"]])
+@pytest.mark.parametrize("mode", [LOCAL, DP_FEDAVG], ids=["local", "dp_fedavg"])
+def test_server_steps_reading_each_clients_aux_are_refused_with_the_reason(algo, mode):
+    with pytest.raises(config.ConfigError, match=r"reads each client's update or aux"):
+        build(mode + algo)
+
+
+def test_aux_clip_without_aux_is_refused():
+    with pytest.raises(config.ConfigError, match="aux_clip applies to algorithms that send aux"):
+        build(LOCAL + ["privacy.aux_clip=1.0"])
 
 
 def test_intrinsic_is_its_own_uplink():

@@ -10,6 +10,8 @@ from atoll import config
 from atoll import privacy as P
 from atoll.cli import main
 from atoll.privacy import calibrate
+from atoll.privacy import events as ev
+from atoll.privacy.accountant import Accountant
 from atoll.privacy.irwin_hall import delta_floor
 from atoll.simulation import simulate
 
@@ -199,3 +201,14 @@ def test_cli_and_runs_count_epochs_alike(capsys, epochs, q, steps):
                                    "privacy.noise_multiplier=2.0", f"client.epochs={epochs}"],
                                   base=BASE.replace("steps = 2\n", ""))
     assert plan.privacy.events[0][1] == steps
+
+
+@pytest.mark.parametrize("event", [ev.gaussian(1e-12), ev.poisson_gaussian(0.1, 1e-3),
+                                   ev.gaussian(0.02), ev.laplace(1e-6)])
+def test_next_to_no_noise_is_infinite_epsilon_not_a_crash(event):
+    """Before: dp-accounting tried to allocate 57 GiB for gaussian(0.002) and raised
+    ValueError ("Maximum allowed size exceeded") for gaussian(1e-12)."""
+    acc = Accountant("pld")
+    acc.step(event, 3)
+    assert acc.epsilon(1e-5) == math.inf
+    assert Accountant("rdp").epsilon_after([(event, 3)], 1e-5) > 100  # RDP agrees it is no privacy

@@ -58,54 +58,75 @@ def dp_sgd_draw(q, steps):
     return draw
 
 
-def clipping_client(adaptive: bool):
-    """local_training, then the update clipped to L2 ``broadcast["dp"]["clip"]``; with
-    adaptive clipping also ``aux["dp_below"] = 1[norm <= clip] - 1/2``."""
+def clipping_client(adaptive: bool, aux_ratio: float | None = None, client_fn=local_training):
+    """``client_fn``'s update, then clipped to L2 ``broadcast["dp"]["clip"]``; its ``aux``
+    (SCAFFOLD's, FedaGrac's) clipped to ``aux_ratio`` times that clip; with adaptive clipping
+    also ``aux["dp_below"] = 1[norm <= clip] - 1/2``."""
 
-    def client_fn(loss_fn, local_opt, grad_fn=None):
-        inner = local_training(loss_fn, local_opt, grad_fn)
+    def build(loss_fn, local_opt, grad_fn=None):
+        inner = client_fn(loss_fn, local_opt, grad_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             res = inner(params, client_state, broadcast, batches, step_mask, key)
             clip = broadcast["dp"]["clip"][0]
             norm = T.norm(res.delta)
-            factor = torch.clamp(clip / norm.clamp(min=1e-30), max=1.0)
-            aux = dict(res.aux)
+            aux = _clip(res.aux, aux_ratio * clip) if res.aux else {}
             if adaptive:
                 aux["dp_below"] = (norm <= clip).to(norm.dtype) - 0.5
-            return ClientResult(T.scale(res.delta, factor), aux, res.client_state, res.metrics)
+            return ClientResult(_clip(res.delta, clip), aux, res.client_state, res.metrics)
 
         return update
 
-    return client_fn
+    return build
+
+
+def _clip(tree: dict, clip) -> dict:
+    factor = torch.clamp(clip / T.norm(tree).clamp(min=1e-30), max=1.0)
+    return T.scale(tree, factor)
 
 
 def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
-                     quantile: float | None, clip_lr: float, reclip: bool = False):
+                     quantile: float | None, clip_lr: float, reclip: bool = False,
+                     aux_ratio: float | None = None, server_aux=None):
     """The DP-FedAvg ``server_fn``: noisy sum of the clipped deltas over ``expected`` clients;
     adaptive clipping moves ``clip`` by ``exp(-clip_lr * (noisy fraction below - quantile))``.
     ``reclip``: clip every decoded delta again (an uplink codec after the client's clip, e.g.
-    a quantizer or a sketch, can raise its norm; the sum's sensitivity must stay ``clip``)."""
+    a quantizer or a sketch, can raise its norm; the sum's sensitivity must stay ``clip``).
+
+    With ``server_aux`` (an algorithm whose server reads the mean of its clients' aux), the
+    aux rows are clipped again to ``aux_ratio * clip`` and summed with noise too: the sum of
+    the pair (delta, aux) has L2 sensitivity ``clip * sqrt(1 + aux_ratio^2)``, the scale of the
+    noise on both; ``server_aux`` then gets the noisy mean over ``expected`` clients."""
+    scale = math.sqrt(1 + aux_ratio ** 2) if server_aux is not None else 1.0
 
     def server_fn(state, agg, deltas, weights, aux, key, extra):
         clip = extra["broadcast"]["dp"]["clip"]
         g = rng.generator(rng.fold(key, "dp_fedavg"))
-        std = z_update * float(clip[0])
+        std = z_update * float(clip[0]) * scale
         if reclip:
             deltas = _clip_rows(deltas, float(clip[0]))
-        out = {}
-        for k, v in deltas.items():
-            noise = torch.randn(v.shape[1:], generator=g, dtype=torch.float64).to(v.dtype)
-            out[k] = (v.sum(0) + std * noise) / expected
+        out = _noisy_mean(deltas, std, expected, g)
         if quantile is not None:
             count = aux["dp_below"].to(torch.float64).sum() + sigma_b * torch.randn(
                 (), generator=g, dtype=torch.float64)
             below = float(count) / expected + 0.5
             new = clip * math.exp(-clip_lr * (below - quantile))
             extra = {**extra, "broadcast": {**extra["broadcast"], "dp": {"clip": new}}}
+        if server_aux is not None:
+            rows = _clip_rows({k: v for k, v in aux.items() if k != "dp_below"},
+                              aux_ratio * float(clip[0]))
+            out, extra = server_aux(state, out, _noisy_mean(rows, std, expected, g), expected, extra)
         return out, extra
 
     return server_fn
+
+
+def _noisy_mean(rows: dict, std: float, expected: float, g) -> dict:
+    out = {}
+    for k, v in rows.items():
+        noise = torch.randn(v.shape[1:], generator=g, dtype=torch.float64).to(v.dtype)
+        out[k] = (v.sum(0) + std * noise) / expected
+    return out
 
 
 def _clip_rows(deltas: dict, clip: float) -> dict:

@@ -48,7 +48,8 @@ def fedagrac(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
     return Algorithm(f"fedagrac-{form}", local_opt or sgd(local_lr), sgd(server_lr),
                      client_fn=_seed_client(lam, local_lr) if seed else _published_client(lam),
                      client_init=_seed_init if seed else _published_init,
-                     server_fn=_seed_server if seed else _published_server,
+                     server_aux=_seed_server if seed else None,
+                     server_fn=None if seed else _published_server,
                      server_init=lambda params: {"broadcast": {"vtilde": T.zeros_like(params)}},
                      aux_spec=like_params if seed else _published_aux, **parts)
 
@@ -92,8 +93,7 @@ def _seed_init(params):
     return {"x_prev": T.zeros_like(params), "seen": torch.zeros((), dtype=_dtype(params))}
 
 
-def _seed_server(state, agg, deltas, weights, aux, key, extra):
-    vtilde = T.weighted_sum(aux, weights / weights.sum())
+def _seed_server(state, agg, vtilde, cohort, extra):
     return agg, {**extra, "broadcast": {**extra["broadcast"], "vtilde": vtilde}}
 
 

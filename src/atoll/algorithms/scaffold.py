@@ -41,13 +41,11 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
 
         return update
 
-    def server_fn(state, agg, deltas, weights, aux, key, extra):
-        p = weights / weights.sum()
-        frac = weights.shape[0] / num_clients
-        c = T.axpy(frac, T.weighted_sum(aux, p), extra["broadcast"]["c"])
+    def server_aux(state, agg, mean_dc, cohort, extra):
+        c = T.axpy(cohort / num_clients, mean_dc, extra["broadcast"]["c"])
         return agg, {**extra, "broadcast": {**extra["broadcast"], "c": c}}
 
     return Algorithm("scaffold", local_opt or sgd(local_lr), sgd(server_lr), client_fn=client_fn,
                      client_init=lambda params: {"c_i": T.zeros_like(params)},
-                     server_fn=server_fn, aux_spec=like_params,
+                     server_aux=server_aux, aux_spec=like_params,
                      server_init=lambda params: {"broadcast": {"c": T.zeros_like(params)}}, **parts)

@@ -231,7 +231,7 @@ def private_noise(algorithm, client_update) -> bool:
     """Whether a client's update carries privacy noise that must be secret from the server:
     its gradient estimator (DP-SGD's), its update or its uplink codec (local noise, intrinsic
     quantization) declares a DP event."""
-    return (algorithm.uplink.event is not None
+    return (algorithm.uplink.event is not None or algorithm.aux_codec.event is not None
             or getattr(algorithm.estimator, "event", None) is not None
             or getattr(client_update, "step_event", None) is not None)
 

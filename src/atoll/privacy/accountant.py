@@ -55,6 +55,10 @@ class _PLDAccountant(PLDAccountant):
     ``replace_one`` (sensitivity two: ``from_laplace_mechanism(b, sensitivity=2)``)."""
 
     def _maybe_compose(self, event, count, do_compose):
+        if _negligible(event, self._value_discretization_interval):  # see GRID_MAX
+            if do_compose:
+                self._contains_non_dp_event = True
+            return None
         if (isinstance(event, ev.dp_event.LaplaceDpEvent) and event.noise_multiplier > 0
                 and self.neighboring_relation is NeighborRel.REPLACE_ONE):
             if do_compose:
@@ -84,6 +88,25 @@ class _PLDAccountant(PLDAccountant):
             elif not self._contains_non_dp_event:
                 self._pld = self._pld.compose(pld.self_compose(count))
         return None
+
+
+GRID_MAX = 2e6  # PLD grid points one step may need before its epsilon is printed as infinite
+
+
+def _negligible(event, disc: float) -> bool:
+    """A Gaussian or Laplace step (bare or Poisson-sampled) whose noise is so small that its
+    privacy losses span more than ``GRID_MAX`` points of dp-accounting's grid (Gaussian: about
+    ``(1 / (2 z^2) + 10 / z) / disc``, epsilon above ~100 per step; Laplace: ``2 / (b disc)``),
+    which would need more memory than exists. Calling its epsilon infinite only overstates it."""
+    D = ev.dp_event  # noqa: N806
+    if isinstance(event, D.PoissonSampledDpEvent):
+        event = event.event
+    z = getattr(event, "noise_multiplier", 0)
+    if isinstance(event, D.GaussianDpEvent) and z > 0:
+        return (0.5 / z ** 2 + 10 / z) / disc > GRID_MAX
+    if isinstance(event, D.LaplaceDpEvent) and z > 0:
+        return 2 / (z * disc) > GRID_MAX
+    return False
 
 
 def _finite(pld) -> float:

@@ -42,11 +42,12 @@ def _parts(algorithm, message: bytes, params) -> dict:
             raise ValueError(f"update has unexpected parts {unexpected[:3]} (only delta/ and aux/)")
         with flat.coordinate_limit(sum(p.numel() for p in params.values())):
             delta = algorithm.uplink.decode(parts.get("delta", {}))
+        aux = algorithm.aux_codec.decode(parts.get("aux", {}))
     except ValueError:
         raise
     except Exception as exc:  # a decoder fed hostile bytes: a rejection, never a crash
         raise ValueError(f"update does not decode ({type(exc).__name__}: {exc})") from None
-    return {"delta": delta, "aux": parts.get("aux", {})}
+    return {"delta": delta, "aux": aux}
 
 
 def check_delta(delta: dict, params) -> dict:

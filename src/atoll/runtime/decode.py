@@ -62,7 +62,7 @@ def _decode(algorithm, message: bytes, params) -> tuple[dict, dict]:
     if set(delta) != set(params) or any(
             v.shape != params[k].shape or not v.is_floating_point() for k, v in delta.items()):
         return decode_update(algorithm, message, params)  # raises with the loop's reason
-    return delta, parts.get("aux", {})
+    return delta, algorithm.aux_codec.decode(parts.get("aux", {}))
 
 
 def _stack(algorithm, todo: list[Outcome], params, buffers: DecodeBuffers):
@@ -70,7 +70,7 @@ def _stack(algorithm, todo: list[Outcome], params, buffers: DecodeBuffers):
     where that is what the loop runtime decodes: identity uplink, every message of the first
     one's layout, whose entries are the model's (floating, same shapes) plus ``aux/...``.
     None where anything differs (the per-message path then decides, with its reasons)."""
-    if not todo or not algorithm.uplink.plain:
+    if not todo or not (algorithm.uplink.plain and algorithm.aux_codec.plain):
         return None
     try:
         layout = wire.Layout.parse(todo[0].message)

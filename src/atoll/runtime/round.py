@@ -43,6 +43,15 @@ def uplink_codec(algorithm, seed: int, r: int) -> Codec:
     return for_round(algorithm.uplink, rng.key(seed, r, rng.SERVER, "uplink"))
 
 
+def encode_aux(algorithm, aux: dict, up_key: int) -> dict:
+    """The client's ``aux`` through the algorithm's stateless ``aux_codec`` (local DP's clip and
+    noise), keyed from its uplink key."""
+    if algorithm.aux_codec.plain or not aux:
+        return aux
+    codec = algorithm.aux_codec
+    return codec.encode(aux, codec.init(aux), rng.fold(up_key, "aux"))[0]
+
+
 def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
     """Round ``r``'s downlink message, serialised once."""
     payload, _ = algorithm.downlink.encode(
@@ -74,9 +83,9 @@ def client_round(algorithm, client_update, down_bytes: bytes, cstate, cdata, cid
     key = rng.private_key(seed, r, cid, "client", secret)
     with rng.torch_seeded(key):  # dropout and other draws in training: the client's own
         result = client_update(params, cstate, received, batches, step_mask, key)
-    payload, up_state = uplink_codec(algorithm, seed, r).encode(
-        result.delta, cstate["uplink"], rng.private_key(seed, r, cid, "uplink", secret))
-    message = wire.dumps(T.join({"delta": payload, "aux": result.aux}))
+    up_key = rng.private_key(seed, r, cid, "uplink", secret)
+    payload, up_state = uplink_codec(algorithm, seed, r).encode(result.delta, cstate["uplink"], up_key)
+    message = wire.dumps(T.join({"delta": payload, "aux": encode_aux(algorithm, result.aux, up_key)}))
     return message, {**result.client_state, "uplink": up_state}, result.metrics, straggler
 
 

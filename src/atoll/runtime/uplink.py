@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 from atoll import rng
 from atoll import tree as T
 from atoll.runtime.base import Outcome
-from atoll.runtime.round import uplink_codec
+from atoll.runtime.round import encode_aux, uplink_codec
 from atoll.transport import wire
 
 
@@ -44,9 +44,9 @@ def encode_chunk(algorithm, chunk, result, uplink_states: list, seed: int, r: in
         per_client = [dict(zip(result.delta, vs))
                       for vs in zip(*(v.unbind() for v in result.delta.values()))]
         for i, p in enumerate(chunk):
-            payload, up = codec.encode(per_client[i], uplink_states[i],
-                                       rng.key(seed, r, p.cid, "uplink"))
-            aux = {k: v[i] for k, v in result.aux.items()}
+            up_key = rng.key(seed, r, p.cid, "uplink")
+            payload, up = codec.encode(per_client[i], uplink_states[i], up_key)
+            aux = encode_aux(algorithm, {k: v[i] for k, v in result.aux.items()}, up_key)
             messages.append(wire.dumps(T.join({"delta": payload, "aux": aux})))
             ups.append(up)
     if not result.client_state:

@@ -138,7 +138,7 @@ class VmapRuntime:
         """With the identity uplink, the round's ``n`` messages as rows of one buffer, laid out
         as a message of a delta like ``params`` and no aux (``encode_chunk`` falls back to one
         ``dumps`` per client for a chunk whose results have another layout)."""
-        if not algorithm.uplink.plain:
+        if not (algorithm.uplink.plain and algorithm.aux_codec.plain):
             return None
         layout = wire.Layout.of(T.join({"delta": params, "aux": {}}))
         return layout.rows(n, self._buffers.raw(n * layout.stride + wire.ALIGN, "rows"))
