@@ -39,7 +39,7 @@ import torch
 
 from atoll import tree as T
 from atoll.aggregators import Aggregator, anomaly, mean
-from atoll.client import ClientUpdate, LossFn, local_training, mark_update, split_buffers
+from atoll.client import ClientUpdate, LossFn, as_update, local_training, split_buffers
 from atoll.codecs import Codec, identity
 from atoll.transforms.base import Transform, apply_updates
 from atoll.tree import Tree
@@ -114,10 +114,8 @@ class Algorithm:
         """The client half's pure update: ``client_fn(loss_fn, local_opt, grad_fn)``, with the
         algorithm's estimator where it has one."""
         grad_fn = self.estimator(loss_fn) if self.estimator is not None else None
-        update = mark_update(self.client_fn(loss_fn, self.local_opt, grad_fn), loss_fn)
-        if self.draw is not None:
-            update.draw_batches = self.draw
-        return update
+        update = self.client_fn(loss_fn, self.local_opt, grad_fn)
+        return update if isinstance(update, ClientUpdate) else ClientUpdate(update, loss_fn)
 
     def aux_names(self) -> list[str]:
         """The entries of the ``aux`` tree its clients send (``[]``: none), read off

@@ -13,6 +13,7 @@ under ``torch.func.vmap`` (the vectorised runtime).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,45 +24,77 @@ from torch.utils._pytree import tree_map
 from atoll import tree as T
 from atoll.transforms.base import Transform, apply_updates
 from atoll.tree import Tree
-from atoll.types import ClientResult
+from atoll.types import ClientResult, GradFn
 
 LossFn = Callable[[Tree, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ClientUpdate = Callable[..., ClientResult]
 
 
-def model_loss(model: torch.nn.Module) -> LossFn:
-    """Masked mean cross-entropy of ``model`` in train mode, as a pure function of its state.
+@dataclass(frozen=True, eq=False)
+class ModelLoss:
+    """Masked mean cross-entropy of ``model`` in train mode, as a pure function of its state
+    (``model_loss``), with what a runtime must know of the model declared: ``buffers`` (the
+    entries of ``params`` that are state, not trained: BatchNorm's running statistics; vmap
+    gives each client its own copy) and ``random`` (training draws random numbers: dropout).
 
-    ``params`` holds the parameters and, for a model with buffers (BatchNorm running
-    statistics, ...), the buffers too (``params_of``); ``loss_fn.buffers`` names them and
-    ``loss_fn.with_buffers(params, x, y, mask) -> (loss, new buffers)`` also returns the
-    buffers the forward pass updated (on copies: the inputs are never written)."""
-    names = buffer_names(model)
+    ``params`` holds the parameters and, for a model with buffers, the buffers too
+    (``params_of``); ``with_buffers(params, x, y, mask) -> (loss, new buffers)`` also returns
+    the buffers the forward pass updated (on copies: the inputs are never written)."""
+    model: torch.nn.Module
+    buffers: tuple[str, ...] = ()
+    random: bool = False
+    loss = "masked_cross_entropy"  # what it computes: the fused engine reproduces exactly this
 
-    def loss_fn(params, x, y, mask):
-        if not model.training:
-            model.train()
-        logits = functional_call(model, params, (x,))
-        return _masked_ce(logits, y, mask)
+    def __call__(self, params, x, y, mask):
+        if not self.model.training:
+            self.model.train()
+        return _masked_ce(functional_call(self.model, params, (x,)), y, mask)
 
-    def with_buffers(params, x, y, mask):
-        if not model.training:
-            model.train()
-        missing = [k for k in names if k not in params]
+    def with_buffers(self, params, x, y, mask):
+        if not self.model.training:
+            self.model.train()
+        missing = [k for k in self.buffers if k not in params]
         if missing:
-            raise ValueError(f"{type(model).__name__}: the parameter tree lacks the model's "
+            raise ValueError(f"{type(self.model).__name__}: the parameter tree lacks the model's "
                              f"buffers {missing[:3]} (build it with atoll.client.params_of)")
-        bufs = {k: params[k].clone() for k in names}  # BatchNorm updates these in place
-        logits = functional_call(model, {**params, **bufs}, (x,))
+        bufs = {k: params[k].clone() for k in self.buffers}  # BatchNorm updates these in place
+        logits = functional_call(self.model, {**params, **bufs}, (x,))
         return _masked_ce(logits, y, mask), bufs
 
-    loss_fn.model = model  # lets a runtime recognise the model and take a fused fast path
-    loss_fn.loss = "masked_cross_entropy"  # ... and what it computes
-    loss_fn.buffers = names
-    loss_fn.random = uses_dropout(model)
-    if names:
-        loss_fn.with_buffers = with_buffers
-    return loss_fn
+
+def model_loss(model: torch.nn.Module) -> ModelLoss:
+    """``model``'s ``ModelLoss``."""
+    return ModelLoss(model, buffer_names(model), uses_dropout(model))
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUpdate:
+    """A client's pure update ``(params, client_state, broadcast, batches, step_mask, key) ->
+    ClientResult`` with the ``loss`` it trains; ``transform`` is set only where the update is
+    ``local_training`` on the loss's plain gradient, which a runtime's fast path (the fused
+    engine) may reproduce."""
+    fn: Callable[..., ClientResult]
+    loss: Any = None
+    transform: Transform | None = None
+
+    def __call__(self, params, client_state, broadcast, batches, step_mask, key):
+        return self.fn(params, client_state, broadcast, batches, step_mask, key)
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        return self.loss.buffers if isinstance(self.loss, ModelLoss) else ()
+
+    @property
+    def random(self) -> bool:
+        return isinstance(self.loss, ModelLoss) and self.loss.random
+
+    @property
+    def model_name(self) -> str:
+        return type(self.loss.model).__name__ if isinstance(self.loss, ModelLoss) else "?"
+
+
+def as_update(update) -> ClientUpdate:
+    """``update`` as a ``ClientUpdate`` (a bare function: no loss known)."""
+    return update if isinstance(update, ClientUpdate) else ClientUpdate(update)
 
 
 def _masked_ce(logits, y, mask):
@@ -97,7 +130,7 @@ def value_and_grad(loss_fn: LossFn):
     ``loss_fn`` (zero for buffer entries) and the buffers its forward pass updated (``{}`` if
     none). Another estimator (DP-SGD's clipped and noised per-sample sum,
     ``privacy.dpsgd.dp_gradients``) has the same signature and plugs into the same step loop."""
-    names = getattr(loss_fn, "buffers", ())
+    names = loss_fn.buffers if isinstance(loss_fn, ModelLoss) else ()
     if not names:
         g = grad_and_value(loss_fn)
 
@@ -105,8 +138,7 @@ def value_and_grad(loss_fn: LossFn):
             grads, loss = g(p, step["x"], step["y"], step["mask"])
             return grads, loss, {}
 
-        plain.buffers = ()
-        return plain
+        return GradFn(plain)
     g = grad_and_value(lambda p, b, x, y, m: loss_fn.with_buffers({**p, **b}, x, y, m), has_aux=True)
 
     def stateful(p, step):
@@ -114,8 +146,7 @@ def value_and_grad(loss_fn: LossFn):
         grads, (loss, new) = g(trainable, bufs, step["x"], step["y"], step["mask"])
         return {k: grads[k] if k in grads else torch.zeros_like(v) for k, v in p.items()}, loss, new
 
-    stateful.buffers = names
-    return stateful
+    return GradFn(stateful, names)
 
 
 def split_buffers(tree: Tree, names) -> tuple[Tree, Tree]:
@@ -135,20 +166,7 @@ def local_training(loss_fn: LossFn, transform: Transform, grad_fn=None) -> Clien
                                {"broadcast": broadcast, "key": key})
         return ClientResult(T.sub(p, params), {}, client_state, metrics)
 
-    if grad_fn is None:
-        update.parts = (loss_fn, transform)  # what a runtime's fast path needs to reproduce it
-    mark_update(update, loss_fn)
-    return update
-
-
-def mark_update(update: ClientUpdate, loss_fn: LossFn) -> ClientUpdate:
-    """Copy to ``update`` what a runtime must know of its model: ``buffers`` (entries of the
-    tree that are state, not trained: vmap gives each client its own copy) and ``random``
-    (training draws random numbers: each client's must come from its key)."""
-    update.buffers = getattr(loss_fn, "buffers", ())
-    update.random = getattr(loss_fn, "random", False)
-    update.model_name = type(getattr(loss_fn, "model", None)).__name__
-    return update
+    return ClientUpdate(update, loss_fn, transform if grad_fn is None else None)
 
 
 def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, torch.Tensor],
@@ -160,7 +178,7 @@ def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, to
     trained: each active step replaces them with those its forward pass updated. ``first``:
     ``value_and_grad``'s output for step 0, if already computed (FedaGrac needs it before it
     can form its correction)."""
-    names = getattr(grad_fn, "buffers", ())
+    names = grad_fn.buffers if isinstance(grad_fn, GradFn) else ()
     p, b = split_buffers(params, names) if names else (params, {})
     opt_state = transform.init(p)
     loss_sum = torch.zeros((), dtype=_dtype(params))

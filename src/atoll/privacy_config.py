@@ -10,7 +10,7 @@ Modes (``privacy.mode``), each declaring its event per round:
 
 * ``dp_sgd``: record-level DP-SGD inside each client (``privacy.dpsgd``): ``S`` steps of
   ``poisson_gaussian(sample_rate, z)``. Poisson batches and noise are drawn outside the pure
-  update (``draw_batches``), so the vectorised runtime runs it under ``vmap``.
+  update (``Algorithm.draw``), so the vectorised runtime runs it under ``vmap``.
 * ``dp_fedavg``: client-level DP-FedAvg (McMahan et al. 2018): each client clips its update to
   L2 ``clip``; Poisson client sampling at ``sampling.rate``; the server adds
   ``N(0, (z_update * clip)^2)`` to the *sum* and divides by the expected cohort ``rate * K``;
@@ -33,6 +33,7 @@ import math
 import torch
 
 from atoll.algorithms.dp import (INTRINSIC_AUX, clipping_client, dp_fedavg_server, dp_sgd_draw,
+                                intrinsic_draw,
                                  intrinsic_client, intrinsic_server)
 from atoll.client import buffer_names, local_training
 from atoll.codecs import chain, clip_l1, clip_l2, dithered_quantize, gaussian_noise, laplace_noise
@@ -286,7 +287,7 @@ def _intrinsic(cfg, algorithm, model, data, plan):
     uplink = dithered_quantize(p.step, p.uniforms, p.clip, norm=norm, dimension=d, sample_rate=q,
                                integers=True)
     algorithm = dataclasses.replace(
-        algorithm, uplink=uplink, client_fn=intrinsic_client(model, p.clip, q, norm),
+        algorithm, uplink=uplink, client_fn=intrinsic_client(model, p.clip, q, norm), draw=intrinsic_draw(q),
         server_fn=intrinsic_server(p.step, cfg.client.lr), aux_spec=INTRINSIC_AUX)
     floor = delta_floor(p.uniforms + 1, p.step, p.clip, d, q, cfg.rounds)
     if floor >= p.delta:

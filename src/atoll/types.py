@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,17 @@ class ClientResult:
     aux: Tree
     client_state: dict[str, Any]
     metrics: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class GradFn:
+    """A gradient estimator ``(params, step) -> (grads, loss, new buffers)`` and the entries of
+    ``params`` that are buffers (not trained: each step replaces them with the new ones)."""
+    fn: Callable
+    buffers: tuple[str, ...] = ()
+
+    def __call__(self, p, step):
+        return self.fn(p, step)
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def own_draw(c: Client, s: dict, drawn: list):
     not the server's)."""
     secret = drawn[-1] if drawn else None
     kw = {"secret": secret} if secret is not None else {}
-    batches, mask, _ = draw_work(c.client_update, c.cdata, s["cid"], s["round"], s["plan"].seed,
+    batches, mask, _ = draw_work(c.algorithm.draw, c.cdata, s["cid"], s["round"], s["plan"].seed,
                                  c.work, s["params"], **kw)
     return batches, mask
 

@@ -150,5 +150,7 @@ def _pad(b, cap):
 
 
 def test_step_event_is_poisson_gaussian():
-    update = dp_local_training(_mlp(), sgd(0.1), 1.0, 1.1, 0.01)
-    assert update.step_event == P.poisson_gaussian(0.01, 1.1)
+    from tests.privacy.test_privacy_run import build
+
+    alg = build(["privacy.mode=dp_sgd", "privacy.sample_rate=0.01", "privacy.noise_multiplier=1.1"])[0]
+    assert alg.estimator.event == P.poisson_gaussian(0.01, 1.1)

@@ -123,7 +123,7 @@ def test_dp_sgd_batches_are_poisson_samples_with_predrawn_noise():
     params = dict(model.named_parameters())
     sizes = []
     for r in range(1, 41):
-        b, mask, _ = draw_work(update, fed.clients[0], 0, r, 0, plan.work, params)
+        b, mask, _ = draw_work(alg.draw, fed.clients[0], 0, r, 0, plan.work, params)
         assert b["noise/weight"].shape == (2, *params["weight"].shape)
         sizes += b["mask"].sum(1).tolist()
     n = fed.clients[0].n
@@ -194,7 +194,7 @@ def test_intrinsic_integer_aggregation_equals_float_aggregation_in_a_round():
     cohort = list(range(len(fed.clients)))
     payloads, ints, aux = [], [], []
     for cid in cohort:
-        b, mask, _ = draw_work(update, fed.clients[cid], cid, 1, 0, plan.work, state.params)
+        b, mask, _ = draw_work(alg.draw, fed.clients[cid], cid, 1, 0, plan.work, state.params)
         res = update(state.params, {}, alg.broadcast(state), b, mask, rng.key(0, 1, cid, "client"))
         payload, _ = alg.uplink.encode(res.delta, (), rng.key(0, 1, cid, "uplink"))
         payloads.append(payload)

@@ -23,7 +23,6 @@ from atoll import tree as T
 from atoll.client import local_training
 from atoll.codecs.intrinsic import COUNT_KEY, SEED_KEY, dither
 from atoll.privacy import ghost
-from atoll.privacy import events
 from atoll.privacy.dpsgd import with_inputs, dp_gradients, dp_inputs, poisson_batches
 from atoll.transforms.base import Transform
 from atoll.sampling import straggler_steps
@@ -41,7 +40,6 @@ def dp_local_training(model, transform: Transform, clip: float, noise_multiplier
         return inner(params, client_state, broadcast, with_inputs(batches, params, key),
                      step_mask, key)
 
-    update.step_event = events.poisson_gaussian(sample_rate, noise_multiplier)
     return update
 
 
@@ -166,15 +164,21 @@ def intrinsic_client(model, clip: float, q: float, norm: str):
             return ClientResult({**mean, COUNT_KEY: count, SEED_KEY: seed},
                                 {"dither_seed": seed, "count": count}, client_state, metrics)
 
-        def draw_batches(x, y, cid, r, seed, work, params, secret=None):
-            batches = poisson_batches(x, y, 1, q, rng.private_key(seed, r, cid, "client", secret))
-            batches["dither_seed"] = torch.tensor(rng.key(seed, r, cid, "dither"), dtype=torch.int64)
-            return batches, torch.ones(1, dtype=torch.bool), False
-
-        update.draw_batches = draw_batches
         return update
 
     return client_fn
+
+
+def intrinsic_draw(q: float):
+    """FIG. 4's one Poisson sample of records per round (rate ``q``, from the client's key)
+    and the dither seed (``Algorithm.draw``)."""
+
+    def draw(x, y, cid, r, seed, work, params, secret=None):
+        batches = poisson_batches(x, y, 1, q, rng.private_key(seed, r, cid, "client", secret))
+        batches["dither_seed"] = torch.tensor(rng.key(seed, r, cid, "dither"), dtype=torch.int64)
+        return batches, torch.ones(1, dtype=torch.bool), False
+
+    return draw
 
 
 def intrinsic_server(step: float, lr: float):

@@ -29,6 +29,7 @@ from atoll import tree as T
 from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
 from atoll.client import run_steps, step_of, value_and_grad
+from atoll.types import GradFn
 from atoll.transforms import Transform, sgd
 
 FORMS = ("seed", "published")
@@ -110,13 +111,13 @@ def _published_client(lam):
             g0 = T.detach(g0)
             total, step = [T.where(step_mask[0], g0, zeros)], [1]
 
-            def recording(p, one):  # run_steps calls it once per step s = 1, 2, ...
+            def record(p, one):  # run_steps calls it once per step s = 1, 2, ...
                 g, loss, new_b = grad_fn(p, one)
                 total[0] = T.add(total[0], T.where(step_mask[step[0]], T.detach(g), zeros))
                 step[0] += 1
                 return g, loss, new_b
 
-            recording.buffers = getattr(grad_fn, "buffers", ())
+            recording = GradFn(record, grad_fn.buffers)
             c = T.scale(T.sub(broadcast["vtilde"], client_state["mu"]), lam)
             final, metrics = run_steps(recording, opt, params, batches, step_mask,
                                        {"broadcast": broadcast, "key": key}, correction=c,

@@ -129,7 +129,7 @@ class Client:
         self.guard.built(cfg, plan, self.cdata.n, info["client_id"])
         self.algorithm, self.work, self.seed = algorithm, plan.work, plan.seed
         self.client_update = algorithm.client(model_loss(model))
-        self.private = private_noise(algorithm, self.client_update)
+        self.private = private_noise(algorithm)
         self.cid, self.run_id = info["client_id"], run_id
         self.states = self._load_states()
         if algorithm.tracker is not None:
@@ -227,13 +227,12 @@ class Client:
         return states
 
 
-def private_noise(algorithm, client_update) -> bool:
+def private_noise(algorithm) -> bool:
     """Whether a client's update carries privacy noise that must be secret from the server:
-    its gradient estimator (DP-SGD's), its update or its uplink codec (local noise, intrinsic
+    its gradient estimator (DP-SGD's) or its uplink or aux codec (local noise, intrinsic
     quantization) declares a DP event."""
-    return (algorithm.uplink.event is not None or algorithm.aux_codec.event is not None
-            or getattr(algorithm.estimator, "event", None) is not None
-            or getattr(client_update, "step_event", None) is not None)
+    return any(e is not None for e in (algorithm.uplink.event, algorithm.aux_codec.event,
+                                       getattr(algorithm.estimator, "event", None)))
 
 
 def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:

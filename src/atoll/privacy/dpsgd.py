@@ -41,7 +41,7 @@ from atoll import rng
 from atoll.privacy import events, ghost
 from atoll.transforms.base import Transform
 from atoll.tree import Tree
-from atoll.types import ClientResult
+from atoll.types import ClientResult, GradFn
 
 
 def dp_gradients(model: torch.nn.Module, clip: float, noise_multiplier: float,
@@ -83,8 +83,7 @@ def dp_gradients(model: torch.nn.Module, clip: float, noise_multiplier: float,
         loss = (losses.detach() * sel.to(dtype)).sum() / step["mask"].sum().to(dtype).clamp(min=1.0)
         return grads, loss, {}
 
-    estimate.buffers = ()
-    return estimate
+    return GradFn(estimate)
 
 
 @dataclass(frozen=True)

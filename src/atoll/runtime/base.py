@@ -119,14 +119,13 @@ def client_work(x: torch.Tensor, y: torch.Tensor, cid: int, round: int, seed: in
     return {"x": xb, "y": yb, "mask": mask}, step_mask, straggler
 
 
-def draw_work(client_update, cdata, cid: int, round: int, seed: int, work: LocalWork,  # noqa: A002
+def draw_work(draw, cdata, cid: int, round: int, seed: int, work: LocalWork,  # noqa: A002
               params, secret: bytes | None = None
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
-    """``client_work``, or the update's own draw where it has one: ``client_update.
-    draw_batches(x, y, cid, round, seed, work, params, secret)`` (e.g. DP-SGD's Poisson batches
-    with pre-drawn noise, ``algorithms.dp``, keyed by ``rng.private_key(..., secret)``), made
-    outside the pure update so that it runs under vmap."""
-    draw = getattr(client_update, "draw_batches", None)
+    """``client_work``, or the algorithm's own draw where it has one (``Algorithm.draw(x, y,
+    cid, round, seed, work, params, secret)``: DP-SGD's Poisson batches with pre-drawn noise,
+    ``algorithms.dp``, keyed by ``rng.private_key(..., secret)``), made outside the pure update
+    so that it runs under vmap."""
     if draw is None:
         return client_work(cdata.x, cdata.y, cid, round, seed, work)
     return draw(cdata.x, cdata.y, cid, round, seed, work, params, secret)

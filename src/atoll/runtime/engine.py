@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vmap
 
+from atoll.client import as_update
 from atoll.tree import Tree
 
 log = logging.getLogger("atoll")
@@ -50,7 +51,7 @@ class VmapEngine:
             return res.delta, res.aux, res.client_state, res.metrics
 
         self._as_tuple = as_tuple
-        self._buffers = tuple(getattr(client_update, "buffers", ()))
+        self._buffers = as_update(client_update).buffers
         self._fn = vmap(as_tuple, in_dims=(None, 0, None, 0, 0, 0))
 
     def run(self, params: Tree, cstates: dict, broadcast: dict, batches: dict,
@@ -79,7 +80,7 @@ class PerClient:
     name = "per-client"
 
     def __init__(self, client_update):
-        self.reason = (f"model {getattr(client_update, 'model_name', '?')} draws random numbers "
+        self.reason = (f"model {as_update(client_update).model_name} draws random numbers "
                        "in training (dropout): each client's come from its own key, which vmap "
                        "cannot do, so its clients train one by one (the loop runtime's path)")
 

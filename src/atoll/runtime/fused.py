@@ -1,8 +1,9 @@
 """A hand-fused chunk engine for ReLU MLPs trained locally by plain SGD.
 
 ``match(client_update)`` recognises a ``ClientUpdate`` built as
-``local_training(model_loss(model), transform)`` (by its ``parts``, the loss's declared kind
-and the transforms' ``spec``: plain data, no code objects or closures are read) where ``model`` is an ``nn.Linear`` or an ``nn.Sequential`` of ``Linear`` layers joined by
+``local_training(model_loss(model), transform)`` (its declared ``loss``, a ``ModelLoss``, and
+``transform``, read through the transforms' ``spec``: plain data, no code objects or closures)
+where ``model`` is an ``nn.Linear`` or an ``nn.Sequential`` of ``Linear`` layers joined by
 ``ReLU`` (no hooks, no buffers) and ``transform`` is ``sgd(lr, momentum=0, weight_decay)``,
 optionally chained after ``proximal(mu)`` / ``add_decayed_weights`` corrections. Anything
 else returns ``None`` and the generic ``vmap`` engine runs instead, so the fast path never
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atoll.client import ModelLoss, as_update
 from atoll.runtime.engine import ChunkResult, VmapEngine
 
 
@@ -48,11 +50,9 @@ class FusedSpec:
 
 def match(client_update) -> FusedSpec | None:
     """The fused plan for ``client_update``, or None where the generic path must run."""
-    parts = getattr(client_update, "parts", None)  # set by local_training: (loss_fn, transform)
-    if parts is None:
-        return None
-    loss_fn, transform = parts
-    if getattr(loss_fn, "loss", None) != "masked_cross_entropy" or not hasattr(loss_fn, "model"):
+    update = as_update(client_update)
+    loss_fn, transform = update.loss, update.transform
+    if transform is None or not isinstance(loss_fn, ModelLoss):  # not plain local_training
         return None
     layers, coeffs = _mlp_layers(loss_fn.model), _sgd_coeffs(transform)
     if layers is None or coeffs is None:

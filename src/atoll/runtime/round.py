@@ -79,7 +79,7 @@ def client_round(algorithm, client_update, down_bytes: bytes, cstate, cdata, cid
     params = received["params"]
     if cstate is None:
         cstate = algorithm.new_client_state(params)
-    batches, step_mask, straggler = draw_work(client_update, cdata, cid, r, seed, work, params, secret)
+    batches, step_mask, straggler = draw_work(algorithm.draw, cdata, cid, r, seed, work, params, secret)
     key = rng.private_key(seed, r, cid, "client", secret)
     with rng.torch_seeded(key):  # dropout and other draws in training: the client's own
         result = client_update(params, cstate, received, batches, step_mask, key)

@@ -28,6 +28,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from atoll import rng
+from atoll.client import as_update
 from atoll import tree as T
 from atoll.runtime.base import LocalWork, draw_work, stack_drawn
 from atoll.runtime.decode import DecodeBuffers
@@ -46,7 +47,7 @@ log = logging.getLogger("atoll")
 def select_engine(client_update, fused: bool = True):
     """The fused engine where it applies to ``client_update``, else :class:`VmapEngine`;
     :class:`PerClient` for an update that draws random numbers."""
-    if getattr(client_update, "random", False):
+    if as_update(client_update).random:
         return PerClient(client_update)
     if fused:
         spec = match(client_update)
@@ -146,8 +147,8 @@ class VmapRuntime:
     def _run_chunk(self, engine, algorithm, received, chunk, states, data, work, seed, r,
                    rows=None, start=0):
         ups, rests = zip(*(split_state(s) for s in states))
-        if hasattr(self._engine[0], "draw_batches"):  # the update draws its own (DP-SGD, ...)
-            batches, step_mask = drawn_batches(self._engine[0], chunk, data, work, seed, r,
+        if algorithm.draw is not None:  # the algorithm draws its own (DP-SGD, ...)
+            batches, step_mask = drawn_batches(algorithm.draw, chunk, data, work, seed, r,
                                                received["params"], self.device)
         else:
             batches, step_mask = chunk_batches(chunk, data.clients, work.batch_size, self.device)
@@ -205,10 +206,10 @@ def end_round(algorithm, state, client_states, outcomes: list, data, work, stats
     return state, save_states(client_states, accepted), stats
 
 
-def drawn_batches(client_update, chunk, data, work, seed: int, r: int, params, device):
-    """The chunk's batches from the update's own per-client draws (``base.draw_work``)."""
+def drawn_batches(draw, chunk, data, work, seed: int, r: int, params, device):
+    """The chunk's batches from the algorithm's own per-client draws (``base.draw_work``)."""
     cpu = {k: v.cpu() for k, v in params.items()}
-    drawn = [draw_work(client_update, data.clients[p.cid], p.cid, r, seed, work, cpu) for p in chunk]
+    drawn = [draw_work(draw, data.clients[p.cid], p.cid, r, seed, work, cpu) for p in chunk]
     batches = {k: v.to(device) for k, v in stack_drawn([b for b, _, _ in drawn]).items()}
     return batches, torch.stack([m for _, m, _ in drawn]).to(device)
 
