@@ -170,14 +170,14 @@ def local_training(loss_fn: LossFn, transform: Transform, grad_fn=None) -> Clien
 
 
 def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, torch.Tensor],
-              step_mask: torch.Tensor, ctx: dict, correction: Tree | None = None,
-              first: tuple | None = None) -> tuple[Tree, dict]:
+              step_mask: torch.Tensor, ctx: dict, first: tuple | None = None) -> tuple[Tree, dict]:
     """The masked local steps: ``(final params, metrics)``. Step ``s`` runs ``transform`` on
-    ``grad_fn``'s gradient (``value_and_grad`` or another estimator; plus a constant ``correction``, as SCAFFOLD and
-    FedaGrac add) only where ``step_mask[s]`` is true. Buffers (``grad_fn.buffers``) are not
+    ``grad_fn``'s gradient (``value_and_grad`` or another estimator, e.g. DP-SGD's) only where
+    ``step_mask[s]`` is true; local corrections are transforms in ``transform``'s chain
+    (``proximal``, ``shift``: SCAFFOLD's and FedaGrac's). Buffers (``grad_fn.buffers``) are not
     trained: each active step replaces them with those its forward pass updated. ``first``:
     ``value_and_grad``'s output for step 0, if already computed (FedaGrac needs it before it
-    can form its correction)."""
+    can form its calibration)."""
     names = grad_fn.buffers if isinstance(grad_fn, GradFn) else ()
     p, b = split_buffers(params, names) if names else (params, {})
     opt_state = transform.init(p)
@@ -188,8 +188,6 @@ def run_steps(grad_fn, transform: Transform, params: Tree, batches: dict[str, to
             grads, loss, new_b = first
         else:
             grads, loss, new_b = grad_fn({**p, **b} if b else p, step_of(batches, s))
-        if correction is not None:
-            grads = T.add(grads, correction)
         if b:
             grads = {k: grads[k] for k in p}
         updates, new_state = transform.update(grads, opt_state, p, ctx)

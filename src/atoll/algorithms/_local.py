@@ -1,6 +1,6 @@
 """Small helpers shared by the client halves of SCAFFOLD, FedaGrac and FedNova. Their local
-steps are ``client.run_steps`` (the loop of ``local_training``) with a constant gradient
-correction and, for FedaGrac, the gradient of step 0 precomputed."""
+steps are ``client.run_steps`` (the loop of ``local_training``) with a constant gradient correction
+(``transforms.shift``) and, for FedaGrac, the gradient of step 0 precomputed."""
 from __future__ import annotations
 
 import torch

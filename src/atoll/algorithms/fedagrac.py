@@ -30,7 +30,7 @@ from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
 from atoll.client import run_steps, step_of, value_and_grad
 from atoll.types import GradFn
-from atoll.transforms import Transform, sgd
+from atoll.transforms import Transform, chain, sgd, shift
 
 FORMS = ("seed", "published")
 SEED_LAM, PUBLISHED_LAM = 0.1, 0.03   # the patent's example; the authors' --lam default
@@ -79,8 +79,8 @@ def _seed_client(lam, local_lr):
             gap = T.sub(params, client_state["x_prev"])
             c = T.axpy(client_state["seen"] * lam / (local_lr * k), gap,
                        T.sub(broadcast["vtilde"], v_i))
-            final, metrics = run_steps(grad_fn, opt, params, batches, step_mask,
-                                       {"broadcast": broadcast, "key": key}, correction=c,
+            final, metrics = run_steps(grad_fn, chain(shift(c), opt), params, batches, step_mask,
+                                       {"broadcast": broadcast, "key": key},
                                        first=(v_i, loss0, b0))
             state = {**client_state, "x_prev": final, "seen": torch.ones_like(client_state["seen"])}
             return result(params, final, v_i, state, metrics)
@@ -119,8 +119,8 @@ def _published_client(lam):
 
             recording = GradFn(record, grad_fn.buffers)
             c = T.scale(T.sub(broadcast["vtilde"], client_state["mu"]), lam)
-            final, metrics = run_steps(recording, opt, params, batches, step_mask,
-                                       {"broadcast": broadcast, "key": key}, correction=c,
+            final, metrics = run_steps(recording, chain(shift(c), opt), params, batches, step_mask,
+                                       {"broadcast": broadcast, "key": key},
                                        first=(g0, loss0, b0))
             k = steps_taken(step_mask, _dtype(params))
             mean = T.scale(total[0], 1 / k)

@@ -17,7 +17,7 @@ from atoll import tree as T
 from atoll.algorithm import Algorithm, like_params
 from atoll.algorithms._local import result, steps_taken
 from atoll.client import run_steps, value_and_grad
-from atoll.transforms import Transform, sgd
+from atoll.transforms import Transform, chain, sgd, shift
 
 
 def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_lr: float = 0.05,
@@ -32,8 +32,8 @@ def scaffold(local_opt: Transform | None = None, server_lr: float = 1.0, local_l
 
         def update(params, client_state, broadcast, batches, step_mask, key):
             c, c_i = broadcast["c"], client_state["c_i"]
-            final, metrics = run_steps(grad_fn, opt, params, batches, step_mask,
-                                       {"broadcast": broadcast, "key": key}, correction=T.sub(c, c_i))
+            final, metrics = run_steps(grad_fn, chain(shift(T.sub(c, c_i)), opt), params, batches,
+                                       step_mask, {"broadcast": broadcast, "key": key})
             k = steps_taken(step_mask, next(iter(params.values())).dtype)
             delta = T.sub(final, params)
             new_ci = T.sub(T.sub(c_i, c), T.scale(delta, 1.0 / (k * local_lr)))

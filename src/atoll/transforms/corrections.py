@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from atoll import tree as T
 from atoll.transforms.base import Transform
+from atoll.tree import Tree
 
 
 def proximal(mu: float) -> Transform:
@@ -29,3 +30,14 @@ def proximal(mu: float) -> Transform:
         return {k: g + mu * (params[k] - anchor[k]) for k, g in grads.items()}, state
 
     return Transform(init, update, ("proximal", float(mu)))
+
+
+def shift(c: Tree) -> Transform:
+    """Add the constant tree ``c`` to the gradient (entries of the gradient only): SCAFFOLD's
+    control-variate correction ``c - c_i`` and FedaGrac's calibration, built per client and
+    round from what the client holds, chained before its optimizer."""
+
+    def update(grads, state, params, ctx):
+        return {k: g + c[k] for k, g in grads.items()}, state
+
+    return Transform(lambda params: (), update, ())
