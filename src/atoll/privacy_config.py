@@ -246,16 +246,16 @@ def _local(cfg, algorithm, model, data, plan):
     z, calibrated = _noise(cfg, 1.0, cfg.rounds)
     ratio = _aux_ratio(p, algorithm)
     clip, noise = (clip_l1, laplace_noise) if laplace else (clip_l2, gaussian_noise)
-    # The pair (delta, aux) moves by at most 2C and 2 C_aux: jointly 2(C + C_aux) in L1 and
-    # 2 sqrt(C^2 + C_aux^2) in L2, the noise's scale on both.
-    joint = 1.0 if ratio is None else (1 + ratio if laplace else math.sqrt(1 + ratio ** 2))
+    # The pair (delta, aux * C / C_aux) moves by at most 2C in each part: jointly 4C in L1 and
+    # 2C sqrt(2) in L2. In the aux's own units its part of the noise is C_aux / C times larger.
+    joint = 1.0 if ratio is None else (2.0 if laplace else math.sqrt(2))
     sensitivity = 2 * p.clip * joint
     codecs = [clip(p.clip), noise(z, sensitivity)]
     if p.quantize_bits is not None:
         codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
     parts = {"uplink": _after(chain(*codecs), algorithm)}
     if ratio is not None:
-        parts["aux_codec"] = chain(clip(ratio * p.clip), noise(z, sensitivity))
+        parts["aux_codec"] = chain(clip(ratio * p.clip), noise(z, sensitivity * ratio))
     algorithm = dataclasses.replace(algorithm, **parts)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
                "mechanism": p.mechanism, "sensitivity": sensitivity}

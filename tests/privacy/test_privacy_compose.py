@@ -130,9 +130,10 @@ def test_dp_fedavg_noise_on_delta_and_aux_has_the_joint_scale():
     extra = {"broadcast": {"dp": {"clip": torch.tensor([clip], dtype=torch.float64)}}}
     state = ServerState({"w": torch.zeros(d, dtype=torch.float64)}, (), 0, extra)
     agg, out = server(state, None, zeros, None, {"c": zeros["w"]}, 7, extra)
-    want = z * clip * math.sqrt(1 + ratio ** 2) / 4.0  # sensitivity of the pair, over the cohort
-    for got in (agg["w"], out["probe"][0]["c"]):
-        assert float(got.std()) == pytest.approx(want, rel=0.03)
+    # the pair (delta, aux / ratio) has sensitivity clip sqrt(2); each part's noise scales with its clip
+    want = z * clip * math.sqrt(2) / 4.0
+    assert float(agg["w"].std()) == pytest.approx(want, rel=0.03)
+    assert float(out["probe"][0]["c"].std()) == pytest.approx(want * ratio, rel=0.03)
 
 
 @pytest.mark.parametrize("laplace", [False, True])
@@ -141,11 +142,12 @@ def test_local_mode_clips_and_noises_the_aux_on_the_client(laplace):
     alg = build(over + (["privacy.mechanism=laplace"] if laplace else []))[0]
     d = 40_000
     zeros = {"w": torch.zeros(d, dtype=torch.float64)}
-    joint = 2 * (0.5 + 1.5) if laplace else 2 * math.sqrt(0.5 ** 2 + 1.5 ** 2)
-    for codec in (alg.uplink, alg.aux_codec):
+    # (delta, aux * 0.5 / 1.5) moves by 2 x 0.5 in each part: 2 x 2 x 0.5 in L1, 2 x 0.5 sqrt 2 in L2
+    joint = 2 * 2 * 0.5 if laplace else 2 * math.sqrt(2) * 0.5
+    for codec, own in ((alg.uplink, 1.0), (alg.aux_codec, 1.5 / 0.5)):
         noisy, _ = codec.encode(zeros, codec.init(zeros), 11)
         std = 2.0 * math.sqrt(2) * joint if laplace else 2.0 * joint  # Laplace(b s): std b s sqrt 2
-        assert float(noisy["w"].std()) == pytest.approx(std, rel=0.03)
+        assert float(noisy["w"].std()) == pytest.approx(std * own, rel=0.03)
     assert alg.aux_codec.event == alg.uplink.event  # one release of the pair, one event
     big = {"w": torch.full((d,), 10.0, dtype=torch.float64)}
     enc = lambda tree: alg.aux_codec.encode(tree, alg.aux_codec.init(tree), 11)[0]["w"]  # noqa: E731

@@ -92,10 +92,12 @@ def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
     a quantizer or a sketch, can raise its norm; the sum's sensitivity must stay ``clip``).
 
     With ``server_aux`` (an algorithm whose server reads the mean of its clients' aux), the
-    aux rows are clipped again to ``aux_ratio * clip`` and summed with noise too: the sum of
-    the pair (delta, aux) has L2 sensitivity ``clip * sqrt(1 + aux_ratio^2)``, the scale of the
-    noise on both; ``server_aux`` then gets the noisy mean over ``expected`` clients."""
-    scale = math.sqrt(1 + aux_ratio ** 2) if server_aux is not None else 1.0
+    aux rows are clipped again to ``aux_ratio * clip`` and summed with noise too. Rescaled by
+    ``1 / aux_ratio``, the aux is a second part of norm at most ``clip``: the pair's sum has L2
+    sensitivity ``clip * sqrt(2)``, so each part gets noise of ``sqrt(2) z`` times its own clip
+    (its signal-to-noise ratio does not depend on ``aux_ratio``); ``server_aux`` then gets the
+    noisy mean over ``expected`` clients."""
+    scale = math.sqrt(2) if server_aux is not None else 1.0
 
     def server_fn(state, agg, deltas, weights, aux, key, extra):
         clip = extra["broadcast"]["dp"]["clip"]
@@ -113,7 +115,8 @@ def dp_fedavg_server(expected: float, z_update: float, sigma_b: float | None,
         if server_aux is not None:
             rows = _clip_rows({k: v for k, v in aux.items() if k != "dp_below"},
                               aux_ratio * float(clip[0]))
-            out, extra = server_aux(state, out, _noisy_mean(rows, std, expected, g), expected, extra)
+            noisy = _noisy_mean(rows, std * aux_ratio, expected, g)
+            out, extra = server_aux(state, out, noisy, expected, extra)
         return out, extra
 
     return server_fn
