@@ -4,7 +4,7 @@ A :class:`Devices` gives every client a compute speed (local steps per second), 
 bandwidth up and down (bytes per second) and an availability pattern; it turns one client's
 work into simulated seconds: ``download bytes / down + K_i / speed + upload bytes / up``. A
 synchronous round lasts as long as its slowest client (:meth:`Devices.round_time`); the
-asynchronous driver (``asynchronous.py``) orders events by the same per-client times.
+asynchronous driver (``atoll.asynchronous``) orders events by the same per-client times.
 
 Profiles (``profile``), each seeded from ``rng.key(seed, 0, SERVER, "devices")``:
 
