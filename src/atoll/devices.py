@@ -4,7 +4,7 @@ A :class:`Devices` gives every client a compute speed (local steps per second), 
 bandwidth up and down (bytes per second) and an availability pattern; it turns one client's
 work into simulated seconds: ``download bytes / down + K_i / speed + upload bytes / up``. A
 synchronous round lasts as long as its slowest client (:meth:`Devices.round_time`); the
-asynchronous driver (``asynchronous.py``) orders events by the same per-client times.
+asynchronous driver (``atoll.asynchronous``) orders events by the same per-client times.
 
 Profiles (``profile``), each seeded from ``rng.key(seed, 0, SERVER, "devices")``:
 
@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import bisect
 import builtins
-import csv
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from atoll import rng
+from atoll.devices_csv import read_profile, read_trace
 
 PROFILES = ("uniform", "lognormal", "extreme", "csv")
 AVAILABILITY = ("always", "random", "trace")
@@ -182,70 +181,15 @@ def make_devices(num_clients: int, seed: int, profile: str = "uniform", speed: f
             raise ValueError(f"devices.slow must be in [0, {num_clients}], got {slow}")
         base[torch.randperm(num_clients, generator=g)[:slow]] /= slowdown
     else:
-        base, fixed = _read_profile(csv_path, num_clients, base)
+        base, fixed = read_profile(csv_path, num_clients, base)
     return Devices(base[:, 0].clone(), base[:, 1].clone(), base[:, 2].clone(),
                    _availability(availability, on_s, off_s, seed, trace_path, num_clients), fixed)
-
-
-def _read_profile(path, num_clients: int, base: torch.Tensor):
-    rows = _read_csv(path, "devices.csv", ("client", "speed", "up", "down"))
-    steps = [None] * num_clients
-    for i, row in rows:
-        cid = _client(row, i, path, num_clients)
-        for j, col in enumerate(("speed", "up", "down")):
-            v = _float(row, col, i, path)
-            if not v > 0:
-                raise ValueError(f"{path}: line {i}: {col} must be > 0, got {v}")
-            base[cid, j] = v
-        if row.get("steps") not in (None, ""):
-            steps[cid] = int(_float(row, "steps", i, path))
-    fixed = tuple(steps) if all(s is not None for s in steps) else ()
-    if any(s is not None for s in steps) and not fixed:
-        raise ValueError(f"{path}: the steps column must be given for every client or none")
-    return base, fixed
 
 
 def _availability(kind, on_s, off_s, seed, trace_path, num_clients) -> Availability:
     if kind != "trace":
         return Availability(kind, on_s, off_s, seed)
-    spans: dict[int, list] = {}
-    for i, row in _read_csv(trace_path, "devices.trace", ("client", "start", "end")):
-        cid = _client(row, i, trace_path, num_clients)
-        start, end = _float(row, "start", i, trace_path), _float(row, "end", i, trace_path)
-        if not 0 <= start < end:
-            raise ValueError(f"{trace_path}: line {i}: need 0 <= start < end, got {start}, {end}")
-        spans.setdefault(cid, []).append((start, end))
-    return Availability("trace", seed=seed, trace={c: tuple(sorted(s)) for c, s in spans.items()})
-
-
-def _read_csv(path, key: str, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
-    if path is None:
-        raise ValueError(f"{key} must name a CSV file")
-    if not Path(path).exists():
-        raise ValueError(f"{key}: file {path} does not exist")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected {list(columns)}")
-        return list(enumerate(reader, start=2))
-
-
-def _client(row, i, path, num_clients) -> int:
-    try:
-        cid = int(row["client"])
-    except ValueError:
-        raise ValueError(f"{path}: line {i}: client {row['client']!r} is not an integer") from None
-    if not 0 <= cid < num_clients:
-        raise ValueError(f"{path}: line {i}: client {cid} is not in [0, {num_clients})")
-    return cid
-
-
-def _float(row, col, i, path) -> float:
-    try:
-        return float(row[col])
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: line {i}: {col} {row[col]!r} is not a number") from None
+    return Availability("trace", seed=seed, trace=read_trace(trace_path, num_clients))
 
 
 def make_schedule(devices: Devices | None, num_clients: int, seed: int, mode: str,

@@ -3,7 +3,7 @@
 ``configure(cfg, algorithm, model, data, plan)`` (called by ``config.build``) checks the
 ``[privacy]`` section against the rest of the config and returns the algorithm with its private
 parts (``atoll.algorithms.dp``) and the plan with a ``privacy.run.PrivacySpec`` (the run's
-events per round and its budget). It sits at the edge beside ``config.py``: it reads a config
+events per round and its budget). It sits at the edge beside the ``atoll.config`` package: it reads a config
 and assembles algorithms, so no stage imports it.
 
 Modes (``privacy.mode``), each declaring its event per round:

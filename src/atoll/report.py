@@ -6,8 +6,6 @@ Reads ``metrics.jsonl`` (required), ``timings.jsonl``, ``final.json`` and ``conf
 """
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -15,66 +13,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_metrics(run_dir) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl``; errors name the file (and the line)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
-    rows = _read_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path} is empty: the run has not finished a round")
-    for i, row in rows:
-        if not isinstance(row.get("round"), int):
-            raise ValueError(f"{path}: line {i} has no integer 'round'")
-    return [row for _, row in rows]
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON-lines file."""
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: line {i} is not a JSON object")
-        out.append((i, obj))
-    return out
-
-
-def series(rows: list[dict], x: str, y: str) -> tuple[list, list]:
-    """(x, y) pairs of the rows where both are present and not null."""
-    pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def reach(rows: list[dict], target: float, x: str = "round"):
-    """The first value of ``x`` at which ``test_acc`` >= target, or None."""
-    for r in rows:
-        if r.get("test_acc") is not None and r["test_acc"] >= target and r.get(x) is not None:
-            return r[x]
-    return None
+from atoll.runfiles import (has, last, reach, read_json, read_jsonl, read_metrics,  # noqa: E402
+                            read_toml, series)
 
 
 def report(run_dir) -> dict:
     """Write ``plots/*.png`` and ``summary.md`` into ``run_dir``; return the key numbers."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    final = _json(run_dir / "final.json")
+    final = read_json(run_dir / "final.json")
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     written = [_rounds_png(rows, plots_dir / "rounds.png"), _bytes_png(rows, plots_dir / "bytes.png"),
                _clients_png(rows, final, plots_dir / "clients.png")]
     for key, name, label in (("sim_time", "time.png", "simulated time (s)"),
                              ("epsilon", "privacy.png", "privacy spent ε")):
-        if _has(rows, key):
+        if has(rows, key):
             written.append(_acc_vs(rows, key, label, plots_dir / name))
     numbers = _numbers(rows, final)
-    timings = _read_jsonl(run_dir / "timings.jsonl") if (run_dir / "timings.jsonl").exists() else []
+    timings = read_jsonl(run_dir / "timings.jsonl") if (run_dir / "timings.jsonl").exists() else []
     numbers["wall_s"] = timings[-1][1].get("wall_s") if timings else None
     numbers["plots"] = [str(p) for p in written]
     numbers["privacy"] = final.get("privacy")
@@ -89,7 +46,7 @@ def _numbers(rows, final) -> dict:
     out = {"rounds": rows[-1]["round"], "final_test_acc": final_acc,
            "best_test_acc": accs[best] if best is not None else None,
            "best_round": rounds[best] if best is not None else None,
-           "final_train_loss": _last(rows, "train_loss"),
+           "final_train_loss": last(rows, "train_loss"),
            "bytes_up_total": rows[-1].get("bytes_up_cum", sum(r.get("bytes_up", 0) for r in rows)),
            "bytes_down_total": rows[-1].get("bytes_down_cum", sum(r.get("bytes_down", 0) for r in rows))}
     fed = [r for r in rows if r.get("fed_acc_mean") is not None]
@@ -103,7 +60,7 @@ def _numbers(rows, final) -> dict:
 
 
 def _summary_md(run_dir, n, written) -> str:
-    cfg = _toml(run_dir / "config.toml")
+    cfg = read_toml(run_dir / "config.toml")
     title = cfg.get("name", run_dir.name)
     algo, data = (_section_name(cfg, k) for k in ("algorithm", "data"))
     pct = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
@@ -216,7 +173,7 @@ def compare(run_dirs, out, labels=None, target_acc=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_metrics(Path(d)) for d in run_dirs]
     _compare_png(runs, labels, out / "compare.png")
-    with_time = any(_has(rows, "sim_time") for rows in runs)
+    with_time = any(has(rows, "sim_time") for rows in runs)
     table = []
     for rows, label in zip(runs, labels):
         accs = series(rows, "round", "test_acc")[1]
@@ -230,20 +187,20 @@ def compare(run_dirs, out, labels=None, target_acc=None) -> list[dict]:
 
 
 def _compare_png(runs, labels, path) -> Path:
-    loss = "global_train_loss" if all(_has(rows, "global_train_loss") for rows in runs) else "train_loss"
+    loss = "global_train_loss" if all(has(rows, "global_train_loss") for rows in runs) else "train_loss"
     panels = [("round", "test_acc", "round"), ("round", loss, "round"),
               ("bytes_up_cum", "test_acc", "cumulative uplink MB"),
               ("bytes_down_cum", "test_acc", "cumulative downlink MB")]
-    if all(_has(rows, "sim_time") for rows in runs):
+    if all(has(rows, "sim_time") for rows in runs):
         panels.append(("sim_time", "test_acc", "simulated time (s)"))
-    if any(_has(rows, "epsilon") for rows in runs):  # privacy: runs without epsilon are lines
+    if any(has(rows, "epsilon") for rows in runs):  # privacy: runs without epsilon are lines
         panels.append(("epsilon", "test_acc", "privacy spent ε"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
     for ax, (x, y, xlabel) in zip(axes, panels):
         scale = 1e6 if x.startswith("bytes") else 1
         all_x = []
         for i, (rows, label) in enumerate(zip(runs, labels)):
-            if x == "epsilon" and not _has(rows, "epsilon"):
+            if x == "epsilon" and not has(rows, "epsilon"):
                 accs = series(rows, "round", y)[1]
                 if accs:
                     ax.axhline(accs[-1], linestyle="--", color=f"C{i}", label=f"{label} (no DP)")
@@ -288,14 +245,6 @@ def _num(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _has(rows, key) -> bool:
-    return any(r.get(key) is not None for r in rows)
-
-
-def _last(rows, key):
-    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
-
-
 def _maybe_log(ax, xs) -> None:
     """Log-x when the positive values span more than two decades."""
     pos = [x for x in xs if x > 0]
@@ -303,25 +252,6 @@ def _maybe_log(ax, xs) -> None:
         ax.set_xscale("log")
 
 
-def _json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return obj
-
-
 def _section_name(cfg: dict, section: str) -> str:
     sec = cfg.get(section)
     return str(sec.get("name", "?")) if isinstance(sec, dict) else "?"
-
-
-def _toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text()) if path.exists() else {}
-    except tomllib.TOMLDecodeError:
-        return {}

@@ -110,7 +110,9 @@ def test_an_async_run_whose_clients_all_fail_stops(tmp_path):
 
 
 def test_cli_exits_non_zero_when_every_client_fails(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(config, "build_data", lambda cfg, _b=config.build_data: _nan_data(_b(cfg)))
+    from atoll.config import assemble  # where ``build`` looks ``build_data`` up
+
+    monkeypatch.setattr(assemble, "build_data", lambda cfg, _b=assemble.build_data: _nan_data(_b(cfg)))
     assert _cli(tmp_path, "--out", str(tmp_path / "run")) == 1
     assert "all 2 sampled clients failed" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from scipy import stats
 
 from atoll import privacy as P
 from atoll.privacy import irwin_hall as ih
+from atoll.privacy.symmetric_pld import CUT_MASS
 
 DISC = 1e-4
 
@@ -118,7 +119,7 @@ def test_subsampled_round_of_many_coordinates_is_a_valid_pair():
     assert abs(mass_r - 1) < 1e-9 and abs(mass_a - 1) < 1e-9
     assert abs(low_r - 1) < 1e-9
     assert 1 - floor - 1e-9 < low_a <= 1 + 1e-9  # the add side's infinite-loss part is the floor
-    assert floor <= pld._pmf_remove._infinity_mass <= floor + q * (ih.CUT_MASS + 1001 * ih.TAIL_MASS)
+    assert floor <= pld._pmf_remove._infinity_mass <= floor + q * (CUT_MASS + 1001 * ih.TAIL_MASS)
 
 
 @pytest.mark.slow

@@ -1,112 +1,23 @@
-"""Asynchronous training on the simulated clock: FedAsync and FedBuff.
-
-An event-driven driver. Up to ``concurrency`` clients train at once; whenever slots are free
-(after all events of the current instant), a *wave* fills them with idle, online clients in
-the order of the seeded permutation ``randperm(N)`` of ``rng.key(seed, wave, SERVER,
-"sample")`` (the synchronous sampler's draw). A client's job has two events: *upload* after its
-download and ``K_i`` steps, *arrive* after its upload of its real message bytes
-(``atoll.devices``; without devices every duration is zero and events keep dispatch order).
-
-Clients dispatched on the same model version share one broadcast message and are trained
-together, lazily, when the first of them uploads (one ``runtime.train`` call on the vectorised
-runtime; the loop runtime's client path otherwise); the group id is the ``round`` of their
-keys. The server half is the Algorithm's ``server_round``, applied in arrival order:
-
-* ``fedbuff`` (Nguyen et al. 2022): arriving deltas, scaled by ``s(staleness)``, are buffered;
-  every ``buffer`` arrivals ``K`` the server averages them, each with weight ``1/K`` as in the
-  paper (``weighting = "uniform"``), or with the aggregator's weights (``"aggregator"``:
-  training-set sizes by default), and steps;
-* ``fedasync`` (Xie et al. 2019): every arrival is a server step mixing the client's model,
-  ``x <- x + alpha * s(staleness) * (x_client - x)``, with ``x_client`` = the model it
-  started from plus its delta.
-
-Privacy (``plan.privacy``). Record-level modes (``dp_sgd``, ``intrinsic``) and ``local`` protect
-each client's data by the noise of each of its own releases, so a run's epsilon is that of the
-client that has taken part most often: a participation is charged to the accountant when some
-client is dispatched for the ``n``-th time and no client had been dispatched ``n`` times before
-(the synchronous driver charges every round, which bounds the same quantity). Before such a
-dispatch the budget is checked; if it would be exceeded nobody else is dispatched, the clients in
-flight finish, and the run stops cleanly with the reason (``final.json["privacy"]["stopped"]``).
-``dp_fedavg`` is refused: its accounting amplifies by Poisson-sampled cohorts, and FedBuff's
-buffers are not Poisson samples (a client can even appear in one buffer twice).
-
-Staleness = server versions applied since the client's dispatch; ``s`` is ``constant`` (1),
-``polynomial`` ``(1 + tau)^-a`` or ``hinge`` (1 up to ``b``, then ``1 / (a (tau - b) + 1)``).
-Updates staler than ``max_staleness`` are dropped and counted (``stale_dropped``). One line of
-``metrics.jsonl`` per server step (``round`` = model version), with ``sim_time`` when devices
-are simulated. With zero delays, ``concurrency = buffer = C`` and constant staleness weights,
-FedBuff equals synchronous FedAvg with ``C`` clients per round, uniformly weighted (or weighted
-like the aggregator with ``weighting = "aggregator"``; ``tests/hetero``).
-"""
+"""The event-driven driver of asynchronous training (see ``atoll.asynchronous``): waves of
+dispatches, groups trained together, uploads and arrivals on the simulated clock, the server
+step of FedAsync (every arrival) or FedBuff (every ``buffer`` arrivals)."""
 from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from atoll import rng, rundir
+from atoll import rng
 from atoll import tree as T
-from atoll.client import buffer_names, model_loss, params_of
-from atoll.evaluate import FederatedEval
-from atoll.runlog import Progress as _Progress
-from atoll.runlog import Result
-from atoll.runlog import evaluate_and_log as _evaluate_and_log
-from atoll.runlog import finish as _finish
-from atoll.runlog import open_logs as _open_logs
-from atoll.runtime import make_runtime
+from atoll.asynchronous.plan import AsyncPlan, check_privacy
 from atoll.runtime.base import AllClientsFailed, active_steps, failure_reasons
 from atoll.runtime.check import decode_update
 from atoll.runtime.round import broadcast_bytes, one_by_one, server_step
 from atoll.runtime.vmap import VmapRuntime
 from atoll.runtime.work import plan_clients
-
-log = logging.getLogger("atoll")
-MODES = ("fedasync", "fedbuff")
-WEIGHTINGS = ("uniform", "aggregator")
-STALENESS = ("constant", "polynomial", "hinge")
-
-
-@dataclass(frozen=True)
-class AsyncPlan:
-    mode: str = "fedbuff"
-    concurrency: int = 10
-    buffer: int = 10            # FedBuff's K (FedAsync steps on every arrival)
-    alpha: float = 0.6          # FedAsync's mixing weight
-    staleness: str = "polynomial"
-    a: float = 0.5
-    b: float = 4.0
-    max_staleness: int | None = None
-    weighting: str = "uniform"  # FedBuff: 1/K per buffered update (the paper) or "aggregator"
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"async.mode must be one of {MODES}, got {self.mode!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"async.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.staleness not in STALENESS:
-            raise ValueError(f"async.staleness must be one of {STALENESS}, got {self.staleness!r}")
-        if self.concurrency < 1 or self.buffer < 1:
-            raise ValueError(f"async.concurrency and async.buffer must be >= 1, got "
-                             f"{self.concurrency}, {self.buffer}")
-        if not 0 < self.alpha <= 1:
-            raise ValueError(f"async.alpha must be in (0, 1], got {self.alpha}")
-        if self.a < 0 or self.b < 0:
-            raise ValueError(f"async.a and async.b must be >= 0, got {self.a}, {self.b}")
-        if self.max_staleness is not None and self.max_staleness < 0:
-            raise ValueError(f"async.max_staleness must be >= 0, got {self.max_staleness}")
-
-    def weight(self, tau: int) -> float:
-        if self.staleness == "polynomial":
-            return (1.0 + tau) ** -self.a
-        if self.staleness == "hinge":
-            return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
-        return 1.0
 
 
 @dataclass
@@ -136,7 +47,7 @@ class _Window:
     buffer: list = field(default_factory=list)  # (cid, delta, aux, n, loss, samples, staleness)
 
 
-class _Driver:
+class Driver:
     def __init__(self, algorithm, client_update, data, plan, runtime):
         self.alg, self.update, self.data, self.plan = algorithm, client_update, data, plan
         self.a: AsyncPlan = plan.asynchronous
@@ -323,64 +234,3 @@ class _Driver:
             weights = torch.ones(len(buf), dtype=next(iter(state.params.values())).dtype)
         return server_step(self.alg, state, [b[0] for b in buf], [b[1] for b in buf],
                            [b[3] for b in buf], [b[2] for b in buf], self.plan.seed, weights)
-
-
-def check_privacy(spec) -> None:
-    """Refuse privacy modes whose accounting asynchronous training would break."""
-    if spec is not None and spec.mode == "dp_fedavg":
-        raise ValueError("privacy.mode = \"dp_fedavg\" cannot run asynchronously: its epsilon "
-                         "amplifies by Poisson-sampled cohorts, and FedBuff's buffers are not "
-                         "Poisson samples (a client can even appear in one buffer twice); use "
-                         "mode dp_sgd, local or intrinsic, or synchronous rounds")
-
-
-def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, resume=False,
-                   overwrite=False, progress=False, config_text=None, plots=True):
-    """``simulation.simulate`` for ``plan.asynchronous``: same run folder, one line per server step."""
-    if resume:
-        raise ValueError("asynchronous runs cannot be resumed (the event queue is not "
-                         "checkpointed); start a new run")
-    runtime = runtime or make_runtime()
-    if isinstance(runtime, VmapRuntime):
-        runtime.start()
-    run_dir = Path(run_dir) if run_dir is not None else None
-    fed_eval = FederatedEval(data.clients) if plan.federated_eval else None
-    state, metrics = algorithm.init(params_of(model), buffers=buffer_names(model)), []
-    if run_dir is not None:
-        rundir.prepare(run_dir, overwrite=overwrite)
-        _open_logs(run_dir, 0, config_text)
-    driver = _Driver(algorithm, algorithm.client(model_loss(model)), data, plan, runtime)
-    cum_up = cum_down = 0
-    start = time.perf_counter()
-    with _Progress(progress, plan.rounds, 0) as bar:
-        for state, w in driver.run(state):
-            r = state.round
-            cum_up += w.bytes_up
-            cum_down += w.bytes_down
-            samples = sum(b[5] for b in w.buffer)
-            stale = [b[6] for b in w.buffer]
-            line = {"round": r,
-                    "train_loss": sum(b[4] * b[5] for b in w.buffer) / samples if samples > 0 else None,
-                    "clients_sampled": w.dispatched, "clients_succeeded": len(w.buffer),
-                    "bytes_up": w.bytes_up, "bytes_down": w.bytes_down, "bytes_up_cum": cum_up,
-                    "bytes_down_cum": cum_down, "staleness_mean": sum(stale) / len(stale),
-                    "staleness_max": max(stale), "stale_dropped": w.stale_dropped}
-            if plan.devices is not None:
-                line["sim_time"] = driver.t
-            if w.stragglers_dropped:
-                line["stragglers_dropped"] = w.stragglers_dropped
-            if w.failures:
-                line["failures"] = [[c, why] for c, why in w.failures]
-            if driver.privacy is not None:
-                state, privacy_line = driver.privacy.after_round(state, charge=False)
-                line.update(privacy_line, participations_max=driver.charged)
-            _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
-            bar.update(line)
-            if r >= plan.rounds:
-                break
-    privacy = driver.privacy
-    if privacy is not None and privacy.stopped:
-        log.warning(privacy.stopped)
-    final = _finish(model, state, data, fed_eval, run_dir, plots,
-                    {"privacy": privacy.summary()} if privacy is not None else {})
-    return Result(state, metrics, final, run_dir)

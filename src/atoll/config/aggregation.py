@@ -1,0 +1,130 @@
+"""``[aggregator]``, ``[attack]`` and ``[secure]``: how the server combines the cohort's updates,
+who attacks them (simulation) and the secure sum, each refusing the parts of a run that would
+bypass or break it (docs/robustness.md, docs/secure-aggregation.md)."""
+from __future__ import annotations
+
+from atoll.config.sections import AggregatorConfig, Config
+from atoll.errors import ConfigError
+
+
+def with_secure(cfg: Config, algorithm, fed):
+    """``[secure]``: the algorithm with a ``SecureSum``; refuses the parts that need what a
+    secure sum hides (each client's row, its aux) or that would change the sum's meaning."""
+    import dataclasses
+
+    from atoll.secure.stage import SecureSum
+
+    s, m = cfg.secure, cfg.secure.method
+    why = []
+    g = cfg.aggregator
+    if g.name != "mean" or g.nnm or g.bucket:
+        why.append(f"aggregator.name = {g.name!r} needs each client's update, which a secure sum hides")
+    if algorithm.aux_names() or algorithm.server_fn or algorithm.server_aux:
+        why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
+    if not algorithm.uplink.plain:
+        why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")
+    if cfg.privacy.mode != "none":
+        why.append(f"privacy.mode = {cfg.privacy.mode!r}: distributed DP under a secure sum is not built yet")
+    if cfg.attack.name != "none":
+        why.append("[attack]: robust aggregation under a secure sum (bucketing) is not built yet")
+    if cfg.asynchronous.mode != "none":
+        why.append("[async]: buffers of one client each have nothing to hide the client in")
+    if why:
+        raise ConfigError(f"secure.method = {m!r} cannot run with " + "; ".join(why))
+    neighbours = s.neighbours if m == "secagg+" else None
+    if m == "secagg+" and neighbours is None:
+        neighbours = 20
+    if m == "secagg" and s.neighbours is not None:
+        raise ConfigError('secure.neighbours applies to method "secagg+" (secagg is the complete graph)')
+    if s.threshold is not None and neighbours is not None and s.threshold > neighbours:
+        raise ConfigError(f"secure.threshold = {s.threshold} exceeds secure.neighbours = {neighbours}")
+    max_weight = s.max_weight or float(max(c.n for c in fed.clients))
+    return dataclasses.replace(algorithm, secure=SecureSum(
+        s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage))
+
+
+def build_aggregator(cfg: Config, server_update=None):
+    """``[aggregator]`` -> an Aggregator; refuses rules that another part of the run would bypass.
+    ``server_update(params, key) -> delta``: FLTrust's training on its root data (``build``)."""
+    from atoll import aggregators as A
+
+    g, a = cfg.aggregator, cfg.algorithm
+    _check_trust(g, server_update)
+    if g.name == "mean" and not (g.nnm or g.bucket):
+        return A.mean(a.weighting)
+    where = {"algorithm.name": a.name if a.name in ("fednova", "scaffold", "fedagrac") else None,
+             "privacy.mode": cfg.privacy.mode if cfg.privacy.mode == "dp_fedavg" else None,
+             "async.mode": cfg.asynchronous.mode if cfg.asynchronous.mode != "none" else None,
+             "algorithm.weighting": a.weighting if a.weighting != "samples" else None}
+    for key, value in where.items():
+        if value is not None:
+            raise ConfigError(f"aggregator.name = {g.name!r} cannot be combined with {key} = {value!r}: "
+                              "that part recomputes or reweighs the aggregate from the raw updates, "
+                              "which would bypass the robust rule (use aggregator.name = 'mean')")
+
+    def rule(name):
+        make = {"mean": lambda: A.mean("uniform"), "median": A.median, "trimmed_mean": lambda: A.trimmed_mean(g.f),
+                "krum": lambda: A.krum(g.f), "multi_krum": lambda: A.multi_krum(g.f, g.m),
+                "bulyan": lambda: A.bulyan(g.f),
+                "geometric_median": lambda: A.geometric_median(iters=max(g.iters, 100)),
+                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters),
+                "fltrust": lambda: A.fltrust(server_update), "flame": lambda: A.flame(g.lam, cfg.seed)}
+        if name == "norm_bound":
+            if g.c is None:
+                raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound)')
+            return A.norm_bound(g.c, rule(g.inner))
+        return make[name]()
+
+    agg = rule(g.name)
+    if g.nnm:
+        agg = A.nnm(g.f, agg)
+    if g.bucket:
+        agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
+    return agg
+
+
+def _check_trust(g: AggregatorConfig, server_update) -> None:
+    if g.name in ("fltrust", "flame") and (g.nnm or g.bucket):
+        raise ConfigError(f"aggregator.name = {g.name!r} chooses whom to trust from the raw updates: "
+                          "it cannot run after aggregator.nnm or aggregator.bucket")
+    if g.root and g.name != "fltrust":
+        raise ConfigError(f"aggregator.root = {g.root} is FLTrust's root data; aggregator.name = "
+                          f"{g.name!r} does not use it")
+    if g.name == "fltrust" and (not g.root or server_update is None):
+        raise ConfigError('aggregator.name = "fltrust" needs root data: set aggregator.root to the '
+                          "number of clean samples the server trains on (the paper uses 100), in a "
+                          "simulation that loads [data]")
+
+
+def fltrust_update(cfg: Config, model, local, fed):
+    """FLTrust's ``server_update`` on ``aggregator.root`` clean training samples (before any
+    data attack; ``algorithms.root``); a deployed client's stand-in data has none to give."""
+    from atoll.algorithms.root import root_update
+
+    g, c = cfg.aggregator, cfg.client
+    if not g.root or not fed.clients or getattr(fed.clients[0], "x", None) is None:
+        def no_root(params, key):
+            raise RuntimeError("fltrust: the server update runs where the root data is (the server)")
+        return no_root if g.root else None
+    try:
+        return root_update(model, local, fed.clients, g.root, cfg.seed, c.batch_size, c.steps, c.epochs)
+    except ValueError as exc:
+        raise ConfigError(f"aggregator.root = {g.root}: {exc}") from None
+
+
+def with_attack(cfg: Config, algorithm, fed):
+    """``[attack]``: the adversary beside the aggregator, and the attackers' poisoned data."""
+    import dataclasses
+
+    from atoll import attacks
+
+    t, n = cfg.attack, len(fed.clients)
+    ids = t.clients if t.clients is not None else list(range(t.count))
+    if not ids or any(not 0 <= i < n for i in ids):
+        raise ConfigError(f"attack: attackers {ids} must be a non-empty list of client ids in [0, {n}) "
+                          "(attack.clients, or attack.count > 0)")
+    if t.target >= fed.n_classes:
+        raise ConfigError(f"attack.target = {t.target} is not a class (the data has {fed.n_classes})")
+    adv = attacks.Adversary(t.name, frozenset(ids), t.start_round, t.scale, t.sigma, t.eps)
+    fed = attacks.poison(fed, adv, fed.n_classes, t.target, t.fraction)
+    return dataclasses.replace(algorithm, adversary=adv), fed

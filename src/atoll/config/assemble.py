@@ -1,0 +1,166 @@
+"""A validated ``Config`` turned into the objects of a run: ``build`` -> ``(algorithm, model,
+data, plan)`` for ``simulate``, ``build_data`` and the ``runtime``."""
+from __future__ import annotations
+
+from atoll.config.aggregation import build_aggregator, fltrust_update, with_attack, with_secure
+from atoll.config.sections import CommConfig, Config, PrivacyConfig
+from atoll.errors import ConfigError
+
+
+def runtime(cfg: Config):
+    """The runtime named by ``runtime.name`` (``auto`` picks the vectorised one)."""
+    from atoll.runtime import make_runtime
+
+    return make_runtime(cfg.runtime)
+
+
+def _with_comm(algorithm, comm: CommConfig, num_clients: int):
+    """The algorithm with the ``[comm]`` section's uplink codec, server top-k and downlink."""
+    import dataclasses
+
+    from atoll import transforms
+    from atoll.codecs.registry import build_codec
+    from atoll.downlink import DeltaTracker, server_topk
+
+    try:
+        uplink = build_codec(comm.uplink)
+    except ValueError as exc:
+        raise ConfigError(f"comm.uplink: {exc}") from None
+    if uplink.event is not None:
+        raise ConfigError(f"comm.uplink = {uplink.name!r} adds privacy noise that nothing here "
+                          "would account; use privacy.mode = \"local\" (privacy.mechanism = "
+                          "\"gaussian\" or \"laplace\"), which clips, adds and accounts it; "
+                          "comm.uplink may then compress after it")
+    parts = {"uplink": uplink}
+    if comm.server_topk is not None:
+        parts["server_opt"] = transforms.chain(
+            server_topk(comm.server_topk, momentum=comm.server_topk_momentum), algorithm.server_opt)
+    elif comm.server_topk_momentum:
+        raise ConfigError("comm.server_topk_momentum is set but comm.server_topk is not")
+    if comm.downlink != "model":
+        parts["tracker"] = DeltaTracker(num_clients, base=comm.downlink, anchor_every=comm.anchor_every,
+                                         holds_initial=comm.clients_hold_initial)
+    elif comm.anchor_every:
+        raise ConfigError('comm.anchor_every needs comm.downlink = "client" or "initial"')
+    return dataclasses.replace(algorithm, **parts)
+
+
+def build(cfg: Config, data=None):
+    """Turn a validated config into ``(algorithm, model, data, plan)`` for ``simulate``.
+
+    ``data``: federated data to use instead of loading ``[data]``; a deployed client passes a
+    stand-in with only ``n_features``, ``n_classes`` and ``clients`` (one entry per client).
+    """
+    import torch
+
+    from atoll import algorithms, models, transforms
+    from atoll.runtime.base import LocalWork
+    from atoll.simulation import Plan
+
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    fed = data if data is not None else build_data(cfg)
+    kwargs = dict(cfg.model.kwargs, **({"hidden": cfg.model.hidden} if cfg.model.hidden else {}))
+    try:
+        model = models.build(cfg.model.name, fed.n_features, fed.n_classes, seed=cfg.seed,
+                             **kwargs).to(dtype)
+    except TypeError as exc:
+        raise ConfigError(f"model {cfg.model.name!r} does not accept model.kwargs/model.hidden "
+                          f"{kwargs}: {exc}") from None
+    c, a = cfg.client, cfg.algorithm
+    local = (transforms.adam(c.lr, weight_decay=c.weight_decay) if c.optimizer == "adam" else
+             transforms.sgd(c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
+    options = {"fedavgm": {"server_momentum": a.server_momentum}, "fedprox": {"mu": a.mu},
+               "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
+               "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
+               "fedadagrad": {"tau": a.tau, "initial_v": a.initial_v}, "fednova": {"momentum": c.momentum},
+               "scaffold": {"local_lr": c.lr, "num_clients": len(fed.clients)},
+               "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form}}.get(a.name, {})
+    if a.server_lr is not None:
+        options["server_lr"] = a.server_lr
+    if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
+        raise ConfigError(f"algorithm.weighting lists {len(a.weighting)} weights for "
+                          f"{len(fed.clients)} clients")
+    trust = fltrust_update(cfg, model, local, fed) if cfg.aggregator.name == "fltrust" else None
+    algorithm = algorithms.RECIPES[a.name](local, aggregator=build_aggregator(cfg, trust), **options)
+    if cfg.attack.name != "none":
+        algorithm, fed = with_attack(cfg, algorithm, fed)
+    algorithm = _with_comm(algorithm, cfg.comm, len(fed.clients))
+    if cfg.secure.method != "none":
+        algorithm = with_secure(cfg, algorithm, fed)
+    s = cfg.sampling
+    devices, schedule, asynchronous = _heterogeneity(cfg, algorithm, model, len(fed.clients))
+    work = LocalWork(batch_size=c.batch_size, epochs=None if c.steps else c.epochs, steps=c.steps,
+                     stragglers=c.stragglers, drop_stragglers=c.drop_stragglers, schedule=schedule)
+    plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
+                clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
+                work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
+                train_eval=cfg.eval.train_loss,
+                checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
+    if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
+        from atoll.privacy_config import configure
+
+        algorithm, plan = configure(cfg, algorithm, model, fed, plan)
+        if plan.asynchronous is not None:
+            from atoll.asynchronous import check_privacy
+            try:
+                check_privacy(plan.privacy)
+            except ValueError as exc:
+                raise ConfigError(f"[async] with [privacy]: {exc}") from None
+    if cfg.watermark.enabled and data is None:  # the server side only: a client never reads the key
+        algorithm = _with_watermark(cfg, algorithm, model, fed)
+    return algorithm, model, fed, plan
+
+
+def _with_watermark(cfg: Config, algorithm, model, fed):
+    """``[watermark]``: the server optimizer followed by the trigger-set embedding."""
+    from atoll import watermark as W
+
+    w = cfg.watermark
+    triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
+                             fed.n_classes, w.scale, next(model.parameters()).dtype)
+    return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
+                            lr=w.lr, every=w.every, batch=w.batch)
+
+
+def build_data(cfg: Config):
+    """The federated data described by ``[data]``."""
+    import torch
+
+    from atoll import data
+
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    d = cfg.data
+    ds = data.load(d.name, seed=cfg.seed, label=d.label, group_column=d.group_column,
+                   synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta,
+                   synthetic_devices=d.synthetic_devices, synthetic_iid=d.synthetic_iid)
+    return data.build(ds, num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,
+                      test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
+                      standardize=d.standardize, dtype=dtype, alpha=d.alpha,
+                      shards_per_client=d.shards_per_client, sigma=d.sigma)
+
+
+def _heterogeneity(cfg: Config, algorithm, model, num_clients: int):
+    """``[devices]`` and ``[async]`` as (Devices or None, step schedule or None, AsyncPlan or None)."""
+    from atoll import devices as dev
+    from atoll import tree as T
+    from atoll.asynchronous import AsyncPlan
+    from atoll.client import params_of
+    from atoll.transport import wire
+
+    d, a = cfg.devices, cfg.asynchronous
+    devices = schedule = None
+    if d.profile != "none":
+        devices = dev.make_devices(num_clients, cfg.seed, d.profile, d.speed, d.up, d.down, d.spread,
+                                   d.slowdown, d.slow, d.csv, d.availability, d.on_s, d.off_s, d.trace)
+    elif d.steps == "deadline" or d.availability != "always":
+        raise ConfigError(f"devices.steps = {d.steps!r} / devices.availability = {d.availability!r} "
+                          "need a device profile: set devices.profile")
+    if d.steps != "work":
+        message = len(wire.dumps(T.join(algorithm.broadcast(algorithm.init(params_of(model))))))
+        schedule = dev.make_schedule(devices, num_clients, cfg.seed, d.steps, d.steps_mean,
+                                     d.steps_std, d.deadline_s, message, d.max_steps)
+    plan = None
+    if a.mode != "none":
+        plan = AsyncPlan(a.mode, a.concurrency, a.buffer, a.alpha, a.staleness, a.a, a.b,
+                         a.max_staleness, a.weighting)
+    return devices, schedule, plan
