@@ -28,6 +28,24 @@ class Result:
     run_dir: Path | None
 
 
+def round_line(r: int, stats, metrics: list[dict], **more) -> dict:
+    """The metrics line of round ``r``, the same in every driver: the counts, training loss and
+    bytes of ``stats`` (a ``runtime.base.RoundStats``), the cumulative bytes after the lines in
+    ``metrics``, then ``more`` (privacy, byte ratios, the clock, staleness, ...), then the
+    stragglers dropped and the failures, where there are any."""
+    last = metrics[-1] if metrics else {}
+    line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
+            "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "bytes_up_cum": last.get("bytes_up_cum", 0) + stats.bytes_up,
+            "bytes_down_cum": last.get("bytes_down_cum", 0) + stats.bytes_down, **more}
+    if stats.stragglers_dropped:
+        line["stragglers_dropped"] = stats.stragglers_dropped
+    if stats.failures:
+        line["failures"] = [[c, why] for c, why in stats.failures]
+    return line
+
+
 def evaluate_and_log(line: dict, plan, model, state, data, fed_eval, metrics: list,
                      run_dir, start: float) -> None:
     """Add the evaluation of round ``line["round"]`` when due, keep the line, and append it to

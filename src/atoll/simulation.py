@@ -27,6 +27,7 @@ from atoll.runlog import append as _append  # noqa: F401 (re-exported: deploy.co
 from atoll.runlog import evaluate_and_log as _evaluate_and_log
 from atoll.runlog import finish as _finish
 from atoll.runlog import open_logs as _open_logs
+from atoll.runlog import round_line
 from atoll.runtime.base import AllClientsFailed, LocalWork, check_round  # noqa: F401 (re-exported)
 from atoll.transport import wire
 
@@ -82,8 +83,6 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         metrics = _open_logs(run_dir, state.round, config_text)
     dense_up, dense_down = _float32_sizes(state.params)
     privacy = plan.privacy.driver(state) if plan.privacy is not None else None
-    cum_up = sum(m["bytes_up"] for m in metrics)
-    cum_down = sum(m["bytes_down"] for m in metrics)
     clock = None
     if plan.devices is not None:  # heterogeneous devices: the simulated clock (atoll.devices)
         from atoll.devices import Clock
@@ -106,19 +105,10 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             privacy_line = {}
             if privacy is not None:
                 state, privacy_line = privacy.after_round(state)
-            cum_up += stats.bytes_up
-            cum_down += stats.bytes_down
-            line = {"round": r, "train_loss": stats.train_loss, "clients_sampled": stats.sampled,
-                    "clients_succeeded": stats.succeeded, "bytes_up": stats.bytes_up,
-                    "bytes_down": stats.bytes_down, "bytes_up_cum": cum_up, "bytes_down_cum": cum_down,
-                    **privacy_line}
-            line.update(_byte_ratios(stats, dense_up, dense_down), **stats.extra)
+            more = {**privacy_line, **_byte_ratios(stats, dense_up, dense_down), **stats.extra}
             if clock is not None:
-                line.update(clock.end_round(cohort, stats, r))
-            if stats.stragglers_dropped:
-                line["stragglers_dropped"] = stats.stragglers_dropped
-            if stats.failures:
-                line["failures"] = [[c, why] for c, why in stats.failures]
+                more.update(clock.end_round(cohort, stats, r))
+            line = round_line(r, stats, metrics, **more)
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             if run_dir is not None and state.extra.get("anomaly", {}).get("round") == r:
                 _append(run_dir / "anomaly.jsonl", state.extra["anomaly"])  # robust rules' scores

@@ -54,7 +54,9 @@ from atoll.runlog import Result
 from atoll.runlog import evaluate_and_log as _evaluate_and_log
 from atoll.runlog import finish as _finish
 from atoll.runlog import open_logs as _open_logs
+from atoll.runlog import round_line
 from atoll.runtime import make_runtime
+from atoll.runtime.base import RoundStats
 from atoll.runtime.vmap import VmapRuntime
 
 log = logging.getLogger("atoll")
@@ -76,30 +78,22 @@ def simulate_async(algorithm, model, data, plan, *, run_dir=None, runtime=None, 
         rundir.prepare(run_dir, overwrite=overwrite)
         _open_logs(run_dir, 0, config_text)
     driver = Driver(algorithm, algorithm.client(model_loss(model)), data, plan, runtime)
-    cum_up = cum_down = 0
     start = time.perf_counter()
     with _Progress(progress, plan.rounds, 0) as bar:
         for state, w in driver.run(state):
             r = state.round
-            cum_up += w.bytes_up
-            cum_down += w.bytes_down
-            samples = sum(b[5] for b in w.buffer)
+            stats = RoundStats(w.dispatched, len(w.buffer), w.bytes_up, w.bytes_down,
+                               sum(b[4] * b[5] for b in w.buffer), sum(b[5] for b in w.buffer),
+                               w.stragglers_dropped, w.failures)
             stale = [b[6] for b in w.buffer]
-            line = {"round": r,
-                    "train_loss": sum(b[4] * b[5] for b in w.buffer) / samples if samples > 0 else None,
-                    "clients_sampled": w.dispatched, "clients_succeeded": len(w.buffer),
-                    "bytes_up": w.bytes_up, "bytes_down": w.bytes_down, "bytes_up_cum": cum_up,
-                    "bytes_down_cum": cum_down, "staleness_mean": sum(stale) / len(stale),
-                    "staleness_max": max(stale), "stale_dropped": w.stale_dropped}
+            more = {"staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+                    "stale_dropped": w.stale_dropped}
             if plan.devices is not None:
-                line["sim_time"] = driver.t
-            if w.stragglers_dropped:
-                line["stragglers_dropped"] = w.stragglers_dropped
-            if w.failures:
-                line["failures"] = [[c, why] for c, why in w.failures]
+                more["sim_time"] = driver.t
             if driver.privacy is not None:
                 state, privacy_line = driver.privacy.after_round(state, charge=False)
-                line.update(privacy_line, participations_max=driver.charged)
+                more.update(privacy_line, participations_max=driver.charged)
+            line = round_line(r, stats, metrics, **more)
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             bar.update(line)
             if r >= plan.rounds:
