@@ -45,8 +45,8 @@ class SecureParty:
             t0 = time.perf_counter()
             out = self._step(r, stage, data)
             return out, time.perf_counter() - t0
-        except (secagg.SecAggError, ValueError) as exc:
-            why = f"round {r}: refused secure stage {stage}: {exc}"
+        except Exception as exc:  # noqa: BLE001 (hostile bytes: a refusal, never a crash)
+            why = f"round {r}: refused secure stage {stage}: {type(exc).__name__}: {exc}"
             log.warning("%s", why)
             self.refused.append(why)
             if r == self.round:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import struct
 
+from atoll.secure import primitives as pr
 from atoll.secure import shamir
 from atoll.secure.secagg import SEED, Setup
 
@@ -79,6 +80,8 @@ def keys_bytes(keys: tuple[bytes, bytes]) -> bytes:
 def read_keys(raw: bytes) -> tuple[bytes, bytes]:
     if len(raw) != KEYS:
         raise ValueError(f"keys: {len(raw)} bytes, {KEYS} expected")
+    if not (pr.usable(raw[:32]) and pr.usable(raw[32:])):
+        raise ValueError("keys: not a usable X25519 public key (a low-order point)")
     return raw[:32], raw[32:]
 
 
