@@ -61,9 +61,9 @@ def lines(tmp):
                                                   ("secagg+", 6, "neighbours = 4\n")])
 def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, method, clients, extra):
     cfg = secure_config(tmp_path, method, clients, extra=extra)
-    server, thread, parties, threads = start(cfg, tmp_path)
-    algorithm, model, data, plan = config.build(cfg)
+    algorithm, model, data, plan = config.build(cfg)  # first: building seeds torch's global generator
     sim = simulate(algorithm, model, data, plan, runtime=LoopRuntime(), plots=False)
+    server, thread, parties, threads = start(cfg, tmp_path)
     finish(server, thread, threads)
     got = server.coordinator.state.params
     for k, v in sim.state.params.items():
