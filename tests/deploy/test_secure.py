@@ -115,7 +115,8 @@ def expected_model(cfg, parties, summed: list[int]):
                        plan.seed).params
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                   pytest.param(3, marks=pytest.mark.slow), 4])
 def test_a_client_that_stops_answering_at_any_stage_leaves_the_exact_sum_of_the_survivors(tmp_path, stage):
     cfg = secure_config(tmp_path, "secagg+", 5, rounds=1, extra="neighbours = 4\n", stage_timeout=1.5)
     server, thread, parties, threads = start(cfg, tmp_path, droppers({2: stage}))

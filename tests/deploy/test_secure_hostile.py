@@ -53,7 +53,11 @@ class Hostile(Dropper):
                                    num_examples=self.cdata.n, loss=0.0, samples=0.0, stage=task.stage)
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+FAST = {"short keys", "repeated id", "oversized vector", "share outside the field"}  # one per stage
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ATTACKS)])
 def test_a_malformed_stage_answer_drops_its_sender_and_the_round_goes_on(tmp_path, name):
     stage, change, words = ATTACKS[name]
     cfg = secure_config(tmp_path, "secagg+", 5, rounds=1, extra="neighbours = 4\n", stage_timeout=10)
