@@ -26,6 +26,7 @@ class Intake:
             return (self.secure.submit(rnd, cid, head, chunks) if self.secure is not None
                     else (False, "this run has no secure aggregation stages"))
         with self.cond:
+            rnd = self.current
             if rnd is None or head.round < rnd.r or (head.round == rnd.r and rnd.closed):
                 self.late += 1
                 return False, f"late: round {head.round} is closed"
