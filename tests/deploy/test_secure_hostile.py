@@ -105,3 +105,25 @@ def test_sealed_shares_that_do_not_open_fail_the_round_cleanly_and_crash_no_clie
                                       "self-mask seed came back; 3 are needed"]]
     assert second["secure_stage_survivors"] == [5] * 4 and "failures" not in second
     assert all(p.counts["answered"] == 2 and not p.secure.refused for p in parties)
+
+
+def test_an_oversized_stage_answer_is_refused_at_its_limit_before_the_rest_is_read():
+    import threading
+
+    from atoll.deploy.rounds import Header, Round
+    from atoll.deploy.secure_rounds import SecureRounds, Stage
+    from atoll.secure.stage import SecureSum
+
+    driver = SecureRounds(SecureSum(0.5, 10.0), 5.0, threading.Condition())
+    rnd = Round(1, [0], b"", {0: "t"}, {})
+    rnd.secure = Stage(3, {0: b"request"}, {0: 100}, lambda u, raw: raw)
+    pulled = []
+
+    def chunks():  # 64 KB announced as 1,000 chunks: the reader must stop after the limit
+        for i in range(1000):
+            pulled.append(i)
+            yield b"x" * 64
+
+    ok, why = driver.submit(rnd, 0, Header(1, "t", 1, 0.0, 0.0, stage=3), chunks())
+    assert not ok and why == "secure stage 3: update exceeds the size limit of 100 bytes"
+    assert len(pulled) == 2 and rnd.stats.failures == [(0, why)] and 0 in rnd.secure.done
