@@ -45,13 +45,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from atoll import checkpoint
+from atoll import checkpoint, rng
 from atoll import config as C
 from atoll import tree as T
 from atoll.client import buffer_names, model_loss, params_of
 from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
+from atoll.deploy.secure_client import SecureParty
 from atoll.runtime.round import client_round
 from atoll.transport import wire
 from atoll.transport.grpc.client import Connection, TransportError
@@ -61,6 +62,7 @@ log = logging.getLogger("atoll.deploy")
 
 class Client:
     private = False  # whether the update carries privacy noise (set from the config by _setup)
+    secure = None    # [secure]: this client's side of the secure sum (deploy.secure_client)
 
     def __init__(self, server: str, data, *, ca=None, cert=None, key=None, token=None,
                  insecure: bool = False, state_path=None, policy=None,
@@ -101,6 +103,8 @@ class Client:
                     if task.kind == "TASK":
                         self.first_task_s = self.first_task_s or time.monotonic() - t0
                         self._answer(conn, task)
+                    if task.kind == "STAGE" and self.secure is not None:
+                        self._stage(conn, task)
             except TransportError as exc:
                 if not exc.retryable:
                     raise
@@ -131,6 +135,9 @@ class Client:
         self.client_update = algorithm.client(model_loss(model))
         self.private = private_noise(algorithm)
         self.cid, self.run_id = info["client_id"], run_id
+        self.like = params_of(model)  # the model's entries and shapes (checks its own update)
+        self.secure = (None if algorithm.secure is None else
+                       SecureParty(algorithm.secure, self.cid, info["num_clients"]))
         self.states = self._load_states()
         if algorithm.tracker is not None:
             self._track(algorithm, model)
@@ -195,6 +202,10 @@ class Client:
             self.work, self.seed, secret)
         loss, samples = ((0.0, 0.0) if self.private  # not covered by the DP guarantee: kept here
                          else (float(metrics["loss"]), float(metrics["samples"])))
+        if self.secure is not None:  # the update waits here, encoded, for the secure stages
+            self.secure.start(self.algorithm, message, self.like, r, self.cdata.n,
+                              rng.key(self.seed, r, self.cid, "secure"))
+            message = b""
         accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
                                        loss=loss, samples=samples, straggler=straggler)
         self.counts["answered"] += 1
@@ -205,6 +216,14 @@ class Client:
             log.warning("round %d: update not accepted: %s", r, reason)
         if accepted or self.held is not None:
             self._save()
+
+    def _stage(self, conn: Connection, task) -> None:
+        """Answer one secure-aggregation stage request (``deploy.secure_client``)."""
+        data, seconds = self.secure.answer(task.round, task.stage, task.data)
+        accepted, reason = conn.submit(task.round, task.task_id, data, num_examples=self.cdata.n,
+                                       loss=0.0, samples=0.0, stage=task.stage, seconds=seconds)
+        if not accepted and data:
+            log.warning("round %d: secure stage %d answer not accepted: %s", task.round, task.stage, reason)
 
     def _save(self) -> None:
         """Write the states (and the held model) to ``state_path`` atomically."""

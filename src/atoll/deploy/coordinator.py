@@ -16,6 +16,9 @@ Answers for a closed round are discarded and counted (``late_answers`` in the me
 the round during which they arrived). Updates are aggregated in cohort order, exactly as
 ``LoopRuntime`` does, so a deployment reproduces the simulation of the same config and seed.
 
+With ``[secure]`` the training answers carry headers only, and the round's sum comes from the
+four SecAgg stages run with the clients that answered (``deploy.secure_rounds``).
+
 After every round the state is written atomically (``checkpoint.pt``) after the metrics line; a
 restarted coordinator resumes from the last completed round and trims any later line.
 
@@ -32,73 +35,22 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from atoll import checkpoint, rundir, sampling
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
-from atoll.runtime.base import RoundStats
 from atoll.deploy import downlink, guard
-from atoll.runtime.check import decode_update
+from atoll.deploy.intake import Intake
+from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
+                                 same_run)
+from atoll.deploy.secure_rounds import SecureRounds
+from atoll.deploy.secure_rounds import server_step as secure_step
 from atoll.runtime.round import broadcast_bytes, server_step
 from atoll.simulation import _append, _finish, _open_logs, json_safe
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
-
-
-@dataclass(frozen=True)
-class RoundPolicy:
-    round_timeout: float = 60.0
-    min_clients: int = 1
-    min_fraction: float = 1.0
-    poll_s: float = 10.0  # longest a task request waits on the server before "poll again"
-    max_num_examples: int = 10_000_000   # a header's num_examples must lie in [1, this]
-    max_update_norm: float | None = None  # reject a delta of larger L2 norm at once
-    max_norm_ratio: float | None = 10.0  # at close, reject norms above this x the lower median
-
-
-@dataclass
-class Header:
-    """What a client says about its update (the bytes travel separately)."""
-    round: int
-    task_id: str
-    num_examples: int
-    loss: float
-    samples: float
-    straggler: bool = False
-
-
-@dataclass
-class _Round:
-    r: int
-    cohort: list[int]
-    down: bytes
-    tasks: dict[int, str]
-    params: dict
-    opened: float | None = None
-    answers: dict = field(default_factory=dict)   # cid -> Answer
-    final: set = field(default_factory=set)       # cids whose answer is in (any outcome)
-    busy: set = field(default_factory=set)        # cids uploading right now
-    stats: RoundStats = field(default_factory=RoundStats)
-    late: int = 0                                 # answers for earlier rounds that came in meanwhile
-    closed: bool = False
-    privacy: dict = field(default_factory=dict)   # the round's epsilon (and clip) for its metrics line
-    server_error: str | None = None               # the server step failed: the model is unchanged
-    tracked: downlink.TrackedRound | None = None  # the tracker's per-client downlink (None: broadcast)
-
-
-@dataclass
-class Answer:
-    """One accepted update, decoded and validated."""
-    delta: dict
-    aux: dict
-    num_examples: int
-    loss: float
-    samples: float
-    norm: float       # L2 norm of the delta
-    aux_norm: float   # L2 norm of aux's floating entries (0 if none)
 
 
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
@@ -112,7 +64,7 @@ def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples
     return server_step(algorithm, state, ids, deltas, samples, aux, seed)
 
 
-class Coordinator:
+class Coordinator(Intake):
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
                  config_text: str | None = None, plots: bool = True, enrolled=None,
                  overwrite: bool = False):
@@ -121,14 +73,14 @@ class Coordinator:
         self.policy, self.plots = policy, plots
         self.num_clients = len(data.clients)
         self.run_dir = Path(run_dir)
-        if overwrite or not _same_run(self.run_dir, config_text):  # a restart of this run resumes it
+        if overwrite or not same_run(self.run_dir, config_text):  # a restart of this run resumes it
             rundir.prepare(self.run_dir, overwrite=overwrite)
         self.state = algorithm.init(params_of(model), buffers=buffer_names(model))
         if algorithm.tracker is not None:  # the models clients may hold, by round (w_0 always)
             downlink.check_supported(algorithm)
             self.hashes = {0: downlink.model_hash(self.state.params)}
         if (self.run_dir / checkpoint.FILE).exists():
-            _check_same_config(self.run_dir, config_text)
+            check_same_config(self.run_dir, config_text)
             self.state, _ = checkpoint.load(self.run_dir)
             log.warning("resuming %s after round %d", self.run_dir, self.state.round)
         self.metrics = _open_logs(self.run_dir, self.state.round, config_text)
@@ -136,7 +88,9 @@ class Coordinator:
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        self.current: _Round | None = None
+        self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
+                       SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
+        self.current: Round | None = None
         self.phase = "starting"
         self.late = 0
         self.last_seen: dict[int, float] = {}
@@ -158,6 +112,10 @@ class Coordinator:
                 if self.phase in ("finishing", "done"):
                     return ("DONE",)
                 rnd = self.current
+                stage = self.secure.task(rnd, cid) if rnd and self.secure else None
+                if stage is not None:
+                    self.cond.notify_all()
+                    return stage
                 if (rnd and not rnd.closed and cid in rnd.tasks and cid not in rnd.final
                         and cid not in rnd.busy):
                     rnd.opened = rnd.opened or time.monotonic()
@@ -184,75 +142,6 @@ class Coordinator:
             return None
         want = self.hashes.get(held[0])
         return held[0] if want is not None and secrets.compare_digest(want, held[1]) else None
-
-    def submit(self, cid: int, head: Header, chunks) -> tuple[bool, str]:
-        """Validate and keep one update; ``chunks`` iterates over its bytes. (accepted, reason)."""
-        with self.cond:
-            self.seen(cid)
-            rnd = self.current
-            if rnd is None or head.round < rnd.r or (head.round == rnd.r and rnd.closed):
-                self.late += 1
-                return False, f"late: round {head.round} is closed"
-            why = self._refuse(rnd, cid, head)
-            if why:
-                rnd.stats.failures.append((cid, why))
-                log.warning("round %d: update from client %d rejected: %s", rnd.r, cid, why)
-                return False, why
-            rnd.busy.add(cid)
-        try:
-            data, why = _read(chunks, self.max_update_bytes)
-            delta = aux = None
-            if why is None and not (head.straggler and self.plan.work.drop_stragglers):
-                try:
-                    delta, aux = decode_update(self.algorithm, data, rnd.params)
-                    why = self._too_large(delta)
-                except ValueError as exc:
-                    why = str(exc)
-        finally:
-            with self.cond:
-                rnd.busy.discard(cid)
-        return self._record(rnd, cid, head, data, delta, aux, why)
-
-    def _too_large(self, delta) -> str | None:
-        bound, norm = self.policy.max_update_norm, guard.l2(delta)
-        if bound is not None and not norm <= bound:
-            return f"update L2 norm {norm:.4g} exceeds deploy.max_update_norm = {bound:g}"
-        return None
-
-    def _refuse(self, rnd: _Round, cid: int, head: Header) -> str | None:
-        if head.round > rnd.r:
-            return f"round {head.round} is not open (the current round is {rnd.r})"
-        if cid not in rnd.tasks:
-            return f"client {cid} was not sampled in round {rnd.r}"
-        if cid in rnd.final or cid in rnd.busy:
-            return f"client {cid} already answered round {rnd.r} (replayed update)"
-        if not secrets.compare_digest(head.task_id, rnd.tasks[cid]):
-            return f"task id does not match round {rnd.r}'s task for client {cid} (replayed update)"
-        bad = guard.bad_header(head, self.policy.max_num_examples)
-        if bad:  # the client's answer, a bad one
-            rnd.final.add(cid)
-            self.cond.notify_all()
-        return bad
-
-    def _record(self, rnd, cid, head, data, delta, aux, why) -> tuple[bool, str]:
-        with self.cond:
-            if rnd.closed:
-                self.late += 1
-                return False, f"late: round {rnd.r} closed while the update arrived"
-            rnd.stats.bytes_up += len(data)
-            rnd.final.add(cid)
-            self.cond.notify_all()
-            if why is not None:
-                rnd.stats.failures.append((cid, why))
-                log.warning("round %d: update from client %d rejected: %s", rnd.r, cid, why)
-                return False, why
-            if delta is None:
-                rnd.stats.stragglers_dropped += 1
-                return False, "straggler dropped (client.drop_stragglers)"
-            rnd.answers[cid] = Answer(delta, aux, head.num_examples, head.loss, head.samples,
-                                      guard.l2(delta), guard.l2(aux))
-            log.debug("round %d: update from client %d accepted", rnd.r, cid)
-            return True, ""
 
     def status(self) -> dict:
         with self.cond:
@@ -292,7 +181,7 @@ class Coordinator:
             self.cond.notify_all()
         return final
 
-    def _open(self) -> _Round:
+    def _open(self) -> Round:
         p, r = self.plan, self.state.round + 1
         cohort = sampling.sample(self.num_clients, r, p.seed, method=p.sampling,
                                  count=p.clients_per_round, fraction=p.fraction, rate=p.rate)
@@ -303,7 +192,7 @@ class Coordinator:
         if self.algorithm.tracker is not None:  # per-client payloads, the tracker's state advanced
             self.hashes[state.round] = downlink.model_hash(state.params)
             tracked, state = downlink.open_round(self.algorithm, state, cohort)
-        rnd = _Round(r, cohort, b"" if tracked else downlink_bytes(self.algorithm, state, p.seed),
+        rnd = Round(r, cohort, b"" if tracked else downlink_bytes(self.algorithm, state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, state.params, tracked=tracked)
         rnd.stats.sampled = len(cohort)
         with self.cond:
@@ -318,7 +207,7 @@ class Coordinator:
                 self.cond.wait(1.0)
             return ids
 
-    def _wait(self, rnd: _Round) -> None:
+    def _wait(self, rnd: Round) -> None:
         target = max(self.policy.min_clients, math.ceil(self.policy.min_fraction * len(rnd.cohort)))
         with self.cond:
             while not self._stop:
@@ -335,7 +224,7 @@ class Coordinator:
             self.phase = "aggregating"
             rnd.late, self.late = self.late, 0
 
-    def _anchor_pending(self, rnd: _Round) -> bool:
+    def _anchor_pending(self, rnd: Round) -> bool:
         """Whether a connected client has not been offered this round's anchor yet."""
         if rnd.tracked is None or rnd.tracked.anchor is None:
             return False
@@ -343,9 +232,11 @@ class Coordinator:
         connected = {c for c, t in self.last_seen.items() if now - t < self.policy.poll_s + 5}
         return bool(connected - rnd.tracked.anchored)
 
-    def _close(self, rnd: _Round, start: float) -> None:
+    def _close(self, rnd: Round, start: float) -> None:
         ids = [c for c in rnd.cohort if c in rnd.answers]
-        for c, why in guard.outliers({c: rnd.answers[c] for c in ids}, self.policy.max_norm_ratio):
+        outliers = [] if self.secure else guard.outliers({c: rnd.answers[c] for c in ids},
+                                                         self.policy.max_norm_ratio)
+        for c, why in outliers:
             ids.remove(c)
             rnd.stats.failures.append((c, why))
             log.warning("round %d: update from client %d dropped: %s", rnd.r, c, why)
@@ -354,8 +245,7 @@ class Coordinator:
             ids = []
         got = [rnd.answers[c] for c in ids]
         try:
-            state = aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
-                              [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
+            state = self._step(rnd, ids, got)
             bad = guard.not_finite(state)
             if bad:
                 raise ValueError(f"the server step left {bad} not finite")
@@ -364,6 +254,8 @@ class Coordinator:
             log.error("round %d: server step failed, model unchanged: %s", rnd.r, rnd.server_error)
             ids, got = [], []
             state = aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
+        if self._stop:
+            return
         if self.privacy is not None:
             state, rnd.privacy = self.privacy.after_round(state)
         s = rnd.stats
@@ -373,13 +265,24 @@ class Coordinator:
             s.samples += g.samples
         self._write(rnd, state, start)
 
-    def _write(self, rnd: _Round, state, start: float) -> None:
+    def _step(self, rnd: Round, ids: list[int], got: list[Answer]):
+        """The server step: on the valid updates, or on their secure sum (``deploy.secure_rounds``)."""
+        if self.secure is None or not ids:
+            return aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
+                             [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
+        mean, extra = self.secure.run(rnd, ids, self.state.params, lambda: self._stop)
+        rnd.stats.extra.update(extra)
+        if mean is None:  # the round could not finish securely: the model stays
+            return aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
+        return secure_step(self.algorithm, self.state, mean, ids, self.plan.seed)
+
+    def _write(self, rnd: Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan
         up = s.bytes_up + (self.metrics[-1]["bytes_up_cum"] if self.metrics else 0)
         down = s.bytes_down + (self.metrics[-1]["bytes_down_cum"] if self.metrics else 0)
         line = {"round": r, "train_loss": s.train_loss, "clients_sampled": s.sampled,
                 "clients_succeeded": s.succeeded, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
-                "bytes_up_cum": up, "bytes_down_cum": down, **rnd.privacy}
+                "bytes_up_cum": up, "bytes_down_cum": down, **rnd.privacy, **s.extra}
         if s.stragglers_dropped:
             line["stragglers_dropped"] = s.stragglers_dropped
         if s.failures:
@@ -397,28 +300,3 @@ class Coordinator:
         with self.cond:
             self.metrics.append(line)
             self.state = state
-
-
-def _read(chunks, limit: int) -> tuple[bytes, str | None]:
-    """Join the update's chunks, stopping as soon as it exceeds ``limit`` bytes."""
-    buf, n = [], 0
-    for c in chunks:
-        n += len(c)
-        if n > limit:
-            return b"", f"update exceeds the size limit of {limit} bytes"
-        buf.append(c)
-    return b"".join(buf), None
-
-
-def _same_run(run_dir: Path, config_text: str | None) -> bool:
-    """Whether ``run_dir`` holds this run (a checkpoint, or the same ``config.toml``)."""
-    old = run_dir / "config.toml"
-    return (run_dir / checkpoint.FILE).exists() or (
-        config_text is not None and old.exists() and old.read_text() == config_text)
-
-
-def _check_same_config(run_dir: Path, config_text: str | None) -> None:
-    old = run_dir / "config.toml"
-    if config_text is not None and old.exists() and old.read_text() != config_text:
-        raise ValueError(f"{run_dir} holds a run with a different config ({old}); "
-                         "use another run folder or the same config to resume")

@@ -49,11 +49,15 @@ class Server:
         self.registry_mtime, self.registry = None, {}
         self._reload()
         algorithm, model, data, plan = C.build(cfg)
+        if algorithm.secure is not None and cfg.secure.max_weight is None:  # clients hold no population
+            cfg = cfg.model_copy(update={"secure": cfg.secure.model_copy(
+                update={"max_weight": algorithm.secure.max_weight})})
         self.shape = {"n_features": data.n_features, "n_classes": data.n_classes,
                       "num_clients": len(data.clients)}
         self.config_text = C.dumps(cfg)
         policy = RoundPolicy(d.round_timeout, d.min_clients, d.min_fraction, d.poll_s,
-                             d.max_num_examples, d.max_update_norm, d.max_norm_ratio)
+                             d.max_num_examples, d.max_update_norm, d.max_norm_ratio,
+                             cfg.secure.stage_timeout)
         self.coordinator = Coordinator(algorithm, model, data, plan,
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots,

@@ -45,6 +45,19 @@ def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"atoll-secagg/" + label).derive(shared)
 
 
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def usable(public: bytes) -> bool:
+    """Whether a 32-byte X25519 public key gives a shared secret (not a low-order point, with
+    which every exchange fails and an honest neighbour could not share with its owner)."""
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+        return True
+    except ValueError:
+        return False
+
+
 def aad(session: bytes, round_: int, sender: int, receiver: int) -> bytes:
     return session + struct.pack("<qqq", round_, sender, receiver)
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 
 from atoll.secure import primitives as pr
 from atoll.secure import shamir
@@ -55,7 +56,12 @@ class Setup:
     @staticmethod
     def new(clients, round_: int, d: int, input_bits: int, neighbours: int | None = None,
             threshold: int | None = None) -> "Setup":
-        n = len(clients)
+        k, t, bits = Setup.derive(len(clients), input_bits, neighbours, threshold)
+        return Setup(os.urandom(16), round_, tuple(sorted(clients)), k, t, bits, d)
+
+    @staticmethod
+    def derive(n: int, input_bits: int, neighbours: int | None, threshold: int | None):
+        """``(neighbours, threshold, bits)`` of a cohort of ``n`` clients under a config."""
         k = min(neighbours if neighbours is not None else n - 1, n - 1)
         k += k % 2 if k < n - 1 else 0  # even on a proper cycle
         k = min(k, n - 1)
@@ -66,7 +72,26 @@ class Setup:
                              f"{bits} bits; at most 32 are supported")
         if not 1 <= t <= k:
             raise ValueError(f"secagg: threshold {t} must be in [1, neighbours={k}]")
-        return Setup(os.urandom(16), round_, tuple(sorted(clients)), k, t, bits, d)
+        return k, t, bits
+
+    def check(self, me: int, round_: int, d: int, input_bits: int, neighbours: int | None,
+              threshold: int | None) -> None:
+        """A client's check of a setup the server sent: its round, its length and the
+        parameters its own config derives for this cohort (a server cannot lower the
+        threshold or shrink the ring); SecAggError names what differs."""
+        try:
+            want = (round_, d, *Setup.derive(len(self.clients), input_bits, neighbours, threshold))
+        except ValueError as exc:
+            raise SecAggError(f"client {me}: refused the setup: {exc}") from None
+        got = (self.round, self.d, self.neighbours, self.threshold, self.bits)
+        names = ("round", "length", "neighbours", "threshold", "bits")
+        bad = [f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want) if g != w]
+        if me not in self.clients:
+            bad.append(f"client {me} is not in the cohort")
+        if len(set(self.clients)) != len(self.clients) or list(self.clients) != sorted(self.clients):
+            bad.append("the cohort is not sorted and distinct")
+        if bad:
+            raise SecAggError(f"client {me}: refused the setup: " + "; ".join(bad))
 
     def graph(self) -> dict[int, frozenset]:
         n, k = len(self.clients), self.neighbours
@@ -165,7 +190,10 @@ class Client:
         out = {}
         for v, kind in want.items():
             key = pr.agree(self.c_sk, self.peers[v][0], b"channel")
-            body = pr.open_(key, self.inbox[v], pr.aad(st.session, st.round, v, self.me))
+            try:
+                body = pr.open_(key, self.inbox[v], pr.aad(st.session, st.round, v, self.me))
+            except (InvalidTag, ValueError):  # v sealed garbage: nothing of v's to reveal
+                continue
             half = len(body) // 2
             out[v] = (kind, body[:half] if kind == "b" else body[half:])
             self.revealed[v] = kind

@@ -75,22 +75,41 @@ class SecureSum:
         order = np.random.default_rng(rng.key(0, round_, rng.SERVER, "secure-drop")).permutation(clients)
         return set(order[:int(self.dropout * len(clients))].tolist())
 
+    def setup(self, clients, round_: int, d: int) -> secagg.Setup:
+        """The protocol's parameters for these clients; SecAggError where none fit."""
+        try:
+            return secagg.Setup.new(clients, round_, d, self.input_bits, self.neighbours, self.threshold)
+        except ValueError as exc:
+            raise secagg.SecAggError(str(exc)) from None
+
+    def check(self, setup: secagg.Setup, me: int, round_: int, d: int) -> None:
+        """A deployed client's check of the setup its server sent (``Setup.check``)."""
+        setup.check(me, round_, d, self.input_bits, self.neighbours, self.threshold)
+
+    @staticmethod
+    def ring(x: np.ndarray, setup: secagg.Setup) -> np.ndarray:
+        """A client's encoded input as elements of the protocol's ring."""
+        return (x.astype(np.int64) & ((1 << setup.bits) - 1)).astype(np.uint64)
+
     def aggregate(self, inputs: dict[int, np.ndarray], round_: int, like: dict) -> tuple[dict, dict]:
         """The server half: ``(weighted mean delta like ``like``, stats)`` from the survivors'
         encoded vectors; raises ``secagg.SecAggError`` when the round cannot finish securely."""
         clients = sorted(inputs)
         d = len(next(iter(inputs.values())))
-        try:
-            setup = secagg.Setup.new(clients, round_, d, self.input_bits, self.neighbours,
-                                     self.threshold)
-        except ValueError as exc:
-            raise secagg.SecAggError(str(exc)) from None
-        mask = (1 << setup.bits) - 1
-        ring = {u: (v.astype(np.int64) & mask).astype(np.uint64) for u, v in inputs.items()}
+        setup = self.setup(clients, round_, d)
+        ring = {u: self.ring(v, setup) for u, v in inputs.items()}
         drop = {self.dropout_stage: self.dropped(clients, round_)} if self.dropout > 0 else {}
         t0 = time.perf_counter()
         total, survivors, parties, _ = secagg.run(setup, ring, drop)
         seconds = time.perf_counter() - t0
+        stats = {"secure_survivors": len(survivors), "secure_bits": setup.bits,
+                 "secure_bytes_up": math.ceil(d * setup.bits / 8),
+                 "secure_client_s": round(max(p.seconds for p in parties.values()), 4),
+                 "secure_server_s": round(seconds - sum(p.seconds for p in parties.values()), 4)}
+        return self.mean(total, setup, like), stats
+
+    def mean(self, total: np.ndarray, setup: secagg.Setup, like: dict) -> dict:
+        """The weighted mean delta (a tree like ``like``) from the unmasked ring sum."""
         signed = total.astype(np.int64)
         signed = np.where(signed >= 1 << (setup.bits - 1), signed - (1 << setup.bits), signed)
         weight = float(signed[-1])
@@ -98,9 +117,4 @@ class SecureSum:
             raise secagg.SecAggError("secure: the summed weight is not positive")
         mean = torch.from_numpy(signed[:-1].astype(np.float64) / weight * self.clip)
         dtype = next(iter(like.values())).dtype
-        out = T.unflatten(mean, like)
-        stats = {"secure_survivors": len(survivors), "secure_bits": setup.bits,
-                 "secure_bytes_up": math.ceil(d * setup.bits / 8),
-                 "secure_client_s": round(max(p.seconds for p in parties.values()), 4),
-                 "secure_server_s": round(seconds - sum(p.seconds for p in parties.values()), 4)}
-        return {k: v.to(dtype) for k, v in out.items()}, stats
+        return {k: v.to(dtype) for k, v in T.unflatten(mean, like).items()}

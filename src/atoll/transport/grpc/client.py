@@ -29,10 +29,11 @@ class TransportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Task:
-    kind: str            # TASK, SYNC, WAIT or DONE
+    kind: str            # TASK, SYNC, STAGE, WAIT or DONE
     round: int = 0
     task_id: str = ""
     data: bytes = b""
+    stage: int = 0       # STAGE: the secure-aggregation stage (1-4)
 
 
 class Connection:
@@ -76,7 +77,7 @@ class Connection:
         def receive():
             stream = self.stubs["GetTask"](request, metadata=self.meta, timeout=wait_s + self.timeout)
             head = next(stream)
-            if head.kind not in ("TASK", "SYNC"):
+            if head.kind not in ("TASK", "SYNC", "STAGE"):
                 return Task(head.kind)
             if head.total_bytes > self.max_task:  # refused before a byte more is received
                 stream.cancel()
@@ -93,15 +94,17 @@ class Connection:
             if size != head.total_bytes:
                 raise TransportError("DATA_LOSS", f"task of {size} bytes or more, announced "
                                      f"{head.total_bytes}", True)
-            return Task(head.kind, head.round, head.task_id, data)
+            return Task(head.kind, head.round, head.task_id, data, head.stage)
 
         return _wrap(receive)
 
     def submit(self, round: int, task_id: str, data: bytes, *, num_examples: int,  # noqa: A002
-               loss: float, samples: float, straggler: bool = False) -> tuple[bool, str]:
+               loss: float, samples: float, straggler: bool = False, stage: int = 0,
+               seconds: float = 0.0) -> tuple[bool, str]:
         def chunks():
             yield M.UpdateChunk(round=round, task_id=task_id, num_examples=num_examples, loss=loss,
-                                samples=samples, straggler=straggler, data=data[:self.chunk])
+                                samples=samples, straggler=straggler, data=data[:self.chunk],
+                                stage=stage, seconds=seconds)
             for i in range(self.chunk, len(data), self.chunk):
                 yield M.UpdateChunk(data=data[i:i + self.chunk])
 

@@ -24,12 +24,14 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
     # holds, framed like a task), WAIT (poll again), DONE (training finished). held_*: the round
     # and hash of the model the client holds (per-client downlink; empty hash: none)
     "TaskRequest": [("wait_s", "double"), ("held_round", "int64"), ("held_hash", "string")],
+    # STAGE: a secure-aggregation stage's request (stage 1-4, atoll.secure.stagewire), framed like a task
     "TaskChunk": [("kind", "string"), ("round", "int32"), ("task_id", "string"),
-                  ("total_bytes", "int64"), ("data", "bytes")],
-    # the first chunk carries the header fields; every chunk carries data
+                  ("total_bytes", "int64"), ("data", "bytes"), ("stage", "int32")],
+    # the first chunk carries the header fields; every chunk carries data. stage > 0: the
+    # answer to that secure-aggregation stage, seconds: the client's crypto time in it
     "UpdateChunk": [("round", "int32"), ("task_id", "string"), ("num_examples", "int64"),
                     ("loss", "double"), ("samples", "double"), ("straggler", "bool"),
-                    ("data", "bytes")],
+                    ("data", "bytes"), ("stage", "int32"), ("seconds", "double")],
     "SubmitReply": [("accepted", "bool"), ("reason", "string")],
     "StatusRequest": [],
     "StatusReply": [("phase", "string"), ("round", "int32"), ("rounds", "int32"),

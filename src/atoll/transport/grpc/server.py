@@ -97,12 +97,12 @@ class GrpcServer:
         self.slots.take(context, "GetTask", cid, self.watchdog, self.limits.rpc_timeout)
         held = (request.held_round, request.held_hash) if request.held_hash else None
         task = self.backend.next_task(cid, request.wait_s, held)
-        if task[0] not in ("TASK", "SYNC"):
+        if task[0] not in ("TASK", "SYNC", "STAGE"):
             yield M.TaskChunk(kind=task[0])
             return
-        _, r, task_id, data = task
+        _, r, task_id, data, *stage = task
         yield M.TaskChunk(kind=task[0], round=r, task_id=task_id, total_bytes=len(data),
-                          data=data[:self.chunk])
+                          data=data[:self.chunk], stage=stage[0] if stage else 0)
         for i in range(self.chunk, len(data), self.chunk):
             yield M.TaskChunk(data=data[i:i + self.chunk])
 
@@ -113,7 +113,7 @@ class GrpcServer:
         if first is None:
             return M.SubmitReply(accepted=False, reason="empty update stream")
         head = {f: getattr(first, f) for f in ("round", "task_id", "num_examples", "loss",
-                                                "samples", "straggler")}
+                                                "samples", "straggler", "stage", "seconds")}
 
         def chunks():
             yield first.data

@@ -1,0 +1,73 @@
+"""A deployed client's side of secure aggregation (``[secure]``; docs/secure-aggregation.md).
+
+After training, the client encodes its update for the secure sum (``SecureSum.encode``, the key
+the simulation uses) and keeps it: the server gets the header alone. It then answers the four
+``STAGE`` requests of that round with ``secagg.Client``'s steps, the simulation's. What it
+checks before it answers, so that a server cannot make it reveal more than the protocol does:
+
+* one protocol run per round, its stages in order, each once (a second stage-1 request for the
+  same round, or a repeated unmask request, is refused);
+* the setup: its round, the vector length, and the neighbours, threshold and ring its own
+  config derives for that cohort (``Setup.check``): a server cannot lower the threshold;
+* every request's size before it is read, ids within the neighbourhood and each once
+  (``atoll.secure.stagewire``);
+* the honest-client safety rule of ``secagg.Client.unmask``: never both shares of one neighbour.
+
+A refused request is answered with an empty message (the server drops this client from the
+round at once) and logged with its reason; the client takes the next round as usual.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from atoll.runtime.check import decode_update
+from atoll.secure import secagg
+from atoll.secure import stagewire as W
+
+log = logging.getLogger("atoll.deploy")
+
+
+class SecureParty:
+    def __init__(self, secure, cid: int, num_clients: int):
+        self.secure, self.cid, self.num_clients = secure, cid, num_clients
+        self.round, self.x, self.party, self.next = None, None, None, 0
+        self.refused: list[str] = []
+
+    def start(self, algorithm, message: bytes, like: dict, r: int, n: int, key: int) -> None:
+        """Round ``r``'s encoded input from the client's own update ``message``."""
+        delta, _ = decode_update(algorithm, message, like)
+        self.round, self.x, self.party, self.next = r, self.secure.encode(delta, n, key), None, 1
+
+    def answer(self, r: int, stage: int, data: bytes) -> tuple[bytes, float]:
+        """``(answer bytes, crypto seconds)``; ``b""`` where the request is refused (logged)."""
+        try:
+            t0 = time.perf_counter()
+            out = self._step(r, stage, data)
+            return out, time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 (hostile bytes: a refusal, never a crash)
+            why = f"round {r}: refused secure stage {stage}: {type(exc).__name__}: {exc}"
+            log.warning("%s", why)
+            self.refused.append(why)
+            if r == self.round:
+                self.next = 5  # no further stage of this round
+            return b"", 0.0
+
+    def _step(self, r: int, stage: int, data: bytes) -> bytes:
+        if r != self.round or stage != self.next:
+            raise secagg.SecAggError(f"expected stage {self.next} of round {self.round}, each once, "
+                                     "in order")
+        self.next += 1
+        if stage == 1:
+            setup = W.read_setup(data, self.num_clients)
+            self.secure.check(setup, self.cid, r, len(self.x))
+            self.party = secagg.Client(setup, self.cid)
+            return W.keys_bytes(self.party.advertise())
+        p = self.party
+        if stage == 2:
+            return W.records(p.share(W.read_key_map(data, p.setup.graph()[self.cid])))
+        if stage == 3:
+            inbox = W.read_records(data, W.CT, p.peers, "inbox")
+            return p.masked(self.secure.ring(self.x, p.setup), inbox)
+        survivors, dropped = W.read_request(data, set(p.inbox) | {self.cid})
+        return W.shares_bytes(p.unmask(survivors, dropped))
