@@ -105,7 +105,7 @@ def droppers(stages: dict):
 def expected_model(cfg, parties, summed: list[int]):
     """Round 1's model from the plain modular sum of the clients' encoded inputs in ``summed``."""
     from atoll.client import buffer_names, params_of
-    from atoll.deploy.secure_rounds import server_step
+    from atoll.runtime.round import secure_step as server_step
     algorithm, model, data, plan = config.build(cfg)
     state = algorithm.init(params_of(model), buffers=buffer_names(model))
     sec = algorithm.secure

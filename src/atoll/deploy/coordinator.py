@@ -45,9 +45,11 @@ from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
 from atoll.deploy.secure_rounds import SecureRounds
-from atoll.deploy.secure_rounds import server_step as secure_step
-from atoll.runtime.round import broadcast_bytes, server_step
-from atoll.simulation import _append, _finish, _open_logs, json_safe
+from atoll.runtime.round import broadcast_bytes, secure_step, server_step
+from atoll.runlog import append as _append
+from atoll.runlog import finish as _finish
+from atoll.runlog import json_safe, round_line
+from atoll.runlog import open_logs as _open_logs
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -56,12 +58,6 @@ log = logging.getLogger("atoll.deploy")
 def downlink_bytes(algorithm, state, seed: int) -> bytes:
     """The broadcast of round ``state.round + 1`` as wire bytes (``runtime.round``'s)."""
     return broadcast_bytes(algorithm, state, seed, state.round + 1)
-
-
-def aggregate(algorithm, state, ids: list[int], deltas: list, aux: list, samples: list, seed: int):
-    """The server step on the valid updates of one round, in cohort order (``[]``: nobody):
-    ``runtime.round.server_step``, with the simulation's weights and server key."""
-    return server_step(algorithm, state, ids, deltas, samples, aux, seed)
 
 
 class Coordinator(Intake):
@@ -253,7 +249,7 @@ class Coordinator(Intake):
             rnd.server_error = f"{type(exc).__name__}: {exc}"
             log.error("round %d: server step failed, model unchanged: %s", rnd.r, rnd.server_error)
             ids, got = [], []
-            state = aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
+            state = server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
         if self._stop:
             return
         if self.privacy is not None:
@@ -268,25 +264,17 @@ class Coordinator(Intake):
     def _step(self, rnd: Round, ids: list[int], got: list[Answer]):
         """The server step: on the valid updates, or on their secure sum (``deploy.secure_rounds``)."""
         if self.secure is None or not ids:
-            return aggregate(self.algorithm, self.state, ids, [g.delta for g in got],
-                             [g.aux for g in got], [g.num_examples for g in got], self.plan.seed)
+            return server_step(self.algorithm, self.state, ids, [g.delta for g in got],
+                               [g.num_examples for g in got], [g.aux for g in got], self.plan.seed)
         mean, extra = self.secure.run(rnd, ids, self.state.params, lambda: self._stop)
         rnd.stats.extra.update(extra)
         if mean is None:  # the round could not finish securely: the model stays
-            return aggregate(self.algorithm, self.state, [], [], [], [], self.plan.seed)
+            return server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
         return secure_step(self.algorithm, self.state, mean, ids, self.plan.seed)
 
     def _write(self, rnd: Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan
-        up = s.bytes_up + (self.metrics[-1]["bytes_up_cum"] if self.metrics else 0)
-        down = s.bytes_down + (self.metrics[-1]["bytes_down_cum"] if self.metrics else 0)
-        line = {"round": r, "train_loss": s.train_loss, "clients_sampled": s.sampled,
-                "clients_succeeded": s.succeeded, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
-                "bytes_up_cum": up, "bytes_down_cum": down, **rnd.privacy, **s.extra}
-        if s.stragglers_dropped:
-            line["stragglers_dropped"] = s.stragglers_dropped
-        if s.failures:
-            line["failures"] = [[c, why] for c, why in s.failures]
+        line = round_line(r, s, self.metrics, **rnd.privacy, **s.extra)
         if rnd.late:
             line["late_answers"] = rnd.late
         if rnd.server_error:

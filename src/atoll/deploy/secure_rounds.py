@@ -19,9 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import torch
 
-from atoll import rng
 from atoll.deploy.rounds import read_chunks
 from atoll.secure import secagg
 from atoll.secure import stagewire as W
@@ -200,13 +198,3 @@ class _Stats:
                 "secure_stage_bytes_up": self.up, "secure_stage_bytes_down": self.down,
                 "secure_stage_s": self.wall, "secure_server_s": round(self.server_s, 4),
                 "secure_client_s": round(max(self.client_s.values(), default=0.0), 4)}
-
-
-def server_step(algorithm, state, mean: dict, ids: list[int], seed: int):
-    """The server step on the secure mean, as the simulated secure round takes it
-    (``runtime.round._secure_round``): one row of weight one, the round's server key."""
-    one = torch.ones(1, dtype=next(iter(state.params.values())).dtype)
-    return algorithm.server_round(state, {k: v[None] for k, v in mean.items()}, one,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"),
-                                  ids=sorted(ids)[:1])
-

@@ -165,10 +165,16 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
         return algorithm.server_round(state, None, None)
     stats.extra.update(extra)
     stats.bytes_up = extra["secure_bytes_up"] * extra["secure_survivors"]
-    ids = sorted(inputs)
+    return secure_step(algorithm, state, mean, list(inputs), seed)
+
+
+def secure_step(algorithm, state, mean: dict, ids: list[int], seed: int):
+    """The server step on a secure sum's weighted ``mean`` of the clients ``ids``: one row of
+    weight one, the round's server key (simulation and the deployed coordinator)."""
     one = torch.ones(1, dtype=next(iter(state.params.values())).dtype)
     return algorithm.server_round(state, {k: v[None] for k, v in mean.items()}, one,
-                                  key=rng.key(seed, r, rng.SERVER, "server"), ids=ids[:1])
+                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"),
+                                  ids=sorted(ids)[:1])
 
 
 def server_step(algorithm, state, ids: list[int], deltas, samples: list, aux, seed: int,
