@@ -45,6 +45,8 @@ from atoll.privacy.dpsgd import DpEstimator, dp_gradients
 from atoll.privacy.calibrate import noise_for_epsilon, step_event, steps_for_epochs
 from atoll.privacy.irwin_hall import delta_floor
 from atoll.privacy.run import PrivacySpec
+from atoll.secure.distributed import plan as skellam_plan
+from atoll.secure.stage import SecureSum
 
 
 def configure(cfg, algorithm, model, data, plan):
@@ -58,7 +60,7 @@ def configure(cfg, algorithm, model, data, plan):
             given.append("mechanism")
         if given:
             raise ConfigError(f"privacy.{given[0]} is set but privacy.mode is \"none\"; choose a "
-                              "mode: dp_sgd, dp_fedavg, local or intrinsic")
+                              "mode: dp_sgd, dp_fedavg, local, intrinsic or distributed")
         return algorithm, plan
     if p.mechanism != "gaussian" and p.mode != "local":
         raise ConfigError(f"privacy.mechanism = {p.mechanism!r} applies to mode \"local\" only "
@@ -302,4 +304,46 @@ def _intrinsic(cfg, algorithm, model, data, plan):
     return algorithm, dataclasses.replace(plan, work=work), [(uplink.event, 1)], details
 
 
-_MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": _intrinsic}
+def _distributed(cfg, algorithm, model, data, plan):
+    """Distributed DP: each client adds Skellam noise to its clipped, rounded update under the
+    secure sum (``secure.distributed``), so the server sees only the noisy sum; accounted as
+    zCDP by an RDP accountant, without amplification by sampling."""
+    p, sec = cfg.privacy, algorithm.secure
+    if not isinstance(sec, SecureSum):
+        raise _err('privacy.mode = "distributed" adds each client\'s noise under the secure sum: '
+                   'it needs [secure] method = "secagg" or "secagg+"')
+    if p.accountant == "pld":
+        raise _err('privacy.mode = "distributed": the Skellam mechanism is accounted in RDP; set '
+                   'privacy.accountant = "rdp"')
+    extra = [k for k in ("sample_rate", "target_quantile", "quantize_bits", "step", "aux_clip")
+             if getattr(p, k) is not None]
+    if extra or (p.norm or "l2") != "l2":
+        raise _err(f"privacy.{extra[0] if extra else 'norm'} does not apply to mode "
+                   "\"distributed\" (an L2 clip, integer rounding and Skellam noise per client)")
+    cohort = cfg.sampling.clients_per_round or len(data.clients)
+    k = max(1, math.floor(cohort * (1 - sec.dropout)))  # the survivors the noise counts on
+    d = sum(v.numel() for v in model.parameters())
+    bits = sec.input_bits + math.ceil(math.log2(max(cohort, 2)))
+    factor = 2.0 if p.neighboring == "replace_one" else 1.0
+    z, calibrated = _noise(cfg, 1.0, cfg.rounds)
+    for _ in range(200):  # the Skellam bound sits a little above the Gaussian's: raise z to fit
+        noise = skellam_plan(p.clip, z, d, k, cohort, bits)
+        event = ev.zcdp(*noise.zcdp(factor))
+        if not calibrated or _run_epsilon(cfg, event) <= p.target_epsilon:
+            break
+        z *= 1.01
+    algorithm = dataclasses.replace(algorithm, secure=dataclasses.replace(sec, noise=noise))
+    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
+               "scale": noise.scale, "skellam_mu": noise.mu, "clients": k, "ring_bits": bits,
+               "sensitivity_l2": noise.delta2 * factor}
+    return algorithm, plan, [(event, 1)], details
+
+
+def _run_epsilon(cfg, event) -> float:
+    acc = Accountant(cfg.privacy.accountant, cfg.privacy.neighboring)
+    acc.step(event, cfg.rounds)
+    return acc.epsilon(cfg.privacy.delta)
+
+
+_MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": _intrinsic,
+          "distributed": _distributed}

@@ -23,8 +23,9 @@ def with_secure(cfg: Config, algorithm, fed):
         why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
     if not algorithm.uplink.plain:
         why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")
-    if cfg.privacy.mode != "none":
-        why.append(f"privacy.mode = {cfg.privacy.mode!r}: distributed DP under a secure sum is not built yet")
+    if cfg.privacy.mode not in ("none", "distributed"):
+        why.append(f"privacy.mode = {cfg.privacy.mode!r}: the server sees only the sum, so its noise "
+                   "must come from the clients: use privacy.mode = \"distributed\"")
     if cfg.attack.name != "none":
         why.append("[attack]: robust aggregation under a secure sum (bucketing) is not built yet")
     if cfg.asynchronous.mode != "none":

@@ -165,7 +165,7 @@ class DeployConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy of a run (``atoll.privacy_config``; docs/privacy.md)."""
 
-    mode: Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic"] = "none"
+    mode: Literal["none", "dp_sgd", "dp_fedavg", "local", "intrinsic", "distributed"] = "none"
     accountant: Literal["pld", "rdp", "rdp_classic"] = "pld"
     neighboring: Literal["add_remove", "replace_one"] = "add_remove"
     target_epsilon: float | None = Field(None, gt=0)

@@ -203,8 +203,8 @@ class Client:
         loss, samples = ((0.0, 0.0) if self.private  # not covered by the DP guarantee: kept here
                          else (float(metrics["loss"]), float(metrics["samples"])))
         if self.secure is not None:  # the update waits here, encoded, for the secure stages
-            self.secure.start(self.algorithm, message, self.like, r, self.cdata.n,
-                              rng.key(self.seed, r, self.cid, "secure"))
+            self.secure.start(self.algorithm, message, self.like, r, self.cdata.n,  # noise: secret
+                              rng.private_key(self.seed, r, self.cid, "secure", secret))
             message = b""
         accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
                                        loss=loss, samples=samples, straggler=straggler)
@@ -251,7 +251,8 @@ def private_noise(algorithm) -> bool:
     its gradient estimator (DP-SGD's) or its uplink or aux codec (local noise, intrinsic
     quantization) declares a DP event."""
     return any(e is not None for e in (algorithm.uplink.event, algorithm.aux_codec.event,
-                                       getattr(algorithm.estimator, "event", None)))
+                                       getattr(algorithm.estimator, "event", None),
+                                       getattr(algorithm.secure, "noise", None)))
 
 
 def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:

@@ -134,7 +134,7 @@ class SecureRounds:
                           {u: W.answer_limit(4, setup, len(wanted[u])) for u in asks},
                           lambda u, raw: W.read_shares(raw, wanted[u]), setup, stop)
         total = stats.timed(server.finish, got)
-        mean = self.secure.mean(total, setup, like)
+        mean = self.secure.mean(total, setup, like, len(server.inputs))
         return mean, stats.line(setup, len(server.inputs))
 
     def _stage(self, rnd, stats, k: int, requests: dict, limits: dict, parse, setup, stop) -> dict:

@@ -59,6 +59,14 @@ def poisson_gaussian(q: float, noise_multiplier: float) -> DpEvent:
     return dpa.PoissonSampledDpEvent(float(q), gaussian(noise_multiplier))
 
 
+def zcdp(rho: float, xi: float = 0.0) -> DpEvent:
+    """A mechanism that is ``(alpha, xi + rho alpha)``-RDP for every order (the Skellam
+    mechanism's bound, ``atoll.secure.distributed``); RDP accountants only."""
+    _positive("rho", rho)
+    _positive("xi", xi, allow_zero=True)
+    return dpa.ZCDpEvent(float(rho), float(xi))
+
+
 def laplace(b: float) -> DpEvent:
     """Laplace mechanism with scale ``b`` relative to L1 sensitivity 1 (pure ``1/b``-DP)."""
     _positive("b", b)

@@ -34,6 +34,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.secure import secagg
+from atoll.secure.distributed import Skellam
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class SecureSum:
     threshold: int | None = None
     dropout: float = 0.0    # simulation: this fraction of the clients vanishes ...
     dropout_stage: int = 3  # ... before this protocol stage (1 keys, 2 shares, 3 input, 4 unmask)
+    noise: Skellam | None = None  # distributed DP: each client's L2 clip, rounding and noise
 
     def __post_init__(self):
         if not (self.clip > 0 and self.max_weight > 0):
@@ -60,10 +62,15 @@ class SecureSum:
         return (1 << (self.input_bits - 1)) - 1
 
     def encode(self, delta: dict, n: float, key: int) -> np.ndarray:
-        """The client half: ``d + 1`` signed integers with ``|v| <= 2^(bits-1) - 1``."""
+        """The client half: ``d + 1`` signed integers with ``|v| <= 2^(bits-1) - 1``; with
+        ``noise``, ``d`` integers (clipped, rounded and noised; no weight: every client counts
+        one, and the mean is over the survivors). ``key``: the client's own (its secret when
+        deployed with noise)."""
         flat = torch.cat([v.reshape(-1).to(torch.float64) for v in delta.values()])
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("secure: the update is not finite")
+        if self.noise is not None:
+            return self.noise.encode(flat.numpy(), np.random.default_rng(rng.fold(key, "secure")))
         w = min(float(n), self.max_weight) / self.max_weight
         x = torch.cat([flat.clamp(-self.clip, self.clip) * (w / self.clip),
                        torch.tensor([w], dtype=torch.float64)]) * self.top
@@ -106,15 +113,22 @@ class SecureSum:
                  "secure_bytes_up": math.ceil(d * setup.bits / 8),
                  "secure_client_s": round(max(p.seconds for p in parties.values()), 4),
                  "secure_server_s": round(seconds - sum(p.seconds for p in parties.values()), 4)}
-        return self.mean(total, setup, like), stats
+        return self.mean(total, setup, like, len(survivors)), stats
 
-    def mean(self, total: np.ndarray, setup: secagg.Setup, like: dict) -> dict:
-        """The weighted mean delta (a tree like ``like``) from the unmasked ring sum."""
+    def mean(self, total: np.ndarray, setup: secagg.Setup, like: dict, survivors: int) -> dict:
+        """The weighted mean delta (a tree like ``like``) from the unmasked ring sum of the
+        inputs of ``survivors`` clients."""
         signed = total.astype(np.int64)
         signed = np.where(signed >= 1 << (setup.bits - 1), signed - (1 << setup.bits), signed)
+        dtype = next(iter(like.values())).dtype
+        if self.noise is not None:
+            try:
+                mean = torch.from_numpy(self.noise.decode(signed, survivors))
+            except ValueError as exc:
+                raise secagg.SecAggError(str(exc)) from None
+            return {k: v.to(dtype) for k, v in T.unflatten(mean, like).items()}
         weight = float(signed[-1])
         if weight <= 0:
             raise secagg.SecAggError("secure: the summed weight is not positive")
         mean = torch.from_numpy(signed[:-1].astype(np.float64) / weight * self.clip)
-        dtype = next(iter(like.values())).dtype
         return {k: v.to(dtype) for k, v in T.unflatten(mean, like).items()}

@@ -1,0 +1,67 @@
+"""Distributed DP under SecAgg+ (the Skellam mechanism): accuracy against epsilon and ring bits.
+
+    PYTHONPATH=src .venv/bin/python bench/secure_distributed.py [--rounds 30]
+
+Setup: digits, 20 clients (Dirichlet 0.5 labels), all 20 in every round, SecAgg+ with 8
+neighbours, logistic regression, 5 local SGD steps of lr 0.1, L2 clip 0.5, float64, RDP
+accountant, add/remove one client, delta = 1e-5, no amplification by sampling claimed. Each
+client adds Skellam noise to its rounded update; the server sees only the noisy sum. Prints
+final test accuracy, epsilon, the calibrated noise multiplier, the scale (integer units per
+unit of update) and the ring bits per row.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from atoll import config
+from atoll.simulation import simulate
+
+logging.getLogger("atoll").setLevel(logging.ERROR)
+
+BASE = """
+rounds = {rounds}
+seed = 0
+dtype = "float64"
+[data]
+name = "digits"
+num_clients = 20
+partition = "dirichlet"
+alpha = 0.5
+[model]
+name = "logreg"
+[client]
+lr = 0.1
+steps = 5
+[secure]
+method = "secagg+"
+neighbours = 8
+[eval]
+federated = false
+"""
+DP = ["privacy.mode=distributed", "privacy.accountant=rdp", "privacy.clip=0.5"]
+RUNS = {
+    "secagg+, no DP": [],
+    "secagg+, distributed, eps 8, 16 bits": DP + ["privacy.target_epsilon=8"],
+    "secagg+, distributed, eps 8, 10 bits": DP + ["privacy.target_epsilon=8", "secure.bits=10"],
+    "secagg+, distributed, eps 2, 16 bits": DP + ["privacy.target_epsilon=2"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    print("| run | accuracy | epsilon | noise multiplier | scale | ring bits |\n|---|---|---|---|---|---|")
+    for name, over in RUNS.items():
+        cfg = config.load(text=BASE.format(rounds=args.rounds), overrides=over)
+        res = simulate(*config.build(cfg), plots=False)
+        det = res.final.get("privacy", {}).get("details", {})
+        eps = res.metrics[-1].get("epsilon")
+        print(f"| {name} | {res.final['test_acc']:.4f} | {'-' if eps is None else f'{eps:.3f}'} | "
+              f"{det.get('noise_multiplier', '-')} | {det.get('scale', '-')} | "
+              f"{res.metrics[-1].get('secure_bits')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
