@@ -45,6 +45,8 @@ RUNS = {
     "secagg+, distributed, eps 8, 16 bits": DP + ["privacy.target_epsilon=8"],
     "secagg+, distributed, eps 8, 10 bits": DP + ["privacy.target_epsilon=8", "secure.bits=10"],
     "secagg+, distributed, eps 2, 16 bits": DP + ["privacy.target_epsilon=2"],
+    "secagg+, distributed, eps 8, 16 bits, 100 clients": DP + [
+        "privacy.target_epsilon=8", "data.num_clients=100", "secure.neighbours=20"],
 }
 
 
@@ -56,10 +58,10 @@ def main() -> None:
     for name, over in RUNS.items():
         cfg = config.load(text=BASE.format(rounds=args.rounds), overrides=over)
         res = simulate(*config.build(cfg), plots=False)
-        det = res.final.get("privacy", {}).get("details", {})
+        det = res.final.get("privacy", {})
         eps = res.metrics[-1].get("epsilon")
         print(f"| {name} | {res.final['test_acc']:.4f} | {'-' if eps is None else f'{eps:.3f}'} | "
-              f"{det.get('noise_multiplier', '-')} | {det.get('scale', '-')} | "
+              f"{det.get('noise_multiplier', 0):.3f} | {det.get('scale', 0):.1f} | "
               f"{res.metrics[-1].get('secure_bits')} |", flush=True)
 
 

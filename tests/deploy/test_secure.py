@@ -111,7 +111,7 @@ def expected_model(cfg, parties, summed: list[int]):
     sec = algorithm.secure
     setup = sec.setup(sorted(p.cid for p in parties), 1, len(parties[0].inputs[1]))
     total = sum(sec.ring(parties[i].inputs[1], setup) for i in summed) & ((1 << setup.bits) - 1)
-    return server_step(algorithm, state, sec.mean(total, setup, state.params, len(summed)), list(range(len(parties))),
+    return server_step(algorithm, state, [sec.mean(total, setup, state.params, len(summed))], [0],
                        plan.seed).params
 
 

@@ -90,7 +90,8 @@ def test_a_round_that_cannot_finish_securely_leaves_the_model_unchanged():
     (["algorithm.name=scaffold"], "reads each client's aux"),
     (["comm.uplink=top_k(0.1)"], "comm.uplink"),
     (["privacy.mode=local", "privacy.noise_multiplier=1.0"], "privacy.mode"),
-    (["attack.name=sign_flip", "attack.count=1"], "[attack]"),
+    (["aggregator.name=median", "aggregator.bucket=1"], "a secure bucket needs at least 2"),
+    (["aggregator.name=median", "aggregator.nnm=true"], "with nnm needs each client's"),
     (["async.mode=fedbuff"], "[async]"),
     (["secure.threshold=9", "secure.method=secagg+", "secure.neighbours=4"], "exceeds"),
 ])
@@ -98,3 +99,26 @@ def test_parts_a_secure_sum_would_hide_are_refused_naming_both(over, part):
     with pytest.raises(config.ConfigError) as info:
         config.build(config.load(text=BASE, overrides=["secure.method=secagg"] + over))
     assert part in str(info.value) and "secure." in str(info.value)
+
+
+def test_buckets_cover_the_cohort_in_random_groups_of_at_least_s():
+    sec = SecureSum(clip=1.0, max_weight=1.0, bucket=3)
+    groups = sec.buckets(list(range(11)), key=5)
+    assert sorted(c for g in groups for c in g) == list(range(11))
+    assert [len(g) for g in groups] == [3, 3, 5]  # the short last bucket joined the one before
+    assert groups == sec.buckets(list(range(11)), key=5)
+    assert groups != sec.buckets(list(range(11)), key=6)
+    assert SecureSum(clip=1.0, max_weight=1.0).buckets([3, 1, 2], key=5) == [[1, 2, 3]]
+
+
+def test_a_robust_rule_over_secure_buckets_survives_an_attacker_that_ruins_the_secure_mean():
+    """An attacker's noise (clamped to secure.clip) drags the secure mean down; the median of
+    the means of securely summed buckets of 2 does not move. Before: refused ("not built")."""
+    base = ["secure.method=secagg+", "secure.neighbours=4", "secure.clip=1.0", "rounds=6"]
+    attack = ["attack.name=gaussian", "attack.count=1"]
+    clean = _run(base)
+    mean = _run(base + attack)
+    robust = _run(base + attack + ["aggregator.name=median", "aggregator.bucket=2"])
+    assert mean.final["test_acc"] < clean.final["test_acc"] - 0.2
+    assert robust.final["test_acc"] >= clean.final["test_acc"] - 0.02
+    assert robust.metrics[-1]["secure_buckets"] == 4 and robust.metrics[-1]["secure_survivors"] == 8

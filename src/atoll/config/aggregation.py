@@ -17,8 +17,13 @@ def with_secure(cfg: Config, algorithm, fed):
     s, m = cfg.secure, cfg.secure.method
     why = []
     g = cfg.aggregator
-    if g.name != "mean" or g.nnm or g.bucket:
-        why.append(f"aggregator.name = {g.name!r} needs each client's update, which a secure sum hides")
+    if g.nnm or (g.name != "mean" and not g.bucket):
+        why.append(f"aggregator.name = {g.name!r}{' with nnm' if g.nnm else ''} needs each client's "
+                   "update, which a secure sum hides (set aggregator.bucket = s to run the rule "
+                   "over the means of securely summed buckets of s clients)")
+    if g.bucket and (g.bucket < 2 or cfg.privacy.mode != "none"):
+        why.append(f"aggregator.bucket = {g.bucket}: a secure bucket needs at least 2 clients, and "
+                   "distributed noise is planned for the whole cohort, not per bucket")
     if algorithm.aux_names() or algorithm.server_fn or algorithm.server_aux:
         why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
     if not algorithm.uplink.plain:
@@ -26,8 +31,6 @@ def with_secure(cfg: Config, algorithm, fed):
     if cfg.privacy.mode not in ("none", "distributed"):
         why.append(f"privacy.mode = {cfg.privacy.mode!r}: the server sees only the sum, so its noise "
                    "must come from the clients: use privacy.mode = \"distributed\"")
-    if cfg.attack.name != "none":
-        why.append("[attack]: robust aggregation under a secure sum (bucketing) is not built yet")
     if cfg.asynchronous.mode != "none":
         why.append("[async]: buffers of one client each have nothing to hide the client in")
     if why:
@@ -41,7 +44,8 @@ def with_secure(cfg: Config, algorithm, fed):
         raise ConfigError(f"secure.threshold = {s.threshold} exceeds secure.neighbours = {neighbours}")
     max_weight = s.max_weight or float(max(c.n for c in fed.clients))
     return dataclasses.replace(algorithm, secure=SecureSum(
-        s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage))
+        s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage,
+        bucket=g.bucket))
 
 
 def build_aggregator(cfg: Config, server_update=None):
@@ -79,7 +83,7 @@ def build_aggregator(cfg: Config, server_update=None):
     agg = rule(g.name)
     if g.nnm:
         agg = A.nnm(g.f, agg)
-    if g.bucket:
+    if g.bucket and cfg.secure.method == "none":  # under [secure] the buckets are secure sums
         agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
     return agg
 

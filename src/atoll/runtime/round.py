@@ -22,6 +22,7 @@ Privacy accounting and the budget check are one step of the run loop around the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -147,34 +148,50 @@ def close_round(algorithm, state, outcomes: list[Outcome], data, work, stats: Ro
 
 
 def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
-    """The server step on the secure sum of the kept clients' updates: each client's half
+    """The server step on secure sums of the kept clients' updates: each client's half
     (``SecureSum.encode``, from its own key) runs on its own row; the server only gets the
-    protocol's sum. A round that cannot finish securely leaves the model unchanged."""
+    protocol's sum of each bucket (one bucket: the cohort; ``aggregator.bucket``: random
+    buckets, whose means the aggregator's robust rule combines). A bucket that cannot finish
+    securely is left out; with none left the model is unchanged."""
     from atoll.secure.secagg import SecAggError
 
     r, sec = state.round + 1, algorithm.secure
-    inputs = {}
-    for i, o in enumerate(kept):
-        row = {k: v[i] for k, v in deltas.items()}
-        inputs[o.cid] = sec.encode(row, data.clients[o.cid].n, rng.key(seed, r, o.cid, "secure"))
-    try:
-        mean, extra = sec.aggregate(inputs, r, state.params)
-    except SecAggError as exc:
-        stats.failures.append((-1, f"secure aggregation failed: {exc}"))
-        log.warning("round %d: secure aggregation failed, model unchanged: %s", r, exc)
+    ids = [o.cid for o in kept]
+    if algorithm.adversary is not None:  # simulation: attackers are clients, they attack what they encode
+        deltas = algorithm.adversary(deltas, ids, r, rng.key(seed, r, rng.SERVER, "server"))
+    inputs = {cid: sec.encode({k: v[i] for k, v in deltas.items()}, data.clients[cid].n,
+                              rng.key(seed, r, cid, "secure")) for i, cid in enumerate(ids)}
+    means, heads, seen = [], [], []
+    for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
+        try:
+            mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, state.params)
+        except SecAggError as exc:
+            stats.failures.append((-1, f"secure aggregation failed ({len(group)} clients): {exc}"))
+            log.warning("round %d: secure aggregation failed, bucket left out: %s", r, exc)
+            continue
+        means.append(mean)
+        heads.append(group[0])
+        seen.append(extra)
+    if not means:
         return algorithm.server_round(state, None, None)
-    stats.extra.update(extra)
-    stats.bytes_up = extra["secure_bytes_up"] * extra["secure_survivors"]
-    return secure_step(algorithm, state, mean, list(inputs), seed)
+    stats.extra.update(seen[0], secure_survivors=sum(e["secure_survivors"] for e in seen),
+                       secure_client_s=max(e["secure_client_s"] for e in seen),
+                       secure_server_s=round(sum(e["secure_server_s"] for e in seen), 4))
+    if sec.bucket:
+        stats.extra["secure_buckets"] = len(means)
+    stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
+    return secure_step(algorithm, state, means, heads, seed)
 
 
-def secure_step(algorithm, state, mean: dict, ids: list[int], seed: int):
-    """The server step on a secure sum's weighted ``mean`` of the clients ``ids``: one row of
-    weight one, the round's server key (simulation and the deployed coordinator)."""
-    one = torch.ones(1, dtype=next(iter(state.params.values())).dtype)
-    return algorithm.server_round(state, {k: v[None] for k, v in mean.items()}, one,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"),
-                                  ids=sorted(ids)[:1])
+def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int):
+    """The server step on secure sums' weighted ``means`` (one per bucket), rows of weight one
+    for the aggregator, with the round's server key (simulation and the deployed coordinator);
+    ``ids``: one client of each bucket. Attackers, in simulation, acted before they encoded."""
+    if algorithm.adversary is not None:
+        algorithm = dataclasses.replace(algorithm, adversary=None)
+    one = torch.ones(len(means), dtype=next(iter(state.params.values())).dtype)
+    return algorithm.server_round(state, T.stack(means), one,
+                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"), ids=ids)
 
 
 def server_step(algorithm, state, ids: list[int], deltas, samples: list, aux, seed: int,

@@ -47,6 +47,7 @@ class SecureSum:
     dropout: float = 0.0    # simulation: this fraction of the clients vanishes ...
     dropout_stage: int = 3  # ... before this protocol stage (1 keys, 2 shares, 3 input, 4 unmask)
     noise: Skellam | None = None  # distributed DP: each client's L2 clip, rounding and noise
+    bucket: int | None = None  # robust aggregation over the means of secure sums of this many clients
 
     def __post_init__(self):
         if not (self.clip > 0 and self.max_weight > 0):
@@ -76,6 +77,18 @@ class SecureSum:
                        torch.tensor([w], dtype=torch.float64)]) * self.top
         u = torch.rand(x.shape, generator=rng.generator(rng.fold(key, "secure")), dtype=torch.float64)
         return torch.floor(x + u).to(torch.int64).numpy()  # E[floor(x + u)] = x
+
+    def buckets(self, clients: list[int], key: int) -> list[list[int]]:
+        """The round's random buckets of ``bucket`` clients (one bucket without ``bucket``); a
+        short last bucket joins the one before (a bucket of one would be no secret)."""
+        if not self.bucket:
+            return [sorted(clients)]
+        order = np.random.default_rng(key).permutation(sorted(clients)).tolist()
+        groups = [order[i:i + self.bucket] for i in range(0, len(order), self.bucket)]
+        if len(groups) > 1 and len(groups[-1]) < self.bucket:
+            last = groups.pop()
+            groups[-1] = groups[-1] + last
+        return [sorted(g) for g in groups]
 
     def dropped(self, clients: list[int], round_: int) -> set[int]:
         """Simulation: the clients that vanish in round ``round_`` (seeded by the round)."""
