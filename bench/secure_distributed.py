@@ -5,7 +5,9 @@
 Setup: digits, 20 clients (Dirichlet 0.5 labels), all 20 in every round, SecAgg+ with 8
 neighbours, logistic regression, 5 local SGD steps of lr 0.1, L2 clip 0.5, float64, RDP
 accountant, add/remove one client, delta = 1e-5, no amplification by sampling claimed. Each
-client adds Skellam noise to its rounded update; the server sees only the noisy sum. Prints
+client adds Skellam noise to its rounded update; the server sees only the noisy sum. The
+central rows: DP-FedAvg with every client in every round (rate 1, so no amplification either),
+the same clip and epsilon, noise added by a server that sees every update. Prints
 final test accuracy, epsilon, the calibrated noise multiplier, the scale (integer units per
 unit of update) and the ring bits per row.
 """
@@ -40,6 +42,8 @@ neighbours = 8
 federated = false
 """
 DP = ["privacy.mode=distributed", "privacy.accountant=rdp", "privacy.clip=0.5"]
+CENTRAL = ["secure.method=none", "privacy.mode=dp_fedavg", "privacy.accountant=rdp", "privacy.clip=0.5",
+           "privacy.target_epsilon=8", "sampling.method=poisson", "sampling.rate=1.0"]
 RUNS = {
     "secagg+, no DP": [],
     "secagg+, distributed, eps 8, 16 bits": DP + ["privacy.target_epsilon=8"],
@@ -47,6 +51,8 @@ RUNS = {
     "secagg+, distributed, eps 2, 16 bits": DP + ["privacy.target_epsilon=2"],
     "secagg+, distributed, eps 8, 16 bits, 100 clients": DP + [
         "privacy.target_epsilon=8", "data.num_clients=100", "secure.neighbours=20"],
+    "central dp_fedavg (trusted server), eps 8": CENTRAL,
+    "central dp_fedavg (trusted server), eps 8, 100 clients": CENTRAL + ["data.num_clients=100"],
 }
 
 
