@@ -146,3 +146,18 @@ def test_below_the_threshold_the_round_fails_cleanly_and_the_next_round_runs(tmp
     assert states[0].round == 1 and all(torch.equal(states[0].params[k], v) for k, v in before.items())
     assert second["secure_stage_survivors"] == [4] * 4 and "failures" not in second
     assert any(not torch.equal(states[1].params[k], v) for k, v in before.items())
+
+
+def test_deployed_distributed_dp_draws_each_clients_noise_from_its_secret(tmp_path):
+    extra = '[privacy]\nmode = "distributed"\naccountant = "rdp"\nclip = 0.5\nnoise_multiplier = 1.0\n'
+    cfg = secure_config(tmp_path, "secagg", 4, extra=extra)
+    algorithm, model, data, plan = config.build(cfg)
+    sim = simulate(algorithm, model, data, plan, runtime=LoopRuntime(), plots=False)
+    server, thread, parties, threads = start(cfg, tmp_path)
+    finish(server, thread, threads)
+    got = server.coordinator.state.params
+    for line, want in zip(lines(tmp_path), sim.metrics):
+        assert line["secure_survivors"] == 4 and "failures" not in line
+        assert line["epsilon"] == pytest.approx(want["epsilon"], rel=1e-12)  # the same events
+    # the simulation draws the noise from the run seed; each deployed client from its secret
+    assert any(not torch.equal(got[k], v) for k, v in sim.state.params.items())

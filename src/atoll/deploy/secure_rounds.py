@@ -112,7 +112,7 @@ class SecureRounds:
             return None, stats.line(None, 0)
 
     def _protocol(self, rnd, ids, like, stop, stats) -> tuple[dict, dict]:
-        d = sum(v.numel() for v in like.values()) + 1
+        d = self.secure.length(sum(v.numel() for v in like.values()))
         setup = self.secure.setup(ids, rnd.r, d)
         server = secagg.Server(setup)
         head = W.setup_bytes(setup)

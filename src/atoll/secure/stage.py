@@ -90,6 +90,11 @@ class SecureSum:
             groups[-1] = groups[-1] + last
         return [sorted(g) for g in groups]
 
+    def length(self, d: int) -> int:
+        """The length of an encoded input for a model of ``d`` numbers (the weight is one more,
+        except with distributed noise, where every client counts one)."""
+        return d if self.noise is not None else d + 1
+
     def dropped(self, clients: list[int], round_: int) -> set[int]:
         """Simulation: the clients that vanish in round ``round_`` (seeded by the round)."""
         order = np.random.default_rng(rng.key(0, round_, rng.SERVER, "secure-drop")).permutation(clients)
