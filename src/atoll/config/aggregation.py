@@ -26,8 +26,9 @@ def with_secure(cfg: Config, algorithm, fed):
                    "distributed noise is planned for the whole cohort, not per bucket")
     if algorithm.aux_names() or algorithm.server_fn or algorithm.server_aux:
         why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
-    if not algorithm.uplink.plain:
-        why.append(f"comm.uplink = {algorithm.uplink.name!r}: only the plain uplink is summed securely so far")
+    if not (algorithm.uplink.plain or algorithm.uplink.linear):
+        why.append(f"comm.uplink = {algorithm.uplink.name!r} is not linear: the sum of its payloads "
+                   "is not the payload of the sum (linear codecs: count_sketch, rand_k(f, masked))")
     if cfg.privacy.mode not in ("none", "distributed"):
         why.append(f"privacy.mode = {cfg.privacy.mode!r}: the server sees only the sum, so its noise "
                    "must come from the clients: use privacy.mode = \"distributed\"")

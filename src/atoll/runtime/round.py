@@ -157,14 +157,20 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
 
     r, sec = state.round + 1, algorithm.secure
     ids = [o.cid for o in kept]
+    try:
+        rows, like, decode = _summands(algorithm, kept, deltas, state.params)
+    except ValueError as exc:
+        stats.failures.append((-1, str(exc)))
+        return algorithm.server_round(state, None, None)
     if algorithm.adversary is not None:  # simulation: attackers are clients, they attack what they encode
-        deltas = algorithm.adversary(deltas, ids, r, rng.key(seed, r, rng.SERVER, "server"))
-    inputs = {cid: sec.encode({k: v[i] for k, v in deltas.items()}, data.clients[cid].n,
+        rows = algorithm.adversary(rows, ids, r, rng.key(seed, r, rng.SERVER, "server"))
+    inputs = {cid: sec.encode({k: v[i] for k, v in rows.items()}, data.clients[cid].n,
                               rng.key(seed, r, cid, "secure")) for i, cid in enumerate(ids)}
     means, heads, seen = [], [], []
     for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
         try:
-            mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, state.params)
+            mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, like)
+            mean = decode(mean)
         except SecAggError as exc:
             stats.failures.append((-1, f"secure aggregation failed ({len(group)} clients): {exc}"))
             log.warning("round %d: secure aggregation failed, bucket left out: %s", r, exc)
@@ -181,6 +187,24 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
         stats.extra["secure_buckets"] = len(means)
     stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
     return secure_step(algorithm, state, means, heads, seed)
+
+
+def _summands(algorithm, kept, deltas, params):
+    """``(rows (n, ...), like, decode)``: what each client adds into the secure sum. The plain
+    uplink: its decoded delta. A linear uplink codec (a count sketch, masked rand-k): the data
+    entries of its payload, summed as they are and decoded once from the mean (FetchSGD);
+    the other entries (shapes, the round's hash seed) must be the same for every client."""
+    if algorithm.uplink.plain:
+        return deltas, params, lambda mean: mean
+    payloads = [T.split(wire.loads(o.message))["delta"] for o in kept]
+    data = [k for k, v in payloads[0].items() if v.is_floating_point() and v.numel() > 0]
+    meta = {k: v for k, v in payloads[0].items() if k not in data}
+    for p in payloads:  # decode_round accepted every message; the shared entries must agree too
+        if set(p) != set(payloads[0]) or any(not torch.equal(p[k], v) for k, v in meta.items()):
+            raise ValueError("secure: clients' payloads differ in their shared entries")
+    rows = {k: torch.stack([p[k] for p in payloads]) for k in data}
+    like = {k: payloads[0][k] for k in data}
+    return rows, like, lambda mean: algorithm.uplink.decode({**meta, **mean})
 
 
 def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int):
