@@ -84,9 +84,9 @@ class Coordinator(Intake):
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        if algorithm.secure is not None and algorithm.secure.bucket:
-            raise ValueError("aggregator.bucket under [secure] (robust rules over secure buckets) "
-                             "runs in simulation only so far")
+        if algorithm.secure is not None and (algorithm.secure.bucket or not algorithm.uplink.plain):
+            raise ValueError("aggregator.bucket and linear uplink codecs under [secure] run in "
+                             "simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None
