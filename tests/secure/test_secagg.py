@@ -53,12 +53,14 @@ def test_pairwise_keys_agree_and_channels_bind_their_context():
             pr.open_(key, ct, wrong)
 
 
-@pytest.mark.parametrize("bits", [1, 7, 21, 32])
-def test_bit_packing_round_trips_at_exactly_bits_per_value(bits):
-    v = np.random.default_rng(bits).integers(0, 1 << bits, 1001, dtype=np.uint64)
+@pytest.mark.parametrize("bits", [1, 7, 21, 23, 32])
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 1001])
+def test_bit_packing_round_trips_at_exactly_bits_per_value(bits, d):
+    v = np.random.default_rng(bits).integers(0, 1 << bits, d, dtype=np.uint64)
+    v[:1] = (1 << bits) - 1  # the top value of the ring too
     raw = pr.pack(v, bits)
-    assert len(raw) == math.ceil(1001 * bits / 8)
-    assert (pr.unpack(raw, 1001, bits) == v).all()
+    assert len(raw) == math.ceil(d * bits / 8)
+    assert (pr.unpack(raw, d, bits) == v).all()
 
 
 def inputs(setup, seed=0):
