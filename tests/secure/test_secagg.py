@@ -53,7 +53,7 @@ def test_pairwise_keys_agree_and_channels_bind_their_context():
             pr.open_(key, ct, wrong)
 
 
-@pytest.mark.parametrize("bits", [1, 7, 21, 23, 32])
+@pytest.mark.parametrize("bits", [1, 7, 21, 23, 25, 26, 32])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 1001])
 def test_bit_packing_round_trips_at_exactly_bits_per_value(bits, d):
     v = np.random.default_rng(bits).integers(0, 1 << bits, d, dtype=np.uint64)

