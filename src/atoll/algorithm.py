@@ -127,10 +127,13 @@ class Algorithm:
         return {"uplink": self.uplink.init(params), **self.client_init(params)}
 
     def server_round(self, state: ServerState, deltas: Tree | None, weights: torch.Tensor | None,
-                     aux: Tree | None = None, key: int = 0, ids: list[int] = ()) -> ServerState:
+                     aux: Tree | None = None, key: int = 0, ids: list[int] = (),
+                     cohort: int | None = None) -> ServerState:
         """Apply one round of decoded client deltas ``(C, ...)``; ``None`` = nobody succeeded.
         ``aux``: the clients' stacked aux trees ``(C, ...)``; ``key``: the round's server key
-        (``rng.key(seed, round, rng.SERVER, "server")``); ``ids``: the clients of the rows."""
+        (``rng.key(seed, round, rng.SERVER, "server")``); ``ids``: the clients of the rows;
+        ``cohort``: how many clients the rows hold (default one each; a secure sum's row holds
+        its bucket)."""
         if deltas is None:
             extra = state.extra
             if self.tracker is not None:
@@ -150,7 +153,7 @@ class Algorithm:
             agg, extra = self.server_fn(state, agg, deltas, weights, aux or {}, key, extra)
         if self.server_aux is not None:
             mean_aux = T.weighted_sum(aux, weights / weights.sum())
-            agg, extra = self.server_aux(state, agg, mean_aux, weights.shape[0], extra)
+            agg, extra = self.server_aux(state, agg, mean_aux, cohort or weights.shape[0], extra)
         params, opt_state = self._step(state, agg)
         if self.tracker is not None:
             extra["tracker"] = self.tracker.commit(extra["tracker"], state.params, params)

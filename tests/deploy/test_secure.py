@@ -111,8 +111,9 @@ def expected_model(cfg, parties, summed: list[int]):
     sec = algorithm.secure
     setup = sec.setup(sorted(p.cid for p in parties), 1, len(parties[0].inputs[1]))
     total = sum(sec.ring(parties[i].inputs[1], setup) for i in summed) & ((1 << setup.bits) - 1)
-    return server_step(algorithm, state, [sec.mean(total, setup, state.params, len(summed))], [0],
-                       plan.seed).params
+    mean = sec.mean(total, setup, state.params, len(summed))
+    return server_step(algorithm, state, [{"delta": mean, "aux": {}}], [0], plan.seed,
+                       cohort=len(summed)).params
 
 
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2,

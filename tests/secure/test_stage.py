@@ -87,7 +87,7 @@ def test_a_round_that_cannot_finish_securely_leaves_the_model_unchanged():
 
 @pytest.mark.parametrize("over, part", [
     (["aggregator.name=median"], "aggregator.name = 'median'"),
-    (["algorithm.name=scaffold"], "reads each client's aux"),
+    (["algorithm.name=fednova"], "reads each client's aux on its own"),
     (["comm.uplink=top_k(0.1)"], "is not linear"),
     (["privacy.mode=local", "privacy.noise_multiplier=1.0"], "privacy.mode"),
     (["aggregator.name=median", "aggregator.bucket=1"], "a secure bucket needs at least 2"),
@@ -141,3 +141,20 @@ def test_linear_codecs_are_summed_securely_and_decoded_once(uplink, clip):
     full = _run(["rounds=1", "secure.method=secagg+", "secure.neighbours=4", "secure.clip=1.0"])
     if "sketch" in uplink:  # the secure vector is the table (300 numbers), not the model (650)
         assert sec.metrics[-1]["secure_bytes_up"] < 0.5 * full.metrics[-1]["secure_bytes_up"]
+
+
+@pytest.mark.parametrize("algo", ["scaffold", "fedagrac"])
+def test_an_algorithm_reading_the_aux_mean_sums_its_aux_securely(algo):
+    """SCAFFOLD's control-variate changes and FedaGrac's gradients travel in the secure sum
+    with the delta: model and control variate follow the plaintext run to the quantizer's
+    precision, with the cohort counted right. Before: refused."""
+    base = ["rounds=2", f"algorithm.name={algo}"]
+    plain = _run(base)
+    sec = _run(base + ["secure.method=secagg+", "secure.neighbours=4", "secure.clip=8.0"])
+    step = 8.0 / (2 ** 15 - 1)
+    shared = "c" if algo == "scaffold" else "vtilde"
+    for got, want in ((sec.state.params, plain.state.params),
+                      (sec.state.extra["broadcast"][shared], plain.state.extra["broadcast"][shared])):
+        for k, v in want.items():
+            assert float((got[k] - v).abs().max()) <= 50 * step, k
+    assert float(sum(v.abs().sum() for v in sec.state.extra["broadcast"][shared].values())) > 0

@@ -24,8 +24,9 @@ def with_secure(cfg: Config, algorithm, fed):
     if g.bucket and (g.bucket < 2 or cfg.privacy.mode != "none"):
         why.append(f"aggregator.bucket = {g.bucket}: a secure bucket needs at least 2 clients, and "
                    "distributed noise is planned for the whole cohort, not per bucket")
-    if algorithm.aux_names() or algorithm.server_fn or algorithm.server_aux:
-        why.append(f"algorithm {algorithm.name!r} reads each client's aux in its server step")
+    if algorithm.server_fn or (algorithm.aux_names() and algorithm.server_aux is None):
+        why.append(f"algorithm {algorithm.name!r} reads each client's aux on its own in its server "
+                   "step (an algorithm that reads only the aux mean, e.g. SCAFFOLD, sums it securely)")
     if not (algorithm.uplink.plain or algorithm.uplink.linear):
         why.append(f"comm.uplink = {algorithm.uplink.name!r} is not linear: the sum of its payloads "
                    "is not the payload of the sum (linear codecs: count_sketch, rand_k(f, masked))")

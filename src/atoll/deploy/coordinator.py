@@ -84,9 +84,10 @@ class Coordinator(Intake):
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        if algorithm.secure is not None and (algorithm.secure.bucket or not algorithm.uplink.plain):
-            raise ValueError("aggregator.bucket and linear uplink codecs under [secure] run in "
-                             "simulation only so far")
+        if algorithm.secure is not None and (algorithm.secure.bucket or not algorithm.uplink.plain
+                                             or algorithm.aux_names()):
+            raise ValueError("aggregator.bucket, linear uplink codecs and aux (SCAFFOLD, FedaGrac) "
+                             "under [secure] run in simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None
@@ -273,7 +274,8 @@ class Coordinator(Intake):
         rnd.stats.extra.update(extra)
         if mean is None:  # the round could not finish securely: the model stays
             return server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
-        return secure_step(self.algorithm, self.state, [mean], sorted(ids)[:1], self.plan.seed)
+        return secure_step(self.algorithm, self.state, [{"delta": mean, "aux": {}}], sorted(ids)[:1],
+                           self.plan.seed, cohort=extra["secure_survivors"])
 
     def _write(self, rnd: Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan

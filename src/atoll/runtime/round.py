@@ -139,7 +139,7 @@ def close_round(algorithm, state, outcomes: list[Outcome], data, work, stats: Ro
     stats.succeeded = len(kept)
     ids = [o.cid for o in kept]
     if algorithm.secure is not None and kept:
-        return _secure_round(algorithm, state, kept, deltas, data, stats, seed), \
+        return _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed), \
             [(o.cid, o.state) for o in kept]
     state = server_step(algorithm, state, ids, deltas if kept else None,
                         [data.clients[i].n for i in ids], aux, seed)
@@ -147,7 +147,7 @@ def close_round(algorithm, state, outcomes: list[Outcome], data, work, stats: Ro
     return state, [(o.cid, o.state) for o in kept]
 
 
-def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
+def _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
     """The server step on secure sums of the kept clients' updates: each client's half
     (``SecureSum.encode``, from its own key) runs on its own row; the server only gets the
     protocol's sum of each bucket (one bucket: the cohort; ``aggregator.bucket``: random
@@ -158,7 +158,7 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
     r, sec = state.round + 1, algorithm.secure
     ids = [o.cid for o in kept]
     try:
-        rows, like, decode = _summands(algorithm, kept, deltas, state.params)
+        rows, like, decode = _summands(algorithm, kept, deltas, aux, state.params)
     except ValueError as exc:
         stats.failures.append((-1, str(exc)))
         return algorithm.server_round(state, None, None)
@@ -166,7 +166,7 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
         rows = algorithm.adversary(rows, ids, r, rng.key(seed, r, rng.SERVER, "server"))
     inputs = {cid: sec.encode({k: v[i] for k, v in rows.items()}, data.clients[cid].n,
                               rng.key(seed, r, cid, "secure")) for i, cid in enumerate(ids)}
-    means, heads, seen = [], [], []
+    means, heads, seen, sizes = [], [], [], []
     for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
         try:
             mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, like)
@@ -178,6 +178,7 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
         means.append(mean)
         heads.append(group[0])
         seen.append(extra)
+        sizes.append(extra["secure_survivors"])
     if not means:
         return algorithm.server_round(state, None, None)
     stats.extra.update(seen[0], secure_survivors=sum(e["secure_survivors"] for e in seen),
@@ -186,16 +187,21 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
     if sec.bucket:
         stats.extra["secure_buckets"] = len(means)
     stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
-    return secure_step(algorithm, state, means, heads, seed)
+    return secure_step(algorithm, state, means, heads, seed, cohort=sum(sizes))
 
 
-def _summands(algorithm, kept, deltas, params):
-    """``(rows (n, ...), like, decode)``: what each client adds into the secure sum. The plain
-    uplink: its decoded delta. A linear uplink codec (a count sketch, masked rand-k): the data
-    entries of its payload, summed as they are and decoded once from the mean (FetchSGD);
-    the other entries (shapes, the round's hash seed) must be the same for every client."""
+def _summands(algorithm, kept, deltas, aux, params):
+    """``(rows (n, ...), like, decode)``: what each client adds into the secure sum, and how the
+    mean of those rows becomes ``{"delta": mean delta, "aux": mean aux}``. The plain uplink: its
+    decoded delta, and the aux of an algorithm whose server reads only the aux mean
+    (``server_aux``: SCAFFOLD, FedaGrac's seed form). A linear uplink codec (a count sketch,
+    masked rand-k): the data entries of its payload, summed as they are and decoded once from
+    the mean (FetchSGD); the other entries (shapes, the round's hash seed) must be the same for
+    every client."""
     if algorithm.uplink.plain:
-        return deltas, params, lambda mean: mean
+        rows = T.join({"delta": deltas, "aux": aux or {}})
+        like = T.join({"delta": params, "aux": {k: v[0] for k, v in (aux or {}).items()}})
+        return rows, like, lambda mean: {"aux": {}, **T.split(mean)}
     payloads = [T.split(wire.loads(o.message))["delta"] for o in kept]
     data = [k for k, v in payloads[0].items() if v.is_floating_point() and v.numel() > 0]
     meta = {k: v for k, v in payloads[0].items() if k not in data}
@@ -204,18 +210,22 @@ def _summands(algorithm, kept, deltas, params):
             raise ValueError("secure: clients' payloads differ in their shared entries")
     rows = {k: torch.stack([p[k] for p in payloads]) for k in data}
     like = {k: payloads[0][k] for k in data}
-    return rows, like, lambda mean: algorithm.uplink.decode({**meta, **mean})
+    return rows, like, lambda mean: {"delta": algorithm.uplink.decode({**meta, **mean}), "aux": {}}
 
 
-def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int):
-    """The server step on secure sums' weighted ``means`` (one per bucket), rows of weight one
-    for the aggregator, with the round's server key (simulation and the deployed coordinator);
-    ``ids``: one client of each bucket. Attackers, in simulation, acted before they encoded."""
+def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int, cohort: int = 1):
+    """The server step on secure sums' weighted ``means`` (one per bucket: ``{"delta": ...,
+    "aux": ...}``), rows of weight one for the aggregator, with the round's
+    server key (simulation and the deployed coordinator); ``ids``: one client of each bucket;
+    ``cohort``: how many clients the sums hold. Attackers, in simulation, acted before they
+    encoded."""
     if algorithm.adversary is not None:
         algorithm = dataclasses.replace(algorithm, adversary=None)
     one = torch.ones(len(means), dtype=next(iter(state.params.values())).dtype)
-    return algorithm.server_round(state, T.stack(means), one,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"), ids=ids)
+    aux = T.stack([m["aux"] for m in means]) if means[0]["aux"] else None
+    return algorithm.server_round(state, T.stack([m["delta"] for m in means]), one, aux,
+                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"),
+                                  ids=ids, cohort=cohort)
 
 
 def server_step(algorithm, state, ids: list[int], deltas, samples: list, aux, seed: int,
