@@ -163,6 +163,7 @@ def _secure_round(algorithm, state, kept, deltas, data, stats, seed: int):
         stats.failures.append((-1, f"secure aggregation failed: {exc}"))
         log.warning("round %d: secure aggregation failed, model unchanged: %s", r, exc)
         return algorithm.server_round(state, None, None)
+    stats.failures.extend(extra.pop("secure_rejected", []))  # [secure] he: bytes that did not load
     stats.extra.update(extra)
     stats.bytes_up = extra["secure_bytes_up"] * extra["secure_survivors"]
     return secure_step(algorithm, state, mean, list(inputs), seed)
