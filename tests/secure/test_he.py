@@ -58,7 +58,6 @@ def test_ckks_chunks_a_layer_larger_than_the_slot_count():
     assert _rel_err(mean, rows, ns) < 1e-6
 
 
-@pytest.mark.slow
 def test_ckks_one_million_values():
     st = STAGES["ckks"]()
     like = {"a": torch.zeros(1000, 600, dtype=torch.float64), "b": torch.zeros(400_000, dtype=torch.float64)}
