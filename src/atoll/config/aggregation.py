@@ -37,6 +37,13 @@ def with_secure(cfg: Config, algorithm, fed):
         why.append("[async]: buffers of one client each have nothing to hide the client in")
     if why:
         raise ConfigError(f"secure.method = {m!r} cannot run with " + "; ".join(why))
+    max_weight = s.max_weight or float(max(c.n for c in fed.clients))
+    if m in ("ckks", "paillier"):  # homomorphic sum (atoll.secure.he); simulation only so far
+        from atoll.secure.he import HomomorphicSum
+        if s.dropout or s.neighbours is not None or g.bucket:
+            raise ConfigError(f"secure.dropout / secure.neighbours / aggregator.bucket are SecAgg+'s; "
+                              f"method = {m!r} has none (its key holder decrypts one sum per round)")
+        return dataclasses.replace(algorithm, secure=HomomorphicSum(m, max_weight, decryptors=s.decryptors))
     neighbours = s.neighbours if m == "secagg+" else None
     if m == "secagg+" and neighbours is None:
         neighbours = 20
@@ -44,7 +51,6 @@ def with_secure(cfg: Config, algorithm, fed):
         raise ConfigError('secure.neighbours applies to method "secagg+" (secagg is the complete graph)')
     if s.threshold is not None and neighbours is not None and s.threshold > neighbours:
         raise ConfigError(f"secure.threshold = {s.threshold} exceeds secure.neighbours = {neighbours}")
-    max_weight = s.max_weight or float(max(c.n for c in fed.clients))
     return dataclasses.replace(algorithm, secure=SecureSum(
         s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage,
         bucket=g.bucket))

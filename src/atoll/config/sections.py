@@ -223,7 +223,10 @@ class AsyncConfig(_Section):
 class SecureConfig(_Section):
     """Secure aggregation (``atoll.secure``; docs/secure-aggregation.md); off while method = "none"."""
 
-    method: Literal["none", "secagg", "secagg+"] = "none"  # secagg: complete graph
+    method: Literal["none", "secagg", "secagg+", "ckks", "paillier"] = "none"  # secagg: complete graph
+    # ckks / paillier: homomorphic sum; trust model: the secret key is held by a key holder that
+    # is not the server (never by the clients); key holder + server together see every update
+    decryptors: int = Field(2, ge=1)  # paillier: parties sharing the secret exponent (1: one key holder)
     clip: float = Field(0.1, gt=0)          # per-coordinate range of an update: [-clip, clip]
     bits: int = Field(16, ge=2, le=24)      # bits per coordinate of a client's input
     neighbours: int | None = Field(None, ge=2)  # secagg+: default 20 (or everyone, if fewer)

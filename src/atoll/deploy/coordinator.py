@@ -50,6 +50,7 @@ from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
 from atoll.runlog import open_logs as _open_logs
+from atoll.secure.stage import SecureSum
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -84,10 +85,11 @@ class Coordinator(Intake):
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        if algorithm.secure is not None and (algorithm.secure.bucket or not algorithm.uplink.plain
+        if algorithm.secure is not None and (not isinstance(algorithm.secure, SecureSum)
+                                             or algorithm.secure.bucket or not algorithm.uplink.plain
                                              or algorithm.aux_names()):
-            raise ValueError("aggregator.bucket, linear uplink codecs and aux (SCAFFOLD, FedaGrac) "
-                             "under [secure] run in simulation only so far")
+            raise ValueError("homomorphic encryption, aggregator.bucket, linear uplink codecs and aux "
+                             "(SCAFFOLD, FedaGrac) under [secure] run in simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None

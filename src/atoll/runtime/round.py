@@ -171,10 +171,11 @@ def _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
         try:
             mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, like)
             mean = decode(mean)
-        except SecAggError as exc:
+        except SecAggError as exc:  # also he.HEError
             stats.failures.append((-1, f"secure aggregation failed ({len(group)} clients): {exc}"))
             log.warning("round %d: secure aggregation failed, bucket left out: %s", r, exc)
             continue
+        stats.failures.extend(extra.pop("secure_rejected", []))  # he: ciphertexts that did not load
         means.append(mean)
         heads.append(group[0])
         seen.append(extra)
@@ -182,8 +183,9 @@ def _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
     if not means:
         return algorithm.server_round(state, None, None)
     stats.extra.update(seen[0], secure_survivors=sum(e["secure_survivors"] for e in seen),
-                       secure_client_s=max(e["secure_client_s"] for e in seen),
                        secure_server_s=round(sum(e["secure_server_s"] for e in seen), 4))
+    if "secure_client_s" in seen[0]:
+        stats.extra["secure_client_s"] = max(e["secure_client_s"] for e in seen)
     if sec.bucket:
         stats.extra["secure_buckets"] = len(means)
     stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
