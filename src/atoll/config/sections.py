@@ -53,7 +53,7 @@ class ClientConfig(_Section):
 
 class AlgorithmConfig(_Section):
     name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-                  "fednova", "scaffold", "fedagrac"] = "fedavg"
+                  "fednova", "scaffold", "fedagrac", "ditto", "fedper", "fedrep"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
@@ -62,7 +62,9 @@ class AlgorithmConfig(_Section):
     tau: float = Field(1e-3, gt=0)
     initial_v: float | None = Field(None, ge=0)  # fedadam/fedyogi/fedadagrad: v_-1; None = tau^2 (Reddi et al.)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
-    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published)
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published); ditto: lambda (default 0.1)
+    head: str | None = None  # fedper/fedrep: parameter-name prefix of the local head (default: the last layer)
+    head_epochs: int = Field(1, ge=1)  # fedrep: passes over the round's batches training the head first
     form: Literal["seed", "published"] = "seed"  # fedagrac: the patent's calibration (CN 112990488 B) or the paper code's
 
 
