@@ -96,8 +96,12 @@ def build(cfg: Config, data=None):
     plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
                 clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
-                train_eval=cfg.eval.train_loss,
+                train_eval=cfg.eval.train_loss, personal_eval=cfg.eval.personal,
+                new_clients=cfg.eval.new_clients, finetune=cfg.eval.finetune,
                 checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
+    if cfg.eval.new_clients and (cfg.eval.new_clients >= len(fed.clients) or asynchronous is not None):
+        raise ConfigError(f"eval.new_clients = {cfg.eval.new_clients} must be below the number of "
+                          f"clients ({len(fed.clients)}) and needs synchronous rounds (no [async])")
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
         from atoll.privacy_config import configure
 

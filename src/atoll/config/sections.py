@@ -122,6 +122,9 @@ class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     federated: bool = True
     train_loss: bool = False
+    personal: bool = False            # pers_acc_* (each client's own model), new_acc_* (new clients)
+    new_clients: int = Field(0, ge=0)  # the last new_clients clients never train (new-client accuracy)
+    finetune: int = Field(0, ge=0)     # rounds of its own update a new client runs before evaluation
 
 
 class CheckpointConfig(_Section):
