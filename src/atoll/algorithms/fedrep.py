@@ -9,7 +9,8 @@ its head on the received body and trains, then sends the body's delta and a head
 exact zeros: no head value leaves the client, the server's mean of the head is zero and its
 head never moves. FedPer trains body and head together; FedRep first trains the head for
 ``head_epochs`` passes over the round's batches with the body frozen, then the body with the
-head frozen.
+head frozen. FedBN (Li et al. 2021) is the same client half with every batch-norm layer
+(weights and running statistics) as the local part.
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def head_names(params, prefix: str | None) -> list[str]:
     return names
 
 
+def norm_names(params) -> list[str]:
+    """FedBN's local entries: every entry of a layer with running statistics (BatchNorm's
+    weight, bias, running mean and variance, batch count). ValueError if the model has none."""
+    layers = {k[: -len("running_mean")] for k in params if k.endswith("running_mean")}
+    names = [k for k in params if any(k.startswith(p) for p in layers)]
+    if not names:
+        raise ValueError("fedbn: the model has no batch-norm layer (no entry *running_mean)")
+    return names
+
+
 def frozen(names) -> Transform:
     """Zero the updates of ``names`` (chained after the optimizer: those entries stay exact)."""
     names = frozenset(names)
@@ -58,12 +69,20 @@ def fedrep(local_opt: Transform | None = None, head: str | None = None, head_epo
     return _local_head("fedrep", local_opt, head, head_epochs, server_lr, parts)
 
 
+def fedbn(local_opt: Transform | None = None, server_lr: float = 1.0, **parts) -> Algorithm:
+    """FedBN (Li et al. 2021, "FedBN: Federated Learning on Non-IID Features via Local Batch
+    Normalization"): FedPer's client half with the batch-norm layers as the local part."""
+    return _local_head("fedbn", local_opt, norm_names, 0, server_lr, parts)
+
+
 def _local_head(name, local_opt, head, head_epochs, server_lr, parts) -> Algorithm:
+    local = head if callable(head) else (lambda params: head_names(params, head))
+
     def client_fn(loss_fn, opt, grad_fn=None):
         grad_fn = grad_fn or value_and_grad(loss_fn)
 
         def update(params, client_state, broadcast, batches, step_mask, key):
-            names = head_names(params, head)
+            names = local(params)
             body = [k for k in params if k not in names]
             p, ctx = {**params, **client_state["head"]}, {"broadcast": broadcast, "key": key}
             for _ in range(head_epochs):  # FedRep: the head first, body frozen
@@ -77,7 +96,7 @@ def _local_head(name, local_opt, head, head_epochs, server_lr, parts) -> Algorit
         return update
 
     def client_init(params):
-        return {"head": {k: params[k].clone() for k in head_names(params, head)}}
+        return {"head": {k: params[k].clone() for k in local(params)}}
 
     return Algorithm(name, local_opt or sgd(0.05), sgd(server_lr), client_fn=client_fn,
                      client_init=client_init, personalize=personal_model, **parts)
