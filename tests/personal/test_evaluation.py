@@ -107,3 +107,9 @@ def test_bad_new_clients_is_refused_naming_the_field():
     cfg = config.load(text=SMALL, overrides=["eval.new_clients=8"])
     with pytest.raises(ConfigError, match="eval.new_clients"):
         config.build(cfg)
+
+
+def test_personal_evaluation_with_async_is_refused():
+    cfg = config.load(text=SMALL, overrides=["eval.new_clients=0", "async.mode=fedbuff"])
+    with pytest.raises(ConfigError, match="synchronous"):
+        config.build(cfg)

@@ -55,7 +55,8 @@ def ditto(local_opt: Transform | None = None, lam: float = 0.1, server_lr: float
 def _init(params):
     """``v_i`` starts as the global model the client first receives (``seen = 0`` until then:
     the state does not depend on when a runtime creates it)."""
-    return {"personal": T.zeros_like(params), "seen": torch.zeros(())}
+    return {"personal": T.zeros_like(params),
+            "seen": torch.zeros((), dtype=next(iter(params.values())).dtype)}
 
 
 def personal_model(params, client_state):

@@ -99,9 +99,11 @@ def build(cfg: Config, data=None):
                 train_eval=cfg.eval.train_loss, personal_eval=cfg.eval.personal,
                 new_clients=cfg.eval.new_clients, finetune=cfg.eval.finetune,
                 checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
-    if cfg.eval.new_clients and (cfg.eval.new_clients >= len(fed.clients) or asynchronous is not None):
+    if cfg.eval.new_clients >= max(len(fed.clients), 1) or (cfg.eval.personal or cfg.eval.new_clients) \
+            and asynchronous is not None:
         raise ConfigError(f"eval.new_clients = {cfg.eval.new_clients} must be below the number of "
-                          f"clients ({len(fed.clients)}) and needs synchronous rounds (no [async])")
+                          f"clients ({len(fed.clients)}); eval.personal and eval.new_clients need "
+                          f"synchronous rounds (no [async])")
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
         from atoll.privacy_config import configure
 
