@@ -134,3 +134,34 @@ def test_same_seed_same_run_and_vmap_matches_loop(name):
         for a, b, c in zip(_leaves(c0[i]), _leaves(c1[i]), _leaves(stacked)):
             c = c[0]
             assert torch.equal(a, b) and dist(a, c) < 1e-12
+
+
+def test_lg_fedavg_shares_the_head_and_keeps_the_body():
+    state, cstates = train(A.lg_fedavg(sgd(LR)), two_part_loss, zeros("body", "head.w"), 200)
+    assert dist(state.params["head.w"], q.fedavg_fixed_point(LR)) < 1e-9
+    for i in range(len(q.A)):
+        assert dist(cstates[i]["head"]["body"], q.MINIMA[i]) < 1e-6
+    assert torch.equal(state.params["body"], zeros("b")["b"])
+
+
+def test_ditto_client_joining_late_starts_from_the_global_model_it_receives():
+    """Clients 2 and 3 first train in round 4: v starts from round 4's global model in both the
+    loop runtime (state made on arrival) and the vectorised one (a store template made at
+    round 1), and the two agree."""
+    cohorts = [[0, 1]] * 3 + [[0, 1, 2, 3]]
+    ends = []
+    for runtime in (LoopRuntime(), VmapRuntime()):
+        alg, d = A.ditto(sgd(LR), lam=0.5), q.data()
+        state, update, cstates = alg.init(zeros("w")), alg.client(q.loss_fn), {}
+        for cohort in cohorts:
+            before = state.params["w"]
+            state, cstates, _ = runtime.run_round(alg, update, state, cstates, cohort, d, q.work(), 0)
+        ends.append((before, cstates))
+    (w3, loop), (_, vec) = ends
+    stacked = vec.get([2, 3])["personal"]["w"]
+    for j, i in enumerate((2, 3)):
+        assert dist(loop[i]["personal"]["w"], stacked[j]) < 1e-12
+    # one more check against the closed form of round 4 for client 2 (K_2 = 12 steps from w3)
+    a, m, k, lam = q.A[2], q.MINIMA[2], q.STEPS[2], 0.5
+    fix = (a * m + lam * w3) / (a + lam)
+    assert dist(loop[2]["personal"]["w"], fix + (1 - LR * (a + lam)) ** k * (w3 - fix)) < 1e-12

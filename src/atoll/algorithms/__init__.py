@@ -7,7 +7,7 @@ from atoll.algorithms.fedavg import fedavg
 from atoll.algorithms.fedavgm import fedavgm
 from atoll.algorithms.fednova import fednova
 from atoll.algorithms.fedprox import fedprox
-from atoll.algorithms.fedrep import fedbn, fedper, fedrep
+from atoll.algorithms.fedrep import fedbn, fedper, fedrep, lg_fedavg
 from atoll.algorithms.fedyogi import fedyogi
 from atoll.algorithms.scaffold import scaffold
 
@@ -15,6 +15,6 @@ RECIPES = {f.__name__: f for f in (fedavg, fedavgm, fedprox, fedadam, fedyogi, f
 # heterogeneous devices
 RECIPES.update({f.__name__: f for f in (fednova, scaffold, fedagrac)})
 # personalization (docs/personalization.md)
-RECIPES.update({f.__name__: f for f in (ditto, fedper, fedrep, fedbn)})
+RECIPES.update({f.__name__: f for f in (ditto, fedper, fedrep, fedbn, lg_fedavg)})
 
 __all__ = list(RECIPES) + ["RECIPES"]

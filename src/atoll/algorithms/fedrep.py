@@ -10,7 +10,8 @@ exact zeros: no head value leaves the client, the server's mean of the head is z
 head never moves. FedPer trains body and head together; FedRep first trains the head for
 ``head_epochs`` passes over the round's batches with the body frozen, then the body with the
 head frozen. FedBN (Li et al. 2021) is the same client half with every batch-norm layer
-(weights and running statistics) as the local part.
+(weights and running statistics) as the local part; LG-FedAvg (Liang et al. 2020) with
+everything but the head.
 """
 from __future__ import annotations
 
@@ -73,6 +74,19 @@ def fedbn(local_opt: Transform | None = None, server_lr: float = 1.0, **parts) -
     """FedBN (Li et al. 2021, "FedBN: Federated Learning on Non-IID Features via Local Batch
     Normalization"): FedPer's client half with the batch-norm layers as the local part."""
     return _local_head("fedbn", local_opt, norm_names, 0, server_lr, parts)
+
+
+def lg_fedavg(local_opt: Transform | None = None, head: str | None = None, server_lr: float = 1.0,
+              **parts) -> Algorithm:
+    """LG-FedAvg (Liang et al. 2020, "Think Locally, Act Globally: Federated Learning with Local
+    and Global Representations"): the complement of FedPer, the head is shared and the rest
+    (the representation) stays on the client."""
+
+    def body(params):
+        names = head_names(params, head)
+        return [k for k in params if k not in names]
+
+    return _local_head("lg_fedavg", local_opt, body, 0, server_lr, parts)
 
 
 def _local_head(name, local_opt, head, head_epochs, server_lr, parts) -> Algorithm:

@@ -54,7 +54,7 @@ class ClientConfig(_Section):
 class AlgorithmConfig(_Section):
     name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "scaffold", "fedagrac", "ditto", "fedper", "fedrep",
-                  "fedbn"] = "fedavg"
+                  "fedbn", "lg_fedavg"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
