@@ -53,6 +53,8 @@ ALGORITHMS = {
     "Ditto": ["algorithm.name=ditto", "algorithm.lam=0.1"],
     "FedPer": ["algorithm.name=fedper"],
     "FedRep": ["algorithm.name=fedrep", "algorithm.head_epochs=2"],
+    "LG-FedAvg": ["algorithm.name=lg_fedavg"],
+    "APFL": ["algorithm.name=apfl", "algorithm.alpha=0.25"],
 }
 OUT = Path("runs/personal")
 KEYS = ("fed_acc_mean", "pers_acc_mean", "pers_acc_p10", "new_acc_mean")

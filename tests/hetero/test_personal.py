@@ -165,3 +165,24 @@ def test_ditto_client_joining_late_starts_from_the_global_model_it_receives():
     a, m, k, lam = q.A[2], q.MINIMA[2], q.STEPS[2], 0.5
     fix = (a * m + lam * w3) / (a + lam)
     assert dist(loop[2]["personal"]["w"], fix + (1 - LR * (a + lam)) ** k * (w3 - fix)) < 1e-12
+
+
+def test_apfl_personal_model_reaches_each_clients_optimum_and_w_fedavgs():
+    """One local step per round: v and alpha stop where grad f_i(alpha v + (1 - alpha) w) = 0,
+    i.e. the personalized model is the client's own optimum a_i."""
+    alg = A.apfl(sgd(LR), alpha=0.5)
+    state, cstates = train(alg, q.loss_fn, zeros("w"), 600, steps=[1] * 4)
+    assert dist(state.params["w"], q.fedavg_fixed_point(LR, [1] * 4)) < 1e-9
+    for i in range(len(q.A)):
+        assert 0.0 < float(cstates[i]["alpha"]) <= 1.0
+        assert dist(alg.personalize(state.params, cstates[i])["w"], q.MINIMA[i]) < 1e-6
+
+
+def test_apfl_loop_and_vmap_agree():
+    runs = [train(A.apfl(sgd(0.1)), q.loss_fn, zeros("w"), 4, rt) for rt in (LoopRuntime(), VmapRuntime())]
+    (s0, c0), (s1, c1) = runs
+    assert dist(s0.params["w"], s1.params["w"]) < 1e-12
+    for i in c0:
+        got = c1.get([i])
+        assert dist(c0[i]["v"]["w"], got["v"]["w"][0]) < 1e-12
+        assert dist(c0[i]["alpha"], got["alpha"][0]) < 1e-12

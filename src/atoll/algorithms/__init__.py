@@ -1,6 +1,7 @@
 """Recipes: short functions that assemble existing parts into an ``Algorithm``."""
 from atoll.algorithms.fedadagrad import fedadagrad
 from atoll.algorithms.fedadam import fedadam
+from atoll.algorithms.apfl import apfl
 from atoll.algorithms.ditto import ditto
 from atoll.algorithms.fedagrac import fedagrac
 from atoll.algorithms.fedavg import fedavg
@@ -15,6 +16,6 @@ RECIPES = {f.__name__: f for f in (fedavg, fedavgm, fedprox, fedadam, fedyogi, f
 # heterogeneous devices
 RECIPES.update({f.__name__: f for f in (fednova, scaffold, fedagrac)})
 # personalization (docs/personalization.md)
-RECIPES.update({f.__name__: f for f in (ditto, fedper, fedrep, fedbn, lg_fedavg)})
+RECIPES.update({f.__name__: f for f in (ditto, fedper, fedrep, fedbn, lg_fedavg, apfl)})
 
 __all__ = list(RECIPES) + ["RECIPES"]

@@ -54,7 +54,7 @@ class ClientConfig(_Section):
 class AlgorithmConfig(_Section):
     name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "scaffold", "fedagrac", "ditto", "fedper", "fedrep",
-                  "fedbn", "lg_fedavg"] = "fedavg"
+                  "fedbn", "lg_fedavg", "apfl"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
@@ -65,7 +65,9 @@ class AlgorithmConfig(_Section):
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
     lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published); ditto: lambda (default 0.1)
     head: str | None = None  # fedper/fedrep: parameter-name prefix of the local head (default: the last layer)
-    head_epochs: int = Field(1, ge=1)  # fedrep: passes over the round's batches training the head first
+    head_epochs: int = Field(1, ge=1)
+    alpha: float = Field(0.25, ge=0, le=1)  # apfl: the initial mixing weight
+    alpha_step: float = Field(0.1, ge=0)    # apfl: alpha's learning rate relative to the local one  # fedrep: passes over the round's batches training the head first
     form: Literal["seed", "published"] = "seed"  # fedagrac: the patent's calibration (CN 112990488 B) or the paper code's
 
 
