@@ -93,7 +93,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         clock = Clock(plan.devices, plan.work, plan.seed, data,
                       start=metrics[-1].get("sim_time", 0.0) if metrics else 0.0)
     trained = len(data.clients) - plan.new_clients
-    if not 0 < trained <= len(data.clients):
+    if plan.new_clients and not 0 < trained <= len(data.clients):
         raise ValueError(f"new_clients = {plan.new_clients} leaves no client to train "
                          f"(of {len(data.clients)})")
     personal = _personal(algorithm, client_update, model, data, plan, trained)

@@ -75,8 +75,9 @@ def build(cfg: Config, data=None):
                "fedadagrad": {"tau": a.tau, "initial_v": a.initial_v}, "fednova": {"momentum": c.momentum},
                "scaffold": {"local_lr": c.lr, "num_clients": len(fed.clients)},
                "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form},
-               "ditto": {"lam": 0.1 if a.lam is None else a.lam}, "fedper": {"head": a.head}, "lg_fedavg": {"head": a.head}, "apfl": {"alpha": a.alpha, "alpha_step": a.alpha_step},
-               "fedrep": {"head": a.head, "head_epochs": a.head_epochs}}.get(a.name, {})
+               "ditto": {"lam": 0.1 if a.lam is None else a.lam}, "fedper": {"head": a.head},
+               "fedrep": {"head": a.head, "head_epochs": a.head_epochs}, "lg_fedavg": {"head": a.head},
+               "apfl": {"alpha": a.alpha, "alpha_step": a.alpha_step}}.get(a.name, {})
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
