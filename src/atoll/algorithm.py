@@ -84,6 +84,9 @@ class Algorithm:
     # ``runtime.base.client_work``; DP-SGD's Poisson batches with pre-drawn noise).
     estimator: Callable | None = None
     draw: Callable | None = None
+    # Personalized FL: ``personalize(params, client_state)`` -> the model that client uses (Ditto's
+    # own ``v_i``, FedPer's global body with its own head); ``None``: the global model.
+    personalize: Callable[[Tree, dict], Tree] | None = None
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.

@@ -48,6 +48,9 @@ class Plan:
     eval_every: int = 1
     federated_eval: bool = True
     train_eval: bool = False
+    personal_eval: bool = False  # each client's own model and new clients (atoll.personalization)
+    new_clients: int = 0         # the last ``new_clients`` clients never train: new-client accuracy
+    finetune: int = 0            # rounds of its own update a new client runs before it is evaluated
     checkpoint_every: int = 10
     privacy: Any = None  # atoll.privacy.run.PrivacySpec: per-round events and the budget
     devices: object | None = None       # atoll.devices.Devices: the simulated clock
@@ -89,13 +92,18 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
 
         clock = Clock(plan.devices, plan.work, plan.seed, data,
                       start=metrics[-1].get("sim_time", 0.0) if metrics else 0.0)
+    trained = len(data.clients) - plan.new_clients
+    if plan.new_clients and not 0 < trained <= len(data.clients):
+        raise ValueError(f"new_clients = {plan.new_clients} leaves no client to train "
+                         f"(of {len(data.clients)})")
+    personal = _personal(algorithm, client_update, model, data, plan, trained)
     start = time.perf_counter()
     with _Progress(progress, plan.rounds, state.round) as bar:
         while state.round < plan.rounds:
             r = state.round + 1
             if privacy is not None and privacy.before_round(r):
                 break  # the budget would be exceeded: stop cleanly (checkpoint and final eval below)
-            cohort = sampling.sample(len(data.clients), r, plan.seed, method=plan.sampling,
+            cohort = sampling.sample(trained, r, plan.seed, method=plan.sampling,
                                      count=plan.clients_per_round, fraction=plan.fraction,
                                      rate=plan.rate)
             if clock is not None:
@@ -109,6 +117,8 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             if clock is not None:
                 more.update(clock.end_round(cohort, stats, r))
             line = round_line(r, stats, metrics, **more)
+            if personal is not None and (r % plan.eval_every == 0 or r == plan.rounds):
+                line.update(personal(state, client_states))
             _evaluate_and_log(line, plan, model, state, data, fed_eval, metrics, run_dir, start)
             if run_dir is not None and state.extra.get("anomaly", {}).get("round") == r:
                 _append(run_dir / "anomaly.jsonl", state.extra["anomaly"])  # robust rules' scores
@@ -121,9 +131,22 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         log.warning(privacy.stopped)
         if run_dir is not None:
             checkpoint.save(run_dir, state, client_states)
-    final = _finish(model, state, data, fed_eval, run_dir, plots,
-                    {"privacy": privacy.summary()} if privacy is not None else {})
+    extra = {"privacy": privacy.summary()} if privacy is not None else {}
+    if personal is not None:
+        extra.update(personal(state, client_states))
+    final = _finish(model, state, data, fed_eval, run_dir, plots, extra)
     return Result(state, metrics, final, run_dir)
+
+
+def _personal(algorithm, client_update, model, data, plan, trained):
+    """``(state, client_states) -> metrics`` of ``atoll.personalization``, or None when off."""
+    if not plan.personal_eval:
+        return None
+    from atoll import personalization
+
+    return lambda state, client_states: personalization.evaluate(
+        algorithm, client_update, model, state, client_states, data.clients, trained,
+        plan.finetune, plan.work, plan.seed)
 
 
 def _float32_sizes(params) -> tuple[int, int]:

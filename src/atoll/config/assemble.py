@@ -74,7 +74,10 @@ def build(cfg: Config, data=None):
                "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
                "fedadagrad": {"tau": a.tau, "initial_v": a.initial_v}, "fednova": {"momentum": c.momentum},
                "scaffold": {"local_lr": c.lr, "num_clients": len(fed.clients)},
-               "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form}}.get(a.name, {})
+               "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form},
+               "ditto": {"lam": 0.1 if a.lam is None else a.lam}, "fedper": {"head": a.head},
+               "fedrep": {"head": a.head, "head_epochs": a.head_epochs}, "lg_fedavg": {"head": a.head},
+               "apfl": {"alpha": a.alpha, "alpha_step": a.alpha_step}}.get(a.name, {})
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
@@ -94,8 +97,14 @@ def build(cfg: Config, data=None):
     plan = Plan(rounds=cfg.rounds, seed=cfg.seed, sampling=s.method,
                 clients_per_round=s.clients_per_round, fraction=s.fraction, rate=s.rate,
                 work=work, eval_every=cfg.eval.every, federated_eval=cfg.eval.federated,
-                train_eval=cfg.eval.train_loss,
+                train_eval=cfg.eval.train_loss, personal_eval=cfg.eval.personal,
+                new_clients=cfg.eval.new_clients, finetune=cfg.eval.finetune,
                 checkpoint_every=cfg.checkpoint.every, devices=devices, asynchronous=asynchronous)
+    if cfg.eval.new_clients >= max(len(fed.clients), 1) or (cfg.eval.personal or cfg.eval.new_clients) \
+            and asynchronous is not None:
+        raise ConfigError(f"eval.new_clients = {cfg.eval.new_clients} must be below the number of "
+                          f"clients ({len(fed.clients)}); eval.personal and eval.new_clients need "
+                          f"synchronous rounds (no [async])")
     if cfg.privacy != PrivacyConfig():  # [privacy]: private parts and the budget
         from atoll.privacy_config import configure
 

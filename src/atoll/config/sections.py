@@ -53,7 +53,8 @@ class ClientConfig(_Section):
 
 class AlgorithmConfig(_Section):
     name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
-                  "fednova", "scaffold", "fedagrac"] = "fedavg"
+                  "fednova", "scaffold", "fedagrac", "ditto", "fedper", "fedrep",
+                  "fedbn", "lg_fedavg", "apfl"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
@@ -62,7 +63,11 @@ class AlgorithmConfig(_Section):
     tau: float = Field(1e-3, gt=0)
     initial_v: float | None = Field(None, ge=0)  # fedadam/fedyogi/fedadagrad: v_-1; None = tau^2 (Reddi et al.)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
-    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published)
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published); ditto: lambda (default 0.1)
+    head: str | None = None  # fedper/fedrep: parameter-name prefix of the local head (default: the last layer)
+    head_epochs: int = Field(1, ge=1)
+    alpha: float = Field(0.25, ge=0, le=1)  # apfl: the initial mixing weight
+    alpha_step: float = Field(0.1, ge=0)    # apfl: alpha's learning rate relative to the local one  # fedrep: passes over the round's batches training the head first
     form: Literal["seed", "published"] = "seed"  # fedagrac: the patent's calibration (CN 112990488 B) or the paper code's
 
 
@@ -120,6 +125,9 @@ class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     federated: bool = True
     train_loss: bool = False
+    personal: bool = False            # pers_acc_* (each client's own model), new_acc_* (new clients)
+    new_clients: int = Field(0, ge=0)  # the last new_clients clients never train (new-client accuracy)
+    finetune: int = Field(0, ge=0)     # rounds of its own update a new client runs before evaluation
 
 
 class CheckpointConfig(_Section):
