@@ -162,3 +162,17 @@ def test_deployed_distributed_dp_draws_each_clients_noise_from_its_secret(tmp_pa
         assert line["epsilon"] == pytest.approx(want["epsilon"], rel=1e-12)  # the same events
     # the simulation draws the noise from the run seed; each deployed client from its secret
     assert any(not torch.equal(got[k], v) for k, v in sim.state.params.items())
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("secagg", '[aggregator]\nname = "median"\nbucket = 2\n'),
+    ("secagg", '[comm]\nuplink = "count_sketch(3, 100, estimator=mean)"\n'),
+    ("ckks", "")])
+def test_secure_parts_built_for_simulation_only_are_refused_by_the_server(tmp_path, method, extra):
+    if method == "ckks":
+        pytest.importorskip("tenseal")
+    cfg = secure_config(tmp_path, method, 4, extra=extra)
+    local.prepare(cfg, tmp_path, tokens=True)
+    with pytest.raises(ValueError, match="simulation only so far"):
+        Server(cfg, run_dir=tmp_path / "run", certs_dir=tmp_path / "certs", host="127.0.0.1", port=0,
+               auth="token", plots=False, linger_s=0.5)
