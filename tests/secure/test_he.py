@@ -141,7 +141,7 @@ def test_ckks_run_through_simulate_matches_the_plaintext_run():
 
 @pytest.mark.parametrize("over, part", [
     (["aggregator.name=median"], "aggregator.name = 'median'"),
-    (["algorithm.name=scaffold"], "reads each client's aux"),
+    (["algorithm.name=fednova"], "reads each client's aux on its own"),
     (["comm.uplink=top_k(0.1)"], "comm.uplink"),
     (["privacy.mode=local", "privacy.noise_multiplier=1.0"], "privacy.mode"),
     (["secure.dropout=0.2"], "SecAgg+'s"),

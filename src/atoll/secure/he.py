@@ -88,6 +88,12 @@ class HomomorphicSum:
             self._keys["holder"] = KeyHolder(self.scheme, self.key_bits, self.decryptors, self.min_clients)
         return self._keys["holder"]
 
+    bucket = None  # one sum per round: the key holder decrypts no more
+
+    def buckets(self, clients: list[int], key: int) -> list[list[int]]:
+        """The round's one group (``SecureSum.buckets`` without buckets)."""
+        return [sorted(clients)]
+
     def encode(self, delta: dict, n: float, key: int) -> bytes:
         """The client half: ``(w x, w)`` encrypted under the public key (``key`` unused: the
         encryption's randomness is the client's own secret, from the OS)."""
