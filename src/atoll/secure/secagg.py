@@ -206,7 +206,8 @@ class Server:
     setup: Setup
     keys: dict = field(default_factory=dict)     # U0: u -> (c_pk, s_pk)
     sent: dict = field(default_factory=dict)     # U1: u -> {v: ciphertext}
-    inputs: dict = field(default_factory=dict)   # U2: u -> ring vector
+    inputs: set = field(default_factory=set)     # U2: the clients whose masked vector came
+    total: np.ndarray | None = None              # ... and their sum, in uint64
     seconds: float = 0.0         # crypto: rebuilding seeds and expanding masks
     decode_seconds: float = 0.0  # unpacking and summing the masked vectors
 
@@ -231,7 +232,10 @@ class Server:
     def collect_inputs(self, masked: dict[int, bytes]) -> dict[int, tuple[set, set]]:
         """U2's masked vectors; returns each survivor's unmask request (survivors, dropped)."""
         t0, st = time.perf_counter(), self.setup
-        self.inputs = {u: pr.unpack(y, st.d, st.bits) for u, y in masked.items() if u in self.sent}
+        self.inputs = {u for u in masked if u in self.sent}
+        self.total = np.zeros(st.d, dtype=np.uint64)  # summed as they come: one vector in memory
+        for u in sorted(self.inputs):  # uint64 wraps modulo 2^64, a multiple of the ring's 2^bits
+            self.total += pr.unpack(masked[u], st.d, st.bits)
         alive, gone = set(self.inputs), set(self.sent) - set(self.inputs)
         self.decode_seconds += time.perf_counter() - t0
         return {u: ((self.graph[u] & alive) | {u}, self.graph[u] & gone) for u in self.inputs}
@@ -248,10 +252,7 @@ class Server:
             for v, (kind, raw) in revealed.items():
                 if kind in ("b", "s") and v in self.graph[w]:
                     got.setdefault((kind, v), {})[st.x(w)] = shamir.from_bytes(raw, chunks)
-        # uint64 wraps modulo 2^64, a multiple of the ring's 2^bits: reduce once at the end
-        total = np.zeros(st.d, dtype=np.uint64)
-        for y in self.inputs.values():
-            total += y
+        total = self.total.copy()  # reduced modulo 2^bits once, at the end
         self.decode_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for u in self.inputs:  # remove every survivor's self mask
