@@ -16,7 +16,7 @@ LAYERS = [  # (layer, modules or packages under atoll/)
     ("runtime", ("runtime",)),
     ("transport", ("transport",)),
     ("deploy", ("deploy",)),
-    ("edge", ("config", "privacy_config", "cli", "simulation", "asynchronous", "runlog")),
+    ("edge", ("config", "privacy_config", "privacy_modes", "cli", "simulation", "asynchronous", "runlog")),
 ]
 
 

@@ -32,21 +32,17 @@ import math
 
 import torch
 
-from atoll.algorithms.dp import (INTRINSIC_AUX, clipping_client, dp_fedavg_server, dp_sgd_draw,
-                                intrinsic_draw,
-                                 intrinsic_client, intrinsic_server)
-from atoll.client import buffer_names, local_training
-from atoll.codecs import chain, clip_l1, clip_l2, dithered_quantize, gaussian_noise, laplace_noise
+from atoll.algorithms.dp import clipping_client, dp_fedavg_server, dp_sgd_draw
+from atoll.client import buffer_names
+from atoll.codecs import chain, clip_l1, clip_l2, gaussian_noise, laplace_noise
 from atoll.codecs.quantize import stochastic_quantize
 from atoll.errors import ConfigError
 from atoll.privacy import events as ev
 from atoll.privacy.accountant import Accountant
 from atoll.privacy.dpsgd import DpEstimator, dp_gradients
-from atoll.privacy.calibrate import noise_for_epsilon, step_event, steps_for_epochs
-from atoll.privacy.irwin_hall import delta_floor
+from atoll.privacy.calibrate import step_event, steps_for_epochs
 from atoll.privacy.run import PrivacySpec
-from atoll.secure.distributed import plan as skellam_plan
-from atoll.secure.stage import SecureSum
+from atoll.privacy_modes import distributed, err, intrinsic, noise_of, own_parts
 
 
 def configure(cfg, algorithm, model, data, plan):
@@ -89,48 +85,11 @@ def configure(cfg, algorithm, model, data, plan):
     return algorithm, dataclasses.replace(plan, privacy=spec)
 
 
-def _err(msg: str):
-    return ConfigError(msg)
-
-
-def _own_parts(algorithm, mode: str, uplink: bool = False) -> None:
-    """Refuse, with the reason, an algorithm this privacy mode cannot protect or account.
-
-    Every mode but ``intrinsic`` composes with a compressed uplink (compression after the
-    noise is post-processing; ``dp_fedavg``'s server re-clips what it decodes). ``dp_sgd``
-    composes with every client half (it is the gradient estimator they all step on, so what
-    they send, ``aux`` included, is post-processing of DP-SGD's releases). ``dp_fedavg`` and
-    ``local`` clip and noise the ``aux`` of an algorithm whose server reads only its mean
-    (``server_aux``: SCAFFOLD, FedaGrac's seed form) with the delta; they refuse a server step
-    that reads each client's update or aux on its own (``server_fn``: FedNova's step counts,
-    FedaGrac's published rule), which no noisy sum gives. ``intrinsic`` brings its own client
-    and server halves and sends no aux."""
-    if algorithm.estimator is not None or algorithm.draw is not None:
-        raise _err(f"privacy.mode = {mode!r}: algorithm {algorithm.name!r} already has its own "
-                   "gradient estimator or batch draw")
-    if mode == "dp_sgd":
-        return
-    aux = algorithm.aux_names()
-    if algorithm.server_fn is not None or (aux and algorithm.server_aux is None):
-        raise _err(f"privacy.mode = {mode!r} cannot protect algorithm {algorithm.name!r}: its "
-                   f"server step reads each client's update or aux {aux} on its own, which no "
-                   "noisy sum gives, so no epsilon would cover it; use fedavg, fedprox, "
-                   "fedadam/fedyogi, scaffold or fedagrac (form seed), or privacy.mode = dp_sgd")
-    if mode != "intrinsic":
-        return
-    if aux or algorithm.client_fn is not local_training:
-        raise _err(f"privacy.mode = \"intrinsic\" replaces the client's half (one clipped gradient "
-                   f"per round), so it cannot run algorithm {algorithm.name!r}'s own")
-    if uplink and algorithm.uplink.name != "identity":
-        raise _err(f"privacy.mode = {mode!r} is itself the uplink codec (its quantizer is the "
-                   f"noise), so it cannot run with comm.uplink = {algorithm.uplink.name!r}")
-
-
 def _aux_ratio(p, algorithm) -> float | None:
     """``aux_clip / clip`` for an algorithm that sends aux (``None``: it sends none)."""
     if not algorithm.aux_names():
         if p.aux_clip is not None:
-            raise _err(f"privacy.aux_clip applies to algorithms that send aux (scaffold, "
+            raise err(f"privacy.aux_clip applies to algorithms that send aux (scaffold, "
                        f"fedagrac); {algorithm.name!r} sends none")
         return None
     return (p.aux_clip if p.aux_clip is not None else p.clip) / p.clip
@@ -141,33 +100,17 @@ def _after(codec, algorithm):
     return codec if algorithm.uplink.name == "identity" else chain(codec, algorithm.uplink)
 
 
-def _noise(cfg, q: float, steps: int) -> tuple[float, bool]:
-    """``(noise multiplier, calibrated?)``: the configured one, or the smallest that keeps the
-    whole run (``rounds`` x ``steps`` Poisson-Gaussian steps) within ``target_epsilon``."""
-    p = cfg.privacy
-    if p.noise_multiplier is not None:
-        return p.noise_multiplier, False
-    if p.target_epsilon is None:
-        raise _err(f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier, or "
-                   "privacy.target_epsilon to calibrate it for the whole run")
-    if p.accountant == "rdp_classic":
-        raise _err("privacy.noise_multiplier cannot be calibrated with accountant rdp_classic; "
-                   "give it, or use accountant pld or rdp")
-    return noise_for_epsilon(p.target_epsilon, q, steps, p.delta, p.accountant,
-                             neighboring=p.neighboring, mechanism=p.mechanism), True
-
-
 def _dp_sgd(cfg, algorithm, model, data, plan):
     p = cfg.privacy
-    _own_parts(algorithm, "dp_sgd")
+    own_parts(algorithm, "dp_sgd")
     if p.sample_rate is None:
-        raise _err("privacy.mode = \"dp_sgd\" needs privacy.sample_rate: the Poisson rate at "
+        raise err("privacy.mode = \"dp_sgd\" needs privacy.sample_rate: the Poisson rate at "
                    "which each local step samples the client's records")
     if p.target_quantile is not None:
-        raise _err("privacy.target_quantile (adaptive clipping) belongs to mode \"dp_fedavg\"")
+        raise err("privacy.target_quantile (adaptive clipping) belongs to mode \"dp_fedavg\"")
     q, norm = p.sample_rate, p.norm or "l2"
     steps = cfg.client.steps or steps_for_epochs(cfg.client.epochs, q)  # epochs in expectation
-    z, calibrated = _noise(cfg, q, cfg.rounds * steps)
+    z, calibrated = noise_of(cfg, q, cfg.rounds * steps)
     estimator = dp_gradients(model, p.clip, z, q, norm=norm)
     parts = {"estimator": DpEstimator(estimator, step_event(q, z)), "draw": dp_sgd_draw(q, steps)}
     if p.quantize_bits is not None:
@@ -181,26 +124,26 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
 
 def _dp_fedavg(cfg, algorithm, model, data, plan):
     p, s = cfg.privacy, cfg.sampling
-    _own_parts(algorithm, "dp_fedavg")
+    own_parts(algorithm, "dp_fedavg")
     if s.method != "poisson" or s.rate is None:
-        raise _err("privacy.mode = \"dp_fedavg\" needs sampling.method = \"poisson\" and "
+        raise err("privacy.mode = \"dp_fedavg\" needs sampling.method = \"poisson\" and "
                    "sampling.rate: its accounting (Poisson-subsampled Gaussian) assumes every "
                    "client joins each round independently with probability sampling.rate; "
                    f"got sampling.method = {s.method!r}, rate = {s.rate}")
     if p.sample_rate is not None or p.quantize_bits is not None:
-        raise _err("privacy.sample_rate / privacy.quantize_bits do not apply to mode "
+        raise err("privacy.sample_rate / privacy.quantize_bits do not apply to mode "
                    "\"dp_fedavg\" (clients are sampled with sampling.rate; the server needs the "
                    "clipped updates exactly)")
     if (p.norm or "l2") != "l2":
-        raise _err("privacy.norm: dp_fedavg clips client updates in L2")
-    z, calibrated = _noise(cfg, s.rate, cfg.rounds)
+        raise err("privacy.norm: dp_fedavg clips client updates in L2")
+    z, calibrated = noise_of(cfg, s.rate, cfg.rounds)
     m = s.rate * len(data.clients)  # expected cohort: the fixed denominator
     adaptive = p.target_quantile is not None
     z_update, sigma_b = z, None
     if adaptive:
         sigma_b = p.clip_count_stddev if p.clip_count_stddev is not None else m / 20
         if not 2 * sigma_b > z:
-            raise _err(f"privacy.clip_count_stddev = {sigma_b:g} is too small for "
+            raise err(f"privacy.clip_count_stddev = {sigma_b:g} is too small for "
                        f"noise_multiplier {z:g}: adaptive clipping needs 2 * stddev > "
                        "noise_multiplier (Andrew et al. 2021, Thm 1)")
         z_update = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5 if z > 0 else 0.0
@@ -237,15 +180,15 @@ def _local(cfg, algorithm, model, data, plan):
     ``clip_l1(C)`` then ``Laplace(b 2C)`` per coordinate (pure ``1/b``-DP per round). Any two
     inputs of a client differ by at most ``2C`` after the clip, under either relation."""
     p = cfg.privacy
-    _own_parts(algorithm, "local")
+    own_parts(algorithm, "local")
     if p.sample_rate is not None or p.target_quantile is not None:
-        raise _err("privacy.sample_rate / privacy.target_quantile do not apply to mode \"local\"")
+        raise err("privacy.sample_rate / privacy.target_quantile do not apply to mode \"local\"")
     laplace = p.mechanism == "laplace"
     norm = p.norm or ("l1" if laplace else "l2")
     if norm != ("l1" if laplace else "l2"):
-        raise _err(f"privacy.norm = {norm!r}: local mode clips each update in "
+        raise err(f"privacy.norm = {norm!r}: local mode clips each update in "
                    f"{'L1 (the Laplace mechanism)' if laplace else 'L2 (the Gaussian mechanism)'}")
-    z, calibrated = _noise(cfg, 1.0, cfg.rounds)
+    z, calibrated = noise_of(cfg, 1.0, cfg.rounds)
     ratio = _aux_ratio(p, algorithm)
     clip, noise = (clip_l1, laplace_noise) if laplace else (clip_l2, gaussian_noise)
     # The pair (delta, aux * C / C_aux) moves by at most 2C in each part: jointly 4C in L1 and
@@ -270,80 +213,5 @@ def _local(cfg, algorithm, model, data, plan):
     return algorithm, plan, [(ev.laplace(zz) if laplace else ev.gaussian(zz), 1)], details
 
 
-def _intrinsic(cfg, algorithm, model, data, plan):
-    p = cfg.privacy
-    _own_parts(algorithm, "intrinsic", uplink=True)
-    missing = [k for k in ("sample_rate", "step") if getattr(p, k) is None]
-    if missing:
-        raise _err(f"privacy.mode = \"intrinsic\" needs privacy.{missing[0]} (sample_rate: the "
-                   "Poisson rate of records; step: the quantization step Delta of FIG. 4)")
-    extra = [k for k in ("noise_multiplier", "quantize_bits", "target_quantile")
-             if getattr(p, k) is not None]
-    if extra:
-        raise _err(f"privacy.{extra[0]} does not apply to mode \"intrinsic\" (its noise is the "
-                   "quantizer's: privacy.uniforms and privacy.step)")
-    if cfg.client.steps not in (None, 1):
-        raise _err("mode \"intrinsic\" computes one clipped gradient per round (FIG. 4); "
-                   f"client.steps = {cfg.client.steps} does not apply")
-    q, norm, d = p.sample_rate, p.norm or "linf", sum(v.numel() for v in model.parameters())
-    uplink = dithered_quantize(p.step, p.uniforms, p.clip, norm=norm, dimension=d, sample_rate=q,
-                               integers=True)
-    algorithm = dataclasses.replace(
-        algorithm, uplink=uplink, client_fn=intrinsic_client(model, p.clip, q, norm), draw=intrinsic_draw(q),
-        server_fn=intrinsic_server(p.step, cfg.client.lr), aux_spec=INTRINSIC_AUX)
-    floor = delta_floor(p.uniforms + 1, p.step, p.clip, d, q, cfg.rounds)
-    if floor >= p.delta:
-        raise _err(f"privacy.mode = \"intrinsic\": epsilon is infinite at privacy.delta = "
-                   f"{p.delta:g}: with clip/step = {p.clip / p.step:g} and {p.uniforms + 1} "
-                   f"uniforms, some of the {d} coordinates falls outside the noise's overlap with "
-                   f"probability {floor:.3g} over {cfg.rounds} rounds (the delta floor). Lower "
-                   "privacy.clip, raise privacy.step or privacy.uniforms, or lower sample_rate")
-    work = dataclasses.replace(plan.work, steps=1, epochs=None)
-    details = {"uniforms": p.uniforms, "step": p.step, "clip": p.clip, "norm": norm,
-               "sample_rate": q, "dimension": d, "server_lr": cfg.client.lr}
-    return algorithm, dataclasses.replace(plan, work=work), [(uplink.event, 1)], details
-
-
-def _distributed(cfg, algorithm, model, data, plan):
-    """Distributed DP: each client adds Skellam noise to its clipped, rounded update under the
-    secure sum (``secure.distributed``), so the server sees only the noisy sum; accounted as
-    zCDP by an RDP accountant, without amplification by sampling."""
-    p, sec = cfg.privacy, algorithm.secure
-    if not isinstance(sec, SecureSum):
-        raise _err('privacy.mode = "distributed" adds each client\'s noise under the secure sum: '
-                   'it needs [secure] method = "secagg" or "secagg+"')
-    if p.accountant == "pld":
-        raise _err('privacy.mode = "distributed": the Skellam mechanism is accounted in RDP; set '
-                   'privacy.accountant = "rdp"')
-    extra = [k for k in ("sample_rate", "target_quantile", "quantize_bits", "step", "aux_clip")
-             if getattr(p, k) is not None]
-    if extra or (p.norm or "l2") != "l2":
-        raise _err(f"privacy.{extra[0] if extra else 'norm'} does not apply to mode "
-                   "\"distributed\" (an L2 clip, integer rounding and Skellam noise per client)")
-    cohort = cfg.sampling.clients_per_round or len(data.clients)
-    k = max(1, math.floor(cohort * (1 - sec.dropout)))  # the survivors the noise counts on
-    d = sum(v.numel() for v in model.parameters())
-    bits = sec.input_bits + math.ceil(math.log2(max(cohort, 2)))
-    factor = 2.0 if p.neighboring == "replace_one" else 1.0
-    z, calibrated = _noise(cfg, 1.0, cfg.rounds)
-    for _ in range(200):  # the Skellam bound sits a little above the Gaussian's: raise z to fit
-        noise = skellam_plan(p.clip, z, d, k, cohort, bits)
-        event = ev.zcdp(*noise.zcdp(factor))
-        if not calibrated or _run_epsilon(cfg, event) <= p.target_epsilon:
-            break
-        z *= 1.01
-    algorithm = dataclasses.replace(algorithm, secure=dataclasses.replace(sec, noise=noise))
-    details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
-               "scale": noise.scale, "skellam_mu": noise.mu, "clients": k, "ring_bits": bits,
-               "sensitivity_l2": noise.delta2 * factor}
-    return algorithm, plan, [(event, 1)], details
-
-
-def _run_epsilon(cfg, event) -> float:
-    acc = Accountant(cfg.privacy.accountant, cfg.privacy.neighboring)
-    acc.step(event, cfg.rounds)
-    return acc.epsilon(cfg.privacy.delta)
-
-
-_MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": _intrinsic,
-          "distributed": _distributed}
+_MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": intrinsic,
+          "distributed": distributed}
