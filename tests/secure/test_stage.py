@@ -158,3 +158,32 @@ def test_an_algorithm_reading_the_aux_mean_sums_its_aux_securely(algo):
         for k, v in want.items():
             assert float((got[k] - v).abs().max()) <= 50 * step, k
     assert float(sum(v.abs().sum() for v in sec.state.extra["broadcast"][shared].values())) > 0
+
+
+def test_a_client_whose_sketch_has_other_hashes_fails_the_secure_round_cleanly():
+    """Summing sketch tables drawn with different hashes would be garbage: a client that sends
+    another hash seed fails the round (model unchanged, reason logged), it does not corrupt it."""
+    from atoll import rng
+    from atoll import tree as T
+    from atoll.runtime.base import Outcome, RoundStats
+    from atoll.runtime.round import close_round, uplink_codec
+    from atoll.transport import wire
+
+    over = ["comm.uplink=count_sketch(3, 100, estimator=mean)", "secure.method=secagg",
+            "secure.clip=1.0", "rounds=1"]
+    alg, model, fed, plan = config.build(config.load(text=BASE, overrides=over))
+    state = alg.init({k: v.detach() for k, v in model.named_parameters()})
+    delta = {k: 0.01 * torch.ones_like(v) for k, v in state.params.items()}
+    outcomes = []
+    for cid in range(4):
+        codec = uplink_codec(alg, plan.seed, 1)
+        if cid == 3:  # the liar: the hashes of another round
+            codec = uplink_codec(alg, plan.seed, 2)
+        payload, _ = codec.encode(delta, codec.init(delta), rng.key(plan.seed, 1, cid, "uplink"))
+        outcomes.append(Outcome(cid, cid, wire.dumps(T.join({"delta": payload, "aux": {}})),
+                                {"uplink": ()}, 1.0, 10.0, False))
+    stats = RoundStats(sampled=4)
+    new, _ = close_round(alg, state, outcomes, fed, plan.work, stats, plan.seed)
+    assert any("differ in their shared entries" in why for _, why in stats.failures)
+    for k, v in state.params.items():
+        assert torch.equal(new.params[k], v)
