@@ -39,7 +39,7 @@ import torch
 
 from atoll import tree as T
 from atoll.aggregators import Aggregator, anomaly, mean
-from atoll.client import ClientUpdate, LossFn, as_update, local_training, split_buffers
+from atoll.client import ClientUpdate, LossFn, local_training, split_buffers
 from atoll.codecs import Codec, identity
 from atoll.transforms.base import Transform, apply_updates
 from atoll.tree import Tree

@@ -38,10 +38,9 @@ from typing import Any
 import torch
 
 from atoll import rng
-from atoll.privacy import events, ghost
-from atoll.transforms.base import Transform
+from atoll.privacy import ghost
 from atoll.tree import Tree
-from atoll.types import ClientResult, GradFn
+from atoll.types import GradFn
 
 
 def dp_gradients(model: torch.nn.Module, clip: float, noise_multiplier: float,
