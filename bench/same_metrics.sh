@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Are the quickstart's metrics.jsonl byte-identical between this tree and OLD (another checkout,
-# e.g. `git worktree add /tmp/old 7f3efc1`), for the vmap and loop runtimes x FedAvg, SCAFFOLD,
+# e.g. `git worktree add ../old 7f3efc1`), for the vmap and loop runtimes x FedAvg, SCAFFOLD,
 # FedaGrac (8 rounds)?   usage: bench/same_metrics.sh OLD
 set -euo pipefail
 old=$(cd "$1" && pwd); new=$(cd "$(dirname "$0")/.." && pwd); out=$(mktemp -d)

@@ -310,3 +310,15 @@ class _Once:
 
     def cancel(self):
         self.cancelled = True
+
+
+def test_the_ledger_accounts_distributed_dp_whatever_accountant_the_policy_names():
+    """Distributed DP's Skellam rounds are zCDP events, which PLD cannot compose. Before: the
+    guard retried with PLD and raised ValueError; now it falls back to RDP."""
+    from atoll.deploy.policy import Guard
+
+    guard = Guard(Policy(privacy={"accountant": "pld"}))
+    guard.events = ((ev.zcdp(0.05, 0.001), 1),)
+    acc = Accountant("rdp")
+    acc.step(ev.zcdp(0.05, 0.001), 7)
+    assert guard.epsilon(7) == pytest.approx(acc.epsilon(1e-5), rel=1e-12)

@@ -211,15 +211,15 @@ class Guard:
         from atoll.privacy.accountant import Accountant
 
         p = self.policy.privacy
-        acc = Accountant(p.accountant, p.neighboring)
-        try:
-            for event, count in self.events:
-                acc.step(event, count * tasks)
-        except ValueError:  # rdp cannot compose intrinsic mode's Irwin-Hall events: pld can
-            acc = Accountant("pld", p.neighboring)
-            for event, count in self.events:
-                acc.step(event, count * tasks)
-        return acc.epsilon(p.delta)
+        for kind in dict.fromkeys((p.accountant, "pld", "rdp")):  # rdp cannot compose intrinsic
+            acc = Accountant(kind, p.neighboring)                 # mode's events, pld not the
+            try:                                                  # distributed mode's zCDP
+                for event, count in self.events:
+                    acc.step(event, count * tasks)
+                return acc.epsilon(p.delta)
+            except ValueError:
+                continue
+        return math.inf
 
     # ---- every task ---------------------------------------------------------------------------
     def before_task(self, r: int) -> None:

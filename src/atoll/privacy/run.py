@@ -19,7 +19,8 @@ from atoll.types import ServerState
 STATE_KEY = "privacy_accountant"  # where the accountant's state lives in ServerState.extra
 UNITS = {"dp_sgd": "record", "intrinsic": "record", "dp_fedavg": "client",
          "local": "client (local DP: any two inputs of one client)",
-         "distributed": "client (against the server, which sees only the noisy secure sum)"}
+         "distributed": "client (against a server that sees only the noisy secure sum of at "
+                        "least the planned number of clients, each adding its share of the noise)"}
 
 
 @dataclass(frozen=True)

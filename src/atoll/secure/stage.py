@@ -138,15 +138,15 @@ class SecureSum:
         inputs of ``survivors`` clients."""
         signed = total.astype(np.int64)
         signed = np.where(signed >= 1 << (setup.bits - 1), signed - (1 << setup.bits), signed)
-        dtype = next(iter(like.values())).dtype
         if self.noise is not None:
             try:
                 mean = torch.from_numpy(self.noise.decode(signed, survivors))
             except ValueError as exc:
                 raise secagg.SecAggError(str(exc)) from None
-            return {k: v.to(dtype) for k, v in T.unflatten(mean, like).items()}
-        weight = float(signed[-1])
-        if weight <= 0:
-            raise secagg.SecAggError("secure: the summed weight is not positive")
-        mean = torch.from_numpy(signed[:-1].astype(np.float64) / weight * self.clip)
+        else:
+            weight = float(signed[-1])
+            if weight <= 0:
+                raise secagg.SecAggError("secure: the summed weight is not positive")
+            mean = torch.from_numpy(signed[:-1].astype(np.float64) / weight * self.clip)
+        dtype = next(iter(like.values())).dtype
         return {k: v.to(dtype) for k, v in T.unflatten(mean, like).items()}
