@@ -73,6 +73,11 @@ class Algorithm:
     server_fn: ServerFn | None = None
     server_aux: Callable[..., tuple[Tree, dict[str, Any]]] | None = None
     server_init: Callable[[Tree], dict] | None = None  # extra server state, e.g. {"broadcast": ...}
+    # The privacy event of the noise ``server_fn`` adds each round (DP-FedAvg's Gaussian on the
+    # sum), in the accountant's units; the client stages declare theirs (``uplink.event``,
+    # ``aux_codec.event``, ``estimator.event``, ``secure.noise``). ``privacy_config.stage_events``
+    # reads them all.
+    server_event: Any = None
     aux_spec: Callable[[Tree], AuxSpec] = _no_client_state
     aux_codec: Codec = field(default_factory=identity)  # the client's aux on its way out (local DP)
     tracker: Any = None  # atoll.downlink.DeltaTracker: per-client sparse downlink (US 2025/0265475 A1)

@@ -3,10 +3,12 @@
 ``configure(cfg, algorithm, model, data, plan)`` (called by ``config.build``) checks the
 ``[privacy]`` section against the rest of the config and returns the algorithm with its private
 parts (``atoll.algorithms.dp``) and the plan with a ``privacy.run.PrivacySpec`` (the run's
-events per round and its budget). It sits at the edge beside the ``atoll.config`` package: it reads a config
+events per round and its budget). The events are read from the assembled stages
+(``stage_events``): each mode builds stages that declare what they release, never a list beside
+them. It sits at the edge beside the ``atoll.config`` package: it reads a config
 and assembles algorithms, so no stage imports it.
 
-Modes (``privacy.mode``), each declaring its event per round:
+Modes (``privacy.mode``) and the events their stages declare per round:
 
 * ``dp_sgd``: record-level DP-SGD inside each client (``privacy.dpsgd``): ``S`` steps of
   ``poisson_gaussian(sample_rate, z)``. Poisson batches and noise are drawn outside the pure
@@ -19,7 +21,7 @@ Modes (``privacy.mode``), each declaring its event per round:
   Event: ``poisson_gaussian(rate, z)``.
 * ``local``: local DP on the uplink: ``clip_l2(clip)`` then Gaussian noise of std
   ``z * 2 * clip`` (any two inputs of a client differ by at most ``2 * clip``). Event:
-  ``gaussian(z)``.
+  ``gaussian(z)`` of the noise codec (with an ``aux``: one event per noised part).
 * ``intrinsic``: DP intrinsic quantization (US 11,017,322 B1, FIG. 4): one clipped-gradient mean
   per round over a Poisson sample of records, quantized by ``dithered_quantize``; the server sums
   the *integers* (what secure aggregation would reveal), removes the dithers from their seeds and
@@ -42,7 +44,7 @@ from atoll.privacy.accountant import Accountant
 from atoll.privacy.dpsgd import DpEstimator, dp_gradients
 from atoll.privacy.calibrate import step_event, steps_for_epochs
 from atoll.privacy.run import PrivacySpec
-from atoll.privacy_modes import distributed, err, intrinsic, noise_of, own_parts
+from atoll.privacy_modes import distributed, err, intrinsic, noise_of, own_parts, secure_event
 
 
 def configure(cfg, algorithm, model, data, plan):
@@ -50,6 +52,11 @@ def configure(cfg, algorithm, model, data, plan):
     for ``mode = "none"``); a ``ConfigError`` naming the keys for inconsistent settings."""
     p = cfg.privacy
     if p.mode == "none":
+        loose = [part for part, _, _ in _declared(algorithm, plan.work.steps or 1, p.neighboring)]
+        if loose:
+            raise ConfigError(f"algorithm {algorithm.name!r}: its {loose[0]} adds privacy noise "
+                              "but privacy.mode is \"none\", so no accountant would charge it; "
+                              "choose a privacy mode")
         given = [k for k in ("target_epsilon", "noise_multiplier", "sample_rate", "step",
                              "target_quantile", "quantize_bits") if getattr(p, k) is not None]
         if p.mechanism != "gaussian":
@@ -72,9 +79,11 @@ def configure(cfg, algorithm, model, data, plan):
                           "use GroupNorm/LayerNorm, or mode dp_fedavg or local, which clip and "
                           "noise the whole update, buffers included")
     try:
-        algorithm, plan, events, details = _MODES[p.mode](cfg, algorithm, model, data, plan)
-        spec = PrivacySpec(p.mode, tuple(events), p.accountant, p.neighboring, p.delta,
-                           p.target_epsilon, details)
+        algorithm, plan, details = _MODES[p.mode](cfg, algorithm, model, data, plan)
+        events = stage_events(algorithm, plan.work.steps, p.neighboring)
+        spec = PrivacySpec(p.mode, events, p.accountant, p.neighboring, p.delta,
+                           p.target_epsilon, details,
+                           stage_events(algorithm, plan.work.steps, p.neighboring, client_only=True))
         probe = Accountant(p.accountant, p.neighboring)
         for event, count in events:
             probe.step(event, count)  # refuses events this accountant cannot compose
@@ -83,6 +92,50 @@ def configure(cfg, algorithm, model, data, plan):
     except ValueError as exc:
         raise ConfigError(f"[privacy] mode {p.mode!r}: {exc}") from None
     return algorithm, dataclasses.replace(plan, privacy=spec)
+
+
+def stage_events(algorithm, steps: int | None, neighboring: str,
+                 client_only: bool = False) -> tuple:
+    """One round's privacy events ``((event, count), ...)``, read from the assembled stages.
+
+    * the gradient estimator's (DP-SGD): one event per local step, ``steps`` of them;
+    * each noise codec on a client's way out (``uplink``, ``aux_codec``). A codec states its
+      noise at its own sensitivity: the most its input moves between *any* two inputs of the
+      client, which the clip before it bounds under either relation. The accountant's Gaussian
+      and Laplace events count in clips of the relation, two under ``replace_one`` (it halves
+      their multipliers there), so under ``replace_one`` a codec's event enters at twice its
+      multiplier and is accounted at the noise it really has;
+    * the secure sum's noise (distributed DP's Skellam: zCDP at the relation's sensitivity);
+    * the server's (``server_event``: DP-FedAvg's noise on the sum), unless ``client_only``: what
+      protects a client *from the server* is the noise of its own stages only."""
+    return tuple((event, count) for part, event, count in _declared(algorithm, steps, neighboring)
+                 if not (client_only and part == "server_event"))
+
+
+def _declared(algorithm, steps, neighboring):
+    """``(part, event, count)`` for every stage of ``algorithm`` that adds privacy noise."""
+    event = getattr(algorithm.estimator, "event", None)
+    if event is not None:
+        yield "estimator", event, steps
+    for part in ("uplink", "aux_codec"):
+        event = getattr(algorithm, part).event
+        for e in event if isinstance(event, tuple) else (() if event is None else (event,)):
+            yield part, _relation_free(e, neighboring), 1
+    if algorithm.secure is not None and algorithm.secure.noise is not None:
+        yield "secure", secure_event(algorithm.secure.noise, neighboring), 1
+    if algorithm.server_event is not None:
+        yield "server_event", algorithm.server_event, 1
+
+
+def _relation_free(event, neighboring: str):
+    """A codec's event in the accountant's units: its multiplier doubled under replace_one."""
+    if neighboring != "replace_one":
+        return event
+    if isinstance(event, ev.dp_event.GaussianDpEvent):
+        return ev.gaussian(2 * event.noise_multiplier)
+    if isinstance(event, ev.dp_event.LaplaceDpEvent):
+        return ev.laplace(2 * event.noise_multiplier)
+    return event
 
 
 def _aux_ratio(p, algorithm) -> float | None:
@@ -119,7 +172,7 @@ def _dp_sgd(cfg, algorithm, model, data, plan):
     work = dataclasses.replace(plan.work, steps=steps, epochs=None)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
                "sample_rate": q, "local_steps": steps}
-    return algorithm, dataclasses.replace(plan, work=work), [(step_event(q, z), steps)], details
+    return algorithm, dataclasses.replace(plan, work=work), details
 
 
 def _dp_fedavg(cfg, algorithm, model, data, plan):
@@ -159,7 +212,7 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
         algorithm, client_fn=clipping_client(adaptive, ratio, algorithm.client_fn),
         aux_spec=lambda params: {**inner_spec(params),
                                  **({"dp_below": ((), None, -0.5, 0.5)} if adaptive else {})},
-        server_init=server_init, server_aux=None,
+        server_init=server_init, server_aux=None, server_event=step_event(s.rate, z),
         server_fn=dp_fedavg_server(m, z_update, sigma_b, p.target_quantile, p.clip_lr,
                                    reclip=algorithm.uplink.name != "identity", aux_ratio=ratio,
                                    server_aux=algorithm.server_aux))
@@ -168,7 +221,7 @@ def _dp_fedavg(cfg, algorithm, model, data, plan):
                "clip_count_stddev": sigma_b, "expected_clients": m}
     if ratio is not None:
         details["aux_clip"] = ratio * p.clip
-    return algorithm, plan, [(step_event(s.rate, z), 1)], details
+    return algorithm, plan, details
 
 
 _WHOLE = 2**31 - 1  # one scale for the whole update: the separate quantizer of the seed-000 comparison
@@ -188,29 +241,28 @@ def _local(cfg, algorithm, model, data, plan):
     if norm != ("l1" if laplace else "l2"):
         raise err(f"privacy.norm = {norm!r}: local mode clips each update in "
                    f"{'L1 (the Laplace mechanism)' if laplace else 'L2 (the Gaussian mechanism)'}")
-    z, calibrated = noise_of(cfg, 1.0, cfg.rounds)
     ratio = _aux_ratio(p, algorithm)
     clip, noise = (clip_l1, laplace_noise) if laplace else (clip_l2, gaussian_noise)
-    # The pair (delta, aux * C / C_aux) moves by at most 2C in each part: jointly 4C in L1 and
-    # 2C sqrt(2) in L2. In the aux's own units its part of the noise is C_aux / C times larger.
+    # With an aux, the delta and the aux * C / C_aux each move by at most 2C and each get their
+    # own noise and event. Two Gaussian events of multiplier z sqrt(2) compose to one of z (two
+    # Laplace of 2b to pure 1/b per round), so a given noise_multiplier keeps its meaning, the
+    # round's; a calibrated one is found for the parts' events directly.
     joint = 1.0 if ratio is None else (2.0 if laplace else math.sqrt(2))
-    sensitivity = 2 * p.clip * joint
-    codecs = [clip(p.clip), noise(z, sensitivity)]
+    z, calibrated = noise_of(cfg, 1.0, cfg.rounds * (1 if ratio is None else 2))
+    part, z = (z, z / joint) if calibrated else (z * joint, z)
+    sensitivity = 2 * p.clip
+    codecs = [clip(p.clip), noise(part, sensitivity)]
     if p.quantize_bits is not None:
         codecs.append(stochastic_quantize(p.quantize_bits, bucket=_WHOLE))
     parts = {"uplink": _after(chain(*codecs), algorithm)}
     if ratio is not None:
-        parts["aux_codec"] = chain(clip(ratio * p.clip), noise(z, sensitivity * ratio))
+        parts["aux_codec"] = chain(clip(ratio * p.clip), noise(part, sensitivity * ratio))
     algorithm = dataclasses.replace(algorithm, **parts)
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip, "norm": norm,
                "mechanism": p.mechanism, "sensitivity": sensitivity}
     if ratio is not None:
         details["aux_clip"] = ratio * p.clip
-    # The noise scale is z x 2C: one record (added, removed or replaced) can move the clipped
-    # update anywhere in the ball, 2C. Events count in clips (replace_one doubles them), so the
-    # event's multiplier is z under add/remove and 2z under replace_one: epsilon is the same.
-    zz = z if p.neighboring == "add_remove" else 2 * z
-    return algorithm, plan, [(ev.laplace(zz) if laplace else ev.gaussian(zz), 1)], details
+    return algorithm, plan, details
 
 
 _MODES = {"dp_sgd": _dp_sgd, "dp_fedavg": _dp_fedavg, "local": _local, "intrinsic": intrinsic,

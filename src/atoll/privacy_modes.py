@@ -103,7 +103,7 @@ def intrinsic(cfg, algorithm, model, data, plan):
     work = dataclasses.replace(plan.work, steps=1, epochs=None)
     details = {"uniforms": p.uniforms, "step": p.step, "clip": p.clip, "norm": norm,
                "sample_rate": q, "dimension": d, "server_lr": cfg.client.lr}
-    return algorithm, dataclasses.replace(plan, work=work), [(uplink.event, 1)], details
+    return algorithm, dataclasses.replace(plan, work=work), details
 
 
 def distributed(cfg, algorithm, model, data, plan):
@@ -126,19 +126,23 @@ def distributed(cfg, algorithm, model, data, plan):
     k = max(1, math.floor(cohort * (1 - sec.dropout)))  # the survivors the noise counts on
     d = sum(v.numel() for v in model.parameters())
     bits = sec.input_bits + math.ceil(math.log2(max(cohort, 2)))
-    factor = 2.0 if p.neighboring == "replace_one" else 1.0
     z, calibrated = noise_of(cfg, 1.0, cfg.rounds)
     for _ in range(200):  # the Skellam bound sits a little above the Gaussian's: raise z to fit
         noise = skellam_plan(p.clip, z, d, k, cohort, bits)
-        event = ev.zcdp(*noise.zcdp(factor))
-        if not calibrated or _run_epsilon(cfg, event) <= p.target_epsilon:
+        if not calibrated or _run_epsilon(cfg, secure_event(noise, p.neighboring)) <= p.target_epsilon:
             break
         z *= 1.01
     algorithm = dataclasses.replace(algorithm, secure=dataclasses.replace(sec, noise=noise))
     details = {"noise_multiplier": z, "calibrated": calibrated, "clip": p.clip,
                "scale": noise.scale, "skellam_mu": noise.mu, "clients": k, "ring_bits": bits,
-               "sensitivity_l2": noise.delta2 * factor}
-    return algorithm, plan, [(event, 1)], details
+               "sensitivity_l2": noise.delta2 * (2 if p.neighboring == "replace_one" else 1)}
+    return algorithm, plan, details
+
+
+def secure_event(noise, neighboring: str):
+    """The Skellam noise's event (zCDP) at the relation's sensitivity: one client's clipped
+    update moves the sum by one clip, replacing it by two."""
+    return ev.zcdp(*noise.zcdp(2.0 if neighboring == "replace_one" else 1.0))
 
 
 def _run_epsilon(cfg, event) -> float:

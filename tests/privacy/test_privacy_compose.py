@@ -219,3 +219,50 @@ def test_laplace_calibration_meets_tiny_and_large_targets():
         assert acc.epsilon(1e-5) <= target
         # (epsilon, 1e-5) needs no more noise than pure DP's T / epsilon
         assert b <= 10 / target * (1 + 1e-3)
+
+
+# ------------------------------------------------ the accountant reads the assembled stages' events
+def _configure(over, alter):
+    """``privacy_config.configure`` on the algorithm ``build(over)`` assembles, altered first."""
+    import dataclasses
+
+    from atoll.privacy_config import configure
+
+    cfg = config.load(text=BASE, overrides=list(over))
+    alg, model, fed, plan = build([o for o in over if not o.startswith("privacy.")])
+    return configure(cfg, alter(alg, dataclasses), model, fed, dataclasses.replace(plan, privacy=None))
+
+
+def _noisy(alg, dc):
+    from atoll.codecs import chain, gaussian_noise
+
+    return dc.replace(alg, uplink=chain(alg.uplink, gaussian_noise(3.0, 1.0)))
+
+
+def test_a_noise_stage_with_no_privacy_mode_is_refused_naming_it():
+    """Before: an algorithm whose uplink adds noise ran with privacy.mode = "none": noise that
+    no accountant charged and no epsilon printed."""
+    with pytest.raises(config.ConfigError, match="its uplink adds privacy noise"):
+        _configure([], _noisy)
+
+
+def test_the_events_are_the_stages_events_so_an_added_noise_stage_is_charged():
+    _, plan = _configure(LOCAL, lambda alg, dc: alg)
+    assert plan.privacy.events == ((P.gaussian(2.0), 1),)
+    # a noise stage put into the algorithm (here before the mode wraps it) is read and charged
+    _, plan = _configure(LOCAL, _noisy)
+    assert sorted(e.noise_multiplier for e, _ in plan.privacy.events) == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("over, events, client", [
+    (LOCAL, [(P.gaussian(2.0), 1)], True),
+    (LOCAL + ["privacy.neighboring=replace_one"], [(P.gaussian(4.0), 1)], True),  # 2C either way
+    (DP_SGD, [(P.poisson_gaussian(0.1, 1.0), 2)], True),     # one event per local step
+    (DP_FEDAVG, [(P.poisson_gaussian(0.5, 1.0), 1)], False),  # the server's noise
+])
+def test_each_modes_events_come_from_its_stages(over, events, client):
+    alg, _, _, plan = build(over)
+    assert list(plan.privacy.events) == events
+    # a deployed client's ledger charges only its own stages' noise: none under dp_fedavg
+    assert list(plan.privacy.client_events) == (events if client else [])
+    assert (alg.server_event is not None) == (not client)

@@ -191,13 +191,14 @@ class Guard:
             batch, what = min(cfg.client.batch_size, n), "client.batch_size"
         if batch < t.min_batch_size:
             raise _refuse(what, batch, f"is below training.min_batch_size = {t.min_batch_size}")
-        # the ledger's events: none when the server sees the update in clear or adds the noise
-        self.events = tuple(spec.events) if spec is not None and mode != "dp_fedavg" else None
+        # the ledger's events: those of this client's own stages (none when the server sees the
+        # update in clear or adds the noise itself)
+        self.events = spec.client_events if spec is not None else ()
         self.rounds, self.plan, self.n, self.cid = cfg.rounds, plan, n, cid
         if p.max_epsilon is not None:
             eps = self.epsilon(cfg.rounds)
             if eps > p.max_epsilon:
-                why = ("the server sees the update without noise" if self.events is None else
+                why = ("the server sees the update without noise" if not self.events else
                        f"its {cfg.rounds} rounds spend epsilon {eps:.4g} at delta {p.delta:g}")
                 raise _refuse("privacy", f"mode {mode!r}", f"gives no protection within "
                               f"privacy.max_epsilon = {p.max_epsilon:g} against the server: {why}")

@@ -34,6 +34,9 @@ class PrivacySpec:
     delta: float = 1e-5
     target_epsilon: float | None = None
     details: dict = field(default_factory=dict)
+    # the events of the client's own stages (no server noise): what a deployed client's ledger
+    # charges, since only they protect it from the server
+    client_events: tuple = ()
 
     def driver(self, state: ServerState | None = None) -> Driver:
         return Driver(self, state)
