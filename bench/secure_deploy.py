@@ -6,7 +6,9 @@ the survivors and the largest request / answer of one client, then the crypto se
                                                  [--neighbours 4] [--hidden 64]
 
 Figures are medians over the rounds. All parties share this machine's cores and Python's GIL,
-so the wall seconds are an upper bound on what separate machines would see.
+so the wall seconds are an upper bound on what separate machines would see. The same deployment
+without ``[secure]`` runs after it, in the same process, and the ratio of the median round walls
+is printed (the issue's target: at most 1.3x).
 """
 import argparse
 import logging
@@ -42,6 +44,27 @@ stage_timeout = 60
 {neighbours}"""
 
 
+def deploy(text: str):
+    """Run one deployment of ``text``; its metrics lines, round walls and server."""
+    tmp = Path(tempfile.mkdtemp(prefix="atoll-secure-bench-"))
+    (tmp / "exp.toml").write_text(text)
+    cfg = config.load(tmp / "exp.toml")
+    enrolled = local.prepare(cfg, tmp, tokens=True)
+    server = Server(cfg, run_dir=tmp / "run", certs_dir=tmp / "certs", host="127.0.0.1", port=0,
+                    auth="token", plots=False, linger_s=0.5)
+    clients = [Client(f"127.0.0.1:{server.port}", e["data"], ca=e["ca"], token=e["token"],
+                      backoff=(0.1, 1.0), give_up_s=60) for e in enrolled]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients + [server]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    lines = [json.loads(ln) for ln in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    timings = [json.loads(ln) for ln in (tmp / "run" / "timings.jsonl").read_text().splitlines()]
+    walls = [b["wall_s"] - a_["wall_s"] for a_, b in zip([{"wall_s": 0.0}] + timings, timings)]
+    return lines, walls, server
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
@@ -51,25 +74,12 @@ def main():
     ap.add_argument("--hidden", type=int, default=64)
     a = ap.parse_args()
     logging.getLogger("atoll.deploy").setLevel(logging.ERROR)  # the clients' policy notes
-    tmp = Path(tempfile.mkdtemp(prefix="atoll-secure-bench-"))
     text = TOML.format(rounds=a.rounds, clients=a.clients, hidden=a.hidden, method=a.method,
                        neighbours=f"neighbours = {a.neighbours}\n" if a.method == "secagg+" else "")
-    (tmp / "exp.toml").write_text(text)
-    cfg = config.load(tmp / "exp.toml")
-    enrolled = local.prepare(cfg, tmp, tokens=True)
-    server = Server(cfg, run_dir=tmp / "run", certs_dir=tmp / "certs", host="127.0.0.1", port=0,
-                    auth="token", plots=False, linger_s=0.5)
-    clients = [Client(f"127.0.0.1:{server.port}", e["data"], ca=e["ca"], token=e["token"],
-                      backoff=(0.1, 1.0), give_up_s=60) for e in enrolled]
-    threads = [threading.Thread(target=c.run, daemon=True) for c in clients + [server]]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    lines = [json.loads(ln) for ln in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    timings = [json.loads(ln) for ln in (tmp / "run" / "timings.jsonl").read_text().splitlines()]
-    walls = [b["wall_s"] - a_["wall_s"] for a_, b in zip([{"wall_s": 0.0}] + timings, timings)]
+    lines, walls, server = deploy(text)
+    # the same deployment without [secure], in the same run: the plaintext round it is compared to
+    _, plain_walls, _ = deploy(text.split("[secure]")[0])
     med = lambda key, i=None: statistics.median(  # noqa: E731
         ln[key] if i is None else ln[key][i] for ln in lines)
     d = sum(p.numel() for p in server.coordinator.state.params.values()) + 1
@@ -80,7 +90,9 @@ def main():
     for i, name in enumerate(["1 keys", "2 shares", "3 masked", "4 unmask"]):
         print(f"{name:10} {med('secure_stage_s', i):7.3f}   {med('secure_stage_survivors', i):9.0f}"
               f"   {med('secure_stage_bytes_down', i):16.0f}   {med('secure_stage_bytes_up', i):15.0f}")
-    print(f"round wall s (training + stages + server step): {statistics.median(walls):.3f}")
+    secure_s, plain_s = statistics.median(walls), statistics.median(plain_walls)
+    print(f"round wall s (training + stages + server step): {secure_s:.3f}; the same deployment "
+          f"without [secure]: {plain_s:.3f} (ratio {secure_s / plain_s:.2f}x)")
     print(f"crypto s: slowest client {med('secure_client_s'):.4f}, server {med('secure_server_s'):.4f}")
     print(f"train loss round {lines[-1]['round']}: {lines[-1]['train_loss']:.4f}, "
           f"test acc {lines[-1].get('test_acc', float('nan')):.4f}")

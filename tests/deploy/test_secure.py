@@ -57,8 +57,10 @@ def lines(tmp):
     return [json.loads(ln) for ln in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method,clients,extra", [("secagg", 4, ""),
-                                                  ("secagg+", 6, "neighbours = 4\n")])
+@pytest.mark.parametrize("method,clients,extra", [
+    ("secagg", 4, ""), ("secagg+", 6, "neighbours = 4\n"),
+    # SCAFFOLD's control variates go into the same secure sum as the delta
+    ("secagg", 4, '[algorithm]\nname = "scaffold"\n')], ids=["secagg", "secagg+", "scaffold"])
 def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, method, clients, extra):
     cfg = secure_config(tmp_path, method, clients, extra=extra)
     algorithm, model, data, plan = config.build(cfg)  # first: building seeds torch's global generator
@@ -74,6 +76,11 @@ def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, meth
         assert line["clients_succeeded"] == clients and "failures" not in line
         assert abs(line["train_loss"] - want["train_loss"]) <= 1e-12 * abs(want["train_loss"])
         fan = clients - 1 if method == "secagg" else 4
+        if "scaffold" in extra:  # delta and control variate: twice the model, one weight
+            d = sum(v.numel() for v in got.values())
+            assert line["secure_bytes_up"] == -(-(2 * d + 1) * line["secure_bits"] // 8)
+            c = server.coordinator.state.extra["broadcast"]["c"]
+            assert sum(int(torch.count_nonzero(v)) for v in c.values()) > 0
         assert line["secure_stage_bytes_up"] == [64, fan * 120, line["secure_bytes_up"], fan * 49]
         assert line["secure_client_s"] > 0 and line["secure_server_s"] > 0
     assert all(p.counts["accepted"] == 2 and not p.secure.refused for p in parties)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from atoll import checkpoint, rundir, sampling
+from atoll import tree as T
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
 from atoll.deploy import downlink, guard
@@ -45,7 +46,7 @@ from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
 from atoll.deploy.secure_rounds import SecureRounds
-from atoll.runtime.round import broadcast_bytes, secure_step, server_step
+from atoll.runtime.round import broadcast_bytes, secure_like, secure_step, server_step
 from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
@@ -86,10 +87,9 @@ class Coordinator(Intake):
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
         if algorithm.secure is not None and (not isinstance(algorithm.secure, SecureSum)
-                                             or algorithm.secure.bucket or not algorithm.uplink.plain
-                                             or algorithm.aux_names()):
-            raise ValueError("homomorphic encryption, aggregator.bucket, linear uplink codecs and aux "
-                             "(SCAFFOLD, FedaGrac) under [secure] run in simulation only so far")
+                                             or algorithm.secure.bucket or not algorithm.uplink.plain):
+            raise ValueError("homomorphic encryption, aggregator.bucket and linear uplink codecs "
+                             "under [secure] run in simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None
@@ -272,11 +272,12 @@ class Coordinator(Intake):
         if self.secure is None or not ids:
             return server_step(self.algorithm, self.state, ids, [g.delta for g in got],
                                [g.num_examples for g in got], [g.aux for g in got], self.plan.seed)
-        mean, extra = self.secure.run(rnd, ids, self.state.params, lambda: self._stop)
+        like = secure_like(self.algorithm, self.state.params)  # the delta, then any aux
+        mean, extra = self.secure.run(rnd, ids, like, lambda: self._stop)
         rnd.stats.extra.update(extra)
         if mean is None:  # the round could not finish securely: the model stays
             return server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
-        return secure_step(self.algorithm, self.state, [{"delta": mean, "aux": {}}], sorted(ids)[:1],
+        return secure_step(self.algorithm, self.state, [{"aux": {}, **T.split(mean)}], sorted(ids)[:1],
                            self.plan.seed, cohort=extra["secure_survivors"])
 
     def _write(self, rnd: Round, state, start: float) -> None:

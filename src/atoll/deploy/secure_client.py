@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
+from atoll import tree as T
 from atoll.runtime.check import decode_update
 from atoll.secure import secagg
 from atoll.secure import stagewire as W
@@ -36,8 +37,9 @@ class SecureParty:
 
     def start(self, algorithm, message: bytes, like: dict, r: int, n: int, key: int) -> None:
         """Round ``r``'s encoded input from the client's own update ``message``."""
-        delta, _ = decode_update(algorithm, message, like)
-        self.round, self.x, self.party, self.next = r, self.secure.encode(delta, n, key), None, 1
+        delta, aux = decode_update(algorithm, message, like)  # aux in aux_spec order
+        x = self.secure.encode(T.join({"delta": delta, "aux": aux}), n, key)
+        self.round, self.x, self.party, self.next = r, x, None, 1
 
     def answer(self, r: int, stage: int, data: bytes) -> tuple[bytes, float]:
         """``(answer bytes, crypto seconds)``; ``b""`` where the request is refused (logged)."""

@@ -202,8 +202,7 @@ def _summands(algorithm, kept, deltas, aux, params):
     every client."""
     if algorithm.uplink.plain:
         rows = T.join({"delta": deltas, "aux": aux or {}})
-        like = T.join({"delta": params, "aux": {k: v[0] for k, v in (aux or {}).items()}})
-        return rows, like, lambda mean: {"aux": {}, **T.split(mean)}
+        return rows, secure_like(algorithm, params), lambda mean: {"aux": {}, **T.split(mean)}
     payloads = [T.split(wire.loads(o.message))["delta"] for o in kept]
     data = [k for k, v in payloads[0].items() if v.is_floating_point() and v.numel() > 0]
     meta = {k: v for k, v in payloads[0].items() if k not in data}
@@ -213,6 +212,17 @@ def _summands(algorithm, kept, deltas, aux, params):
     rows = {k: torch.stack([p[k] for p in payloads]) for k in data}
     like = {k: payloads[0][k] for k in data}
     return rows, like, lambda mean: {"delta": algorithm.uplink.decode({**meta, **mean}), "aux": {}}
+
+
+def secure_like(algorithm, params) -> dict:
+    """The tree a client adds into the secure sum under a plain uplink: its delta, then the aux
+    of an algorithm whose server reads only the aux mean, in ``aux_spec`` order (the order
+    ``runtime.check`` returns a client's aux in), so simulation and deployment sum the same
+    vector."""
+    dtype = next(iter(params.values())).dtype
+    aux = {k: torch.zeros(shape, dtype=want or dtype)
+           for k, (shape, want, _, _) in algorithm.aux_spec(params).items()}
+    return T.join({"delta": params, "aux": aux})
 
 
 def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int, cohort: int = 1):
