@@ -60,7 +60,10 @@ def lines(tmp):
 @pytest.mark.parametrize("method,clients,extra", [
     ("secagg", 4, ""), ("secagg+", 6, "neighbours = 4\n"),
     # SCAFFOLD's control variates go into the same secure sum as the delta
-    ("secagg", 4, '[algorithm]\nname = "scaffold"\n')], ids=["secagg", "secagg+", "scaffold"])
+    ("secagg", 4, '[algorithm]\nname = "scaffold"\n'),
+    # a robust rule over secure buckets: one secure sum per bucket, the median of their means
+    ("secagg", 6, '[aggregator]\nname = "median"\nbucket = 3\n')],
+    ids=["secagg", "secagg+", "scaffold", "buckets"])
 def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, method, clients, extra):
     cfg = secure_config(tmp_path, method, clients, extra=extra)
     algorithm, model, data, plan = config.build(cfg)  # first: building seeds torch's global generator
@@ -71,6 +74,11 @@ def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, meth
     for k, v in sim.state.params.items():
         assert got[k].dtype == torch.float64 and torch.equal(got[k], v), k
     for line, want in zip(lines(tmp_path), sim.metrics):
+        assert line.get("secure_buckets") == want.get("secure_buckets")
+        if "bucket" in extra:
+            assert line["secure_buckets"] == 2 and line["secure_stage_survivors"] == [3] * 4
+            assert line["secure_survivors"] == want["secure_survivors"] == clients
+            continue
         assert line["secure_stage_survivors"] == [clients] * 4
         assert line["secure_survivors"] == want["secure_survivors"] == clients
         assert line["clients_succeeded"] == clients and "failures" not in line
@@ -172,7 +180,6 @@ def test_deployed_distributed_dp_draws_each_clients_noise_from_its_secret(tmp_pa
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("secagg", '[aggregator]\nname = "median"\nbucket = 2\n'),
     ("secagg", '[comm]\nuplink = "count_sketch(3, 100, estimator=mean)"\n'),
     ("ckks", "")])
 def test_secure_parts_built_for_simulation_only_are_refused_by_the_server(tmp_path, method, extra):

@@ -49,13 +49,13 @@ class Task:
         self.round, self.task_id, self.data, self.stage = r, "t", data, stage
 
 
-def victim():
+def victim(text=TEXT):
     """The deployed client 0 after its round-1 training answer (the header alone)."""
-    cfg = config.load(text=TEXT)
+    cfg = config.load(text=text)
     algorithm, model, fed, plan = config.build(cfg)
     state = algorithm.init(params_of(model))
     c = Client("unused:1", fed.clients[0], token="t", insecure=True)
-    c._setup({"config_toml": TEXT, "n_features": fed.n_features, "n_classes": fed.n_classes,
+    c._setup({"config_toml": text, "n_features": fed.n_features, "n_classes": fed.n_classes,
               "num_clients": 5, "client_id": 0, "name": "client-0"})
     conn = Conn()
     c._answer(conn, Task(1, downlink_bytes(algorithm, state, plan.seed)))
@@ -161,3 +161,32 @@ def test_malformed_requests_are_refused_before_they_are_used():
     ask(c, 1, head)
     keys = W.records({1: os.urandom(64)}) * 2  # one neighbour twice
     assert ask(c, 2, keys) == b"" and "appears twice" in c.secure.refused[-1]
+
+
+def test_a_bucket_smaller_than_the_configured_bucket_size_is_refused():
+    """With aggregator.bucket the server learns each bucket's sum. Before the check the client
+    accepted any cohort its parameters fit, so a server could put it in a bucket with one sybil
+    (whose input it knows) and read its update as the sum minus the sybil's."""
+    c = victim(TEXT + '[aggregator]\nname = "median"\nbucket = 3\n')
+    d = len(c.secure.x)
+    assert ask(c, 1, W.setup_bytes(c.secure.secure.setup([0, 1], 1, d))) == b""
+    assert "a cohort of 2 clients, smaller than the bucket size aggregator.bucket = 3" in c.secure.refused[-1]
+    c = victim(TEXT + '[aggregator]\nname = "median"\nbucket = 3\n')
+    assert len(ask(c, 1, W.setup_bytes(c.secure.secure.setup([0, 1, 2], 1, d)))) == W.KEYS
+
+
+def test_the_clients_policy_sets_the_smallest_cohort_and_can_require_a_secure_sum():
+    """The server writes the config, [secure] and aggregator.bucket included: only the client's
+    own policy bounds what the server learns. Before the policy's [secure] section, a cohort of
+    two (the victim and a sybil) was accepted, and a run without [secure] too."""
+    from atoll.deploy import policy
+
+    c = victim()
+    c.secure.min_cohort = 4  # what Client sets from policy.secure.min_cohort
+    assert ask(c, 1, W.setup_bytes(c.secure.secure.setup([0, 1, 2], 1, len(c.secure.x)))) == b""
+    assert "fewer than this client's policy secure.min_cohort = 4" in c.secure.refused[-1]
+    strict = policy.Guard(policy.load({"secure": {"require": True}}))
+    cfg = config.load(text=TEXT.replace('method = "secagg+"', 'method = "none"'))
+    algorithm, model, fed, plan = config.build(cfg)
+    with pytest.raises(policy.PolicyError, match="secure.method = 'none' is not a secure sum"):
+        strict.built(cfg, plan, fed.clients[0].n, 0)

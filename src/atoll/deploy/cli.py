@@ -93,6 +93,9 @@ def _policy_args(p) -> None:
                    help="a model the server may name, e.g. mypkg.nets:Net (repeatable; the zoo "
                         "models logreg, mlp, cnn are allowed unless the policy file says otherwise)")
     g.add_argument("--max-task-mb", type=float, help="largest task download (default 256)")
+    g.add_argument("--require-secure", action="store_true", default=None,
+                   help="refuse a run whose updates do not go into a secure sum")
+    g.add_argument("--min-cohort", type=int, help="fewest clients in a secure sum (default 2)")
 
 
 def _policy(args):
@@ -104,7 +107,8 @@ def _policy(args):
         "privacy.modes": args.privacy_mode, "privacy.max_epsilon": args.max_epsilon,
         "privacy.delta": args.delta, "privacy.min_noise_multiplier": args.min_noise,
         "training.min_batch_size": args.min_batch_size, "training.min_steps": args.min_steps,
-        "models.allow": allow, "limits.max_task_mb": args.max_task_mb})
+        "models.allow": allow, "limits.max_task_mb": args.max_task_mb,
+        "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort})
 
 
 def _credentials(args) -> dict:

@@ -137,7 +137,8 @@ class Client:
         self.cid, self.run_id = info["client_id"], run_id
         self.like = params_of(model)  # the model's entries and shapes (checks its own update)
         self.secure = (None if algorithm.secure is None else
-                       SecureParty(algorithm.secure, self.cid, info["num_clients"]))
+                       SecureParty(algorithm.secure, self.cid, info["num_clients"],
+                                   self.guard.policy.secure.min_cohort))
         self.states = self._load_states()
         if algorithm.tracker is not None:
             self._track(algorithm, model)

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from atoll import checkpoint, rundir, sampling
+from atoll import checkpoint, rng, rundir, sampling
 from atoll import tree as T
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
@@ -46,7 +46,8 @@ from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
 from atoll.deploy.secure_rounds import SecureRounds
-from atoll.runtime.round import broadcast_bytes, secure_like, secure_step, server_step
+from atoll.runtime.round import (broadcast_bytes, merge_secure_stats, secure_like, secure_step,
+                                 server_step)
 from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
@@ -87,9 +88,9 @@ class Coordinator(Intake):
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
         if algorithm.secure is not None and (not isinstance(algorithm.secure, SecureSum)
-                                             or algorithm.secure.bucket or not algorithm.uplink.plain):
-            raise ValueError("homomorphic encryption, aggregator.bucket and linear uplink codecs "
-                             "under [secure] run in simulation only so far")
+                                             or not algorithm.uplink.plain):
+            raise ValueError("homomorphic encryption and linear uplink codecs under [secure] run "
+                             "in simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None
@@ -272,13 +273,22 @@ class Coordinator(Intake):
         if self.secure is None or not ids:
             return server_step(self.algorithm, self.state, ids, [g.delta for g in got],
                                [g.num_examples for g in got], [g.aux for g in got], self.plan.seed)
+        # one secure sum per bucket (aggregator.bucket: the simulation's buckets, run one after
+        # the other; without: one bucket, the cohort), the robust rule over the buckets' means
         like = secure_like(self.algorithm, self.state.params)  # the delta, then any aux
-        mean, extra = self.secure.run(rnd, ids, like, lambda: self._stop)
-        rnd.stats.extra.update(extra)
-        if mean is None:  # the round could not finish securely: the model stays
+        sec, means, heads, seen = self.algorithm.secure, [], [], []
+        for group in sec.buckets(ids, rng.key(self.plan.seed, rnd.r, rng.SERVER, "secure-buckets")):
+            mean, extra = self.secure.run(rnd, group, like, lambda: self._stop)
+            if mean is not None:  # else: failed securely, its reason in failures; left out
+                means.append({"aux": {}, **T.split(mean)})
+                heads.append(group[0])
+                seen.append(extra)
+        if not means:  # no sum could finish securely: the model stays
+            rnd.stats.extra.update(extra)
             return server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
-        return secure_step(self.algorithm, self.state, [{"aux": {}, **T.split(mean)}], sorted(ids)[:1],
-                           self.plan.seed, cohort=extra["secure_survivors"])
+        rnd.stats.extra.update(merge_secure_stats(seen, sec.bucket))
+        return secure_step(self.algorithm, self.state, means, heads, self.plan.seed,
+                           cohort=rnd.stats.extra["secure_survivors"])
 
     def _write(self, rnd: Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan

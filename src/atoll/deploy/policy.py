@@ -61,6 +61,11 @@ class TrainingPolicy(_Section):
     min_steps: int = Field(1, ge=1)       # local steps per task (stragglers and schedules included)
 
 
+class SecurePolicy(_Section):
+    require: bool = False             # refuse a run whose updates do not go into a secure sum
+    min_cohort: int = Field(2, ge=2)  # the fewest clients in any secure sum this client joins
+
+
 class ModelsPolicy(_Section):
     allow: list[str] = ZOO  # zoo names and "package.module:Class" paths the owner trusts
 
@@ -75,6 +80,7 @@ class LimitsPolicy(_Section):
 class Policy(_Section):
     privacy: PrivacyPolicy = PrivacyPolicy()
     training: TrainingPolicy = TrainingPolicy()
+    secure: SecurePolicy = SecurePolicy()
     models: ModelsPolicy = ModelsPolicy()
     limits: LimitsPolicy = LimitsPolicy()
 
@@ -171,6 +177,9 @@ class Guard:
                         "docs/deployment.md)", mode)
         if p.modes is not None and mode not in p.modes:
             raise _refuse("privacy.mode", mode, f"is not in privacy.modes = {p.modes}")
+        if self.policy.secure.require and cfg.secure.method not in ("secagg", "secagg+"):
+            raise _refuse("secure.method", cfg.secure.method, "is not a secure sum, and the policy "
+                          "sets secure.require = true (the server would see this client's update)")
         spec = getattr(plan, "privacy", None)
         details = spec.details if spec is not None else {}
         if p.min_noise_multiplier is not None:

@@ -11,6 +11,8 @@ checks before it answers, so that a server cannot make it reveal more than the p
   config derives for that cohort (``Setup.check``): a server cannot lower the threshold;
 * every request's size before it is read, ids within the neighbourhood and each once
   (``atoll.secure.stagewire``);
+* the cohort: at least its policy's ``secure.min_cohort`` clients, and with
+  ``aggregator.bucket`` at least a bucket (the server learns every cohort's sum);
 * the honest-client safety rule of ``secagg.Client.unmask``: never both shares of one neighbour.
 
 A refused request is answered with an empty message (the server drops this client from the
@@ -30,8 +32,9 @@ log = logging.getLogger("atoll.deploy")
 
 
 class SecureParty:
-    def __init__(self, secure, cid: int, num_clients: int):
+    def __init__(self, secure, cid: int, num_clients: int, min_cohort: int = 2):
         self.secure, self.cid, self.num_clients = secure, cid, num_clients
+        self.min_cohort = min_cohort  # the client policy's floor (policy.secure.min_cohort)
         self.round, self.x, self.party, self.next = None, None, None, 0
         self.refused: list[str] = []
 
@@ -63,6 +66,10 @@ class SecureParty:
         if stage == 1:
             setup = W.read_setup(data, self.num_clients)
             self.secure.check(setup, self.cid, r, len(self.x))
+            if len(setup.clients) < self.min_cohort:
+                raise secagg.SecAggError(f"client {self.cid}: refused the setup: a cohort of "
+                                         f"{len(setup.clients)} clients, fewer than this client's "
+                                         f"policy secure.min_cohort = {self.min_cohort}")
             self.party = secagg.Client(setup, self.cid)
             return W.keys_bytes(self.party.advertise())
         p = self.party

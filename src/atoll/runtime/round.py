@@ -179,17 +179,24 @@ def _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
         means.append(mean)
         heads.append(group[0])
         seen.append(extra)
-        sizes.append(extra["secure_survivors"])
     if not means:
         return algorithm.server_round(state, None, None)
-    stats.extra.update(seen[0], secure_survivors=sum(e["secure_survivors"] for e in seen),
-                       secure_server_s=round(sum(e["secure_server_s"] for e in seen), 4))
-    if "secure_client_s" in seen[0]:
-        stats.extra["secure_client_s"] = max(e["secure_client_s"] for e in seen)
-    if sec.bucket:
-        stats.extra["secure_buckets"] = len(means)
+    stats.extra.update(merge_secure_stats(seen, sec.bucket))
     stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
-    return secure_step(algorithm, state, means, heads, seed, cohort=sum(sizes))
+    return secure_step(algorithm, state, means, heads, seed, cohort=stats.extra["secure_survivors"])
+
+
+def merge_secure_stats(seen: list[dict], bucket) -> dict:
+    """One metrics line's secure fields from the stats of each bucket's sum (simulation and the
+    deployed coordinator): the first bucket's sizes, survivors and server seconds summed, the
+    slowest client's seconds."""
+    out = {**seen[0], "secure_survivors": sum(e["secure_survivors"] for e in seen),
+           "secure_server_s": round(sum(e["secure_server_s"] for e in seen), 4)}
+    if "secure_client_s" in seen[0]:
+        out["secure_client_s"] = max(e["secure_client_s"] for e in seen)
+    if bucket:
+        out["secure_buckets"] = len(seen)
+    return out
 
 
 def _summands(algorithm, kept, deltas, aux, params):

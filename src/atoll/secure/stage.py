@@ -108,8 +108,14 @@ class SecureSum:
             raise secagg.SecAggError(str(exc)) from None
 
     def check(self, setup: secagg.Setup, me: int, round_: int, d: int) -> None:
-        """A deployed client's check of the setup its server sent (``Setup.check``)."""
+        """A deployed client's check of the setup its server sent (``Setup.check``); with
+        ``bucket``, a cohort smaller than a bucket is refused (a server that put a client in a
+        bucket of one, or with only its own sybils, would learn that client's update)."""
         setup.check(me, round_, d, self.input_bits, self.neighbours, self.threshold)
+        if self.bucket and len(setup.clients) < self.bucket:
+            raise secagg.SecAggError(f"client {me}: refused the setup: a cohort of "
+                                     f"{len(setup.clients)} clients, smaller than the bucket size "
+                                     f"aggregator.bucket = {self.bucket}")
 
     @staticmethod
     def ring(x: np.ndarray, setup: secagg.Setup) -> np.ndarray:
