@@ -62,8 +62,10 @@ def lines(tmp):
     # SCAFFOLD's control variates go into the same secure sum as the delta
     ("secagg", 4, '[algorithm]\nname = "scaffold"\n'),
     # a robust rule over secure buckets: one secure sum per bucket, the median of their means
-    ("secagg", 6, '[aggregator]\nname = "median"\nbucket = 3\n')],
-    ids=["secagg", "secagg+", "scaffold", "buckets"])
+    ("secagg", 6, '[aggregator]\nname = "median"\nbucket = 3\n'),
+    # a linear codec: the sketch tables are summed, the mean table decoded once
+    ("secagg", 4, '[comm]\nuplink = "count_sketch(3, 100, estimator=mean)"\n')],
+    ids=["secagg", "secagg+", "scaffold", "buckets", "sketch"])
 def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, method, clients, extra):
     cfg = secure_config(tmp_path, method, clients, extra=extra)
     algorithm, model, data, plan = config.build(cfg)  # first: building seeds torch's global generator
@@ -84,6 +86,8 @@ def test_deployed_secure_rounds_equal_the_simulated_secure_rounds(tmp_path, meth
         assert line["clients_succeeded"] == clients and "failures" not in line
         assert abs(line["train_loss"] - want["train_loss"]) <= 1e-12 * abs(want["train_loss"])
         fan = clients - 1 if method == "secagg" else 4
+        if "sketch" in extra:  # the 3 x 100 table and one weight, not the model
+            assert line["secure_bytes_up"] == -(-(300 + 1) * line["secure_bits"] // 8)
         if "scaffold" in extra:  # delta and control variate: twice the model, one weight
             d = sum(v.numel() for v in got.values())
             assert line["secure_bytes_up"] == -(-(2 * d + 1) * line["secure_bits"] // 8)
@@ -120,7 +124,7 @@ def droppers(stages: dict):
 def expected_model(cfg, parties, summed: list[int]):
     """Round 1's model from the plain modular sum of the clients' encoded inputs in ``summed``."""
     from atoll.client import buffer_names, params_of
-    from atoll.runtime.round import secure_step as server_step
+    from atoll.runtime.secure_round import secure_step as server_step
     algorithm, model, data, plan = config.build(cfg)
     state = algorithm.init(params_of(model), buffers=buffer_names(model))
     sec = algorithm.secure
@@ -180,7 +184,6 @@ def test_deployed_distributed_dp_draws_each_clients_noise_from_its_secret(tmp_pa
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("secagg", '[comm]\nuplink = "count_sketch(3, 100, estimator=mean)"\n'),
     ("ckks", "")])
 def test_secure_parts_built_for_simulation_only_are_refused_by_the_server(tmp_path, method, extra):
     if method == "ckks":

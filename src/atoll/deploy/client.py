@@ -205,7 +205,7 @@ class Client:
                          else (float(metrics["loss"]), float(metrics["samples"])))
         if self.secure is not None:  # the update waits here, encoded, for the secure stages
             self.secure.start(self.algorithm, message, self.like, r, self.cdata.n,  # noise: secret
-                              rng.private_key(self.seed, r, self.cid, "secure", secret))
+                              rng.private_key(self.seed, r, self.cid, "secure", secret), self.seed)
             message = b""
         accepted, reason = conn.submit(r, task.task_id, message, num_examples=self.cdata.n,
                                        loss=loss, samples=samples, straggler=straggler)

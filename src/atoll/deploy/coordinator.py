@@ -46,8 +46,8 @@ from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
 from atoll.deploy.secure_rounds import SecureRounds
-from atoll.runtime.round import (broadcast_bytes, merge_secure_stats, secure_like, secure_step,
-                                 server_step)
+from atoll.runtime.round import broadcast_bytes, server_step
+from atoll.runtime.secure_round import layout, mean_update, merge_secure_stats, secure_step
 from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
@@ -87,10 +87,8 @@ class Coordinator(Intake):
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        if algorithm.secure is not None and (not isinstance(algorithm.secure, SecureSum)
-                                             or not algorithm.uplink.plain):
-            raise ValueError("homomorphic encryption and linear uplink codecs under [secure] run "
-                             "in simulation only so far")
+        if algorithm.secure is not None and not isinstance(algorithm.secure, SecureSum):
+            raise ValueError("homomorphic encryption under [secure] runs in simulation only so far")
         self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
                        SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
         self.current: Round | None = None
@@ -275,12 +273,12 @@ class Coordinator(Intake):
                                [g.num_examples for g in got], [g.aux for g in got], self.plan.seed)
         # one secure sum per bucket (aggregator.bucket: the simulation's buckets, run one after
         # the other; without: one bucket, the cohort), the robust rule over the buckets' means
-        like = secure_like(self.algorithm, self.state.params)  # the delta, then any aux
+        lay = layout(self.algorithm, self.state.params, self.plan.seed, rnd.r)  # the clients' too
         sec, means, heads, seen = self.algorithm.secure, [], [], []
         for group in sec.buckets(ids, rng.key(self.plan.seed, rnd.r, rng.SERVER, "secure-buckets")):
-            mean, extra = self.secure.run(rnd, group, like, lambda: self._stop)
+            mean, extra = self.secure.run(rnd, group, lay.like, lambda: self._stop)
             if mean is not None:  # else: failed securely, its reason in failures; left out
-                means.append({"aux": {}, **T.split(mean)})
+                means.append(mean_update(self.algorithm, lay, mean))
                 heads.append(group[0])
                 seen.append(extra)
         if not means:  # no sum could finish securely: the model stays

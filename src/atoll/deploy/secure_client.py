@@ -25,6 +25,8 @@ import time
 
 from atoll import tree as T
 from atoll.runtime.check import decode_update
+from atoll.runtime.secure_round import layout, summand
+from atoll.transport import wire
 from atoll.secure import secagg
 from atoll.secure import stagewire as W
 
@@ -38,10 +40,15 @@ class SecureParty:
         self.round, self.x, self.party, self.next = None, None, None, 0
         self.refused: list[str] = []
 
-    def start(self, algorithm, message: bytes, like: dict, r: int, n: int, key: int) -> None:
-        """Round ``r``'s encoded input from the client's own update ``message``."""
+    def start(self, algorithm, message: bytes, like: dict, r: int, n: int, key: int,
+              seed: int) -> None:
+        """Round ``r``'s encoded input from the client's own update ``message``: its summand
+        laid out as the coordinator reads it (``runtime.secure_round.layout``)."""
         delta, aux = decode_update(algorithm, message, like)  # aux in aux_spec order
-        x = self.secure.encode(T.join({"delta": delta, "aux": aux}), n, key)
+        lay = layout(algorithm, like, seed, r)
+        if not lay.plain:  # a linear codec: its payload goes into the sum, decoded once after
+            delta = T.split(wire.loads(message))["delta"]
+        x = self.secure.encode(summand(lay, delta, aux), n, key)
         self.round, self.x, self.party, self.next = r, x, None, 1
 
     def answer(self, r: int, stage: int, data: bytes) -> tuple[bytes, float]:

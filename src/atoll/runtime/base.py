@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from atoll import rng
+from atoll.codecs import Codec, for_round
 from atoll.data import batch_indices, gather, num_steps
 from atoll.sampling import straggler_steps
 
@@ -148,3 +149,9 @@ def stack_drawn(drawn: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 def active_steps(cid: int, round: int, seed: int, work: LocalWork, n: int) -> int:  # noqa: A002
     """The number of steps client ``cid`` (``n`` samples) completes in ``round``."""
     return straggler_steps(cid, round, seed, work, work.round_steps(cid, round, seed, n))[0]
+
+
+def uplink_codec(algorithm, seed: int, r: int) -> Codec:
+    """Round ``r``'s uplink codec: randomness all its clients share (count-sketch hashes) drawn
+    from the round's key, the same for every client and runtime."""
+    return for_round(algorithm.uplink, rng.key(seed, r, rng.SERVER, "uplink"))

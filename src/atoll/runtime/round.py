@@ -12,7 +12,8 @@ and where the bytes go:
   scheduler for groups on the loop path, and the deployed client with its own secret;
 * ``close_round``: the server's half over a round's messages: count the bytes, drop
   stragglers when asked, decode and validate every message (``runtime.decode``, whose verdicts
-  are ``runtime.check.decode_update``'s), then ``server_step``;
+  are ``runtime.check.decode_update``'s), then ``server_step`` (behind a secure sum:
+  ``runtime.secure_round``, whose summand layout the deployed client and coordinator share);
 * ``server_step``: weigh the kept updates, aggregate and step (``Algorithm.server_round``)
   with the round's server key. The asynchronous scheduler and the gRPC coordinator, which
   receive messages one at a time and validate each as it arrives, call it directly.
@@ -22,26 +23,18 @@ Privacy accounting and the budget check are one step of the run loop around the 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 
 from atoll import rng
 from atoll import tree as T
-from atoll.codecs import Codec, for_round
-from atoll.runtime.base import Outcome, RoundStats, draw_work
+from atoll.runtime.base import Outcome, RoundStats, draw_work, uplink_codec
 from atoll.runtime.decode import DecodeBuffers, decode_round
 from atoll.runtime.downlink import downlink_bytes
 from atoll.transport import wire
 
 log = logging.getLogger("atoll")
-
-
-def uplink_codec(algorithm, seed: int, r: int) -> Codec:
-    """Round ``r``'s uplink codec: randomness all its clients share (count-sketch hashes) drawn
-    from the round's key, the same for every client and runtime."""
-    return for_round(algorithm.uplink, rng.key(seed, r, rng.SERVER, "uplink"))
 
 
 def encode_aux(algorithm, aux: dict, up_key: int) -> dict:
@@ -139,112 +132,14 @@ def close_round(algorithm, state, outcomes: list[Outcome], data, work, stats: Ro
     stats.succeeded = len(kept)
     ids = [o.cid for o in kept]
     if algorithm.secure is not None and kept:
-        return _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed), \
+        from atoll.runtime.secure_round import secure_round
+
+        return secure_round(algorithm, state, kept, deltas, aux, data, stats, seed), \
             [(o.cid, o.state) for o in kept]
     state = server_step(algorithm, state, ids, deltas if kept else None,
                         [data.clients[i].n for i in ids], aux, seed)
     buffers.settle(state)
     return state, [(o.cid, o.state) for o in kept]
-
-
-def _secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
-    """The server step on secure sums of the kept clients' updates: each client's half
-    (``SecureSum.encode``, from its own key) runs on its own row; the server only gets the
-    protocol's sum of each bucket (one bucket: the cohort; ``aggregator.bucket``: random
-    buckets, whose means the aggregator's robust rule combines). A bucket that cannot finish
-    securely is left out; with none left the model is unchanged."""
-    from atoll.secure.secagg import SecAggError
-
-    r, sec = state.round + 1, algorithm.secure
-    ids = [o.cid for o in kept]
-    try:
-        rows, like, decode = _summands(algorithm, kept, deltas, aux, state.params)
-    except ValueError as exc:
-        stats.failures.append((-1, str(exc)))
-        return algorithm.server_round(state, None, None)
-    if algorithm.adversary is not None:  # simulation: attackers are clients, they attack what they encode
-        rows = algorithm.adversary(rows, ids, r, rng.key(seed, r, rng.SERVER, "server"))
-    inputs = {cid: sec.encode({k: v[i] for k, v in rows.items()}, data.clients[cid].n,
-                              rng.key(seed, r, cid, "secure")) for i, cid in enumerate(ids)}
-    means, heads, seen, sizes = [], [], [], []
-    for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
-        try:
-            mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, like)
-            mean = decode(mean)
-        except SecAggError as exc:  # also he.HEError
-            stats.failures.append((-1, f"secure aggregation failed ({len(group)} clients): {exc}"))
-            log.warning("round %d: secure aggregation failed, bucket left out: %s", r, exc)
-            continue
-        stats.failures.extend(extra.pop("secure_rejected", []))  # he: ciphertexts that did not load
-        means.append(mean)
-        heads.append(group[0])
-        seen.append(extra)
-    if not means:
-        return algorithm.server_round(state, None, None)
-    stats.extra.update(merge_secure_stats(seen, sec.bucket))
-    stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
-    return secure_step(algorithm, state, means, heads, seed, cohort=stats.extra["secure_survivors"])
-
-
-def merge_secure_stats(seen: list[dict], bucket) -> dict:
-    """One metrics line's secure fields from the stats of each bucket's sum (simulation and the
-    deployed coordinator): the first bucket's sizes, survivors and server seconds summed, the
-    slowest client's seconds."""
-    out = {**seen[0], "secure_survivors": sum(e["secure_survivors"] for e in seen),
-           "secure_server_s": round(sum(e["secure_server_s"] for e in seen), 4)}
-    if "secure_client_s" in seen[0]:
-        out["secure_client_s"] = max(e["secure_client_s"] for e in seen)
-    if bucket:
-        out["secure_buckets"] = len(seen)
-    return out
-
-
-def _summands(algorithm, kept, deltas, aux, params):
-    """``(rows (n, ...), like, decode)``: what each client adds into the secure sum, and how the
-    mean of those rows becomes ``{"delta": mean delta, "aux": mean aux}``. The plain uplink: its
-    decoded delta, and the aux of an algorithm whose server reads only the aux mean
-    (``server_aux``: SCAFFOLD, FedaGrac's seed form). A linear uplink codec (a count sketch,
-    masked rand-k): the data entries of its payload, summed as they are and decoded once from
-    the mean (FetchSGD); the other entries (shapes, the round's hash seed) must be the same for
-    every client."""
-    if algorithm.uplink.plain:
-        rows = T.join({"delta": deltas, "aux": aux or {}})
-        return rows, secure_like(algorithm, params), lambda mean: {"aux": {}, **T.split(mean)}
-    payloads = [T.split(wire.loads(o.message))["delta"] for o in kept]
-    data = [k for k, v in payloads[0].items() if v.is_floating_point() and v.numel() > 0]
-    meta = {k: v for k, v in payloads[0].items() if k not in data}
-    for p in payloads:  # decode_round accepted every message; the shared entries must agree too
-        if set(p) != set(payloads[0]) or any(not torch.equal(p[k], v) for k, v in meta.items()):
-            raise ValueError("secure: clients' payloads differ in their shared entries")
-    rows = {k: torch.stack([p[k] for p in payloads]) for k in data}
-    like = {k: payloads[0][k] for k in data}
-    return rows, like, lambda mean: {"delta": algorithm.uplink.decode({**meta, **mean}), "aux": {}}
-
-
-def secure_like(algorithm, params) -> dict:
-    """The tree a client adds into the secure sum under a plain uplink: its delta, then the aux
-    of an algorithm whose server reads only the aux mean, in ``aux_spec`` order (the order
-    ``runtime.check`` returns a client's aux in), so simulation and deployment sum the same
-    vector."""
-    dtype = next(iter(params.values())).dtype
-    aux = {k: torch.zeros(shape, dtype=want or dtype)
-           for k, (shape, want, _, _) in algorithm.aux_spec(params).items()}
-    return T.join({"delta": params, "aux": aux})
-
-
-def secure_step(algorithm, state, means: list[dict], ids: list[int], seed: int, cohort: int = 1):
-    """The server step on secure sums' weighted ``means`` (one per bucket: ``{"delta": ...,
-    "aux": ...}``), rows of weight one for the aggregator, with the round's
-    server key (simulation and the deployed coordinator); ``ids``: one client of each bucket;
-    ``cohort``: how many clients the sums hold. Attackers, in simulation, acted before they
-    encoded."""
-    if algorithm.adversary is not None:
-        algorithm = dataclasses.replace(algorithm, adversary=None)
-    one = torch.ones(len(means), dtype=next(iter(state.params.values())).dtype)
-    aux = T.stack([m["aux"] for m in means]) if means[0]["aux"] else None
-    return algorithm.server_round(state, T.stack([m["delta"] for m in means]), one, aux,
-                                  key=rng.key(seed, state.round + 1, rng.SERVER, "server"),
-                                  ids=ids, cohort=cohort)
 
 
 def server_step(algorithm, state, ids: list[int], deltas, samples: list, aux, seed: int,
