@@ -1,5 +1,5 @@
 """The privacy modes' shared checks (``err``, ``own_parts``, ``noise_of``) and the two modes
-that bring their own client and server halves: ``intrinsic`` (seed 000's quantizer is the
+that bring their own client and server halves: ``intrinsic`` (the DP intrinsic quantizer is the
 noise) and ``distributed`` (Skellam noise under the secure sum). ``privacy_config.configure``
 dispatches to them; docs/privacy.md and docs/secure-aggregation.md."""
 from __future__ import annotations
