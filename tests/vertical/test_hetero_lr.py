@@ -65,7 +65,7 @@ def test_passive_gradient_is_within_the_fixed_point_bound(frac):
     rows = torch.arange(16)
     _, ref, _ = _central(xa, xb, y, [rows])
     proto = _protocol(xa, xb, y, frac=frac)
-    c, a, p = proto.channel, proto.active, proto.passive
+    a, p = proto.active, proto.passive
     enc, _ = a.residuals(rows, p.logits(rows))
     g = p.update(a.decrypt_masked(p.masked_gradient(enc)))
     err = (g - ref[0]).abs().max().item()
@@ -172,3 +172,20 @@ def test_malicious_passive_decryption_oracle_is_capped_at_d_a_residuals_per_step
     assert torch.allclose(leaked.double(), r, atol=1e-9)  # 3 = d_A residuals leak in one step
     with pytest.raises(PartyError, match="sent twice"):
         a.decrypt_masked(blob[3 * 256: 6 * 256])
+
+
+def test_small_batches_let_the_passive_party_solve_for_residuals_and_are_refused():
+    """The attack: with B <= d_A rows, the passive party's own gradient X_A^T r / B is a square
+    system; solving it gives r, and sign(r) the labels. Allowed with min_batch=1, refused by
+    default (min_batch = 2 d_A)."""
+    xa, xb, y = _data()
+    rows = torch.arange(3)  # B = d_A = 3
+    proto = HeteroLR(ActiveParty(xb, y, LR, d_passive=DA, min_batch=1), xa)
+    proto.step(rows)
+    p = proto.passive
+    g = -(p.w - torch.zeros(DA, dtype=torch.float64)) / LR  # what it stepped by: X_A^T r / B
+    r = torch.linalg.solve(xa[rows].T, g * len(rows))
+    assert torch.equal((r < 0).double(), y[rows])  # every label of the batch recovered
+    safe = _protocol(xa, xb, y)
+    with pytest.raises(ValueError, match="batch of 3 rows < min_batch 6"):
+        safe.step(rows)

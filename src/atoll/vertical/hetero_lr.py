@@ -20,8 +20,9 @@ gradient, at most ``grad_tolerance(max|x|, frac)`` per coordinate per step (2^-3
 the default ``frac = 32``).
 
 What each party learns (semi-honest): the passive party sees the row positions, ciphertexts and
-its own gradient ``X_A^T r / B`` (``d_A`` linear combinations of ``B`` residuals per step: keep
-``B`` well above ``d_A``; ``min_batch``), never ``y`` or ``r``. The active party sees ``z_A``
+its own gradient ``X_A^T r / B`` (``d_A`` linear combinations of ``B`` residuals per step: with
+``B <= d_A`` it solves for ``r``, so batches below ``min_batch``, default ``2 d_A``, are refused),
+never ``y`` or ``r``. The active party sees ``z_A``
 (a projection of the passive features, new each step: over many steps it learns ``X_A X_A^T r``
 for residuals it chose) and ``X_A^T r + m`` (uniform), never ``X_A`` or ``w_A``. Not covered: a
 malicious passive party can send back its ``[[r_i]]`` (re-randomised) as a "masked gradient" and
@@ -70,10 +71,11 @@ class ActiveParty:
     """Labels, ``X_B``, ``w_B``, the intercept and the Paillier secret key."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, lr: float, d_passive: int,
-                 key_bits: int = 1024, frac: int = 32, min_batch: int = 1):
+                 key_bits: int = 1024, frac: int = 32, min_batch: int | None = None):
         phe = _need("phe")
         self.x, self.y, self.lr, self.d_a, self.frac = x, y.to(torch.float64), lr, d_passive, frac
-        self.w, self.b, self.min_batch = torch.zeros(x.shape[1], dtype=torch.float64), 0.0, min_batch
+        self.w, self.b = torch.zeros(x.shape[1], dtype=torch.float64), 0.0
+        self.min_batch = 2 * d_passive if min_batch is None else min_batch  # see "learns" above
         self.pub, self._priv = phe.generate_paillier_keypair(n_length=key_bits)
         self.n, self.n2, self.width = self.pub.n, self.pub.nsquare, 2 * key_bits // 8
         self._may_decrypt = False

@@ -48,6 +48,8 @@ def cosine_scores(received, known: dict[int, int]) -> tuple[torch.Tensor, torch.
             continue
         out_rows.append(rows)
         out.append(nn.functional.cosine_similarity(g, ref.unsqueeze(0), dim=1, eps=1e-30))
+    if not out:
+        raise ValueError("leakage: no received batch holds an example of known label")
     return torch.cat(out_rows), torch.cat(out)
 
 
