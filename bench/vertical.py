@@ -29,8 +29,9 @@ def split_figures(n=4096, batch=256, k=8):
     cols = [slice(0, 16), slice(16, 24)]
     central = copy.deepcopy(JoinedModel(bottoms, cols, top))
     opt = lambda ps: torch.optim.Adam(ps, lr=0.01)  # noqa: E731
-    net = SplitNN([BottomParty("telecom", bottoms[0], x[:, cols[0]], opt), BottomParty("bank", bottoms[1], x[:, cols[1]], opt)],
-                  LabelParty("bank", top, y, nn.functional.binary_cross_entropy_with_logits, opt, {"telecom": k, "bank": k}))
+    parties = [BottomParty(name, b, x[:, c], opt) for name, b, c in zip(("telecom", "bank"), bottoms, cols)]
+    bce = nn.functional.binary_cross_entropy_with_logits
+    net = SplitNN(parties, LabelParty("bank", top, y, bce, opt, {"telecom": k, "bank": k}))
     plan = batches(n, batch, 1, 0)
     t0 = time.process_time()
     got = net.fit(plan)
@@ -42,8 +43,10 @@ def split_figures(n=4096, batch=256, k=8):
         ref.append(loss.item())
     per_step = net.channel.total() / len(plan)
     print(f"split: {n} rows, batch {batch}, cut width {k}, float64, 1 epoch = {len(plan)} steps")
-    print(f"  bytes per step {per_step:.0f} (= rows {batch * 8} + embedding {batch * k * 8} + gradient {batch * k * 8})")
-    print(f"  CPU per step {dt * 1e3:.2f} ms; max |loss - centralised| {max(abs(a - b) for a, b in zip(got, ref)):.1e}")
+    emb = batch * k * 8
+    print(f"  bytes per step {per_step:.0f} (= rows {batch * 8} + embedding {emb} + gradient {emb})")
+    diff = max(abs(a - b) for a, b in zip(got, ref))
+    print(f"  CPU per step {dt * 1e3:.2f} ms; max |loss - centralised| {diff:.1e}")
 
 
 def hetero_figures(rows=((1024, 1000), (2048, 200)), da=10, db=5, batch=100):
@@ -80,9 +83,10 @@ def leakage_table(noises=(0.0, 0.001, 0.003, 0.01, 0.03, 0.1), seeds=(0, 1, 2), 
     table = []
     for s in noises:
         rs = [L.experiment(s, seed=seed) for seed in seeds]
-        m = {k: statistics.mean(r[k] for r in rs) for k in ("norm_auc", "cosine_auc", "test_auc", "train_loss")}
+        keys = ("norm_auc", "cosine_auc", "test_auc", "train_loss")
+        m = {k: statistics.mean(r[k] for r in rs) for k in keys}
         table.append((s, m))
-        print(f"| {s:g} | {m['norm_auc']:.3f} | {m['cosine_auc']:.3f} | {m['test_auc']:.3f} | {m['train_loss']:.3f} |")
+        print(f"| {s:g} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
