@@ -4,10 +4,12 @@ a fraction dropping after sharing (stage 3, the server's most expensive case).
     PYTHONPATH=src python bench/secure_secagg.py [--n 100] [--d 1000000] [--k 20] [--drop 0.1]
     PYTHONPATH=src python bench/secure_secagg.py --collisions 1000000   # mask PRG collision check
 
-Prints per-client crypto seconds (mean, max), server seconds, bytes per client per stage, and
-whether the unmasked sum equals the plaintext modular sum bit for bit.
+Prints per-client crypto seconds (mean, max), server seconds, bytes per client per stage,
+whether the unmasked sum equals the plaintext modular sum bit for bit, and the cost of one X25519
+key agreement (`--json PATH` also writes the figures; bench/secure_vs_flower.sh reads them).
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -26,6 +28,8 @@ def main():
     ap.add_argument("--drop", type=float, default=0.1)
     ap.add_argument("--bits", type=int, default=16)
     ap.add_argument("--collisions", type=int, default=0)
+    ap.add_argument("--pairs", type=int, default=1000, help="key agreements timed (X25519 + HKDF)")
+    ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
     if a.collisions:
         t0 = time.perf_counter()
@@ -56,7 +60,25 @@ def main():
     print(f"bytes per client: advertise 64, shares {st.neighbours * share_ct}, masked input {masked} "
           f"({8 * masked / a.d:.1f} bits/coordinate; float32 would be {4 * a.d}), unmask <= "
           f"{st.neighbours * (1 + 44)}")
+    agree = agree_us(a.pairs)
+    print(f"key agreement X25519 + HKDF: {agree:.0f} us/pair ({a.pairs} pairs)")
+    if a.json:
+        fig = dict(n=a.n, d=a.d, k=st.neighbours, threshold=st.threshold, ring_bits=st.bits,
+                   dropped=len(gone), exact=bool((total == expect).all()), client_mean=float(np.mean(secs)),
+                   client_max=float(np.max(secs)), server_s=server.seconds + server.decode_seconds,
+                   wall=wall, x25519_us_per_pair=agree,
+                   up=[64, st.neighbours * share_ct, masked, st.neighbours * (1 + 44)])
+        with open(a.json, "w") as f:
+            json.dump(fig, f, indent=1)
 
+
+def agree_us(pairs):
+    """Microseconds per key agreement as a client runs it: X25519 from raw keys, then HKDF."""
+    keys = [pr.keypair() for _ in range(pairs + 1)]
+    t0 = time.perf_counter()
+    for i in range(pairs):
+        pr.agree(keys[i][0], keys[i + 1][1], b"mask")
+    return 1e6 * (time.perf_counter() - t0) / pairs
 
 if __name__ == "__main__":
     main()
