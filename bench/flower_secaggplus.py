@@ -17,14 +17,15 @@ Imports flwr, numpy and the standard library only.
 import argparse
 import copy
 import importlib
-import inspect
 import json
+import logging
 import math
-import os
 import random
 import time
 from collections import defaultdict
 
+import flower_claims  # bench/, next to this file
+import flwr
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters, serde
@@ -39,6 +40,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.supercore.logger import LOGGER_NAME
 from flwr.supercore.task_identity import TaskIdentity
 
 # the modules themselves (their packages re-export the function and class under the same names)
@@ -95,8 +97,8 @@ class Grid:
     """The network: each message's RecordDict goes through Flower's protobuf serde to the node's
     `secaggplus_mod`; a dropped node does not answer stage 3 (`collect_masked_vectors`)."""
 
-    def __init__(self, updates, gone):
-        self.updates, self.gone = updates, gone
+    def __init__(self, updates, gone, target):
+        self.updates, self.gone, self.target = updates, gone, target
         self.ctx = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in updates}
         self.seconds, self.client_s = 0.0, defaultdict(float)
         self.up, self.up_proto, self.down = (defaultdict(list) for _ in range(3))
@@ -123,8 +125,9 @@ class Grid:
         wire = serde.recorddict_to_proto(reply.content)
         self.up_proto[stage].append(wire.ByteSize())
         self.up[stage].append(payload(reply.content.config_records[RECORD_KEY_CONFIGS]))
-        if stage == Stage.COLLECT_MASKED_VECTORS:  # what a malicious server keeps (below)
-            self.masked[nid] = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        if stage == Stage.COLLECT_MASKED_VECTORS:  # what a malicious server keeps (flower_claims)
+            if nid == self.target:
+                self.masked[nid] = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
             self.before_unmask[nid] = copy.deepcopy(self.ctx[nid].state.config_records[RECORD_KEY_STATE])
         return Message(serde.recorddict_from_proto(wire), metadata=copy.copy(reply.metadata))
 
@@ -172,76 +175,6 @@ def run_protocol(wf, grid, ctx):
     return ws, server_s
 
 
-def both_shares_attack(grid, ws, target, mod_range):
-    """A server that lists `target` as both active and dead in its unmask request: each honest
-    neighbour's `secaggplus_mod` (state as it stood before the unmask stage) answers with both its
-    share of target's mask seed and of target's sk1; with `threshold` of them the server rebuilds
-    every mask of target's vector and reads its input. Returns target's recovered quantized input."""
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
-    from flwr.app.message_type import MessageType
-    helpers = sorted((ws.nid_to_neighbours[target] - {target}) & set(grid.before_unmask))
-    seed_shares, sk_shares = [], []
-    for v in helpers:
-        ctx = Context(1, v, {}, RecordDict(), {})
-        ctx.state.config_records[RECORD_KEY_STATE] = copy.deepcopy(grid.before_unmask[v])
-        live = ws.nid_to_neighbours[v] & set(grid.before_unmask)  # the honest request ...
-        ask = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: sorted(live),
-                            Key.DEAD_NODE_ID_LIST: sorted(ws.nid_to_neighbours[v] - live) + [target]})
-        msg = Message(RecordDict({RECORD_KEY_CONFIGS: ask}), dst_node_id=v, message_type=MessageType.TRAIN)
-        out = cmod.secaggplus_mod(msg, ctx, None).content.config_records[RECORD_KEY_CONFIGS]
-        got = [s for nid, s in zip(out[Key.NODE_ID_LIST], out[Key.SHARE_LIST]) if nid == target]
-        seed_shares.append(got[0])  # ... with target also listed as dead: both its shares come back
-        sk_shares.append(got[1])
-    y = [bytes_to_ndarray(b) for b in grid.masked[target]]
-    shapes = [a.shape for a in y]
-    y = [a - m for a, m in zip(y, pseudo_rand_gen(combine_shares(seed_shares), mod_range, shapes))]
-    sk1 = bytes_to_private_key(combine_shares(sk_shares))
-    for w in ws.nid_to_neighbours[target] - {target}:
-        key = generate_shared_key(sk1, bytes_to_public_key(ws.nid_to_publickeys[w][0]))
-        sign = -1 if target > w else 1  # the client added the pair mask when its id was larger
-        y = [a + sign * m for a, m in zip(y, pseudo_rand_gen(key, mod_range, shapes))]
-    return len(helpers), parameters_mod(y, mod_range)[1]
-
-
-def claims(mod_range, pairs):
-    """The issue's claims about Flower, checked against its own functions."""
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-    from flwr.supercore.primitives import asymmetric as asym
-    out = {}
-    shapes = [(1000,)]
-    a = os.urandom(32)
-    b = a[4:8] + a[:4] + a[8:]  # another seed: its 4-byte words swapped, the same XOR fold
-    out["fold_seed_differs_mask_same"] = a != b and bool(
-        np.array_equal(pseudo_rand_gen(a, mod_range, shapes)[0], pseudo_rand_gen(b, mod_range, shapes)[0]))
-    keys = [asym.generate_key_pairs() for _ in range(pairs + 1)]
-    k = generate_shared_key(keys[0][0], keys[1][1])  # a real pair key: urlsafe base64, 44 bytes
-    k2 = k[4:8] + k[:4] + k[8:]
-    out["fold_pairkey_differs_mask_same"] = k != k2 and bool(
-        np.array_equal(pseudo_rand_gen(k, mod_range, shapes)[0], pseudo_rand_gen(k2, mod_range, shapes)[0]))
-    out["mask_max_drawn_mod_16"] = int(pseudo_rand_gen(os.urandom(32), 16, [(100000,)])[0].max())
-    t0 = time.perf_counter()
-    for s in range(20000):  # a search over the folded seed: candidate -> first mask values
-        np.random.RandomState(s).randint(0, mod_range - 1, 4, dtype=np.int64)
-    rate = 20000 / (time.perf_counter() - t0)
-    out["seed_search_core_hours"] = 2 ** 32 / rate / 3600
-    t0 = time.perf_counter()
-    for i in range(pairs):
-        generate_shared_key(keys[i][0], keys[i + 1][1])
-    out["p384_us_per_pair"] = 1e6 * (time.perf_counter() - t0) / pairs
-    pem = [(asym.private_key_to_bytes(s), asym.public_key_to_bytes(p)) for s, p in keys]
-    t0 = time.perf_counter()
-    for i in range(pairs):  # as the client mod does it per neighbour: both PEM keys parsed first
-        generate_shared_key(asym.bytes_to_private_key(pem[i][0]), asym.bytes_to_public_key(pem[i + 1][1]))
-    out["p384_pem_us_per_pair"] = 1e6 * (time.perf_counter() - t0) / pairs
-    out["timeout_default"] = inspect.signature(SecAggPlusWorkflow.__init__).parameters["timeout"].default
-    return out
-
-
 def inputs(a):
     """bench/secure_secagg.py's inputs and dropouts (same generator, same draws), as float32
     updates in [-1, 1) on Flower's quantization grid (clipping_range 1, quantization_range 2^bits),
@@ -272,7 +205,7 @@ def mean_of(d):
     return {s: float(np.mean(v)) for s, v in d.items()}
 
 
-def main():
+def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--d", type=int, default=1_000_000)
@@ -282,36 +215,38 @@ def main():
     ap.add_argument("--threshold", type=int, default=0, help="Shamir t (default k // 2 + 1, atoll's)")
     ap.add_argument("--pairs", type=int, default=1000, help="key agreements timed for the P-384 figure")
     ap.add_argument("--json", help="also write the figures to this file")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    a = parse()
+    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)  # the workflow's INFO lines
     random.seed(0)  # the workflow's neighbour shuffle and FedAvg's sampling
     np.random.seed(0)  # the quantizer's stochastic rounding (a no-op on these inputs)
-    ring = a.bits + math.ceil(math.log2(a.n))
-    t = a.threshold or a.k // 2 + 1
+    ring, t = a.bits + math.ceil(math.log2(a.n)), a.threshold or a.k // 2 + 1
     q, gone, updates = inputs(a)
     survivors = sorted(set(q) - gone)
     instrument()
-    grid = Grid(updates, gone)
+    grid = Grid(updates, gone, target=survivors[0])
     ctx = server_context(grid, a.n)
     # num_shares = k + 1: Flower's neighbourhood is the offsets -k/2..k/2 around a node, itself included
     wf = SecAggPlusWorkflow(a.k + 1, t, max_weight=1.0, clipping_range=1.0,
                             quantization_range=1 << a.bits, modulus_range=1 << ring, timeout=None)
     t0 = time.perf_counter()
     ws, server_s = run_protocol(wf, grid, ctx)
-    wall = time.perf_counter() - t0
-    r = {"n": a.n, "d": a.d, "k": a.k, "num_shares": a.k + 1, "threshold": t, "ring_bits": ring,
-         "dropped": len(gone), "flwr": __import__("flwr").__version__}
+    r = dict(n=a.n, d=a.d, k=a.k, num_shares=a.k + 1, threshold=t, ring_bits=ring, dropped=len(gone),
+             flwr=flwr.__version__, wall=time.perf_counter() - t0)
     r.update(check_exact(q, survivors, ring, a.bits, ctx.strategy.result[0]))
     secs = [grid.client_s[u] for u in survivors]
     r.update(client_mean=float(np.mean(secs)), client_max=float(np.max(secs)),
-             server_s=sum(server_s.values()), server_stage_s=server_s, wall=wall,
+             server_s=sum(server_s.values()), server_stage_s=server_s,
              client_fn_s={f: s / a.n for f, s in CLOCK["client"].items()},
              server_fn_s=dict(CLOCK["server"]), up=mean_of(grid.up), up_proto=mean_of(grid.up_proto),
              down=mean_of(grid.down))
     r["masked_dtype"] = str(bytes_to_ndarray(grid.masked[survivors[0]][1]).dtype)
-    n_help, got = both_shares_attack(grid, ws, survivors[0], 1 << ring)
-    r["attack_helpers"], r["attack_recovered_input"] = n_help, bool(np.array_equal(got.astype(np.uint64),
-                                                                                    q[survivors[0]]))
-    r.update(claims(1 << ring, a.pairs))
+    helpers, got = flower_claims.both_shares_attack(grid, ws, survivors[0], 1 << ring)
+    r.update(attack_helpers=helpers, attack_recovered_input=bool(np.array_equal(got, q[survivors[0]])))
+    r.update(flower_claims.claims(1 << ring, a.pairs))
     report(r)
     if a.json:
         with open(a.json, "w") as f:
@@ -325,8 +260,8 @@ def report(r):
           f"(after sharing)")
     print(f"exact: {r['exact']} (mean within {r['mean_max_err_steps']:.1e} quantization steps)")
     print(f"client s (secaggplus_mod, all stages): mean {r['client_mean']:.3f}, max {r['client_max']:.3f}; "
-          f"server s {r['server_s']:.3f} (" + ", ".join(f"{k} {v:.3f}" for k, v in r["server_stage_s"].items())
-          + f"); wall (all in one process) {r['wall']:.1f}")
+          f"server s {r['server_s']:.3f} ("
+          + ", ".join(f"{k} {v:.3f}" for k, v in r["server_stage_s"].items()) + f"); wall (all in one process) {r['wall']:.1f}")
     print("client s per client in: " + ", ".join(f"{k} {v:.3f}" for k, v in r["client_fn_s"].items()))
     print("server s in: " + ", ".join(f"{k} {v:.3f}" for k, v in r["server_fn_s"].items()))
     for name, key in (("payload", "up"), ("protobuf RecordDict", "up_proto")):

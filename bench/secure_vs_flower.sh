@@ -17,7 +17,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 echo "$(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(uptime | sed 's/.*load/load/')"
 PYTHONPATH="$root/src" "$py" "$root/bench/secure_secagg.py" "$@" --json "$out/atoll.json"
-"$venv/bin/python" "$root/bench/flower_secaggplus.py" "$@" --json "$out/flower.json" 2>/dev/null
+"$venv/bin/python" "$root/bench/flower_secaggplus.py" "$@" --json "$out/flower.json"
 echo "after both: $(uptime | sed 's/.*load/load/')"
 "$py" - "$out/atoll.json" "$out/flower.json" <<'PY'
 import json, sys
