@@ -1,0 +1,1 @@
+"""Vertical federated learning: parties hold different features of the same people."""
