@@ -1,0 +1,105 @@
+"""ECDH-PSI over gRPC with TLS on loopback: two parties, three parties, hostile peers on the wire."""
+import functools
+import random
+import time
+
+import pytest
+
+from atoll.deploy import certs
+from atoll.transport.grpc.psi import PsiServer, dial, psi_connect
+from atoll.vertical.psi import PsiError, leader_psi
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    certs.init(d, hosts=("localhost", "127.0.0.1"))
+    token = certs.issue(d, "leader", token=True)["token"]
+    tls = {k: (d / f).read_bytes() for k, f in (("key", "server.key"), ("cert", "server.pem"),
+                                                  ("ca", "ca.pem"))}
+    secret = open(token).read().strip()
+    registry = certs.load_registry(d)
+
+    def identify(kind, value):
+        name = certs.by_token(registry, value) if kind == "token" else None
+        return (name, registry[name]["id"]) if name else None
+
+    return {"tls": tls, "identify": identify, "creds": {"ca": tls["ca"], "token": secret}}
+
+
+def serve(pki, items, **psi):
+    server = PsiServer(items, pki["identify"], tls=pki["tls"], auth="token", timeout=10.0, **psi)
+    server.start()
+    return server
+
+
+def sets(seed, n_a, n_b, common):
+    rng = random.Random(seed)
+    pool = rng.sample(range(10**9), n_a + n_b - common)
+    return [f"p{x}" for x in pool[:n_a]], [f"p{x}" for x in pool[n_a - common:]]
+
+
+def test_two_parties_over_tls_learn_the_intersection(pki):
+    a, b = sets(0, 3000, 2000, 700)
+    server = serve(pki, b, learn="intersection", reveal="intersection")
+    try:
+        res = psi_connect(f"localhost:{server.port}", a, creds=pki["creds"], timeout=10.0, chunk=512)
+        server.wait(1, timeout=30)
+    finally:
+        server.stop()
+    assert not server.errors
+    name, res_b = server.results[0]
+    assert name == "leader"
+    assert set(res.intersection) == set(a) & set(b) == set(res_b.intersection)
+    assert res.size == res_b.size == 700 and res.peer_count == 2000 and res_b.peer_count == 3000
+    assert res.session == res_b.session
+    # 32 bytes per own item out, 32 per peer item back (both learn)
+    assert res.bytes_sent == 32 * (3000 + 2000) and res.bytes_received == 32 * (2000 + 3000)
+
+
+def test_size_only_over_tls(pki):
+    a, b = sets(1, 500, 800, 123)
+    server = serve(pki, b, learn="nothing", reveal="size")
+    try:
+        res = psi_connect(f"localhost:{server.port}", a, creds=pki["creds"], timeout=10.0)
+        server.wait(1, timeout=30)
+    finally:
+        server.stop()
+    res_b = server.results[0][1]
+    assert res.learned == "size" and res.size == 123 and res.intersection is None
+    assert res_b.learned == "nothing" and res_b.size is None and res_b.intersection is None
+
+
+def test_three_parties_through_a_leader(pki):
+    rng = random.Random(2)
+    universe = [f"u{i}" for i in range(3000)]
+    s0, s1, s2 = (rng.sample(universe, 1500) for _ in range(3))
+    servers = [serve(pki, s, learn="intersection", reveal="intersection") for s in (s1, s2)]
+    try:
+        peers = [functools.partial(dial, f"localhost:{s.port}", **pki["creds"]) for s in servers]
+        final = leader_psi(s0, peers, timeout=10.0)
+        for s in servers:
+            s.wait(2, timeout=30)
+    finally:
+        for s in servers:
+            s.stop()
+    want = set(s0) & set(s1) & set(s2)
+    assert set(final) == want and len(want) > 50
+    for s in servers:
+        assert not s.errors
+        first, second = (r for _, r in s.results)
+        assert first.learned == "nothing" and first.intersection is None   # narrowing pass
+        assert set(second.intersection) == want                              # the final set only
+    # the second peer saw the leader's narrowed set (S0 & S1) in the first pass, not S0
+    assert servers[1].results[0][1].peer_count == len(set(s0) & set(s1))
+
+
+def test_unauthenticated_dialer_is_refused(pki):
+    server = serve(pki, ["x"])
+    try:
+        with pytest.raises(PsiError, match="UNAUTHENTICATED"):
+            psi_connect(f"localhost:{server.port}", ["x"], timeout=5.0,
+                        creds={"ca": pki["creds"]["ca"], "token": "atl_wrong"})
+    finally:
+        server.stop()
+    assert server.results == []
