@@ -103,3 +103,48 @@ def test_unauthenticated_dialer_is_refused(pki):
     finally:
         server.stop()
     assert server.results == []
+
+
+def _hostile_dial(pki, server, *messages, vanish=True):
+    """Dial, send a hello and ``messages`` by hand, then drop the stream."""
+    from atoll.vertical.psi import VERSION, Message
+    with dial(f"localhost:{server.port}", linger=2.0, **pki["creds"]) as ch:
+        ch.send(Message("hello", nonce=b"\x07" * 32, count=100, learn="size", reveal="size",
+                        version=VERSION))
+        assert ch.recv(5).kind == "hello"
+        for m in messages:
+            ch.send(m)
+        while not vanish:  # what the server says last
+            m = ch.recv(5)
+            if m.kind in ("closed", "error"):
+                return m
+    return None
+
+
+def test_dialer_vanishes_mid_protocol(pki):
+    from atoll.vertical.psi import Message
+    server = serve(pki, ["a", "b"])
+    try:
+        start = time.monotonic()
+        told = _hostile_dial(pki, server, Message("blinded", session=b"?" * 32, data=b""), vanish=False)
+        _hostile_dial(pki, server)  # hello, then gone
+        server.wait(2, timeout=20)
+    finally:
+        server.stop()
+    assert time.monotonic() - start < 15
+    errors = [str(e) for _, e in server.errors]
+    assert "a replay from another session?" in errors[0]
+    assert told.kind == "error" and b"a replay from another session?" in told.data  # the dialer is told
+    assert "the connection closed during the peer's blinded set" in errors[1]
+
+
+def test_message_over_the_transport_limit_is_cut_off(pki):
+    from atoll.vertical.psi import Message
+    server = serve(pki, ["a"])
+    try:
+        reply = _hostile_dial(pki, server, Message("blinded", data=b"\x01" * (1 << 20)), vanish=False)
+        server.wait(1, timeout=20)
+    finally:
+        server.stop()
+    assert reply.kind == "closed" and b"RESOURCE_EXHAUSTED" in reply.data
+    assert "the connection closed during the peer's blinded set" in str(server.errors[0][1])
