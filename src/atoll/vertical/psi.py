@@ -280,7 +280,7 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
     mine = {}
     for x in items:
         mine.setdefault(encode(x), x)
-    link, engine, t = _Link(channel, timeout), _Engine(workers), {}
+    link, engine, t = _Link(channel, timeout), _Engine(workers), {"start": time.perf_counter()}
     try:
         session, peer, i_learn, peer_learns = _handshake(link, len(mine), learn, reveal, max_items)
         scalar, start = secrets.token_bytes(32), time.perf_counter()
@@ -327,6 +327,7 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
 
 
 def _result(link, learned, found, size, peer_count, session, t) -> Result:
+    t["total"] = time.perf_counter() - t.pop("start")
     return Result(learned, found, size, peer_count, session, link.sent, link.received, t)
 
 
