@@ -148,3 +148,25 @@ def test_message_over_the_transport_limit_is_cut_off(pki):
         server.stop()
     assert reply.kind == "closed" and b"RESOURCE_EXHAUSTED" in reply.data
     assert "the connection closed during the peer's blinded set" in str(server.errors[0][1])
+
+
+def test_listener_vanishes_mid_protocol(pki):
+    import threading
+    server = serve(pki, [f"b{k}" for k in range(30000)])
+    out = {}
+
+    def run():
+        try:
+            psi_connect(f"localhost:{server.port}", [f"a{k}" for k in range(30000)],
+                        creds=pki["creds"], timeout=10.0)
+        except PsiError as exc:
+            out["error"] = str(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    server.stop(grace=0)
+    th.join(15)
+    assert not th.is_alive() and time.monotonic() - start < 12
+    assert out["error"].startswith("the connection closed"), out  # while sending or receiving

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 
 import grpc
 
@@ -26,7 +27,7 @@ from atoll.transport.grpc.client import Connection
 from atoll.transport.grpc.limits import Limits
 from atoll.transport.grpc.messages import build
 from atoll.transport.grpc.server import GrpcServer
-from atoll.vertical.psi import MAX_CHUNK, POINT, Message, Result, run_psi
+from atoll.vertical.psi import MAX_CHUNK, POINT, Message, PsiError, Result, run_psi
 
 PACKAGE = "atoll.psi.v1"
 SCHEMA = {"PsiMessage": [("kind", "string"), ("session", "bytes"), ("nonce", "bytes"),
@@ -49,27 +50,28 @@ def from_pb(p) -> Message:
 
 class StreamChannel:
     """A ``run_psi`` channel over one gRPC stream: a thread reads the incoming messages into a
-    bounded inbox; ``outgoing()`` is the iterator gRPC sends from."""
+    bounded inbox; ``outgoing()`` is the iterator gRPC sends from. ``done``: the call is over
+    (a blocked send gives up); ``ended``: the incoming stream ended (``reason`` if it broke)."""
 
     def __init__(self):
         self.inbox, self.outbox = queue.Queue(DEPTH), queue.Queue(DEPTH)
-        self.done, self.ended = threading.Event(), threading.Event()
+        self.done, self.ended, self.reason = threading.Event(), threading.Event(), ""
 
     def start(self, incoming) -> None:
         threading.Thread(target=self._read, args=(incoming,), daemon=True).start()
 
     def _read(self, incoming) -> None:
-        reason = ""
         try:
             for p in incoming:
                 if not self._put(self.inbox, from_pb(p)):
                     break
         except grpc.RpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else str(exc)
+            self.reason = f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else str(exc)
         except Exception as exc:  # noqa: BLE001 - a dropped stream ends the session with its reason
-            reason = f"{type(exc).__name__}: {exc}"
+            self.reason = f"{type(exc).__name__}: {exc}"
+        if self.reason:
+            self.done.set()
         self.ended.set()
-        self._put(self.inbox, Message("closed", data=reason.encode()))
 
     def _put(self, q: queue.Queue, item) -> bool:
         while not self.done.is_set():
@@ -82,13 +84,21 @@ class StreamChannel:
 
     def send(self, msg: Message) -> None:
         if not self._put(self.outbox, to_pb(msg)):
-            raise RuntimeError("send on a closed PSI channel")
+            raise PsiError(f"the connection closed while this party was sending {msg.kind}",
+                           from_peer=True)
 
-    def recv(self, timeout: float) -> Message | None:
-        try:
-            return self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError from None
+    def recv(self, timeout: float) -> Message:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return self.inbox.get(timeout=min(0.2, timeout))
+            except queue.Empty:
+                if self.ended.is_set():  # what was read before the end comes first
+                    with contextlib.suppress(queue.Empty):
+                        return self.inbox.get_nowait()
+                    return Message("closed", data=self.reason.encode())
+                if time.monotonic() >= end:
+                    raise TimeoutError from None
 
     def outgoing(self):
         while True:
@@ -106,6 +116,14 @@ class StreamChannel:
         """No more messages from this side (those queued are still sent)."""
         with contextlib.suppress(queue.Full):
             self.outbox.put(None, timeout=5)
+
+    def finish(self, linger: float) -> None:
+        """Close, then let the peer end its stream (up to ``linger`` s), discarding what it sends."""
+        self.close()
+        end = time.monotonic() + linger
+        while not self.ended.is_set() and time.monotonic() < end:
+            with contextlib.suppress(queue.Empty):
+                self.inbox.get(timeout=0.1)
         self.done.set()
 
 
@@ -122,8 +140,7 @@ def dial(address: str, *, rpc_timeout: float = 3600.0, linger: float = 10.0, **c
         ch.start(conn.stubs["Exchange"](ch.outgoing(), metadata=conn.meta, timeout=rpc_timeout))
         yield ch
     finally:
-        ch.close()
-        ch.ended.wait(linger)
+        ch.finish(linger)
         conn.close()
 
 
@@ -151,6 +168,7 @@ class PsiServer(GrpcServer):
         name, cid = self._who(context)
         self.slots.take(context, "Exchange", cid, self.watchdog, self.limits.rpc_timeout)
         ch = StreamChannel()
+        context.add_callback(ch.done.set)  # the call is over: a blocked send gives up
         ch.start(request_iterator)
         threading.Thread(target=self._session, args=(name, ch), daemon=True).start()
         yield from ch.outgoing()
