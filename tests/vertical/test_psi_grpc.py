@@ -170,3 +170,25 @@ def test_listener_vanishes_mid_protocol(pki):
     th.join(15)
     assert not th.is_alive() and time.monotonic() - start < 12
     assert out["error"].startswith("the connection closed"), out  # while sending or receiving
+
+
+def test_sending_never_waits_for_the_peer_to_read():
+    """Both parties send their whole set before they read the peer's, so a send that blocks on a
+    full buffer deadlocks both once the sets outgrow gRPC's windows (found at 1M x 1M: both
+    parties idle after 10 s). Only the inbox is bounded: a peer cannot flood this party."""
+    import threading
+
+    from atoll.transport.grpc.psi import DEPTH, StreamChannel
+    from atoll.vertical.psi import Message
+    ch = StreamChannel()  # nobody drains outgoing(): the peer is busy sending too
+    sent = threading.Event()
+
+    def flood():
+        for _ in range(10 * DEPTH):
+            ch.send(Message("blinded", data=b"\x09" * 32))
+        sent.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert sent.wait(5), "send blocked while the peer was not reading"
+    assert ch.inbox.maxsize == DEPTH
+    ch.done.set()

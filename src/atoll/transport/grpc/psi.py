@@ -12,7 +12,7 @@ The dialing party: ``psi_connect(address, items, ca=..., token=...)`` returns it
 TLS, authentication (mutual TLS or bearer tokens), message limits, the one-open-call-per-client
 slot and the server-side deadline are those of the deployment server (``GrpcServer``); a message
 holds at most ``MAX_CHUNK`` group elements, and ``run_psi`` checks every chunk before keeping it.
-A fast peer is held back by gRPC's flow control: each side buffers at most ``DEPTH`` messages.
+A fast peer is held back by gRPC's flow control: a party reads at most ``DEPTH`` messages ahead.
 """
 from __future__ import annotations
 
@@ -50,11 +50,15 @@ def from_pb(p) -> Message:
 
 class StreamChannel:
     """A ``run_psi`` channel over one gRPC stream: a thread reads the incoming messages into a
-    bounded inbox; ``outgoing()`` is the iterator gRPC sends from. ``done``: the call is over
-    (a blocked send gives up); ``ended``: the incoming stream ended (``reason`` if it broke)."""
+    bounded inbox; ``outgoing()`` is the iterator gRPC sends from. ``done``: the call is over;
+    ``ended``: the incoming stream ended (``reason`` if it broke).
+
+    Sending never waits: both parties send their whole set before reading the other's, so a send
+    blocked on the peer deadlocks both. The outbox holds at most what this party itself computed
+    (its values, and the peer's after the count was checked); the inbox is bounded."""
 
     def __init__(self):
-        self.inbox, self.outbox = queue.Queue(DEPTH), queue.Queue(DEPTH)
+        self.inbox, self.outbox = queue.Queue(DEPTH), queue.Queue()
         self.done, self.ended, self.reason = threading.Event(), threading.Event(), ""
 
     def start(self, incoming) -> None:
@@ -83,9 +87,10 @@ class StreamChannel:
         return False
 
     def send(self, msg: Message) -> None:
-        if not self._put(self.outbox, to_pb(msg)):
+        if self.done.is_set():
             raise PsiError(f"the connection closed while this party was sending {msg.kind}",
                            from_peer=True)
+        self.outbox.put(to_pb(msg))
 
     def recv(self, timeout: float) -> Message:
         end = time.monotonic() + timeout
@@ -114,8 +119,7 @@ class StreamChannel:
 
     def close(self) -> None:
         """No more messages from this side (those queued are still sent)."""
-        with contextlib.suppress(queue.Full):
-            self.outbox.put(None, timeout=5)
+        self.outbox.put(None)
 
     def finish(self, linger: float) -> None:
         """Close, then let the peer end its stream (up to ``linger`` s), discarding what it sends."""
