@@ -76,12 +76,13 @@ def solo(args):
     scalar, session, chunk = secrets.token_bytes(32), secrets.token_bytes(32), psi.CHUNK
     engine = psi._Engine(args.workers)
     try:
-        engine.map(psi._reblind, [(scalar, psi.hash_to_group([b"warm"], session), 0)] * args.workers)
+        engine.map(psi._reblind_task, [(scalar, psi.hash_to_group([b"warm"], session), 0)] * args.workers)
         t0, c0 = time.perf_counter(), cpu()
-        blinded = b"".join(engine.map(psi._blind, [(scalar, session, mine[i:i + chunk], i)
+        blinded = b"".join(engine.map(psi._blind_task, [(scalar, session, mine[i:i + chunk], i)
                                                    for i in range(0, len(mine), chunk)]))
         t1 = time.perf_counter()
-        for _ in engine.map(psi._reblind, [(scalar, d, i) for d, i in psi._chunks(blinded, chunk)]):
+        tasks = [(scalar, blinded[i:i + chunk * 32], i // 32) for i in range(0, len(blinded), chunk * 32)]
+        for _ in engine.map(psi._reblind_task, tasks):
             pass
         t2 = time.perf_counter()
     finally:

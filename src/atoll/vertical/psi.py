@@ -21,6 +21,7 @@ value whose product is the identity (a low-order point) is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import queue
@@ -131,12 +132,12 @@ def exponentiate(scalar: bytes, data: bytes, start: int = 0, what: str = "a valu
         raise
 
 
-def _blind(task) -> bytes:
+def _blind_task(task) -> bytes:
     scalar, session, items, start = task
     return exponentiate(scalar, hash_to_group(items, session), start, "this party's item")
 
 
-def _reblind(task) -> bytes:
+def _reblind_task(task) -> bytes:
     scalar, data, start = task
     return exponentiate(scalar, data, start, "the peer's value")
 
@@ -259,10 +260,6 @@ def _check_option(name: str, value: str) -> None:
         raise ValueError(f"{name} must be one of {LEARN}, got {value!r}")
 
 
-def _chunks(data: bytes, chunk: int):
-    return [(data[i:i + chunk * POINT], i // POINT) for i in range(0, len(data), chunk * POINT)]
-
-
 def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "intersection",
             workers: int = 1, timeout: float = 60.0, max_items: int = MAX_ITEMS,
             chunk: int = CHUNK) -> Result:
@@ -283,35 +280,19 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
     link, engine, t = _Link(channel, timeout), _Engine(workers), {"start": time.perf_counter()}
     try:
         session, peer, i_learn, peer_learns = _handshake(link, len(mine), learn, reveal, max_items)
-        scalar, start = secrets.token_bytes(32), time.perf_counter()
-        keys = list(mine)
-        order = [keys[i] for i in secret_permutation(len(keys))]
-        tasks = [(scalar, session, order[i:i + chunk], i) for i in range(0, len(order), chunk)]
-        for out in engine.map(_blind, tasks):
-            link.send(Message("blinded", session=session, data=out))
-        t["blind"] = time.perf_counter() - start
-        theirs = link.values("blinded", session, peer.count, "the peer's blinded set")
-        t["receive"] = time.perf_counter() - start - t["blind"]
-        if i_learn == "nothing" and peer_learns == "nothing":
-            return _result(link, "nothing", None, None, peer.count, session, t)
+        scalar = secrets.token_bytes(32)
+        order = _send_blinded(link, engine, list(mine), scalar, session, chunk, t)
         start = time.perf_counter()
-        if peer_learns == "size":  # positions must tell the peer nothing
-            perm = secret_permutation(peer.count)
-            theirs = np.frombuffer(theirs, f"S{POINT}")[perm].tobytes()
-        twice = bytearray()
-        for out in engine.map(_reblind, [(scalar, d, i) for d, i in _chunks(theirs, chunk)]):
-            twice += out
-            if peer_learns != "nothing":
-                link.send(Message("reblinded", session=session, data=out))
-        t["reblind"] = time.perf_counter() - start
-        if first_duplicate(bytes(twice)) is not None:
-            raise PsiError("the peer's blinded set holds two values that differ by a low-order "
-                           "point (the same item twice)")
+        theirs = link.values("blinded", session, peer.count, "the peer's blinded set")
+        t["receive"] = time.perf_counter() - start
+        twice = b""
+        if i_learn != "nothing" or peer_learns != "nothing":
+            twice = _reblind(link, engine, theirs, scalar, session, peer_learns, chunk, t)
         if i_learn == "nothing":
             return _result(link, "nothing", None, None, peer.count, session, t)
         start = time.perf_counter()
         back = link.values("reblinded", session, len(order), "the peer's reblinding of this set")
-        hits = np.isin(np.frombuffer(back, f"S{POINT}"), np.frombuffer(bytes(twice), f"S{POINT}"))
+        hits = np.isin(np.frombuffer(back, f"S{POINT}"), np.frombuffer(twice, f"S{POINT}"))
         found = None
         if i_learn == "intersection":
             keys = {order[i] for i in np.flatnonzero(hits)}
@@ -320,10 +301,42 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
         return _result(link, i_learn, found, int(hits.sum()), peer.count, session, t)
     except PsiError as exc:
         if not exc.from_peer:
-            channel.send(Message("error", data=str(exc).encode()[:1000]))
+            with contextlib.suppress(Exception):
+                channel.send(Message("error", data=str(exc).encode()[:1000]))
         raise
     finally:
         engine.close()
+
+
+def _send_blinded(link, engine, keys, scalar, session, chunk, t) -> list:
+    """Blind this party's ids in a secret random order and stream them; returns that order."""
+    start = time.perf_counter()
+    order = [keys[i] for i in secret_permutation(len(keys))]
+    tasks = [(scalar, session, order[i:i + chunk], i) for i in range(0, len(order), chunk)]
+    for out in engine.map(_blind_task, tasks):
+        link.send(Message("blinded", session=session, data=out))
+    t["blind"] = time.perf_counter() - start
+    return order
+
+
+def _reblind(link, engine, theirs, scalar, session, peer_learns, chunk, t) -> bytes:
+    """The peer's values raised to this party's scalar, streamed back if the peer learns
+    something: in the peer's order for the intersection, in a secret random order for the size."""
+    start = time.perf_counter()
+    if peer_learns == "size":  # positions must tell the peer nothing
+        theirs = np.frombuffer(theirs, f"S{POINT}")[secret_permutation(len(theirs) // POINT)].tobytes()
+    twice = bytearray()
+    tasks = [(scalar, theirs[i:i + chunk * POINT], i // POINT)
+             for i in range(0, len(theirs), chunk * POINT)]
+    for out in engine.map(_reblind_task, tasks):
+        twice += out
+        if peer_learns != "nothing":
+            link.send(Message("reblinded", session=session, data=out))
+    t["reblind"] = time.perf_counter() - start
+    if first_duplicate(bytes(twice)) is not None:
+        raise PsiError("the peer's blinded set holds two values that differ by a low-order "
+                       "point (the same item twice)")
+    return bytes(twice)
 
 
 def _result(link, learned, found, size, peer_count, session, t) -> Result:
