@@ -7,7 +7,10 @@ import pytest
 from atoll.vertical import psi
 from atoll.vertical.psi import intersect
 
-from psi_peer import Party, Script
+try:  # tests/vertical without or with an __init__.py
+    from psi_peer import Party, Script
+except ImportError:
+    from .psi_peer import Party, Script
 
 
 def _sets(rng, n_a, n_b, common):

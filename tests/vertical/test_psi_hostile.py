@@ -6,7 +6,10 @@ import pytest
 from atoll.vertical import psi
 from atoll.vertical.psi import MAX_CHUNK, Message
 
-from psi_peer import ORDER8, P, Party, Script, u_bytes
+try:  # tests/vertical without or with an __init__.py
+    from psi_peer import ORDER8, P, Party, Script, u_bytes
+except ImportError:
+    from .psi_peer import ORDER8, P, Party, Script, u_bytes
 
 ITEMS = [f"id{k}" for k in range(10)]
 

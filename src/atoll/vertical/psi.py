@@ -1,23 +1,17 @@
 """Private set intersection by elliptic-curve Diffie-Hellman (ECDH-PSI) over X25519.
 
-Each party hashes its items into the group (keyed by a session id both parties derive from a
-fresh nonce each), raises them to a secret scalar drawn from the OS (``secrets``), and sends them;
-each raises the other's values to its own scalar and compares the doubly-blinded values
-H(x)^ab = H(x)^ba (Meadows 1986; Huberman, Franklin and Hogg 1999). What each party learns is
-negotiated in the hello: ``learn`` is the most a party asks for, ``reveal`` the most it gives;
-a party learns ``min(its learn, the peer's reveal)`` of "nothing" < "size" < "intersection".
-For "size" the peer's doubly-blinded values come back in a secret random order.
+Each party hashes its ids into the group (keyed by a session id derived from both parties'
+fresh nonces), raises them to a secret scalar from the OS (``secrets``) and sends them; each
+raises the other's values to its own scalar, and equal doubly-blinded values H(x)^ab are the
+common ids (Meadows 1986; Huberman, Franklin and Hogg 1999). A party learns
+``min(its learn, the peer's reveal)`` of "nothing" < "size" < "intersection"; for "size" the
+peer's doubly-blinded values come back in a secret random order. ``run_psi(channel, items)`` is
+one party (channels: ``QueueChannel.pair()`` in process, ``atoll.transport.grpc.psi`` over gRPC);
+``leader_psi`` serves more parties. Semi-honest security; docs/vertical.md.
 
-``run_psi(channel, items, ...)`` is one party; the channel only moves ``Message``s (in process:
-``QueueChannel.pair()``; over gRPC with TLS: ``atoll.transport.grpc.psi``). ``leader_psi`` runs
-the multi-party intersection through one leader. Semi-honest security; see docs/vertical.md.
-
-Group: X25519 (RFC 7748) from ``cryptography``. An item's hash is taken as a raw u-coordinate
-(255 bits): a point of the curve or of its twist. Both have large prime subgroups (Curve25519 is
-twist-secure), and the clamped scalar (a multiple of 8) clears the cofactors 8 and 4, so
-blinding is a bijection on each prime subgroup and commutes: X(a, X(b, u)) = X(b, X(a, u)).
-Values from the peer must be canonical (< 2^255 - 19) so that one point has one encoding, and a
-value whose product is the identity (a low-order point) is refused.
+Group: X25519 (RFC 7748, ``cryptography``); a hash is taken as a raw u-coordinate, a point of
+the curve or of its (secure) twist; the clamped scalar, a multiple of 8, clears both cofactors,
+so blinding commutes. Values from the peer must be canonical and not of low order.
 """
 from __future__ import annotations
 
