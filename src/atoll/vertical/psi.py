@@ -20,6 +20,7 @@ import hashlib
 import multiprocessing as mp
 import queue
 import secrets
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -341,8 +342,6 @@ def _result(link, learned, found, size, peer_count, session, t) -> Result:
 def intersect(items_a, items_b, *, learn_a="intersection", learn_b="intersection",
               timeout: float = 60.0, **kw) -> tuple[Result, Result]:
     """Both parties in this process (two threads over a ``QueueChannel``): (A's, B's) results."""
-    import threading
-
     a, b = QueueChannel.pair()
     out: dict = {}
 
