@@ -37,6 +37,8 @@ class Task:
 
 
 class Connection:
+    SERVICE, METHODS = M.SERVICE, M.METHODS  # a subclass calls another service the same way
+
     def __init__(self, address: str, *, ca: bytes | None = None, cert: bytes | None = None,
                  key: bytes | None = None, token: str | None = None, insecure: bool = False,
                  chunk_bytes: int = 1 << 20, timeout: float = 60.0, max_task_bytes: int = 256 << 20):
@@ -55,10 +57,11 @@ class Connection:
         self.meta = (("authorization", f"Bearer {token.strip()}"),) if token else ()
         self.chunk, self.timeout, self.max_task = chunk_bytes, timeout, max_task_bytes
         self.stubs = {}
-        for name, (req, rep, cs, ss) in M.METHODS.items():
+        for name, (req, rep, cs, ss) in self.METHODS.items():
             kind = {(False, False): self.channel.unary_unary, (False, True): self.channel.unary_stream,
-                    (True, False): self.channel.stream_unary}[(cs, ss)]
-            self.stubs[name] = kind(f"/{M.SERVICE}/{name}", request_serializer=req.SerializeToString,
+                    (True, False): self.channel.stream_unary,
+                    (True, True): self.channel.stream_stream}[(cs, ss)]
+            self.stubs[name] = kind(f"/{self.SERVICE}/{name}", request_serializer=req.SerializeToString,
                                     response_deserializer=rep.FromString)
 
     def close(self) -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger("atoll.deploy")
 
 
 class GrpcServer:
+    SERVICE, METHODS = M.SERVICE, M.METHODS  # a subclass serves another service the same way
+
     def __init__(self, backend, identify, *, address: str = "[::]:0", tls: dict | None = None,
                  auth: str = "mtls", chunk_bytes: int = 1 << 20, limits: Limits = Limits()):
         if auth not in ("mtls", "token"):
@@ -45,14 +47,15 @@ class GrpcServer:
                                            ("grpc.max_send_message_length", limit),
                                            *limits.options()])
         handlers = {}
-        for name, (req, rep, cs, ss) in M.METHODS.items():
+        for name, (req, rep, cs, ss) in self.METHODS.items():
             make = {(False, False): grpc.unary_unary_rpc_method_handler,
                     (False, True): grpc.unary_stream_rpc_method_handler,
-                    (True, False): grpc.stream_unary_rpc_method_handler}[(cs, ss)]
+                    (True, False): grpc.stream_unary_rpc_method_handler,
+                    (True, True): grpc.stream_stream_rpc_method_handler}[(cs, ss)]
             handlers[name] = make(getattr(self, "_" + name.lower()),
                                   request_deserializer=req.FromString,
                                   response_serializer=rep.SerializeToString)
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(M.SERVICE, handlers)])
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(self.SERVICE, handlers)])
         if tls is None:
             self.port = self.server.add_insecure_port(address)
         else:
