@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from atoll.vertical import leakage
+from atoll.vertical import leakage, psi
 from atoll.vertical.hetero_lr import ActiveParty, HeteroLR
 from atoll.vertical.split import BottomParty, LabelParty, SplitNN, batches
 
@@ -52,11 +52,21 @@ def generate(people: int, seed: int):
 
 
 def align(bank_ids, telecom_ids):
-    """ALIGN IDS. Stand-in: a plain (non-private) intersection, sorted by id, that shows both
-    parties each other's ids. The lead switches it to ``atoll.vertical.psi`` (each party learns
-    only the intersection). Returns the row positions of the common people in each party."""
-    common, bank_rows, telecom_rows = np.intersect1d(bank_ids, telecom_ids, return_indices=True)
-    return bank_rows, telecom_rows
+    """Private set intersection (``atoll.vertical.psi``: ECDH over X25519, fresh secret scalars):
+    each party learns which of its own ids the other also holds, and nothing about the others.
+    Both sort the common ids, so row i is the same person on both sides. Here both parties run
+    in this process; between machines, ``atoll psi serve`` / ``atoll psi connect``
+    (docs/vertical.md). Returns the row positions of the common people in each party."""
+    t0 = time.perf_counter()
+    bank, telecom = psi.intersect(list(bank_ids), list(telecom_ids))
+
+    def rows(ids, common):
+        where = {v: i for i, v in enumerate(ids)}
+        return np.array([where[c] for c in sorted(common)])
+
+    print(f"PSI: {bank.size} people in common, {bank.bytes_sent + telecom.bytes_sent} bytes "
+          f"exchanged, {time.perf_counter() - t0:.1f} s")
+    return rows(list(bank_ids), bank.intersection), rows(list(telecom_ids), telecom.intersection)
 
 
 def standardise(x: np.ndarray, train: np.ndarray) -> torch.Tensor:
@@ -85,7 +95,7 @@ def split_nn(xs: dict, y, train, test, noise: float, seed: int, epochs: int = 15
 
 def main(people=8000, seed=2, noise=0.01, lr_epochs=2, key_bits=1024):
     bank, telecom = generate(people, seed)
-    bank_rows, telecom_rows = align(bank["ids"], telecom["ids"])  # <- the lead wires atoll.vertical.psi here
+    bank_rows, telecom_rows = align(bank["ids"], telecom["ids"])
     n = len(bank_rows)
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     train, test = perm[: int(0.7 * n)], perm[int(0.7 * n):]

@@ -1,5 +1,5 @@
 """The bank + telecom example (examples/bank_vertical): seeded data with different id sets, the
-alignment stand-in pairs the same people, and the split network learns on the aligned rows."""
+PSI alignment pairs the same people, and the split network learns on the aligned rows."""
 import importlib.util
 from pathlib import Path
 
