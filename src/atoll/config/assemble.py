@@ -82,10 +82,10 @@ def build(cfg: Config, data=None):
                           "inner_lr": a.inner_lr or 0.05},
                "per_fedavg": {"alpha": a.inner_lr or 0.01, "variant": a.variant, "delta": a.delta,
                               "adapt_steps": a.adapt_steps}}.get(a.name, {})
-    if a.name == "pfedme" and not 0 < options["lam"] * options["inner_lr"] < 2:
-        raise ConfigError(f"algorithm.lam = {options['lam']} and algorithm.inner_lr = "
-                          f"{options['inner_lr']}: pfedme needs lam > 0 and inner_lr * lam < 2 "
-                          "(else its personal problem's steps diverge)")
+    if a.name == "pfedme" and not (0 < options["lam"] * max(options["inner_lr"], c.lr) < 2):
+        raise ConfigError(f"algorithm.lam = {options['lam']}, algorithm.inner_lr = {options['inner_lr']}, "
+                          f"client.lr = {c.lr}: pfedme needs lam > 0, inner_lr * lam < 2 and "
+                          "client.lr * lam < 2 (else its steps toward theta and w overshoot)")
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):
