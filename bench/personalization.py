@@ -55,6 +55,10 @@ ALGORITHMS = {
     "FedRep": ["algorithm.name=fedrep", "algorithm.head_epochs=2"],
     "LG-FedAvg": ["algorithm.name=lg_fedavg"],
     "APFL": ["algorithm.name=apfl", "algorithm.alpha=0.25"],
+    "pFedMe": ["algorithm.name=pfedme", "algorithm.lam=15", "algorithm.inner_steps=5",
+               "algorithm.inner_lr=0.05"],
+    "Per-FedAvg-FO": ["algorithm.name=per_fedavg", "algorithm.variant=fo", "algorithm.inner_lr=0.2"],
+    "Per-FedAvg-HF": ["algorithm.name=per_fedavg", "algorithm.variant=hf", "algorithm.inner_lr=0.2"],
 }
 OUT = Path("runs/personal")
 KEYS = ("fed_acc_mean", "pers_acc_mean", "pers_acc_p10", "new_acc_mean")

@@ -92,6 +92,10 @@ class Algorithm:
     # Personalized FL: ``personalize(params, client_state)`` -> the model that client uses (Ditto's
     # own ``v_i``, FedPer's global body with its own head); ``None``: the global model.
     personalize: Callable[[Tree, dict], Tree] | None = None
+    # ``adapt(loss_fn, params, x, y)`` -> the model a client uses, made at evaluation from the
+    # global ``params`` on its training data ``(x, y)`` (Per-FedAvg's steps of fine-tuning);
+    # where set, evaluation uses it instead of ``personalize``.
+    adapt: Callable[..., Tree] | None = None
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.

@@ -3,10 +3,12 @@ own test split, and new clients (held out of training) on theirs.
 
 A client's own model is ``Algorithm.personalize(params, client_state)`` (Ditto's ``v_i``,
 FedPer's and FedRep's global body with its own head; the global model for an algorithm without
-the hook). A client not yet sampled uses the model of a fresh client state. A new client first
-runs ``finetune`` rounds of the algorithm's own client update on its training split (batches
-keyed by ``(seed, finetune pass, client)``, so the same run gives the same numbers), from the
-global model; ``finetune = 0`` evaluates the fresh state's model as it is.
+the hook). A client not yet sampled uses the model of a fresh client state. An algorithm with
+``Algorithm.adapt`` (Per-FedAvg) instead makes each client's model at evaluation from the global
+model on the client's training split. A new client first runs ``finetune`` rounds of the
+algorithm's own client update on its training split (batches keyed by ``(seed, finetune pass,
+client)``, so the same run gives the same numbers), from the global model; ``finetune = 0``
+evaluates the fresh state's model as it is (``adapt``: adapts the model it ends with).
 
 The summary: ``pers_acc_mean`` (sample-weighted, as ``fed_acc_mean``) and ``pers_acc_p10``
 (10th percentile over clients), and the same for new clients (``new_acc_*``).
@@ -54,7 +56,17 @@ def fine_tuned(algorithm, client_update, state, cdata, cid, passes, work, seed):
         with rng.torch_seeded(key):
             res = client_update(start, cstate, {**broadcast, "params": start}, batches, mask, key)
         cstate, mine = res.client_state, T.add(start, res.delta)
+    if algorithm.adapt is not None:
+        return adapted(algorithm, client_update, mine, cdata, cid, seed)
     return own_model(algorithm, params, cstate) if algorithm.personalize is not None else mine
+
+
+def adapted(algorithm, client_update, params, cdata, cid, seed):
+    """``Algorithm.adapt`` from ``params`` on the client's training split (a model that draws
+    random numbers draws them keyed by ``(seed, client)``)."""
+    dtype = next(iter(params.values())).dtype
+    with rng.torch_seeded(rng.key(seed, 0, cid, "adapt")):
+        return algorithm.adapt(client_update.loss, params, cdata.x.to(dtype), cdata.y)
 
 
 def evaluate(algorithm, client_update, model, state, client_states, clients, trained: int,
@@ -62,8 +74,11 @@ def evaluate(algorithm, client_update, model, state, client_states, clients, tra
     """The summary over clients ``[0, trained)`` (own models) and ``[trained, N)`` (new)."""
     ids = list(range(trained))
     stored = states_of(client_states, ids)
-    out = _summary("pers", model, clients, {i: own_model(algorithm, state.params, stored.get(i))
-                                            for i in ids})
+    if algorithm.adapt is not None:
+        own = {i: adapted(algorithm, client_update, state.params, clients[i], i, seed) for i in ids}
+    else:
+        own = {i: own_model(algorithm, state.params, stored.get(i)) for i in ids}
+    out = _summary("pers", model, clients, own)
     new = {i: fine_tuned(algorithm, client_update, state, clients[i], i, finetune, work, seed)
            for i in range(trained, len(clients))}
     return {**out, **(_summary("new", model, clients, new) if new else {})}

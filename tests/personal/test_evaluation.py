@@ -51,7 +51,7 @@ def test_fedavg_personal_accuracy_is_the_global_models_on_the_training_clients()
     assert "new_acc_mean" not in res.final
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedper", "fedrep"])
+@pytest.mark.parametrize("name", ["ditto", "fedper", "fedrep", "pfedme", "per_fedavg"])
 def test_new_clients_never_train_and_metrics_are_reproducible(name):
     alg, model, data, a = run(name)
     *_, b = run(name)

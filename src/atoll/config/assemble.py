@@ -77,7 +77,15 @@ def build(cfg: Config, data=None):
                "fedagrac": {"local_lr": c.lr, "lam": a.lam, "form": a.form},
                "ditto": {"lam": 0.1 if a.lam is None else a.lam}, "fedper": {"head": a.head},
                "fedrep": {"head": a.head, "head_epochs": a.head_epochs}, "lg_fedavg": {"head": a.head},
-               "apfl": {"alpha": a.alpha, "alpha_step": a.alpha_step}}.get(a.name, {})
+               "apfl": {"alpha": a.alpha, "alpha_step": a.alpha_step},
+               "pfedme": {"lam": 15.0 if a.lam is None else a.lam, "inner_steps": a.inner_steps,
+                          "inner_lr": a.inner_lr or 0.05},
+               "per_fedavg": {"alpha": a.inner_lr or 0.01, "variant": a.variant, "delta": a.delta,
+                              "adapt_steps": a.adapt_steps}}.get(a.name, {})
+    if a.name == "pfedme" and not (0 < options["lam"] * max(options["inner_lr"], c.lr) < 2):
+        raise ConfigError(f"algorithm.lam = {options['lam']}, algorithm.inner_lr = {options['inner_lr']}, "
+                          f"client.lr = {c.lr}: pfedme needs lam > 0, inner_lr * lam < 2 and "
+                          "client.lr * lam < 2 (else its steps toward theta and w overshoot)")
     if a.server_lr is not None:
         options["server_lr"] = a.server_lr
     if isinstance(a.weighting, list) and len(a.weighting) != len(fed.clients):

@@ -54,7 +54,7 @@ class ClientConfig(_Section):
 class AlgorithmConfig(_Section):
     name: Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                   "fednova", "scaffold", "fedagrac", "ditto", "fedper", "fedrep",
-                  "fedbn", "lg_fedavg", "apfl"] = "fedavg"
+                  "fedbn", "lg_fedavg", "apfl", "pfedme", "per_fedavg"] = "fedavg"
     server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.9, ge=0, lt=1)
     mu: float = Field(0.01, ge=0)
@@ -63,11 +63,16 @@ class AlgorithmConfig(_Section):
     tau: float = Field(1e-3, gt=0)
     initial_v: float | None = Field(None, ge=0)  # fedadam/fedyogi/fedadagrad: v_-1; None = tau^2 (Reddi et al.)
     weighting: Literal["samples", "uniform"] | list[float] = "samples"  # or one weight per client
-    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published); ditto: lambda (default 0.1)
+    lam: float | None = Field(None, ge=0)  # fedagrac: lambda (default 0.1 seed form, 0.03 published); ditto: lambda (default 0.1); pfedme: lambda (default 15, > 0)
     head: str | None = None  # fedper/fedrep: parameter-name prefix of the local head (default: the last layer)
-    head_epochs: int = Field(1, ge=1)
+    head_epochs: int = Field(1, ge=1)       # fedrep: passes over the round's batches training the head first
     alpha: float = Field(0.25, ge=0, le=1)  # apfl: the initial mixing weight
-    alpha_step: float = Field(0.1, ge=0)    # apfl: alpha's learning rate relative to the local one  # fedrep: passes over the round's batches training the head first
+    alpha_step: float = Field(0.1, ge=0)    # apfl: alpha's learning rate relative to the local one
+    inner_lr: float | None = Field(None, gt=0)  # pfedme: step of the personal problem (default 0.05); per_fedavg: alpha (default 0.01)
+    inner_steps: int = Field(5, ge=1)       # pfedme: K, steps on the personal problem per local step
+    variant: Literal["fo", "hf"] = "fo"     # per_fedavg: first-order or Hessian-free meta-gradient
+    delta: float = Field(1e-3, gt=0)        # per_fedavg hf: finite-difference step of the Hessian-vector product
+    adapt_steps: int = Field(1, ge=0)       # per_fedavg: steps of fine-tuning (step inner_lr) that make a client's model
     form: Literal["seed", "published"] = "seed"  # fedagrac: the patent's calibration (CN 112990488 B) or the paper code's
 
 
