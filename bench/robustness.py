@@ -12,6 +12,8 @@ attacks. Honest clients run local SGD steps and send their update; attackers' ro
 by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``iid``,
 ``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
+Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 16 bits): the
+robust rule sees only the means of securely summed random buckets of 2 clients.
 Prints a Markdown table per data set and writes bench/out/robustness.json.
 """
 from __future__ import annotations
@@ -42,6 +44,11 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "centered_clipping(tau=0.1)": "name = 'centered_clipping'\ntau = 0.1\niters = 3",
          "nnm+centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3\nnnm = true",
          "bucketing+median": "name = 'median'\nbucket = 2",
+         "bucketing+centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3\nbucket = 2",
+         # under [secure]: the same rules over the means of securely summed buckets of 2
+         "secure bucketing+median": "name = 'median'\nbucket = 2",
+         "secure bucketing+centered_clipping":
+             "name = 'centered_clipping'\ntau = 1.0\niters = 3\nbucket = 2",
          "fltrust": "name = 'fltrust'\nroot = 100", "flame": "name = 'flame'"}
 HONEST = 10
 
@@ -57,6 +64,7 @@ def mnistlike(n=12_000, seed=0) -> Dataset:
 
 def config_text(split, rule, f, attack, rounds, seed, momentum=0.0):
     comm = f"[comm]\nuplink = 'worker_momentum({momentum})'\n" if momentum else ""
+    secure = "[secure]\nmethod = 'secagg'\nclip = 1.0\nbits = 16\n" if rule.startswith("secure ") else ""
     attack_part = f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n" if f else ""
     return f"""
 seed = {seed}
@@ -83,7 +91,7 @@ f = {f}
 [eval]
 federated = false
 every = {rounds}
-{comm}{attack_part}"""
+{comm}{secure}{attack_part}"""
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
