@@ -154,6 +154,9 @@ def _run(args) -> int:
     else:
         raise ValueError("give a CONFIG file, or --resume RUN_DIR")
     algorithm, model, data, plan = config.build(cfg)
+    if cfg.watermark.fingerprint:
+        logging.getLogger("atoll").warning("watermark.fingerprint: per-client copies are sent in deployment (atoll "
+                    "server); this simulated run sends none")
     t0 = time.perf_counter()
     result = simulate(algorithm, model, data, plan, run_dir=run_dir, runtime=config.runtime(cfg),
                       resume=bool(args.resume), overwrite=args.overwrite,

@@ -262,6 +262,7 @@ class WatermarkConfig(_Section):
     lr: float = Field(0.05, gt=0)
     batch: int = Field(50, ge=1)
     every: int = Field(1, ge=1)      # embed after every k-th server step
+    fingerprint: bool = False        # deployment: each client gets its own traceable copy
 
 
 class Config(_Section):

@@ -41,7 +41,7 @@ from atoll import checkpoint, rng, rundir, sampling
 from atoll import tree as T
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
-from atoll.deploy import downlink, guard
+from atoll.deploy import downlink, fingerprint, guard
 from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
@@ -66,10 +66,11 @@ def downlink_bytes(algorithm, state, seed: int) -> bytes:
 class Coordinator(Intake):
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
                  config_text: str | None = None, plots: bool = True, enrolled=None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, fingerprints=None):
         self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
+        self.fingerprints = fingerprints  # watermark.Fingerprints: each client gets its own copy
         self.num_clients = len(data.clients)
         self.run_dir = Path(run_dir)
         if overwrite or not same_run(self.run_dir, config_text):  # a restart of this run resumes it
@@ -193,6 +194,8 @@ class Coordinator(Intake):
         if self.algorithm.tracker is not None:  # per-client payloads, the tracker's state advanced
             self.hashes[state.round] = downlink.model_hash(state.params)
             tracked, state = downlink.open_round(self.algorithm, state, cohort)
+        elif self.fingerprints is not None:
+            tracked = fingerprint.open_round(self.algorithm, state, cohort, self.fingerprints, p.seed)
         rnd = Round(r, cohort, b"" if tracked else downlink_bytes(self.algorithm, state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, state.params, tracked=tracked)
         rnd.stats.sampled = len(cohort)
