@@ -43,22 +43,23 @@ _TYPES = {"int32": "TYPE_INT32", "int64": "TYPE_INT64", "double": "TYPE_DOUBLE",
           "bool": "TYPE_BOOL", "string": "TYPE_STRING", "bytes": "TYPE_BYTES"}
 
 
-def _build() -> dict[str, type]:
+def build(package: str, schema: dict[str, list[tuple[str, str]]]) -> dict[str, type]:
+    """Message classes of ``schema`` (message -> [(field, type)]) in a private pool."""
     F = descriptor_pb2.FieldDescriptorProto
-    fd = descriptor_pb2.FileDescriptorProto(name="atoll_deploy_v1.proto", package=PACKAGE,
-                                            syntax="proto3")
-    for name, fields in SCHEMA.items():
+    fd = descriptor_pb2.FileDescriptorProto(name=package.replace(".", "_") + ".proto",
+                                            package=package, syntax="proto3")
+    for name, fields in schema.items():
         msg = fd.message_type.add(name=name)
         for number, (field, kind) in enumerate(fields, start=1):
             msg.field.add(name=field, number=number, label=F.LABEL_OPTIONAL,
                           type=getattr(F, _TYPES[kind]))
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
-            for name in SCHEMA}
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+            for name in schema}
 
 
-_CLASSES = _build()
+_CLASSES = build(PACKAGE, SCHEMA)
 JoinRequest = _CLASSES["JoinRequest"]
 JoinReply = _CLASSES["JoinReply"]
 TaskRequest = _CLASSES["TaskRequest"]

@@ -36,32 +36,9 @@ class GrpcServer:
         self.backend, self.identify, self.auth, self.chunk = backend, identify, auth, chunk_bytes
         self.limits, self.slots, self.watchdog = limits, Slots(), Watchdog()
         self.refused = RateLog(log, limits.auth_log_per_min)
-        raise_fd_limit()  # before limits.options() reads it
-        limit = chunk_bytes + (1 << 16)
-        # one thread per admitted call: a call beyond max_rpcs is refused, never queued
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_rpcs),
-                                  maximum_concurrent_rpcs=limits.max_rpcs,
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", limit),
-                                           *limits.options()])
-        handlers = {}
-        for name, (req, rep, cs, ss) in M.METHODS.items():
-            make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                    (False, True): grpc.unary_stream_rpc_method_handler,
-                    (True, False): grpc.stream_unary_rpc_method_handler}[(cs, ss)]
-            handlers[name] = make(getattr(self, "_" + name.lower()),
-                                  request_deserializer=req.FromString,
-                                  response_serializer=rep.SerializeToString)
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(M.SERVICE, handlers)])
-        if tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials([(tls["key"], tls["cert"])],
-                                                root_certificates=tls["ca"],
-                                                require_client_auth=(auth == "mtls"))
-            self.port = self.server.add_secure_port(address, creds)
-        if not self.port:
-            raise ValueError(f"cannot listen on {address}")
+        self.server, self.port = listen(M.SERVICE, M.METHODS, lambda n: getattr(self, "_" + n.lower()),
+                                        address=address, tls=tls, auth=auth,
+                                        chunk_bytes=chunk_bytes, limits=limits)
 
     def start(self) -> int:
         self.server.start()
@@ -73,13 +50,7 @@ class GrpcServer:
 
     # ---- authentication ----------------------------------------------------------------------
     def _who(self, context, allow_observer: bool = False) -> tuple[str, int | None]:
-        if self.auth == "mtls":
-            pem = context.auth_context().get("x509_pem_cert")
-            found = self.identify("cert", pem[0]) if pem else None
-        else:
-            meta = dict(context.invocation_metadata())
-            bearer = meta.get("authorization", "")
-            found = self.identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
+        found = identity(context, self.auth, self.identify)
         if found is None:
             self.refused.warn("refused a call from %s: not an enrolled client", context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "not an enrolled client")
@@ -126,3 +97,45 @@ class GrpcServer:
     def _status(self, request, context):
         self._who(context, allow_observer=True)
         return M.StatusReply(**self.backend.status())
+
+
+def listen(service: str, methods: dict, handler, *, address: str, tls: dict | None, auth: str,
+           chunk_bytes: int, limits: Limits) -> tuple[grpc.Server, int]:
+    """A (not yet started) server of ``methods`` (``messages.METHODS``'s shape), ``handler(name)``
+    serving each, bounded by ``limits``, no message over ``chunk_bytes`` plus a margin; TLS with
+    ``tls`` (``key``, ``cert``, ``ca`` PEM bytes), client certificates required when ``auth`` is
+    ``mtls``. Returns the server and its port."""
+    raise_fd_limit()  # before limits.options() reads it
+    limit = chunk_bytes + (1 << 16)
+    # one thread per admitted call: a call beyond max_rpcs is refused, never queued
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_rpcs),
+                         maximum_concurrent_rpcs=limits.max_rpcs,
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", limit), *limits.options()])
+    handlers = {}
+    for name, (req, rep, cs, ss) in methods.items():
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler}[(cs, ss)]
+        handlers[name] = make(handler(name), request_deserializer=req.FromString,
+                              response_serializer=rep.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials([(tls["key"], tls["cert"])], root_certificates=tls["ca"],
+                                            require_client_auth=(auth == "mtls"))
+        port = server.add_secure_port(address, creds)
+    if not port:
+        raise ValueError(f"cannot listen on {address}")
+    return server, port
+
+
+def identity(context, auth: str, identify):
+    """``identify("cert", pem)`` of the TLS-verified client certificate (``mtls``) or
+    ``identify("token", t)`` of the ``authorization: Bearer t`` metadata; None without either."""
+    if auth == "mtls":
+        pem = context.auth_context().get("x509_pem_cert")
+        return identify("cert", pem[0]) if pem else None
+    bearer = dict(context.invocation_metadata()).get("authorization", "")
+    return identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
