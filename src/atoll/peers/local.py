@@ -9,6 +9,7 @@ as ``decentralized.dpsgd`` does for that node.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def dpsgd_step(model: torch.nn.Module, data, me: int, *, lr: float = 0.1, batch_
     """Peer ``me``'s local work in ``decentralized.dpsgd``: ``local_steps`` SGD steps on
     ``data.clients[me]`` with the simulation's batches (its row of the same seeded draw)."""
     n, client = len(data.clients), data.clients[me]
+    model = copy.deepcopy(model)  # functional_call swaps a module's parameters: one per peer thread
 
     def step(r: int, state: dict, weight: torch.Tensor) -> dict:
         for s in range(local_steps):
