@@ -99,3 +99,114 @@ def test_dpsgd_over_grpc_equals_the_simulation(push, creds4):
         # the peers' per-node autograd and the simulation's vmap sum in other orders: float64
         # rounding, a few ulps of the weights per step
         torch.testing.assert_close(got, v, rtol=1e-12, atol=1e-12 * float(v.abs().max()))
+
+
+# ---- hostile messages -------------------------------------------------------------------------
+# Peer 0 of a push-sum directed ring of 4 is the victim: its only in-neighbour is peer 3. Peers
+# 1, 2 and 3 are played by the test with their real tokens (an enrolled peer gone bad). After the
+# attack the honest round-0 message of peer 3 comes, and peer 0's round must be exactly the honest
+# one: x0 + x3 / 2 (its own share for peer 1 is kept: peer 1 is not reachable), weight 3 / 2.
+
+class Victim:
+    def __init__(self, creds, d=8):
+        self.x = values(4, d=d, seed=5)
+        self.peer = peers.Peer(0, 4, D.static(D.directed_ring(4)), {"x": self.x[0]},
+                               creds=creds[0], push=True, round_timeout=2.0)
+        address = f"127.0.0.1:{self.peer.start()}"
+        self.ch = {j: PeerChannel(address, ca=creds[j]["ca"], token=creds[j]["token"], timeout=5.0)
+                   for j in (1, 2, 3)}
+
+    def message(self, j, x=None, w=0.5, dtype=torch.float64):
+        x = 0.5 * self.x[j] if x is None else x
+        return wire.dumps({"x": x.to(dtype), WEIGHT: torch.tensor(w, dtype=torch.float64)})
+
+    def finish(self):
+        self.peer.exchange(0)
+        assert torch.equal(self.peer.state["x"], self.x[0] + 0.5 * self.x[3])
+        assert float(self.peer.weight) == 1.5
+
+    def close(self):
+        for c in self.ch.values():
+            c.close()
+        self.peer.stop()
+
+
+def _huge(v):
+    return v.message(3, x=torch.full((8,), 1e6))
+
+
+ATTACKS = {  # name: (sender, named sender, round, message, reason)
+    "non_neighbour": (2, 2, 0, lambda v: v.message(2, x=torch.full((8,), 1e6)), "not an in-neighbour"),
+    "impersonation": (2, 3, 0, _huge, "names peer 3 as its sender"),
+    "far_future_round": (3, 3, 10 ** 9, _huge, "accepts rounds 0 to"),
+    "past_round": (3, 3, -1, _huge, "accepts rounds 0 to"),
+    "short_vector": (3, 3, 0, lambda v: v.message(3, x=torch.full((4,), 1e6)), "entries [x torch.float64 [4]"),
+    "broadcast_shape": (3, 3, 0, lambda v: v.message(3, x=torch.full((1,), 1e6)), "this run's messages are"),
+    "float32": (3, 3, 0, lambda v: v.message(3, dtype=torch.float32), "x torch.float32 [8]"),
+    "no_weight": (3, 3, 0, lambda v: wire.dumps({"x": 0.5 * v.x[3]}), "this run's messages are"),
+    "nan": (3, 3, 0, lambda v: v.message(3, x=torch.full((8,), float("nan"))), "NaN or infinite"),
+    "inf": (3, 3, 0, lambda v: v.message(3, x=torch.full((8,), float("inf"))), "NaN or infinite"),
+    "zero_weight": (3, 3, 0, lambda v: v.message(3, w=0.0), "weight 0.0 is not positive"),
+    "negative_weight": (3, 3, 0, lambda v: v.message(3, w=-0.5), "is not positive"),
+    "garbage": (3, 3, 0, lambda v: b"\x00" * len(v.message(3)), "not a valid message"),
+    "oversized": (3, 3, 0, lambda v: v.message(3) * 1000, "bytes announced, the limit is"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_a_hostile_message_is_refused_with_its_reason_and_changes_nothing(name, creds4):
+    sender, named, r, make, reason = ATTACKS[name]
+    v = Victim(creds4)
+    try:
+        accepted, why = v.ch[sender].send(named, r, make(v))
+        assert not accepted and reason in why, why
+        assert any(reason in w for _, _, w in v.peer.inbox.refused)  # logged and kept
+        assert v.ch[3].send(3, 0, v.message(3)) == (True, "")
+        v.finish()
+    finally:
+        v.close()
+
+
+def test_a_second_message_for_a_round_is_refused_and_the_first_counts(creds4):
+    v = Victim(creds4)
+    try:
+        assert v.ch[3].send(3, 0, v.message(3)) == (True, "")
+        accepted, why = v.ch[3].send(3, 0, _huge(v))
+        assert not accepted and "a second message from peer 3 for round 0" in why
+        v.finish()
+    finally:
+        v.close()
+
+
+def test_a_late_message_is_refused_so_that_its_sender_keeps_the_mass(creds4):
+    v = Victim(creds4)
+    try:
+        assert v.ch[3].send(3, 0, v.message(3)) == (True, "")
+        v.finish()
+        accepted, why = v.ch[3].send(3, 0, v.message(3))  # round 0 is closed: not counted
+        assert not accepted and "peer 0 is in round 1" in why
+    finally:
+        v.close()
+
+
+def test_a_stream_longer_than_announced_or_unauthenticated_is_refused(creds4):
+    v = Victim(creds4)
+    try:
+        good = v.message(3)
+
+        def longer():
+            yield PeerChunk(sender=3, round=0, total_bytes=len(good), data=good)
+            for _ in range(100):
+                yield PeerChunk(data=good)
+
+        reply = v.ch[3].stub(longer(), metadata=v.ch[3].meta, timeout=5.0)
+        assert not reply.accepted and "more than the" in reply.reason
+        intruder = PeerChannel(f"127.0.0.1:{v.peer.server.port}", ca=creds4[3]["ca"],
+                               token="atl_not-a-token", timeout=5.0)
+        with pytest.raises(TransportError, match="UNAUTHENTICATED"):
+            intruder.send(3, 0, good)
+        intruder.close()
+        assert v.ch[3].send(3, 0, good) == (True, "")
+        v.finish()
+    finally:
+        v.close()
