@@ -210,3 +210,49 @@ def test_a_stream_longer_than_announced_or_unauthenticated_is_refused(creds4):
         v.finish()
     finally:
         v.close()
+
+
+# ---- neighbours that vanish or stay silent ----------------------------------------------------
+
+def without(w, gone):
+    """The round's matrix once peer ``gone`` no longer exchanges: its neighbours give its weight
+    to themselves (what a gossip peer does with a missing in-neighbour), its row is frozen."""
+    w = w.clone()
+    for i in range(len(w)):
+        if i != gone:
+            w[i, i] += w[i, gone]
+            w[i, gone] = 0.0
+    w[gone] = 0.0
+    w[gone, gone] = 1.0
+    return w
+
+
+def test_gossip_goes_on_without_a_neighbour_that_vanished(creds4):
+    x, w = values(4, seed=6), D.ring(4)
+    got, ps = run_peers(x, D.static(w), [6, 6, 2, 6], creds4, round_timeout=20.0)
+    ref = D.gossip(D.gossip(x, D.static(w), 2), D.static(without(w, 2)), 4)
+    assert float((got - ref).abs().max()) <= bound(6, w, x)
+    assert ps[1].missing == ps[3].missing == [set(), set()] + [{2}] * 4
+    assert max(ps[1].seconds + ps[3].seconds) < 10.0  # a vanished peer is not waited for
+
+
+def test_push_sum_keeps_the_mass_a_vanished_neighbour_did_not_take(creds4):
+    x = values(4, seed=7)
+    _, ps = run_peers(x, D.static(D.ring(4)), [120, 120, 3, 120], creds4, push=True, round_timeout=20.0)
+    total = sum(p.state["x"] for p in ps)  # the vanished peer's mass is what it holds
+    torch.testing.assert_close(total, x.sum(0), rtol=0, atol=64 * EPS * float(x.abs().sum(0).max()))
+    assert abs(sum(float(p.weight) for p in ps) - 4.0) <= 64 * EPS * 4
+    live = torch.stack([ps[i].value()["x"] for i in (0, 1, 3)])
+    assert float((live - live[0]).abs().max()) <= 1e-9 * float(x.abs().max())  # consensus
+
+
+def test_a_silent_neighbour_costs_at_most_the_round_timeout(creds4):
+    x, w, t = values(4, seed=8), D.ring(4), 0.5
+    hold = lambda r, s, wt: (time.sleep(5 * t), s)[1]  # noqa: E731 - peer 2 is alive but silent
+    got, ps = run_peers(x, D.static(w), [3, 3, 1, 3], creds4, round_timeout=t,
+                        local=[None, None, hold, None])
+    ref = D.gossip(x, D.static(without(w, 2)), 3)
+    assert float((got[[0, 1, 3]] - ref[[0, 1, 3]]).abs().max()) <= bound(3, w, x)
+    assert ps[1].missing == ps[3].missing == [{2}] * 3
+    for s in ps[1].seconds + ps[3].seconds:  # it waited, but not past the timeout
+        assert 0.9 * t <= s <= t + 0.5, s

@@ -94,11 +94,14 @@ class Inbox:
         return (f"{len(data)} bytes with entries [{describe(got)}]; this run's messages are "
                 f"{self.layout.size} bytes with entries [{describe(self.layout)}]")
 
-    def close(self) -> None:
-        """Refuse everything from now on (the peer is done: nothing more would be counted)."""
+    def close(self) -> list[dict]:
+        """Refuse everything from now on (the peer is done); returns what was accepted for later
+        rounds, in round and sender order."""
         with self.cond:
             self.closed = True
+            early = [self.box[r][k] for r in sorted(self.box) for k in sorted(self.box[r])]
             self.box.clear()
+            return early
 
     def take(self, r: int, expected: set[int], timeout: float) -> dict[int, dict]:
         end = time.monotonic() + timeout

@@ -11,12 +11,14 @@ one exchange over the round's mixing matrix ``M = topology(r)`` (the functions o
   what came``; the estimate is ``x_i / w_i``.
 
 Failures: a round waits at most ``round_timeout`` (sends and receipts together), then goes on;
-it does not wait for an in-neighbour it could not connect to this round (gone: UNAVAILABLE).
+it does not wait for an in-neighbour that did not take its own message this round (gone, or
+already past the round).
 Gossip gives the weight ``M_ik`` of an in-neighbour that did not deliver to the peer itself (the
 round's row stays stochastic: the edge is treated as absent for that round). Push-sum keeps the
 share ``M_ji (x_i, w_i)`` that out-neighbour ``j`` did not accept (unreachable, refused, or too
 late: a closed round refuses), so the total mass ``sum x, sum w`` of the live peers is conserved
-and ``x / w`` still converges to one value: the average of the mass still held.
+and ``x / w`` still converges to one value: the average of the mass still held. A peer that
+stops keeps (and reports) the mass it had accepted for rounds it will not run.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ class Peer:
         self.sent: list[int] = []     # bytes sent per round (wire messages)
         self.missing: list[set] = []  # in-neighbours not heard from, per round
         self.undelivered: list[tuple[int, int, str]] = []  # (out-neighbour, round, why)
+        self.seconds: list[float] = []  # wall time of each exchange
         self.matrix = functools.lru_cache(maxsize=4)(lambda r: self.topology(r).to(torch.float64))
         self.chunk = chunk_bytes
         self.limits = limits or Limits(handshake_timeout=5.0, rpc_timeout=max(30.0, 2 * round_timeout),
@@ -110,7 +113,10 @@ class Peer:
                     self.state = local(r, self.state, self.weight)
                 self.exchange(r)
         finally:
-            self.inbox.close()
+            early = self.inbox.close()  # accepted for rounds this peer will not run
+            if self.push and early:  # push-sum: that mass is this peer's now (none is lost)
+                self.weight = _mix(1.0, self.weight, [g[WEIGHT] for g in early])
+                self.state = {k: _mix(1.0, v, [g[k] for g in early]) for k, v in self.state.items()}
         return self.value()
 
     def value(self) -> dict[str, torch.Tensor]:
@@ -125,13 +131,14 @@ class Peer:
         data = {j: wire.dumps(self._message(shares[j] if self.push else None)) for j in outs} \
             if self.push else dict.fromkeys(outs, wire.dumps(self._message(None)))
         sends = {j: self.pool.submit(self._send, j, r, data[j], end) for j in outs}
-        results = {j: f.result() for j, f in sends.items()}  # True, False (refused) or None (gone)
-        delivered = {j for j, ok in results.items() if ok}
+        delivered = {j for j, f in sends.items() if f.result()}
         self.sent.append(sum(len(data[j]) for j in outs))
+        # no wait for a neighbour that did not take this round's message: it is gone, or past
+        # this round (then what it sent for it is here already)
         expected = self.in_neighbours(r)
-        wait_for = expected - {j for j, ok in results.items() if ok is None}  # not the unreachable
-        got = self.inbox.take(r, wait_for, max(0.0, end - time.monotonic()))
+        got = self.inbox.take(r, expected - (set(outs) - delivered), max(0.0, end - time.monotonic()))
         self.missing.append(expected - set(got))
+        self.seconds.append(time.monotonic() - end + self.round_timeout)
         if self.push:
             kept = float(m[me, me]) + sum(shares[j] for j in outs if j not in delivered)
             self.weight = _mix(kept, self.weight, [g[WEIGHT] for _, g in sorted(got.items())])
@@ -147,17 +154,15 @@ class Peer:
             return self.state
         return {**{k: share * v for k, v in self.state.items()}, WEIGHT: share * self.weight}
 
-    def _send(self, j: int, r: int, data: bytes, end: float) -> bool | None:
-        """True: accepted; False: refused or too late; None: unreachable (no channel, or the
-        connection failed: it has gone)."""
+    def _send(self, j: int, r: int, data: bytes, end: float) -> bool:
         left = end - time.monotonic()
         if j not in self.channels or left <= 0:
-            reason, accepted = ("no channel" if left > 0 else "round timeout"), (None if left > 0 else False)
+            reason, accepted = ("no channel to it" if left > 0 else "round timeout"), False
         else:
             try:
                 accepted, reason = self.channels[j].send(self.me, r, data, timeout=left)
             except TransportError as exc:
-                reason, accepted = str(exc), (None if exc.code == "UNAVAILABLE" else False)
+                reason, accepted = str(exc), False
         if not accepted:
             log.warning("peer %d: peer %d did not take the round %d message: %s", self.me, j, r, reason)
             self.undelivered.append((j, r, reason))
