@@ -55,6 +55,24 @@ def test_gossip_over_grpc_equals_the_simulation(w, creds8):
         assert not p.inbox.refused and not any(p.missing)
 
 
+def test_gossip_with_mutual_tls_equals_the_simulation_and_refuses_another_authority(tmp_path):
+    creds = peers.enrol(tmp_path / "a", 4, auth="mtls")
+    x, w = values(4, seed=9), D.ring(4)
+    got, _ = run_peers(x, D.static(w), 5, creds, auth="mtls")
+    assert float((got - D.gossip(x, D.static(w), 5)).abs().max()) <= bound(5, w, x)
+    other = peers.enrol(tmp_path / "b", 4, auth="mtls")[1]  # a certificate of another CA
+    victim = peers.Peer(0, 4, D.static(w), {"x": x[0]}, creds=creds[0], auth="mtls", round_timeout=2.0)
+    try:
+        ch = PeerChannel(f"127.0.0.1:{victim.start()}", ca=creds[0]["ca"], cert=other["client_cert"],
+                         key=other["client_key"], timeout=3.0)
+        with pytest.raises(TransportError):  # the TLS handshake fails: not signed by our CA
+            ch.send(1, 0, wire.dumps({"x": x[1]}))
+        ch.close()
+        assert not victim.inbox.box
+    finally:
+        victim.stop()
+
+
 @pytest.mark.parametrize("topology", [D.static(D.directed_ring(8)), D.exponential(8)],
                          ids=["directed_ring", "exponential"])
 def test_push_sum_over_grpc_is_the_simulation_bit_for_bit(topology, creds8):
