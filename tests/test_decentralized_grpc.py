@@ -83,8 +83,8 @@ def test_push_sum_over_grpc_is_the_simulation_bit_for_bit(topology, creds8):
 
 
 def test_push_sum_over_grpc_reaches_the_exact_average_on_a_directed_ring(creds8):
-    x = values(8, d=16, seed=2)
-    got, _ = run_peers(x, D.static(D.directed_ring(8)), 300, creds8, push=True)
+    x = values(6, d=16, seed=2)  # the error shrinks like cos(pi / 6)^rounds: 2.5e-11 after 170
+    got, _ = run_peers(x, D.static(D.directed_ring(6)), 170, creds8[:6], push=True)
     assert float((got - x.mean(0)).abs().max()) <= 1e-9 * float(x.abs().max())
 
 
@@ -273,4 +273,4 @@ def test_a_silent_neighbour_costs_at_most_the_round_timeout(creds4):
     assert float((got[[0, 1, 3]] - ref[[0, 1, 3]]).abs().max()) <= bound(3, w, x)
     assert ps[1].missing == ps[3].missing == [{2}] * 3
     for s in ps[1].seconds + ps[3].seconds:  # it waited, but not past the timeout
-        assert 0.9 * t <= s <= t + 0.5, s
+        assert 0.9 * t <= s <= t + 1.0, s
