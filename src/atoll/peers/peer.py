@@ -125,11 +125,13 @@ class Peer:
     # ---- one exchange ----------------------------------------------------------------------------
     def exchange(self, r: int) -> None:
         m = self.matrix(r)
-        me, end = self.me, time.monotonic() + self.round_timeout
-        outs = self.out_neighbours(r)
+        me, start = self.me, time.monotonic()
+        end, outs = start + self.round_timeout, self.out_neighbours(r)
         shares = {j: float(m[j, me]) for j in outs}
-        data = {j: wire.dumps(self._message(shares[j] if self.push else None)) for j in outs} \
-            if self.push else dict.fromkeys(outs, wire.dumps(self._message(None)))
+        if self.push:  # each out-neighbour gets its share; gossip sends the one state to all
+            data = {j: wire.dumps(self._message(shares[j])) for j in outs}
+        else:
+            data = dict.fromkeys(outs, wire.dumps(self._message(None)))
         sends = {j: self.pool.submit(self._send, j, r, data[j], end) for j in outs}
         delivered = {j for j, f in sends.items() if f.result()}
         self.sent.append(sum(len(data[j]) for j in outs))
@@ -138,7 +140,7 @@ class Peer:
         expected = self.in_neighbours(r)
         got = self.inbox.take(r, expected - (set(outs) - delivered), max(0.0, end - time.monotonic()))
         self.missing.append(expected - set(got))
-        self.seconds.append(time.monotonic() - end + self.round_timeout)
+        self.seconds.append(time.monotonic() - start)
         if self.push:
             kept = float(m[me, me]) + sum(shares[j] for j in outs if j not in delivered)
             self.weight = _mix(kept, self.weight, [g[WEIGHT] for _, g in sorted(got.items())])
