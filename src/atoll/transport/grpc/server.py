@@ -12,6 +12,7 @@ No single gRPC message exceeds ``chunk_bytes`` plus a small margin (the server r
 ones); payloads travel as streams of chunks. ``limits`` (``limits.Limits``) bound what a caller
 can hold: connections and their handshake time, concurrent calls, one open ``GetTask`` and one
 ``SubmitUpdate`` per client, a server-side deadline on every call, keepalive, log lines.
+``listen`` (a bounded server with TLS) and ``identity`` (who is calling) serve the peers too.
 """
 from __future__ import annotations
 
