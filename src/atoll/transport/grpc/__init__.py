@@ -1,6 +1,7 @@
 """gRPC transport of a deployment: protobuf messages, the server side and the client side.
 
-The only place that imports ``grpc``; ``atoll.deploy`` builds the coordinator and the client on it.
+The only place that imports ``grpc``; ``atoll.deploy`` builds the coordinator and the client on
+it, ``atoll.peers`` the peers of decentralized training (``peer.py``).
 """
 import os
 

@@ -45,15 +45,7 @@ class Connection:
         # the server picks the chunk size (at most 3 MiB, deploy.chunk_kb) and says it in Join
         options = [("grpc.max_receive_message_length", MAX_CHUNK + (1 << 16)),
                    ("grpc.max_send_message_length", MAX_CHUNK + (1 << 16))]
-        if insecure:
-            self.channel = grpc.insecure_channel(address, options=options)
-        else:
-            if ca is None:
-                raise ValueError("a TLS connection needs the CA certificate (ca.pem from `atoll certs init`)")
-            if (cert is None) != (key is None):
-                raise ValueError("give both the client certificate and its key, or neither")
-            creds = grpc.ssl_channel_credentials(ca, key, cert)
-            self.channel = grpc.secure_channel(address, creds, options=options)
+        self.channel = open_channel(address, options, ca=ca, cert=cert, key=key, insecure=insecure)
         self.meta = (("authorization", f"Bearer {token.strip()}"),) if token else ()
         self.chunk, self.timeout, self.max_task = chunk_bytes, timeout, max_task_bytes
         self.stubs = {}
@@ -123,6 +115,18 @@ class Connection:
 
     def _call(self, name: str, request):
         return _wrap(lambda: self.stubs[name](request, metadata=self.meta, timeout=self.timeout))
+
+
+def open_channel(address: str, options: list, *, ca: bytes | None = None, cert: bytes | None = None,
+                 key: bytes | None = None, insecure: bool = False) -> grpc.Channel:
+    """A TLS channel (mutual with ``cert``/``key``) or, with ``insecure``, a plaintext one."""
+    if insecure:
+        return grpc.insecure_channel(address, options=options)
+    if ca is None:
+        raise ValueError("a TLS connection needs the CA certificate (ca.pem from `atoll certs init`)")
+    if (cert is None) != (key is None):
+        raise ValueError("give both the client certificate and its key, or neither")
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert), options=options)
 
 
 def _wrap(fn):

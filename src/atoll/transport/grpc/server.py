@@ -12,6 +12,7 @@ No single gRPC message exceeds ``chunk_bytes`` plus a small margin (the server r
 ones); payloads travel as streams of chunks. ``limits`` (``limits.Limits``) bound what a caller
 can hold: connections and their handshake time, concurrent calls, one open ``GetTask`` and one
 ``SubmitUpdate`` per client, a server-side deadline on every call, keepalive, log lines.
+``listen`` (a bounded server with TLS) and ``identity`` (who is calling) serve the peers too.
 """
 from __future__ import annotations
 
@@ -38,33 +39,9 @@ class GrpcServer:
         self.backend, self.identify, self.auth, self.chunk = backend, identify, auth, chunk_bytes
         self.limits, self.slots, self.watchdog = limits, Slots(), Watchdog()
         self.refused = RateLog(log, limits.auth_log_per_min)
-        raise_fd_limit()  # before limits.options() reads it
-        limit = chunk_bytes + (1 << 16)
-        # one thread per admitted call: a call beyond max_rpcs is refused, never queued
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_rpcs),
-                                  maximum_concurrent_rpcs=limits.max_rpcs,
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", limit),
-                                           *limits.options()])
-        handlers = {}
-        for name, (req, rep, cs, ss) in self.METHODS.items():
-            make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                    (False, True): grpc.unary_stream_rpc_method_handler,
-                    (True, False): grpc.stream_unary_rpc_method_handler,
-                    (True, True): grpc.stream_stream_rpc_method_handler}[(cs, ss)]
-            handlers[name] = make(getattr(self, "_" + name.lower()),
-                                  request_deserializer=req.FromString,
-                                  response_serializer=rep.SerializeToString)
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(self.SERVICE, handlers)])
-        if tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials([(tls["key"], tls["cert"])],
-                                                root_certificates=tls["ca"],
-                                                require_client_auth=(auth == "mtls"))
-            self.port = self.server.add_secure_port(address, creds)
-        if not self.port:
-            raise ValueError(f"cannot listen on {address}")
+        self.server, self.port = listen(self.SERVICE, self.METHODS, lambda n: getattr(self, "_" + n.lower()),
+                                        address=address, tls=tls, auth=auth,
+                                        chunk_bytes=chunk_bytes, limits=limits)
 
     def start(self) -> int:
         self.server.start()
@@ -76,13 +53,7 @@ class GrpcServer:
 
     # ---- authentication ----------------------------------------------------------------------
     def _who(self, context, allow_observer: bool = False) -> tuple[str, int | None]:
-        if self.auth == "mtls":
-            pem = context.auth_context().get("x509_pem_cert")
-            found = self.identify("cert", pem[0]) if pem else None
-        else:
-            meta = dict(context.invocation_metadata())
-            bearer = meta.get("authorization", "")
-            found = self.identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
+        found = identity(context, self.auth, self.identify)
         if found is None:
             self.refused.warn("refused a call from %s: not an enrolled client", context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "not an enrolled client")
@@ -129,3 +100,46 @@ class GrpcServer:
     def _status(self, request, context):
         self._who(context, allow_observer=True)
         return M.StatusReply(**self.backend.status())
+
+
+def listen(service: str, methods: dict, handler, *, address: str, tls: dict | None, auth: str,
+           chunk_bytes: int, limits: Limits) -> tuple[grpc.Server, int]:
+    """A (not yet started) server of ``methods`` (``messages.METHODS``'s shape), ``handler(name)``
+    serving each, bounded by ``limits``, no message over ``chunk_bytes`` plus a margin; TLS with
+    ``tls`` (``key``, ``cert``, ``ca`` PEM bytes), client certificates required when ``auth`` is
+    ``mtls``. Returns the server and its port."""
+    raise_fd_limit()  # before limits.options() reads it
+    limit = chunk_bytes + (1 << 16)
+    # one thread per admitted call: a call beyond max_rpcs is refused, never queued
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_rpcs),
+                         maximum_concurrent_rpcs=limits.max_rpcs,
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", limit), *limits.options()])
+    handlers = {}
+    for name, (req, rep, cs, ss) in methods.items():
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(cs, ss)]
+        handlers[name] = make(handler(name), request_deserializer=req.FromString,
+                              response_serializer=rep.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials([(tls["key"], tls["cert"])], root_certificates=tls["ca"],
+                                            require_client_auth=(auth == "mtls"))
+        port = server.add_secure_port(address, creds)
+    if not port:
+        raise ValueError(f"cannot listen on {address}")
+    return server, port
+
+
+def identity(context, auth: str, identify):
+    """``identify("cert", pem)`` of the TLS-verified client certificate (``mtls``) or
+    ``identify("token", t)`` of the ``authorization: Bearer t`` metadata; None without either."""
+    if auth == "mtls":
+        pem = context.auth_context().get("x509_pem_cert")
+        return identify("cert", pem[0]) if pem else None
+    bearer = dict(context.invocation_metadata()).get("authorization", "")
+    return identify("token", bearer[7:]) if bearer.startswith("Bearer ") else None
