@@ -119,22 +119,11 @@ def verify(model: torch.nn.Module, params: Tree, triggers: TriggerSet, alpha: fl
 
 
 def load_params(path: str | Path, model: torch.nn.Module) -> Tree:
-    """A model file's parameters (a state dict of tensors, loaded without unpickling objects),
-    checked against ``model``'s names and shapes."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 -- any unreadable file gets the same clear error
-        raise ValueError(f"{path}: not a model state dict ({exc})") from None
-    expected = dict(model.named_parameters())
-    if not isinstance(state, dict) or any(not isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a model state dict (a dict of tensors)")
-    for k, v in expected.items():
-        if k not in state or tuple(state[k].shape) != tuple(v.shape):
-            got = tuple(state[k].shape) if k in state else "missing"
-            raise ValueError(f"{path}: entry {k!r} should have shape {tuple(v.shape)}, got {got}")
-    return {k: state[k].to(v.dtype) for k, v in expected.items()}
+    """A model file's parameters, checked against ``model``'s names and shapes
+    (``atoll.models.weights``: loaded without unpickling objects)."""
+    from atoll.models.weights import load_weights
+
+    return load_weights(path, model)
 
 
 def finetune(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor, steps: int,

@@ -19,7 +19,7 @@ import torch
 
 from atoll.algorithm import Algorithm
 from atoll.client import run_steps, value_and_grad
-from atoll.transforms import Transform, chain, sgd
+from atoll.transforms import Transform, chain, frozen, sgd
 from atoll.types import ClientResult
 
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -46,16 +46,6 @@ def norm_names(params) -> list[str]:
     if not names:
         raise ValueError("fedbn: the model has no batch-norm layer (no entry *running_mean)")
     return names
-
-
-def frozen(names) -> Transform:
-    """Zero the updates of ``names`` (chained after the optimizer: those entries stay exact)."""
-    names = frozenset(names)
-
-    def update(updates, state, params, ctx):
-        return {k: torch.zeros_like(u) if k in names else u for k, u in updates.items()}, state
-
-    return Transform(lambda params: (), update, ())
 
 
 def fedper(local_opt: Transform | None = None, head: str | None = None, server_lr: float = 1.0,

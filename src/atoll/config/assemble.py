@@ -69,6 +69,7 @@ def build(cfg: Config, data=None):
     c, a = cfg.client, cfg.algorithm
     local = (transforms.adam(c.lr, weight_decay=c.weight_decay) if c.optimizer == "adam" else
              transforms.sgd(c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
+    local = _transfer(cfg.model, model, local, server=data is None)
     options = {"fedavgm": {"server_momentum": a.server_momentum}, "fedprox": {"mu": a.mu},
                "fedadam": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
                "fedyogi": {"b1": a.b1, "b2": a.b2, "tau": a.tau, "initial_v": a.initial_v},
@@ -126,6 +127,36 @@ def build(cfg: Config, data=None):
     if cfg.watermark.enabled and data is None:  # the server side only: a client never reads the key
         algorithm = _with_watermark(cfg, algorithm, model, fed)
     return algorithm, model, fed, plan
+
+
+def _transfer(m, model, local, server: bool):
+    """``[model] init / init_only / freeze``: load the pretrained entries into ``model`` (on the
+    server side only: a deployed client never opens a path the server names; it receives the
+    model), and chain ``frozen`` after the local optimizer so those entries are never trained."""
+    import torch
+
+    from atoll import transforms
+
+    if m.init_only is not None and m.init is None:
+        raise ConfigError("model.init_only is set but model.init (the model file) is not")
+    if m.init is not None and server:
+        from atoll.models.weights import load_weights
+
+        try:
+            loaded = load_weights(m.init, model, m.init_only)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.init: {exc}") from None
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                if k in loaded:
+                    p.copy_(loaded[k])
+    if not m.freeze:
+        return local
+    names = [k for k, _ in model.named_parameters() if any(k.startswith(p) for p in m.freeze)]
+    if not names:
+        raise ConfigError(f"model.freeze = {m.freeze}: no parameter of the model starts with "
+                          f"these (it has {', '.join(k for k, _ in model.named_parameters())})")
+    return transforms.chain(local, transforms.frozen(names))
 
 
 def _with_watermark(cfg: Config, algorithm, model, fed):

@@ -36,6 +36,11 @@ class ModelConfig(_Section):
     name: str = "mlp"
     hidden: list[int] | None = None
     kwargs: dict[str, Any] = {}
+    # transfer learning (docs/transfer.md): start from a model file (a run's model.pt), taking the
+    # entries whose names start with ``init_only`` (default: all); never train ``freeze``'s
+    init: str | None = None
+    init_only: list[str] | None = None
+    freeze: list[str] = []
 
 
 class ClientConfig(_Section):

@@ -6,6 +6,8 @@ so the optimizer sees the corrected gradient. Like every transform it is pure te
 """
 from __future__ import annotations
 
+import torch
+
 from atoll import tree as T
 from atoll.transforms.base import Transform
 from atoll.tree import Tree
@@ -39,5 +41,15 @@ def shift(c: Tree) -> Transform:
 
     def update(grads, state, params, ctx):
         return {k: g + c[k] for k, g in grads.items()}, state
+
+    return Transform(lambda params: (), update, ())
+
+
+def frozen(names) -> Transform:
+    """Zero the updates of ``names`` (chained after the optimizer: those entries stay exact)."""
+    names = frozenset(names)
+
+    def update(updates, state, params, ctx):
+        return {k: torch.zeros_like(u) if k in names else u for k, u in updates.items()}, state
 
     return Transform(lambda params: (), update, ())
