@@ -239,7 +239,7 @@ def test_policy_file_and_flags(tmp_path, capsys):
     f.write_text('[privacy]\nmodes = ["local"]\nmax_epsilon = 4.0\n[models]\nallow = ["logreg"]\n')
     p = load(f, {"privacy.max_epsilon": 2.0, "training.min_steps": None})
     assert (p.privacy.modes, p.privacy.max_epsilon, p.models.allow) == (["local"], 2.0, ["logreg"])
-    assert Policy().models.allow == ["logreg", "mlp", "cnn"]
+    assert Policy().models.allow == ["logreg", "mlp", "cnn", "lstm_lm"]
     assert math.isclose(Policy().max_task_bytes, 256 * 2**20)
     f.write_text("[privacy]\nmax_epsilom = 4.0\n")
     with pytest.raises(ValueError, match="privacy.max_epsilom: Extra inputs"):

@@ -1,4 +1,4 @@
 """Reference models (pure functions of their parameters) and ``build`` by name or import path."""
-from atoll.models.zoo import CNN, MODELS, build, cnn, logreg, mlp
+from atoll.models.zoo import CNN, LSTMLM, MODELS, build, cnn, logreg, lstm_lm, mlp
 
-__all__ = ["CNN", "MODELS", "build", "cnn", "logreg", "mlp"]
+__all__ = ["CNN", "LSTMLM", "MODELS", "build", "cnn", "logreg", "lstm_lm", "mlp"]

@@ -4,7 +4,8 @@ Plain models (the defaults) are pure functions of their parameters: no buffers, 
 random. ``mlp`` and ``cnn`` optionally add BatchNorm (``batch_norm = true``: running statistics
 as buffers) and dropout (``dropout = p``); atoll trains such models in train mode and evaluates
 them in eval mode (docs/simulation.md, "Models with buffers and dropout"). All models take
-flat features ``(N, n_features)`` and return logits ``(N, n_classes)``.
+flat features ``(N, n_features)`` and return logits ``(N, n_classes)``; ``lstm_lm``'s features
+are the previous ``n_features`` token ids (docs/keyboard.md).
 """
 from __future__ import annotations
 
@@ -75,11 +76,53 @@ def cnn(n_features: int = 64, n_classes: int = 10, channels: tuple[int, int] = (
     return CNN(n_features, n_classes, tuple(channels), batch_norm, dropout)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
+class LSTMLM(nn.Module):
+    """Next-word LSTM for token ids given as float rows ``(N, k)`` (the previous ``k`` ids).
+
+    ``x`` holds integer ids ``0..vocab-1`` (exact in float32 below 2**24; the data sets stay
+    float tensors, so batching and the runtimes need nothing new) -> embedding ``embed`` ->
+    one LSTM layer of ``hidden`` units unrolled over the ``k`` positions with plain ``Linear``
+    gates (pure under ``torch.func.vmap``, unlike ``nn.LSTM``) -> logits over ``n_classes``
+    next words from the last state. ``vocab`` defaults to ``n_classes``.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, vocab: int | None = None,
+                 embed: int = 32, hidden: int = 64):
+        super().__init__()
+        vocab = n_classes if vocab is None else vocab
+        if min(n_features, n_classes, vocab, embed, hidden) < 1:
+            raise ValueError(f"lstm_lm: n_features (context length), n_classes, vocab, embed and "
+                             f"hidden must be >= 1, got {n_features}, {n_classes}, {vocab}, "
+                             f"{embed}, {hidden}")
+        self.context, self.hidden = n_features, hidden
+        self.embed = nn.Embedding(vocab, embed)
+        self.gates_x = nn.Linear(embed, 4 * hidden)
+        self.gates_h = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x.reshape(-1, self.context).long())  # (N, k, embed)
+        gx = self.gates_x(e)
+        h = c = gx.new_zeros(gx.shape[0], self.hidden)
+        for t in range(self.context):
+            i, f, g, o = (gx[:, t] + self.gates_h(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return self.out(h)
+
+
+def lstm_lm(n_features: int, n_classes: int, vocab: int | None = None, embed: int = 32,
+            hidden: int = 64) -> nn.Module:
+    """The ``LSTMLM`` above: ``n_features`` is the context length, ``n_classes`` the vocabulary."""
+    return LSTMLM(n_features, n_classes, vocab, embed, hidden)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn,
+                                                "lstm_lm": lstm_lm}
 
 
 def build(name: str, n_features: int, n_classes: int, *, seed: int = 0, **kwargs) -> nn.Module:
-    """Build a model by registry name (``logreg``, ``mlp``, ``cnn``) or import path.
+    """Build a model by registry name (``logreg``, ``mlp``, ``cnn``, ``lstm_lm``) or import path.
 
     The initial weights are drawn from ``seed`` (default 0; the key ``rng.key(seed, 0, SERVER,
     "model-init")``, the one ``atoll run`` uses for its ``seed``), without touching torch's
