@@ -266,7 +266,10 @@ def test_gossip_goes_on_without_a_neighbour_that_vanished(creds4):
     ref = D.gossip(D.gossip(x, D.static(w), 2), D.static(without(w, 2)), 4)
     assert float((got - ref).abs().max()) <= bound(6, w, x)
     assert ps[1].missing == ps[3].missing == [set(), set()] + [{2}] * 4
-    assert max(ps[1].seconds + ps[3].seconds) < 10.0  # a vanished peer is not waited for
+    # a vanished peer is not waited for, except once where it accepted a message for a round
+    # ahead before it stopped (a race under load: docs/decentralized.md, "Failures")
+    for p in (ps[1], ps[3]):
+        assert sorted(p.seconds)[-2] < 10.0 and sum(s >= 10.0 for s in p.seconds[3:]) == 0
 
 
 def test_push_sum_keeps_the_mass_a_vanished_neighbour_did_not_take(creds4):
