@@ -37,8 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from atoll import checkpoint, rng, rundir, sampling
-from atoll import tree as T
+from atoll import checkpoint, rundir, sampling
 from atoll.client import buffer_names, params_of
 from atoll.evaluate import centralized
 from atoll.deploy import downlink, fingerprint, guard
@@ -47,7 +46,7 @@ from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_
                                  same_run)
 from atoll.deploy.secure_rounds import SecureRounds
 from atoll.runtime.round import broadcast_bytes, server_step
-from atoll.runtime.secure_round import layout, mean_update, merge_secure_stats, secure_step
+from atoll.runtime.secure_round import layout, step_on_buckets
 from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
@@ -274,22 +273,18 @@ class Coordinator(Intake):
         if self.secure is None or not ids:
             return server_step(self.algorithm, self.state, ids, [g.delta for g in got],
                                [g.num_examples for g in got], [g.aux for g in got], self.plan.seed)
-        # one secure sum per bucket (aggregator.bucket: the simulation's buckets, run one after
-        # the other; without: one bucket, the cohort), the robust rule over the buckets' means
+        # one secure sum per bucket, the buckets' protocols one after the other
         lay = layout(self.algorithm, self.state.params, self.plan.seed, rnd.r)  # the clients' too
-        sec, means, heads, seen = self.algorithm.secure, [], [], []
-        for group in sec.buckets(ids, rng.key(self.plan.seed, rnd.r, rng.SERVER, "secure-buckets")):
+
+        def sum_bucket(group):
             mean, extra = self.secure.run(rnd, group, lay.like, lambda: self._stop)
-            if mean is not None:  # else: failed securely, its reason in failures; left out
-                means.append(mean_update(self.algorithm, lay, mean))
-                heads.append(group[0])
-                seen.append(extra)
-        if not means:  # no sum could finish securely: the model stays
-            rnd.stats.extra.update(extra)
-            return server_step(self.algorithm, self.state, [], [], [], [], self.plan.seed)
-        rnd.stats.extra.update(merge_secure_stats(seen, sec.bucket))
-        return secure_step(self.algorithm, self.state, means, heads, self.plan.seed,
-                           cohort=rnd.stats.extra["secure_survivors"])
+            if mean is None:  # failed securely, its reason in failures; its stage stats kept
+                rnd.stats.extra.update(extra)
+                return None
+            return mean, extra
+
+        return step_on_buckets(self.algorithm, self.state, ids, lay, self.plan.seed, sum_bucket,
+                               rnd.stats.extra)
 
     def _write(self, rnd: Round, state, start: float) -> None:
         s, r, p = rnd.stats, rnd.r, self.plan

@@ -111,24 +111,42 @@ def secure_round(algorithm, state, kept, deltas, aux, data, stats, seed: int):
         rows = {cid: {k: v[i] for k, v in stacked.items()} for i, cid in enumerate(ids)}
     inputs = {cid: sec.encode(rows[cid], data.clients[cid].n, rng.key(seed, r, cid, "secure"))
               for cid in ids}
-    means, heads, seen = [], [], []
-    for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
+
+    def sum_bucket(group):
         try:
             mean, extra = sec.aggregate({c: inputs[c] for c in group}, r, lay.like)
-            mean = mean_update(algorithm, lay, mean)
         except SecAggError as exc:  # also he.HEError
             stats.failures.append((-1, f"secure aggregation failed ({len(group)} clients): {exc}"))
             log.warning("round %d: secure aggregation failed, bucket left out: %s", r, exc)
-            continue
+            return None
         stats.failures.extend(extra.pop("secure_rejected", []))  # he: ciphertexts that did not load
-        means.append(mean)
-        heads.append(group[0])
-        seen.append(extra)
+        return mean, extra
+
+    state = step_on_buckets(algorithm, state, ids, lay, seed, sum_bucket, stats.extra)
+    if "secure_bytes_up" in stats.extra:
+        stats.bytes_up = stats.extra["secure_bytes_up"] * stats.extra["secure_survivors"]
+    return state
+
+
+def step_on_buckets(algorithm, state, ids: list[int], lay: Layout, seed: int, sum_bucket,
+                    extra: dict):
+    """The server step over the round's buckets of ``ids`` (one bucket, the cohort, without
+    ``aggregator.bucket``), in the simulation and the deployed coordinator alike:
+    ``sum_bucket(group)`` is ``(mean summand, stats)`` or None where that bucket could not finish
+    securely (left out; the caller records why). The aggregator's rule runs over the buckets'
+    means; ``extra`` (the round's metrics) gets the merged stats. No bucket left: the model stays."""
+    r, sec = state.round + 1, algorithm.secure
+    means, heads, seen = [], [], []
+    for group in sec.buckets(ids, rng.key(seed, r, rng.SERVER, "secure-buckets")):
+        got = sum_bucket(group)
+        if got is not None:
+            means.append(mean_update(algorithm, lay, got[0]))
+            heads.append(group[0])
+            seen.append(got[1])
     if not means:
         return algorithm.server_round(state, None, None)
-    stats.extra.update(merge_secure_stats(seen, sec.bucket))
-    stats.bytes_up = seen[0]["secure_bytes_up"] * stats.extra["secure_survivors"]
-    return secure_step(algorithm, state, means, heads, seed, cohort=stats.extra["secure_survivors"])
+    extra.update(merge_secure_stats(seen, sec.bucket))
+    return secure_step(algorithm, state, means, heads, seed, cohort=extra["secure_survivors"])
 
 
 def merge_secure_stats(seen: list[dict], bucket) -> dict:
