@@ -71,6 +71,7 @@ def test_frozen_entries_never_move(tmp_path, runtime):
     ('init = "{d}/small.pt"', "entry '0.weight' should have shape (16, 64), got (8, 64)"),
     ('init = "{d}/nan.pt"', "entry '0.bias' holds NaN"),
     ('init = "{d}/evil.pt"', "not a model state dict"),
+    ('init = "{d}/huge.pt"', "more than a model file may hold"),  # refused before it is read
     ('init = "{d}/src.pt"\ninit_only = ["body."]', "no parameter of the model starts with ['body.']"),
     ('freeze = ["body."]', "model.freeze = ['body.']: no parameter"),
     ('init_only = ["0."]', "model.init_only is set but model.init"),
@@ -88,6 +89,8 @@ def test_bad_model_files_and_names_are_refused_naming_what_is_wrong(tmp_path, mo
             return (exec, ("raise SystemExit('ran')",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"0.weight": Evil()}))
+    with open(tmp_path / "huge.pt", "wb") as fh:  # 3 GiB, sparse: no disk, and never loaded
+        fh.truncate(3 * 2**30)
     with pytest.raises(config.ConfigError) as info:
         build(model.format(d=tmp_path))
     assert words in str(info.value)
