@@ -19,8 +19,8 @@ import grpc
 
 from atoll.transport.grpc import messages
 from atoll.transport.grpc.client import TransportError, _wrap, open_channel
-from atoll.transport.grpc.limits import Limits, RateLog, Slots, Watchdog
-from atoll.transport.grpc.server import identity, listen
+from atoll.transport.grpc.limits import Limits
+from atoll.transport.grpc.server import GrpcServer, identity
 
 PACKAGE = "atoll.peer.v1"
 SERVICE = f"{PACKAGE}.Peer"
@@ -35,24 +35,18 @@ METHODS = {"Send": (PeerChunk, PeerReply, True, False)}
 log = logging.getLogger("atoll.decentralized")
 
 
-class PeerServer:
+class PeerServer(GrpcServer):
+    """The coordinator's gRPC server (TLS, authentication, limits) serving ``Send`` instead."""
+
+    SERVICE, METHODS = SERVICE, METHODS
+
     def __init__(self, backend, identify, *, address: str = "127.0.0.1:0", tls: dict | None = None,
                  auth: str = "token", chunk_bytes: int = 1 << 20, limits: Limits = Limits()):
-        if auth not in ("mtls", "token") or (tls is None and auth == "mtls"):
-            raise ValueError(f"auth must be 'token' or (with TLS) 'mtls', got {auth!r}")
-        self.backend, self.identify, self.auth, self.limits = backend, identify, auth, limits
-        self.slots, self.watchdog = Slots(), Watchdog()
-        self.refused = RateLog(log, limits.auth_log_per_min)
-        self.server, self.port = listen(SERVICE, METHODS, lambda name: self._send, address=address,
-                                        tls=tls, auth=auth, chunk_bytes=chunk_bytes, limits=limits)
-
-    def start(self) -> int:
-        self.server.start()
-        return self.port
+        super().__init__(backend, identify, address=address, tls=tls, auth=auth,
+                         chunk_bytes=chunk_bytes, limits=limits)
 
     def stop(self, grace: float | None = 0.5) -> None:
-        self.server.stop(grace).wait()
-        self.watchdog.stop()
+        super().stop(grace)
 
     def _send(self, request_iterator, context):
         found = identity(context, self.auth, self.identify)
