@@ -249,11 +249,11 @@ class Client:
 
 def private_noise(algorithm) -> bool:
     """Whether a client's update carries privacy noise that must be secret from the server:
-    its gradient estimator (DP-SGD's) or its uplink or aux codec (local noise, intrinsic
-    quantization) declares a DP event."""
-    return any(e is not None for e in (algorithm.uplink.event, algorithm.aux_codec.event,
-                                       getattr(algorithm.estimator, "event", None),
-                                       getattr(algorithm.secure, "noise", None)))
+    one of its own stages declares a DP event (``privacy_config.stage_events``: DP-SGD's
+    estimator, a local-noise or intrinsic uplink or aux codec, distributed DP's secure noise)."""
+    from atoll.privacy_config import stage_events
+
+    return bool(stage_events(algorithm, 1, "add_remove", client_only=True))
 
 
 def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:
