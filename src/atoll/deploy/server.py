@@ -157,11 +157,12 @@ def _he(algorithm, he: dict | None, insecure: bool):
     from atoll.deploy.he_client import is_he
     from atoll.deploy.he_rounds import link
 
+    given = bool(he and (he.get("public_key") or he.get("decryptors")))
     if not is_he(algorithm.secure):
-        if he:
+        if given:
             raise C.ConfigError("--he-public-key / --he-decryptor need secure.method = ckks or paillier")
         return None
-    if not he or not he.get("public_key") or not he.get("decryptors"):
+    if not (given and he.get("public_key") and he.get("decryptors")):
         return None  # the coordinator says what is missing
     return link(algorithm.secure, he["public_key"], he["decryptors"], ca=he.get("ca"),
                 token=he.get("token"), insecure=insecure)

@@ -112,6 +112,7 @@ class HomomorphicSum:
         return self._keys["holder"]
 
     bucket = None  # one sum per round: the key holder decrypts no more
+    noise = None   # no distributed DP noise under HE
 
     def buckets(self, clients: list[int], key: int) -> list[list[int]]:
         """The round's one group (``SecureSum.buckets`` without buckets)."""

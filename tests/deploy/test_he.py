@@ -1,0 +1,135 @@
+"""[secure] method = "ckks" | "paillier" in deployment: the dealer's keys, decryptor services
+over loopback gRPC, clients pinned to the public key. The model equals the simulated HE run's
+(Paillier bit for bit; CKKS within 1e-8 of how far training moved each entry: 2.4e-9 to
+5.1e-9 measured, the simulation's ~3e-9 per run and two independent encryption noises); a server that substitutes its own key is
+refused by pinned clients."""
+import dataclasses
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tenseal")
+pytest.importorskip("phe")
+
+from atoll import config  # noqa: E402
+from atoll.deploy.he_client import HeParty  # noqa: E402
+from atoll.deploy.he_rounds import request_bytes  # noqa: E402
+from atoll.deploy.policy import Guard, PolicyError, load  # noqa: E402
+from atoll.runtime.loop import LoopRuntime  # noqa: E402
+from atoll.secure.he import HomomorphicSum  # noqa: E402
+from atoll.secure.he_keys import Decryptor, combine, load_public  # noqa: E402
+from atoll.simulation import simulate  # noqa: E402
+
+from .he_helpers import deal, decryptors, finish, he_config, start  # noqa: E402
+
+
+def _lines(tmp):
+    return [json.loads(ln) for ln in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _initial(cfg):
+    from atoll.client import params_of
+    algorithm, model, _, _ = config.build(cfg)
+    return {k: v.detach().clone() for k, v in algorithm.init(params_of(model)).params.items()}
+
+
+def _simulated(cfg):
+    algorithm, model, data, plan = config.build(cfg)
+    if algorithm.secure.scheme == "paillier":  # exact sums: the key's size changes no bit
+        algorithm = dataclasses.replace(algorithm, secure=dataclasses.replace(algorithm.secure, key_bits=1024))
+    return simulate(algorithm, model, data, plan, runtime=LoopRuntime(), plots=False)
+
+
+def _deployed(tmp, cfg, method, t=1, pin=None, keys=None):
+    keys = keys or deal(tmp, method, t)
+    servers, he = decryptors(tmp, keys["shares"])
+    try:
+        server, thread, parties, threads = start(cfg, tmp, {"public_key": keys["public"], **he},
+                                                 pin or keys["public"])
+        finish(server, thread, threads)
+    finally:
+        for s in servers:
+            s.stop()
+    return server, parties, servers
+
+
+def test_keygen_writes_the_public_key_and_private_shares(tmp_path):
+    out = deal(tmp_path, "paillier", 3)
+    assert [p.name for p in out["shares"]] == ["share-1.key", "share-2.key", "share-3.key"]
+    for p in out["shares"]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    pub = load_public(out["public"])
+    assert (pub.method, pub.decryptors, len(pub.fingerprint)) == ("paillier", 3, 64)
+    x = np.array([0.5, -0.25, 1.0])
+    blob = pub.scheme.dump(pub.scheme.add(*(pub.scheme.parse(pub.scheme.encrypt(x), 3) for _ in "ab")))
+    parts = {i: Decryptor(p).decrypt(1, 2, 3, blob) for i, p in enumerate(out["shares"])}
+    assert np.array_equal(combine(pub.scheme, parts, 2, 3), 2 * x)  # all three shares open the sum
+    with pytest.raises(ValueError, match="one key holder"):
+        deal(tmp_path, "ckks", 2, name="ckks2")
+
+
+def test_deployed_ckks_equals_the_simulated_he_run_within_1e8_of_the_update(tmp_path):
+    cfg = he_config(tmp_path, "ckks", clients=4, rounds=2)
+    w0, sim = _initial(cfg), _simulated(cfg)
+    server, parties, servers = _deployed(tmp_path, cfg, "ckks")
+    got = server.coordinator.state.params
+    for k, v in sim.state.params.items():  # error relative to how far training moved the entry
+        assert got[k].dtype == torch.float64
+        moved = float((v - w0[k]).abs().max())
+        assert float((got[k] - v).abs().max()) <= 1e-8 * moved, k
+    lines = _lines(tmp_path)
+    assert [ln["secure_survivors"] for ln in lines] == [4, 4]
+    assert all(ln["secure_bytes_up"] > 100_000 for ln in lines)  # one CKKS ciphertext per client
+    assert all(not p.secure.refused for p in parties)
+    assert servers[0].backend.rounds == {1, 2}  # one decryption per round
+
+
+def test_deployed_threshold_paillier_equals_the_simulated_he_run_bit_for_bit(tmp_path):
+    cfg = he_config(tmp_path, "paillier", clients=3, rounds=1, decryptors=2, hidden=2)
+    sim = _simulated(cfg)
+    server, parties, servers = _deployed(tmp_path, cfg, "paillier", t=2)
+    got = server.coordinator.state.params
+    for k, v in sim.state.params.items():
+        assert torch.equal(got[k], v), k
+    assert [s.backend.rounds for s in servers] == [{1}, {1}]
+    assert _lines(tmp_path)[0]["secure_survivors"] == 3
+
+
+def test_attack_a_server_key_reads_a_client_that_takes_it_and_pinned_clients_refuse(tmp_path):
+    """The attack first: a client that encrypts under the key its server names hands that
+    server its update (the server holds the secret). A client pinned to the dealer's key
+    refuses the same request; without a pin it refuses the run."""
+    dealer, evil = deal(tmp_path, "ckks", name="dealer"), deal(tmp_path, "ckks", name="evil")
+    stage = HomomorphicSum("ckks", max_weight=10.0)
+    x = {"w": torch.tensor([0.125, -0.5, 0.25], dtype=torch.float64)}
+    req = request_bytes(3, 4, 5, load_public(evil["public"]).fingerprint)
+
+    def answer(pin):
+        party = HeParty(stage, 0, 10, 2, pin)
+        party.x, party.n, party.round, party.next = x, 10, 3, 1
+        return party, party.answer(3, 1, req)[0]
+
+    _, blob = answer(evil["public"])  # unpinned: it took the server's key
+    opened = Decryptor(evil["shares"][0], min_clients=1).decrypt(9, 1, 4, blob)
+    assert np.allclose(np.frombuffer(opened, "<f8"), [0.125, -0.5, 0.25, 1.0], rtol=0, atol=1e-9)
+    party, blob = answer(dealer["public"])  # pinned to the dealer's key
+    assert blob == b"" and "not the pinned key" in party.refused[0]
+    cfg = he_config(tmp_path, "ckks")
+    with pytest.raises(PolicyError, match="he_public_key"):
+        Guard(load({})).built(cfg, None, 10, 0)
+
+
+def test_deployed_server_with_a_substituted_key_learns_nothing_and_the_model_stays(tmp_path):
+    cfg = he_config(tmp_path, "ckks", clients=3, rounds=1)
+    dealer, evil = deal(tmp_path, "ckks", name="dealer"), deal(tmp_path, "ckks", name="evil")
+    w0 = _initial(cfg)
+    server, parties, servers = _deployed(tmp_path, cfg, "ckks", keys=evil, pin=dealer["public"])
+    assert all("not the pinned key" in p.secure.refused[0] for p in parties)
+    assert servers[0].backend.rounds == set()  # the evil decryptor was never asked
+    for k, v in server.coordinator.state.params.items():
+        assert torch.equal(v, w0[k]), k
+    assert "homomorphic sum failed" in json.dumps(_lines(tmp_path)[0])
