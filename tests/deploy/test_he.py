@@ -133,3 +133,42 @@ def test_deployed_server_with_a_substituted_key_learns_nothing_and_the_model_sta
     for k, v in server.coordinator.state.params.items():
         assert torch.equal(v, w0[k]), k
     assert "homomorphic sum failed" in json.dumps(_lines(tmp_path)[0])
+
+
+def test_policy_require_accepts_a_homomorphic_sum_with_a_pinned_key_and_refuses_plaintext(tmp_path):
+    keys = deal(tmp_path, "ckks")
+    guard = Guard(load({"secure": {"require": True, "he_public_key": str(keys["public"])}}))
+    cfg = he_config(tmp_path, "ckks")
+    algorithm, _, data, plan = config.build(cfg)
+    guard.built(cfg, plan, 50, 0)  # accepted: no PolicyError
+    plain = cfg.model_copy(update={"secure": cfg.secure.model_copy(update={"method": "none"})})
+    with pytest.raises(PolicyError, match="secure.require"):
+        guard.built(plain, plan, 50, 0)
+
+
+def test_cli_keygen_and_serve_a_decryptor(tmp_path, kill_on_exit):
+    from atoll.deploy import certs
+    from atoll.transport.grpc.he import DecryptorChannel
+
+    from .conftest import atoll_process, listening_port
+
+    keygen = atoll_process("he", "keygen", "--method", "paillier", "--decryptors", "1",
+                           "--bits", "1024", "--out", tmp_path / "he", log=tmp_path / "keygen.log")
+    assert keygen.wait(60) == 0, (tmp_path / "keygen.log").read_text()
+    assert "fingerprint" in (tmp_path / "keygen.log").read_text()
+    certs.init(tmp_path / "dec", force=True)
+    e = certs.issue(tmp_path / "dec", "coordinator", token=True, observer=True)
+    proc = atoll_process("he", "serve", "--key", tmp_path / "he" / "share-1.key", "--certs",
+                         tmp_path / "dec", "--host", "127.0.0.1", "--port", "0", log=tmp_path / "dec.log")
+    kill_on_exit(proc)
+    port = listening_port(tmp_path / "dec.log")
+    pub = load_public(tmp_path / "he" / "public.key")
+    s = pub.scheme
+    x = np.array([0.25, -0.75])
+    blob = s.dump(s.add(s.parse(s.encrypt(x), 2), s.parse(s.encrypt(x), 2)))
+    ch = DecryptorChannel(f"127.0.0.1:{port}", ca=open(e["ca"], "rb").read(),
+                          token=open(e["token"]).read(), timeout=30)
+    part = ch.decrypt(1, 2, 2, blob, len(blob))
+    ch.close()
+    assert np.array_equal(s.decode(s.combine([s.parse(part, 2)]), 2, 2), 2 * x)
+
