@@ -172,3 +172,43 @@ def test_cli_keygen_and_serve_a_decryptor(tmp_path, kill_on_exit):
     ch.close()
     assert np.array_equal(s.decode(s.combine([s.parse(part, 2)]), 2, 2), 2 * x)
 
+
+
+@pytest.mark.slow
+def test_cli_deployment_dealer_decryptor_server_and_pinned_clients_as_processes(tmp_path, kill_on_exit):
+    """Every party its own process: keygen, he serve, atoll server --he-*, atoll client
+    --he-public-key; two rounds, every client's updates accepted, the decryptor's log says it
+    opened two sums."""
+    from atoll.deploy import certs, local
+
+    from .conftest import atoll_process, free_port, listening_port
+
+    cfg = he_config(tmp_path, "ckks", clients=3, rounds=2)
+    enrolled = local.prepare(cfg, tmp_path)
+    assert atoll_process("he", "keygen", "--method", "ckks", "--out", tmp_path / "he",
+                         log=tmp_path / "keygen.log").wait(60) == 0
+    certs.init(tmp_path / "dec", force=True)
+    e = certs.issue(tmp_path / "dec", "coordinator", token=True, observer=True)
+    dec = atoll_process("he", "serve", "--key", tmp_path / "he" / "share-1.key", "--certs",
+                        tmp_path / "dec", "--host", "127.0.0.1", "--port", "0", log=tmp_path / "dec.log")
+    kill_on_exit(dec)
+    port = free_port()
+    server = atoll_process("server", tmp_path / "exp.toml", "--port", port, "--host", "localhost",
+                           "--certs", tmp_path / "certs", "--out", tmp_path / "run", "--no-plots",
+                           "--he-public-key", tmp_path / "he" / "public.key",
+                           "--he-decryptor", f"127.0.0.1:{listening_port(tmp_path / 'dec.log')}",
+                           "--he-ca", e["ca"], "--he-token", e["token"], log=tmp_path / "server.log")
+    kill_on_exit(server)
+    clients = []
+    for c in enrolled:
+        p = atoll_process("client", "--server", f"localhost:{port}", "--data", c["data"], "--cert",
+                          c["cert"], "--he-public-key", tmp_path / "he" / "public.key",
+                          "--require-secure", log=tmp_path / f"{c['name']}.log")
+        kill_on_exit(p)
+        clients.append(p)
+    assert server.wait(120) == 0, (tmp_path / "server.log").read_text()
+    for p, c in zip(clients, enrolled):
+        assert p.wait(30) == 0, (tmp_path / f"{c['name']}.log").read_text()
+        assert "2 updates accepted" in (tmp_path / f"{c['name']}.log").read_text()
+    assert [ln["secure_survivors"] for ln in _lines(tmp_path)] == [3, 3]
+    assert (tmp_path / "dec.log").read_text().count("decrypted the sum of 3 updates") == 2
