@@ -21,6 +21,7 @@ import logging
 import time
 
 from atoll.deploy.he_rounds import read_request
+from atoll.deploy.policy import PolicyError
 from atoll.deploy.secure_client import SecureParty
 from atoll.secure import he_keys
 from atoll.secure.he import HEError, RemoteHolder
@@ -32,8 +33,8 @@ class HeParty(SecureParty):
     def __init__(self, secure, cid: int, num_clients: int, min_cohort: int, public_key):
         pinned = he_keys.load_public(public_key)
         if pinned.method != secure.scheme:
-            raise HEError(f"client {cid}: the pinned key {public_key} is {pinned.method}, the "
-                          f"server's config says secure.method = {secure.scheme!r}")
+            raise PolicyError(f"refused by this client's policy: the server's secure.method = "
+                              f"{secure.scheme!r}, the pinned key {public_key} is {pinned.method}")
         super().__init__(secure.with_holder(RemoteHolder(pinned.scheme)), cid, num_clients, min_cohort)
         self.fingerprint = pinned.fingerprint
 
