@@ -96,7 +96,9 @@ def test_deployed_threshold_paillier_equals_the_simulated_he_run_bit_for_bit(tmp
     for k, v in sim.state.params.items():
         assert torch.equal(got[k], v), k
     assert [s.backend.rounds for s in servers] == [{1}, {1}]
-    assert _lines(tmp_path)[0]["secure_survivors"] == 3
+    line, want = _lines(tmp_path)[0], sim.metrics[0]
+    assert line["secure_survivors"] == 3 and "failures" not in line
+    assert line["test_acc"] == want["test_acc"] and line["train_loss"] == pytest.approx(want["train_loss"], rel=1e-12)
 
 
 def test_attack_a_server_key_reads_a_client_that_takes_it_and_pinned_clients_refuse(tmp_path):
