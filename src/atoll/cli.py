@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from atoll.deploy import psi as psi_cli
 
     psi_cli.register(sub)
+    from atoll.deploy import he_cli
+
+    he_cli.register(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

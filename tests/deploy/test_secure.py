@@ -185,11 +185,11 @@ def test_deployed_distributed_dp_draws_each_clients_noise_from_its_secret(tmp_pa
 
 @pytest.mark.parametrize("method, extra", [
     ("ckks", "")])
-def test_secure_parts_built_for_simulation_only_are_refused_by_the_server(tmp_path, method, extra):
+def test_a_homomorphic_sum_without_its_decryptors_is_refused_by_the_server(tmp_path, method, extra):
     if method == "ckks":
         pytest.importorskip("tenseal")
     cfg = secure_config(tmp_path, method, 4, extra=extra)
     local.prepare(cfg, tmp_path, tokens=True)
-    with pytest.raises(ValueError, match="simulation only so far"):
+    with pytest.raises(ValueError, match="needs the dealer's public key and the decryptors"):
         Server(cfg, run_dir=tmp_path / "run", certs_dir=tmp_path / "certs", host="127.0.0.1", port=0,
                auth="token", plots=False, linger_s=0.5)

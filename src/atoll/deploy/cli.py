@@ -48,6 +48,15 @@ def register(sub) -> None:
     server.add_argument("--insecure", action="store_true",
                         help="no TLS (local experiments only; clients authenticate with tokens)")
     server.add_argument("--no-plots", action="store_true", help="skip the plots at the end")
+    he = server.add_argument_group("homomorphic encryption", "[secure] method = ckks | paillier "
+                                   "(atoll he keygen / serve; docs/secure-aggregation.md)")
+    he.add_argument("--he-public-key", metavar="FILE", help="the dealer's public.key")
+    he.add_argument("--he-decryptor", action="append", default=[], metavar="HOST:PORT",
+                    help="a decryptor (atoll he serve); one per share, all are needed")
+    he.add_argument("--he-ca", action="append", default=[], metavar="FILE",
+                    help="the decryptors' CA certificate (once for all, or once per decryptor)")
+    he.add_argument("--he-token", action="append", default=[], metavar="FILE",
+                    help="this server's token at the decryptors (once for all, or once each)")
     server.set_defaults(func=_server)
 
     cl = sub.add_parser("client", help="join a deployment and train on local data",
@@ -96,6 +105,8 @@ def _policy_args(p) -> None:
     g.add_argument("--require-secure", action="store_true", default=None,
                    help="refuse a run whose updates do not go into a secure sum")
     g.add_argument("--min-cohort", type=int, help="fewest clients in a secure sum (default 2)")
+    g.add_argument("--he-public-key", metavar="FILE", help="the dealer's public.key this client "
+                   "pins (needed for secure.method = ckks | paillier; never taken from the server)")
 
 
 def _policy(args):
@@ -108,7 +119,8 @@ def _policy(args):
         "privacy.delta": args.delta, "privacy.min_noise_multiplier": args.min_noise,
         "training.min_batch_size": args.min_batch_size, "training.min_steps": args.min_steps,
         "models.allow": allow, "limits.max_task_mb": args.max_task_mb,
-        "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort})
+        "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort,
+        "secure.he_public_key": args.he_public_key})
 
 
 def _credentials(args) -> dict:
@@ -164,7 +176,9 @@ def _server(args) -> int:
     _timestamped_logs()
     cfg = config.load(args.config, args.set)
     server = Server(cfg, run_dir=args.out, insecure=args.insecure, port=args.port, host=args.host,
-                    certs_dir=args.certs, plots=not args.no_plots, overwrite=args.overwrite)
+                    certs_dir=args.certs, plots=not args.no_plots, overwrite=args.overwrite,
+                    he={"public_key": args.he_public_key, "decryptors": args.he_decryptor,
+                        "ca": args.he_ca or [None], "token": args.he_token or [None]})
     print(f"atoll server: {cfg.name} listening on port {server.port} "
           f"({'INSECURE' if args.insecure else 'TLS, ' + (cfg.deploy.auth)}); "
           f"run folder {server.coordinator.run_dir}", flush=True)

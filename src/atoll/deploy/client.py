@@ -52,6 +52,7 @@ from atoll.client import buffer_names, model_loss, params_of
 from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
+from atoll.deploy.he_client import HeParty, is_he
 from atoll.deploy.secure_client import SecureParty
 from atoll.runtime.round import client_round
 from atoll.transport import wire
@@ -136,9 +137,11 @@ class Client:
         self.private = private_noise(algorithm)
         self.cid, self.run_id = info["client_id"], run_id
         self.like = params_of(model)  # the model's entries and shapes (checks its own update)
+        sec = self.guard.policy.secure
         self.secure = (None if algorithm.secure is None else
-                       SecureParty(algorithm.secure, self.cid, info["num_clients"],
-                                   self.guard.policy.secure.min_cohort))
+                       HeParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort,
+                               sec.he_public_key) if is_he(algorithm.secure) else
+                       SecureParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort))
         self.states = self._load_states()
         if algorithm.tracker is not None:
             self._track(algorithm, model)

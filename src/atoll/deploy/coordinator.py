@@ -17,7 +17,8 @@ the round during which they arrived). Updates are aggregated in cohort order, ex
 ``LoopRuntime`` does, so a deployment reproduces the simulation of the same config and seed.
 
 With ``[secure]`` the training answers carry headers only, and the round's sum comes from the
-four SecAgg stages run with the clients that answered (``deploy.secure_rounds``).
+four SecAgg stages run with the clients that answered (``deploy.secure_rounds``), or from their
+ciphertexts summed and opened by the decryptors (homomorphic encryption, ``deploy.he_rounds``).
 
 After every round the state is written atomically (``checkpoint.pt``) after the metrics line; a
 restarted coordinator resumes from the last completed round and trims any later line.
@@ -44,14 +45,13 @@ from atoll.deploy import downlink, fingerprint, guard
 from atoll.deploy.intake import Intake
 from atoll.deploy.rounds import (Answer, Header, Round, RoundPolicy, check_same_config,  # noqa: F401
                                  same_run)
-from atoll.deploy.secure_rounds import SecureRounds
+from atoll.deploy.he_rounds import secure_rounds
 from atoll.runtime.round import broadcast_bytes, server_step
 from atoll.runtime.secure_round import layout, step_on_buckets
 from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
 from atoll.runlog import open_logs as _open_logs
-from atoll.secure.stage import SecureSum
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -65,7 +65,7 @@ def downlink_bytes(algorithm, state, seed: int) -> bytes:
 class Coordinator(Intake):
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
                  config_text: str | None = None, plots: bool = True, enrolled=None,
-                 overwrite: bool = False, fingerprints=None):
+                 overwrite: bool = False, fingerprints=None, he=None):
         self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
@@ -87,10 +87,7 @@ class Coordinator(Intake):
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
         self.cond = threading.Condition()
-        if algorithm.secure is not None and not isinstance(algorithm.secure, SecureSum):
-            raise ValueError("homomorphic encryption under [secure] runs in simulation only so far")
-        self.secure = (None if algorithm.secure is None else  # [secure]: the four stages after training
-                       SecureRounds(algorithm.secure, policy.stage_timeout, self.cond))
+        self.secure = secure_rounds(algorithm, policy, self.cond, he)  # [secure]: after training
         self.current: Round | None = None
         self.phase = "starting"
         self.late = 0
@@ -302,3 +299,4 @@ class Coordinator(Intake):
         with self.cond:
             self.metrics.append(line)
             self.state = state
+

@@ -64,6 +64,7 @@ class TrainingPolicy(_Section):
 class SecurePolicy(_Section):
     require: bool = False             # refuse a run whose updates do not go into a secure sum
     min_cohort: int = Field(2, ge=2)  # the fewest clients in any secure sum this client joins
+    he_public_key: str | None = None  # ckks / paillier: the dealer's public.key this client pins
 
 
 class ModelsPolicy(_Section):
@@ -177,9 +178,14 @@ class Guard:
                         "docs/deployment.md)", mode)
         if p.modes is not None and mode not in p.modes:
             raise _refuse("privacy.mode", mode, f"is not in privacy.modes = {p.modes}")
-        if self.policy.secure.require and cfg.secure.method not in ("secagg", "secagg+"):
+        sec = self.policy.secure
+        if sec.require and cfg.secure.method == "none":
             raise _refuse("secure.method", cfg.secure.method, "is not a secure sum, and the policy "
                           "sets secure.require = true (the server would see this client's update)")
+        if cfg.secure.method in ("ckks", "paillier") and sec.he_public_key is None:
+            raise _refuse("secure.method", cfg.secure.method, "encrypts under a public key this "
+                          "client must pin itself (policy secure.he_public_key, --he-public-key): "
+                          "it never takes one from the server")
         spec = getattr(plan, "privacy", None)
         details = spec.details if spec is not None else {}
         if p.min_noise_multiplier is not None:

@@ -44,12 +44,17 @@ class SecureParty:
               seed: int) -> None:
         """Round ``r``'s encoded input from the client's own update ``message``: its summand
         laid out as the coordinator reads it (``runtime.secure_round.layout``)."""
+        x = self.secure.encode(self.summand(algorithm, message, like, r, seed), n, key)
+        self.round, self.x, self.party, self.next = r, x, None, 1
+
+    @staticmethod
+    def summand(algorithm, message: bytes, like: dict, r: int, seed: int) -> dict:
+        """What this client adds into round ``r``'s sum (its update, checked, then its aux)."""
         delta, aux = decode_update(algorithm, message, like)  # aux in aux_spec order
         lay = layout(algorithm, like, seed, r)
         if not lay.plain:  # a linear codec: its payload goes into the sum, decoded once after
             delta = T.split(wire.loads(message))["delta"]
-        x = self.secure.encode(summand(lay, delta, aux), n, key)
-        self.round, self.x, self.party, self.next = r, x, None, 1
+        return summand(lay, delta, aux)
 
     def answer(self, r: int, stage: int, data: bytes) -> tuple[bytes, float]:
         """``(answer bytes, crypto seconds)``; ``b""`` where the request is refused (logged).

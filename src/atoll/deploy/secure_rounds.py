@@ -117,28 +117,31 @@ class SecureRounds:
         server = secagg.Server(setup)
         head = W.setup_bytes(setup)
         got = self._stage(rnd, stats, 1, {u: head for u in ids}, {u: W.KEYS for u in ids},
-                          lambda u, raw: W.read_keys(raw), setup, stop)
+                          lambda u, raw: W.read_keys(raw), setup.threshold, stop)
         keys = stats.timed(server.collect_keys, got)
         got = self._stage(rnd, stats, 2, {u: W.records({v: W.keys_bytes(k) for v, k in m.items()})
                                           for u, m in keys.items()},
                           {u: len(m) * (4 + W.CT) for u, m in keys.items()},
-                          lambda u, raw: W.read_records(raw, W.CT, keys[u], "sealed shares"), setup, stop)
+                          lambda u, raw: W.read_records(raw, W.CT, keys[u], "sealed shares"),
+                          setup.threshold, stop)
         inbox = stats.timed(server.collect_shares, got)
         got = self._stage(rnd, stats, 3, {u: W.records(m) for u, m in inbox.items()},
                           {u: W.masked_size(setup) for u in inbox}, lambda u, raw: _masked(raw, setup),
-                          setup, stop)
+                          setup.threshold, stop)
         asks = stats.timed(server.collect_inputs, got)
         wanted = {u: {v: "b" for v in alive - {u}} | {v: "s" for v in gone}
                   for u, (alive, gone) in asks.items()}
         got = self._stage(rnd, stats, 4, {u: W.request_bytes(*asks[u]) for u in asks},
                           {u: W.answer_limit(4, setup, len(wanted[u])) for u in asks},
-                          lambda u, raw: W.read_shares(raw, wanted[u]), setup, stop)
+                          lambda u, raw: W.read_shares(raw, wanted[u]), setup.threshold, stop)
         total = stats.timed(server.finish, got)
         mean = self.secure.mean(total, setup, like, len(server.inputs))
         return mean, stats.line(setup, len(server.inputs))
 
-    def _stage(self, rnd, stats, k: int, requests: dict, limits: dict, parse, setup, stop) -> dict:
-        """Publish stage ``k``'s requests, wait for the answers (or the stage's deadline)."""
+    def _stage(self, rnd, stats, k: int, requests: dict, limits: dict, parse, threshold: int,
+               stop) -> dict:
+        """Publish stage ``k``'s requests, wait for the answers (or the stage's deadline); fewer
+        than ``threshold`` answers end the round (``SecAggError``)."""
         st = Stage(k, requests, limits, parse)
         with self.cond:
             rnd.secure = st
@@ -156,9 +159,9 @@ class SecureRounds:
             stats.add(st, time.monotonic() - st.opened)
         if late:
             log.warning("round %d: secure stage %d: no answer from clients %s", rnd.r, k, late)
-        if len(st.answers) < setup.threshold:
+        if len(st.answers) < threshold:
             raise secagg.SecAggError(f"stage {k}: {len(st.answers)} clients answered, fewer than "
-                                     f"the threshold {setup.threshold}")
+                                     f"the threshold {threshold}")
         return dict(st.answers)
 
 

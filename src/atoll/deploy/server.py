@@ -31,7 +31,8 @@ log = logging.getLogger("atoll.deploy")
 class Server:
     def __init__(self, cfg: C.Config, *, run_dir=None, insecure: bool = False, port: int | None = None,
                  host: str | None = None, certs_dir=None, auth: str | None = None,
-                 plots: bool = True, linger_s: float = 2.0, overwrite: bool = False):
+                 plots: bool = True, linger_s: float = 2.0, overwrite: bool = False,
+                 he: dict | None = None):
         d = cfg.deploy
         if d.rpc_timeout <= d.poll_s:
             raise ValueError(f"deploy.rpc_timeout ({d.rpc_timeout} s) must exceed deploy.poll_s "
@@ -62,7 +63,8 @@ class Server:
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots,
                                        enrolled=self._enrolled, overwrite=overwrite,
-                                       fingerprints=_fingerprints(cfg, algorithm, model, data))
+                                       fingerprints=_fingerprints(cfg, algorithm, model, data),
+                                       he=_he(algorithm, he, insecure))
         tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
                                      (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
         address = f"{host or d.host}:{d.port if port is None else port}"
@@ -147,3 +149,20 @@ def _fingerprints(cfg: C.Config, algorithm, model, data):
     from atoll.client import params_of
 
     return W.fingerprints(W.load_key(w.key_file), params_of(model), len(data.clients))
+
+
+def _he(algorithm, he: dict | None, insecure: bool):
+    """Homomorphic encryption: ``he`` = ``{"public_key": path, "decryptors": [HOST:PORT, ...],
+    "ca": path(s), "token": path(s)}`` (``atoll server --he-*``) -> ``he_rounds.link``'s pair."""
+    from atoll.deploy.he_client import is_he
+    from atoll.deploy.he_rounds import link
+
+    given = bool(he and (he.get("public_key") or he.get("decryptors")))
+    if not is_he(algorithm.secure):
+        if given:
+            raise C.ConfigError("--he-public-key / --he-decryptor need secure.method = ckks or paillier")
+        return None
+    if not (given and he.get("public_key") and he.get("decryptors")):
+        return None  # the coordinator says what is missing
+    return link(algorithm.secure, he["public_key"], he["decryptors"], ca=he.get("ca"),
+                token=he.get("token"), insecure=insecure)

@@ -56,11 +56,28 @@ class KeyHolder:
         return s.decrypt(cts)[:d] if hasattr(s, "secret") else s.decrypt(cts, count, d)
 
 
+class RemoteHolder:
+    """Deployment's key holder as the server sees it: the ``scheme`` with the public key only
+    (``atoll.secure.he_keys.load_public``) and ``decrypt(round, cts, count, d)``, the decryptors
+    reached over the network (``atoll.deploy.he_rounds``); None on a client, which only encrypts."""
+
+    def __init__(self, scheme, decrypt=None, min_clients: int = 2):
+        self.public, self._decrypt, self.min_clients = _Public(scheme), decrypt, min_clients
+
+    def decrypt_sum(self, round_: int, cts: list, count: int, d: int) -> np.ndarray:
+        if self._decrypt is None:
+            raise HEError("he: this party holds the public key only")
+        if count < self.min_clients:  # the decryptors refuse it too; not worth the round trip
+            raise HEError(f"he: the key holder decrypts sums of >= {self.min_clients} updates, got {count}")
+        return self._decrypt(round_, cts, count, d)
+
+
 class _Public:
     """What clients and the server may use: encrypt, parse, add (no secret)."""
 
     def __init__(self, scheme):
         self.encrypt, self.parse, self.add, self.chunks = scheme.encrypt, scheme.parse, scheme.add, scheme.chunks
+        self.dump, self.scheme = scheme.dump, scheme
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,12 @@ class HomomorphicSum:
     def __getstate__(self):  # keys stay in the process that made them
         return {k: v for k, v in self.__dict__.items() if k != "_keys"} | {"_keys": {}}
 
+    def with_holder(self, holder: RemoteHolder) -> "HomomorphicSum":
+        """This stage with deployment's keys: a client's pinned public key, or the server's
+        public key and its remote decryptors (in place of a ``KeyHolder`` made here)."""
+        return HomomorphicSum(self.scheme, self.max_weight, self.key_bits, self.decryptors,
+                              holder.min_clients, {"holder": holder})
+
     @property
     def holder(self) -> KeyHolder:
         if "holder" not in self._keys:
@@ -89,6 +112,7 @@ class HomomorphicSum:
         return self._keys["holder"]
 
     bucket = None  # one sum per round: the key holder decrypts no more
+    noise = None   # no distributed DP noise under HE
 
     def buckets(self, clients: list[int], key: int) -> list[list[int]]:
         """The round's one group (``SecureSum.buckets`` without buckets)."""
@@ -123,8 +147,11 @@ class HomomorphicSum:
             raise HEError("he: no client sent a ciphertext that loads")
         s = self.holder.decrypt_sum(round_, total, len(kept), d)
         t2 = time.perf_counter()
-        if not s[-1] > 0:
-            raise HEError("he: the summed weight is not positive")
+        if not 0 < s[-1] <= len(kept) * (1 + 1e-6):  # each weight is in (0, 1]
+            raise HEError(f"he: the decrypted summed weight {s[-1]:.6g} is outside (0, {len(kept)}] "
+                          "(a decryptor returned garbage, or the sum is not of these clients)")
+        if not np.isfinite(s).all():
+            raise HEError("he: the decrypted sum is not finite")
         mean = torch.from_numpy(np.ascontiguousarray(s[:-1] / s[-1]))
         dtype = next(iter(like.values())).dtype
         stats = {"secure_survivors": len(kept), "secure_rejected": rejected,

@@ -36,12 +36,19 @@ class Ckks:
 
     DEGREE, SCALE_BITS, SLOTS, max_abs = 8192, 45, 4096, 16.0
 
-    def __init__(self):
+    def __init__(self, public: bytes | None = None, secret: bytes | None = None):
+        """New keys, or loaded ones (``atoll.secure.he_keys``): ``public`` alone (a client, the
+        server) or ``secret`` (a key holder; its public half is derived)."""
         ts = _need("tenseal")
-        self.secret = ts.context(ts.SCHEME_TYPE.CKKS, self.DEGREE, coeff_mod_bit_sizes=[60, 60])
-        self.secret.global_scale = 2.0 ** self.SCALE_BITS
-        self.public = self.secret.copy()
-        self.public.make_context_public()  # what clients and the server get: no secret key
+        self.secret = None if secret is None else _context(ts, secret, private=True)
+        if public is None and secret is None:
+            self.secret = ts.context(ts.SCHEME_TYPE.CKKS, self.DEGREE, coeff_mod_bit_sizes=[60, 60])
+            self.secret.global_scale = 2.0 ** self.SCALE_BITS
+        if public is not None:
+            self.public = _context(ts, public, private=False)
+        else:
+            self.public = self.secret.copy()
+            self.public.make_context_public()  # what clients and the server get: no secret key
         self.max_blob = len(ts.ckks_vector(self.public, [0.0] * self.SLOTS).serialize()) * 11 // 10 + 4096
 
     def chunks(self, d: int) -> int:
@@ -51,8 +58,13 @@ class Ckks:
         ts = _need("tenseal")
         if np.abs(x).max(initial=0.0) > self.max_abs:
             raise ValueError(f"he: |coordinate| > {self.max_abs} is outside the CKKS range")
-        blobs = [ts.ckks_vector(self.public, x[i:i + self.SLOTS].tolist()).serialize()
-                 for i in range(0, len(x), self.SLOTS)]
+        return self.dump([ts.ckks_vector(self.public, x[i:i + self.SLOTS].tolist())
+                          for i in range(0, len(x), self.SLOTS)])
+
+    @staticmethod
+    def dump(cts: list) -> bytes:
+        """Ciphertexts as bytes ``parse`` reads (a client's, or the server's sum)."""
+        blobs = [c.serialize() for c in cts]
         return struct.pack(f"<{len(blobs) + 1}I", len(blobs), *map(len, blobs)) + b"".join(blobs)
 
     def parse(self, data: bytes, d: int) -> list:
@@ -89,6 +101,19 @@ class Ckks:
                                for c in cts])
 
 
+def _context(ts, data: bytes, private: bool):
+    """A TenSEAL context from a key file's bytes: CKKS at this module's scale, with (``private``)
+    or without the secret key; ValueError otherwise."""
+    try:
+        ctx = ts.context_from(data)
+    except Exception as exc:  # noqa: BLE001 -- SEAL refuses in many ways
+        raise ValueError(f"he: not a TenSEAL context: {str(exc)[:80]}") from None
+    if ctx.is_private() != private or ctx.global_scale != 2.0 ** Ckks.SCALE_BITS:
+        raise ValueError(f"he: expected a CKKS context {'with' if private else 'without'} the "
+                         f"secret key at scale 2^{Ckks.SCALE_BITS}")
+    return ctx
+
+
 class Paillier:
     """Packed Paillier with fixed point: ``encrypt`` with the public ``n``, ``add`` by the server
     (ciphertext product mod n^2), ``decrypt(sum, count)`` by the key holder or, with
@@ -96,15 +121,19 @@ class Paillier:
 
     SLOT, FRAC, FIELD, MAX_CLIENTS = 64, 36, 54, 1024  # a client's value fills FIELD bits of a slot
 
-    def __init__(self, key_bits: int = 2048, decryptors: int = 2):
+    def __init__(self, key_bits: int = 2048, decryptors: int = 2, n: int | None = None):
+        """New keys, or the public key ``n`` alone (loaded by ``atoll.secure.he_keys``)."""
         phe = _need("phe")
-        pub, priv = phe.generate_paillier_keypair(n_length=key_bits)
+        if n is None:
+            pub, priv = phe.generate_paillier_keypair(n_length=key_bits)
+        else:
+            pub, priv = phe.PaillierPublicKey(n), None
         self.n, self.pub = pub.n, pub
         self.n2, self.width = pub.n * pub.n, 2 * key_bits // 8
         self.slots = (key_bits - 1) // self.SLOT
         self.max_abs = 2.0 ** (self.FIELD - 1 - self.FRAC)
         self._priv = priv if decryptors == 1 else None
-        self.shares = [] if decryptors == 1 else self.deal(priv.p, priv.q, decryptors)
+        self.shares = [] if decryptors == 1 or priv is None else self.deal(priv.p, priv.q, decryptors)
 
     def deal(self, p: int, q: int, t: int) -> list[int]:
         """Additive shares, mod ``n lambda``, of ``d = lambda (lambda^-1 mod n)``: ``c^d = 1 + m n``
@@ -125,7 +154,11 @@ class Paillier:
         return [int.from_bytes(u[i:i + self.slots].tobytes(), "little") for i in range(0, len(u), self.slots)]
 
     def encrypt(self, x: np.ndarray) -> bytes:
-        return b"".join(self.pub.raw_encrypt(m).to_bytes(self.width, "big") for m in self.encode(x))
+        return self.dump([self.pub.raw_encrypt(m) for m in self.encode(x)])
+
+    def dump(self, cts: list[int]) -> bytes:
+        """Ciphertexts (or partial decryptions: units mod n^2 too) as bytes ``parse`` reads."""
+        return b"".join(c.to_bytes(self.width, "big") for c in cts)
 
     def parse(self, data: bytes, d: int) -> list[int]:
         k = self.chunks(d)
@@ -145,9 +178,14 @@ class Paillier:
         return [pow(c, share, self.n2) for c in cts]
 
     def combine(self, partials: list[list[int]]) -> list[int]:
+        """The plaintexts from every decryptor's ``partial``; ValueError where their product is
+        not ``1 + m n`` (a decryptor returned garbage, or a share is missing)."""
         out = []
         for parts in zip(*partials):
             x = math.prod(parts) % self.n2
+            if x % self.n != 1:
+                raise ValueError("he: the partial decryptions do not combine (a decryptor returned "
+                                 "garbage or a share is missing)")
             out.append((x - 1) // self.n)
         return out
 
