@@ -52,7 +52,7 @@ from atoll.client import buffer_names, model_loss, params_of
 from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
-from atoll.deploy.secure_client import SecureParty
+from atoll.deploy.secure_client import SecureParty, identity
 from atoll.runtime.round import client_round
 from atoll.transport import wire
 from atoll.transport.grpc.client import Connection, TransportError
@@ -138,7 +138,7 @@ class Client:
         self.like = params_of(model)  # the model's entries and shapes (checks its own update)
         self.secure = (None if algorithm.secure is None else
                        SecureParty(algorithm.secure, self.cid, info["num_clients"],
-                                   self.guard.policy.secure.min_cohort))
+                                   self.guard.policy.secure.min_cohort, *identity(algorithm.secure, self.creds)))
         self.states = self._load_states()
         if algorithm.tracker is not None:
             self._track(algorithm, model)
