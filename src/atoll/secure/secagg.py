@@ -19,8 +19,9 @@ the same objects run in simulation (``run``) and over any transport:
 Neighbourhoods: a cycle in an order drawn from the session id, each client joined to the
 ``neighbours // 2`` clients before and after it (Harary graph, as in Bell et al.). Threshold
 ``t`` defaults to ``neighbours // 2 + 1``: then no server can collect ``t`` shares of both kinds
-for one client from honest neighbours who each reveal one kind. Semi-honest security; what a
-malicious server can still do is in docs/secure-aggregation.md.
+for one client from honest neighbours who each reveal one kind. Semi-honest security; against a
+malicious server, ``run(..., active=...)`` adds signed keys and the consistency check
+(``atoll.secure.active``); what it can still do is in docs/secure-aggregation.md.
 """
 from __future__ import annotations
 
