@@ -83,3 +83,17 @@ def test_token_enrolled_clients_cannot_run_the_malicious_mode(tmp_path):
     with pytest.raises(ValueError, match="this client has none \\(token enrolment\\)"):
         identity(algorithm.secure, {"ca": open(enrolled[0]["ca"], "rb").read(), "cert": None,
                                     "key": None, "token": "x"})
+
+
+def test_a_clients_policy_can_require_the_malicious_mode(tmp_path):
+    """The server writes the config: without this policy it could run the semi-honest protocol."""
+    from atoll.deploy import policy
+    strict = policy.Guard(policy.load({"secure": {"malicious": True}}))
+    for extra, ok in [("", False), (MAL, True)]:
+        cfg = secure_config(tmp_path, "secagg", 4, extra=extra)
+        algorithm, model, fed, plan = config.build(cfg)
+        if ok:
+            strict.built(cfg, plan, fed.clients[0].n, 0)
+            continue
+        with pytest.raises(policy.PolicyError, match="secure.malicious = False is not true"):
+            strict.built(cfg, plan, fed.clients[0].n, 0)

@@ -96,6 +96,8 @@ def _policy_args(p) -> None:
     g.add_argument("--require-secure", action="store_true", default=None,
                    help="refuse a run whose updates do not go into a secure sum")
     g.add_argument("--min-cohort", type=int, help="fewest clients in a secure sum (default 2)")
+    g.add_argument("--require-malicious", action="store_true", default=None,
+                   help="refuse a secure sum that is not [secure] malicious = true")
 
 
 def _policy(args):
@@ -108,7 +110,8 @@ def _policy(args):
         "privacy.delta": args.delta, "privacy.min_noise_multiplier": args.min_noise,
         "training.min_batch_size": args.min_batch_size, "training.min_steps": args.min_steps,
         "models.allow": allow, "limits.max_task_mb": args.max_task_mb,
-        "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort})
+        "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort,
+        "secure.malicious": args.require_malicious})
 
 
 def _credentials(args) -> dict:

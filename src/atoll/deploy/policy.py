@@ -64,6 +64,7 @@ class TrainingPolicy(_Section):
 class SecurePolicy(_Section):
     require: bool = False             # refuse a run whose updates do not go into a secure sum
     min_cohort: int = Field(2, ge=2)  # the fewest clients in any secure sum this client joins
+    malicious: bool = False           # refuse a secure sum not run against a malicious server
 
 
 class ModelsPolicy(_Section):
@@ -180,6 +181,10 @@ class Guard:
         if self.policy.secure.require and cfg.secure.method not in ("secagg", "secagg+"):
             raise _refuse("secure.method", cfg.secure.method, "is not a secure sum, and the policy "
                           "sets secure.require = true (the server would see this client's update)")
+        if self.policy.secure.malicious and not (cfg.secure.method in ("secagg", "secagg+")
+                                                 and cfg.secure.malicious):
+            raise _refuse("secure.malicious", cfg.secure.malicious, "is not true, and the policy sets "
+                          "secure.malicious = true (a server could swap keys or split the survivor view)")
         spec = getattr(plan, "privacy", None)
         details = spec.details if spec is not None else {}
         if p.min_noise_multiplier is not None:
