@@ -97,12 +97,18 @@ class Identity:
         """A deployed client's identity: its enrolment certificate and key (PEM)."""
         cert = x509.load_pem_x509_certificate(cert_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or _point(key.public_key()) != _point(cert.public_key()):
+        if not (isinstance(key, ec.EllipticCurvePrivateKey)
+                and _point(key.public_key()) == _point(cert.public_key())):
             raise ValueError("secure.malicious: the client key is not the P-256 key of its certificate")
         der = cert.public_bytes(serialization.Encoding.DER)
         if len(der) > CRED:
             raise ValueError(f"secure.malicious: the client certificate is {len(der)} bytes, over {CRED}")
         return Identity(key, der)
+
+
+@functools.lru_cache(maxsize=8)
+def _ca(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
 
 
 def _point(public) -> bytes:
@@ -136,7 +142,7 @@ class CertificatePKI:
         if not 0 < len(credential) <= CRED:
             raise SignatureError(f"the certificate given for client {v} is {len(credential)} bytes, "
                                  f"not in [1, {CRED}]")
-        ca = x509.load_pem_x509_certificate(self.ca)
+        ca = _ca(self.ca)
         try:
             cert = x509.load_der_x509_certificate(credential)
             cert.verify_directly_issued_by(ca)

@@ -101,7 +101,8 @@ def advert_bytes(adv: tuple) -> bytes:
     c_pk, s_pk, sig, credential = adv
     if len(sig) != A.SIG or not 0 < len(credential) <= A.CRED:
         raise ValueError(f"advertisement: a {A.SIG}-byte signature and a credential of 1..{A.CRED} bytes")
-    return keys_bytes((c_pk, s_pk)) + sig + struct.pack("<H", len(credential)) + credential.ljust(A.CRED, b"\0")
+    padded = credential.ljust(A.CRED, b"\0")
+    return keys_bytes((c_pk, s_pk)) + sig + struct.pack("<H", len(credential)) + padded
 
 
 def read_advert(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
