@@ -56,7 +56,8 @@ class SecureParty:
                  ca: bytes | None = None):
         self.secure, self.cid, self.num_clients = secure, cid, num_clients
         self.min_cohort = min_cohort  # the client policy's floor (policy.secure.min_cohort)
-        if secure.malicious and (identity is None or ca is None):
+        self.malicious = getattr(secure, "malicious", False)  # SecureSum's; HE has none
+        if self.malicious and (identity is None or ca is None):
             raise ValueError("secure.malicious = true needs the client's enrolment certificate, "
                              "its key and the deployment's CA (a token-enrolled client has none)")
         self.identity, self.pki = identity, ca and A.CertificatePKI(ca)
@@ -89,7 +90,7 @@ class SecureParty:
             return b"", 0.0
 
     def _step(self, r: int, stage: int, data: bytes) -> bytes:
-        if r != self.round or stage != self.next or stage > (5 if self.secure.malicious else 4):
+        if r != self.round or stage != self.next or stage > (5 if self.malicious else 4):
             raise secagg.SecAggError(f"expected stage {self.next} of round {self.round}, each once, "
                                      "in order")
         self.next += 1
@@ -100,12 +101,12 @@ class SecureParty:
                 raise secagg.SecAggError(f"client {self.cid}: refused the setup: a cohort of "
                                          f"{len(setup.clients)} clients, fewer than this client's "
                                          f"policy secure.min_cohort = {self.min_cohort}")
-            if not self.secure.malicious:
+            if not self.malicious:
                 self.party = secagg.Client(setup, self.cid)
                 return W.keys_bytes(self.party.advertise())
             self.party = A.ActiveClient(setup, self.cid, identity=self.identity, pki=self.pki)
             return W.advert_bytes(self.party.advertise())
-        p, mal = self.party, self.secure.malicious
+        p, mal = self.party, self.malicious
         if stage == 2:
             mine = p.setup.graph()[self.cid]
             return W.records(p.share(W.read_advert_map(data, mine) if mal else W.read_key_map(data, mine)))
