@@ -3,6 +3,7 @@ a fraction dropping after sharing (stage 3, the server's most expensive case).
 
     PYTHONPATH=src python bench/secure_secagg.py [--n 100] [--d 1000000] [--k 20] [--drop 0.1]
     PYTHONPATH=src python bench/secure_secagg.py --collisions 1000000   # mask PRG collision check
+    PYTHONPATH=src python bench/secure_secagg.py --malicious   # against a malicious server
 
 Prints per-client crypto seconds (mean, max), server seconds, bytes per client per stage,
 whether the unmasked sum equals the plaintext modular sum bit for bit, and the cost of one X25519
@@ -18,6 +19,7 @@ import numpy as np
 
 from atoll.secure import primitives as pr
 from atoll.secure import secagg
+from atoll.secure.active import Simulated
 
 
 def parse():
@@ -28,6 +30,7 @@ def parse():
     ap.add_argument("--drop", type=float, default=0.1)
     ap.add_argument("--bits", type=int, default=16)
     ap.add_argument("--collisions", type=int, default=0)
+    ap.add_argument("--malicious", action="store_true", help="signed keys and the consistency check")
     ap.add_argument("--pairs", type=int, default=1000, help="key agreements timed (X25519 + HKDF)")
     ap.add_argument("--json", help="also write the figures to this file")
     return ap.parse_args()
@@ -47,12 +50,13 @@ def main():
     a = parse()
     if a.collisions:
         return collisions(a.collisions)
-    st = secagg.Setup.new(range(a.n), 1, a.d, a.bits, neighbours=a.k)
+    st = secagg.Setup.new(range(a.n), 1, a.d, a.bits, neighbours=a.k, malicious=a.malicious)
     g = np.random.default_rng(0)
     x = {u: g.integers(0, 1 << a.bits, a.d, dtype=np.uint64) for u in range(a.n)}
     gone = set(g.choice(a.n, size=int(a.drop * a.n), replace=False).tolist())
     t0 = time.perf_counter()
-    total, survivors, clients, server = secagg.run(st, x, drop={3: gone})
+    total, survivors, clients, server = secagg.run(st, x, drop={3: gone},
+                                                   active=Simulated() if a.malicious else None)
     wall = time.perf_counter() - t0
     expect = np.sum([x[u] for u in survivors], axis=0, dtype=np.uint64) & np.uint64((1 << st.bits) - 1)
     secs = [c.seconds for u, c in clients.items() if u in survivors]
@@ -65,7 +69,9 @@ def main():
                client_max=float(np.max(secs)), server_crypto_s=server.seconds,
                server_decode_s=server.decode_seconds, server_s=server.seconds + server.decode_seconds,
                wall=wall, pack_s=time.perf_counter() - t0, x25519_us_per_pair=agree_us(a.pairs),
-               up=[64, st.neighbours * share_ct, masked, st.neighbours * (1 + 44)])
+               up=[64, st.neighbours * share_ct, masked, st.neighbours * (1 + 44)], malicious=a.malicious)
+    if a.malicious:  # the advertisement carries a signature and a credential; the check, a signature
+        fig["up"] = [64 + 64 + 65, *fig["up"][1:3], 64, fig["up"][3]]
     report(fig, a.pairs)
     if a.json:
         with open(a.json, "w") as f:
@@ -74,14 +80,16 @@ def main():
 
 def report(f, pairs):
     print(f"n={f['n']} d={f['d']} k={f['k']} t={f['threshold']} ring bits={f['ring_bits']} "
-          f"dropped={f['dropped']} (after sharing)")
+          f"dropped={f['dropped']} (after sharing){' MALICIOUS-SERVER mode' if f['malicious'] else ''}")
     print(f"exact: {f['exact']}")
     print(f"client crypto s: mean {f['client_mean']:.3f}, max {f['client_max']:.3f}; server s: crypto "
           f"{f['server_crypto_s']:.3f}, unpack+sum {f['server_decode_s']:.3f}; "
           f"wall (all in one process) {f['wall']:.1f}")
     up = f["up"]
+    check = f", consistency check {up[3]}" if f["malicious"] else ""
     print(f"bytes per client: advertise {up[0]}, shares {up[1]}, masked input {up[2]} "
-          f"({8 * up[2] / f['d']:.1f} bits/coordinate; float32 would be {4 * f['d']}), unmask <= {up[3]}")
+          f"({8 * up[2] / f['d']:.1f} bits/coordinate; float32 would be {4 * f['d']}){check}, "
+          f"unmask <= {up[-1]}")
     print(f"key agreement X25519 + HKDF: {f['x25519_us_per_pair']:.0f} us/pair ({pairs} pairs); bit-packing "
           f"one masked vector (a client's, not in its crypto s): {f['pack_s']:.3f} s")
 

@@ -32,18 +32,25 @@ def secure_config(tmp, method="secagg", clients=5, rounds=2, extra="", stage_tim
     return config.load(tmp / "exp.toml")
 
 
-def start(cfg, tmp, clients=None, **kw):
-    enrolled = local.prepare(cfg, tmp, tokens=True)
+def start(cfg, tmp, clients=None, tokens=True, **kw):
+    enrolled = local.prepare(cfg, tmp, tokens=tokens)
     server = Server(cfg, run_dir=tmp / "run", certs_dir=tmp / "certs", host="127.0.0.1", port=0,
-                    auth="token", plots=False, linger_s=0.5)
+                    auth="token" if tokens else "mtls", plots=False, linger_s=0.5)
     thread = ServerThread(server)
-    make = clients or (lambda e, port: Client(f"127.0.0.1:{port}", e["data"], ca=e["ca"],
-                                              token=e["token"], backoff=(0.1, 1.0), give_up_s=20))
+    make = clients or (lambda e, port: Client(f"127.0.0.1:{port}", e["data"], **creds(e),
+                                              backoff=(0.1, 1.0), give_up_s=20))
     parties = [make(e, server.port) for e in enrolled]
     threads = [threading.Thread(target=p.run, daemon=True) for p in parties]
     for t in threads:
         t.start()
     return server, thread, parties, threads
+
+
+def creds(e):
+    """A client's credentials: its token, or its enrolment certificate and key."""
+    if e.get("token"):
+        return {"ca": e["ca"], "token": e["token"]}
+    return {"ca": e["ca"], "cert": e["cert"], "key": e["key"]}
 
 
 def finish(server, thread, threads, timeout=120):
@@ -116,7 +123,7 @@ def droppers(stages: dict):
     """Client factory: client ``i`` stops answering at ``stages.get(i)`` (0: never)."""
     def make(e, port):
         cid = int(e["name"].split("-")[1])
-        return Dropper(f"127.0.0.1:{port}", e["data"], ca=e["ca"], token=e["token"],
+        return Dropper(f"127.0.0.1:{port}", e["data"], **creds(e),
                        backoff=(0.1, 1.0), give_up_s=20, stage=stages.get(cid, 0))
     return make
 

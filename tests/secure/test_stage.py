@@ -191,3 +191,16 @@ def test_a_client_whose_sketch_has_other_hashes_is_left_out_of_the_secure_sum():
     assert any(not torch.equal(new.params[k], v) for k, v in state.params.items())
     for k, v in honest.params.items():
         assert torch.equal(new.params[k], v)
+
+
+@pytest.mark.parametrize("stage", [3, 4, 5])
+def test_malicious_mode_gives_the_semi_honest_model_bit_for_bit(stage):
+    over = ["secure.method=secagg+", "secure.neighbours=6", "secure.clip=0.5", "secure.dropout=0.125",
+            f"secure.dropout_stage={min(stage, 4)}"]
+    plain = _run(over)
+    mal = _run(over[:-1] + [f"secure.dropout_stage={stage}", "secure.malicious=true"])
+    for k in plain.state.params:  # the same survivors' inputs: the same sums, bit for bit
+        assert torch.equal(plain.state.params[k], mal.state.params[k]), k
+    assert mal.metrics[-1]["secure_survivors"] == (7 if stage == 3 else 8)
+    with pytest.raises(ValueError, match="dropout_stage in 1..4"):
+        _run(over[:-1] + ["secure.dropout_stage=5"])

@@ -40,3 +40,26 @@ def test_a_reader_refuses_what_does_not_fit_and_says_what(read, words):
     with pytest.raises(ValueError) as exc:
         read()
     assert words in str(exc.value)
+
+
+def test_the_malicious_mode_messages_read_back_and_refuse_what_does_not_fit():
+    from atoll.secure import active as A
+    adv = (pr.keypair()[1], pr.keypair()[1], os.urandom(A.SIG), os.urandom(300))
+    raw = W.advert_bytes(adv)
+    assert len(raw) == W.ADVERT == 64 + 64 + 2 + 1024 and W.read_advert(raw) == adv
+    assert W.read_advert_map(W.records({7: raw}), {7}) == {7: adv}
+    sigs = {1: os.urandom(64), 4: os.urandom(64)}
+    assert W.read_unmask(W.unmask_bytes({1, 2}, {4}, sigs), {1, 2, 4}, {1, 4}) == ({1, 2}, {4}, sigs)
+    assert set(W.read_records(W.records({v: b"" for v in (2, 9)}), 0, range(10), "survivor set")) == {2, 9}
+    for bad, words in [(raw[:-1], "1153 bytes, 1154 expected"),
+                       (raw[:128] + b"\0\0" + raw[130:], "a credential of 0 bytes"),
+                       (raw[:-1] + b"\1", "zero-padded"),
+                       (raw[:128] + (1025).to_bytes(2, "little") + raw[130:], "a credential of 1025 bytes")]:
+        with pytest.raises(ValueError, match=words):
+            W.read_advert(bad)
+    with pytest.raises(ValueError, match="a length 99 outside the 13-byte message"):
+        W.read_unmask((99).to_bytes(4, "little") + bytes(9), {1}, {1})
+    with pytest.raises(ValueError, match="signatures: id 3 is not one"):
+        W.read_unmask(W.unmask_bytes({1}, set(), {3: bytes(64)}), {1}, {1})
+    with pytest.raises(ValueError, match="signature: 63 bytes"):
+        W.read_signature(bytes(63))

@@ -40,8 +40,8 @@ def with_secure(cfg: Config, algorithm, fed):
     max_weight = s.max_weight or float(max(c.n for c in fed.clients))
     if m in ("ckks", "paillier"):  # homomorphic sum (atoll.secure.he); simulation only so far
         from atoll.secure.he import HomomorphicSum
-        if s.dropout or s.neighbours is not None or g.bucket:
-            raise ConfigError(f"secure.dropout / secure.neighbours / aggregator.bucket are SecAgg+'s; "
+        if s.dropout or s.neighbours is not None or g.bucket or s.malicious:
+            raise ConfigError(f"secure.dropout / neighbours / malicious, aggregator.bucket are SecAgg+'s; "
                               f"method = {m!r} has none (its key holder decrypts one sum per round)")
         return dataclasses.replace(algorithm, secure=HomomorphicSum(m, max_weight, decryptors=s.decryptors))
     neighbours = s.neighbours if m == "secagg+" else None
@@ -53,7 +53,7 @@ def with_secure(cfg: Config, algorithm, fed):
         raise ConfigError(f"secure.threshold = {s.threshold} exceeds secure.neighbours = {neighbours}")
     return dataclasses.replace(algorithm, secure=SecureSum(
         s.clip, max_weight, s.bits, neighbours, s.threshold, s.dropout, s.dropout_stage,
-        bucket=g.bucket))
+        bucket=g.bucket, malicious=s.malicious))
 
 
 def build_aggregator(cfg: Config, server_update=None):

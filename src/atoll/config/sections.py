@@ -251,7 +251,10 @@ class SecureConfig(_Section):
     threshold: int | None = Field(None, ge=1)   # default neighbours // 2 + 1
     max_weight: float | None = Field(None, gt=0)  # public bound on a client's record count
     dropout: float = Field(0.0, ge=0, lt=1)  # simulation: this fraction vanishes mid-protocol
-    dropout_stage: int = Field(3, ge=1, le=4)  # ... before stage 1 keys, 2 shares, 3 input, 4 unmask
+    dropout_stage: int = Field(3, ge=1, le=5)  # ... before stage 1 keys, 2 shares, 3 input, 4 unmask
+    # secagg / secagg+ against a malicious server: signed keys and a consistency check (stage 4,
+    # the unmasking becomes 5); deployment needs certificate-enrolled clients
+    malicious: bool = False
     stage_timeout: float = Field(30.0, gt=0)  # deployment: seconds to wait for one stage's answers
 
 

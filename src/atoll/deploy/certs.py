@@ -5,7 +5,8 @@
 ``issue(dir, name)`` enrols one client: a certificate ``clients/NAME.pem``/``NAME.key`` signed by
 the authority, or with ``token=True`` a random bearer token in ``clients/NAME.token`` (only its
 SHA-256 is kept in the registry). Every enrolled client gets a numeric id: the client index the
-server samples (``0 .. data.num_clients-1``). The server admits only registry entries: a
+server samples (``0 .. data.num_clients-1``), written in its certificate (USER_ID) so that peers
+can check whose it is (``[secure] malicious``, ``atoll.secure.active``). The server admits only registry entries: a
 certificate must carry the enrolled name *and* serial, so ``revoke(dir, name)`` locks a client out.
 
 Keys are ECDSA P-256; private keys, tokens and the registry are written mode 0600 in directories
@@ -80,7 +81,8 @@ def issue(directory, name: str, *, token: bool = False, client_id: int | None = 
         ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
         ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        uid = [] if client_id is None else [x509.NameAttribute(NameOID.USER_ID, str(client_id))]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name), *uid])
         cert = (_builder(subject, ca.subject, key.public_key(), days)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(ca_key, hashes.SHA256()))

@@ -107,6 +107,8 @@ def _policy_args(p) -> None:
     g.add_argument("--min-cohort", type=int, help="fewest clients in a secure sum (default 2)")
     g.add_argument("--he-public-key", metavar="FILE", help="the dealer's public.key this client "
                    "pins (needed for secure.method = ckks | paillier; never taken from the server)")
+    g.add_argument("--require-malicious", action="store_true", default=None,
+                   help="refuse a secure sum that is not [secure] malicious = true")
 
 
 def _policy(args):
@@ -120,7 +122,8 @@ def _policy(args):
         "training.min_batch_size": args.min_batch_size, "training.min_steps": args.min_steps,
         "models.allow": allow, "limits.max_task_mb": args.max_task_mb,
         "secure.require": args.require_secure, "secure.min_cohort": args.min_cohort,
-        "secure.he_public_key": args.he_public_key})
+        "secure.he_public_key": args.he_public_key,
+        "secure.malicious": args.require_malicious})
 
 
 def _credentials(args) -> dict:

@@ -53,7 +53,7 @@ from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
 from atoll.deploy.he_client import HeParty, is_he
-from atoll.deploy.secure_client import SecureParty
+from atoll.deploy.secure_client import SecureParty, identity
 from atoll.runtime.round import client_round
 from atoll.transport import wire
 from atoll.transport.grpc.client import Connection, TransportError
@@ -141,7 +141,8 @@ class Client:
         self.secure = (None if algorithm.secure is None else
                        HeParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort,
                                sec.he_public_key) if is_he(algorithm.secure) else
-                       SecureParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort))
+                       SecureParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort,
+                                   *identity(algorithm.secure, self.creds)))
         self.states = self._load_states()
         if algorithm.tracker is not None:
             self._track(algorithm, model)

@@ -65,6 +65,7 @@ class SecurePolicy(_Section):
     require: bool = False             # refuse a run whose updates do not go into a secure sum
     min_cohort: int = Field(2, ge=2)  # the fewest clients in any secure sum this client joins
     he_public_key: str | None = None  # ckks / paillier: the dealer's public.key this client pins
+    malicious: bool = False           # refuse a secure sum not run against a malicious server
 
 
 class ModelsPolicy(_Section):
@@ -186,6 +187,10 @@ class Guard:
             raise _refuse("secure.method", cfg.secure.method, "encrypts under a public key this "
                           "client must pin itself (policy secure.he_public_key, --he-public-key): "
                           "it never takes one from the server")
+        if self.policy.secure.malicious and not (cfg.secure.method in ("secagg", "secagg+")
+                                                 and cfg.secure.malicious):
+            raise _refuse("secure.malicious", cfg.secure.malicious, "is not true, and the policy sets "
+                          "secure.malicious = true (a server could swap keys or split the survivor view)")
         spec = getattr(plan, "privacy", None)
         details = spec.details if spec is not None else {}
         if p.min_noise_multiplier is not None:

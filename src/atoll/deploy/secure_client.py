@@ -13,7 +13,12 @@ checks before it answers, so that a server cannot make it reveal more than the p
   (``atoll.secure.stagewire``);
 * the cohort: at least its policy's ``secure.min_cohort`` clients, and with
   ``aggregator.bucket`` at least a bucket (the server learns every cohort's sum);
-* the honest-client safety rule of ``secagg.Client.unmask``: never both shares of one neighbour.
+* the honest-client safety rule of ``secagg.Client.unmask``: never both shares of one neighbour;
+* with ``[secure] malicious`` (``atoll.secure.active``): each neighbour's keys are signed by the
+  key of its enrolment certificate, which this client's CA signed and which names that neighbour's
+  id; and the consistency check (stage 4): shares are revealed (stage 5) only when ``threshold``
+  neighbours signed the survivor set this client signed. A token-enrolled client has no
+  certificate to sign with and cannot join such a run (``Client`` refuses it when it joins).
 
 A refused request is answered with an empty message (the server drops this client from the
 round at once) and logged with its reason; the client takes the next round as usual.
@@ -27,16 +32,35 @@ from atoll import tree as T
 from atoll.runtime.check import decode_update
 from atoll.runtime.secure_round import layout, summand
 from atoll.transport import wire
+from atoll.secure import active as A
 from atoll.secure import secagg
 from atoll.secure import stagewire as W
 
 log = logging.getLogger("atoll.deploy")
 
 
+def identity(secure, creds: dict) -> tuple:
+    """``(identity, ca)`` for ``[secure] malicious``: the client's enrolment certificate signs
+    its keys; a token-enrolled client has none and is refused. ``(None, None)`` otherwise."""
+    if not getattr(secure, "malicious", False):
+        return None, None
+    if creds["cert"] is None or creds["key"] is None or creds["ca"] is None:
+        raise ValueError("this run has secure.malicious = true: a client signs its secure "
+                         "aggregation keys with its enrolment certificate, and this client has "
+                         "none (token enrolment); enrol it with a certificate")
+    return A.Identity.enrolled(creds["cert"], creds["key"]), creds["ca"]
+
+
 class SecureParty:
-    def __init__(self, secure, cid: int, num_clients: int, min_cohort: int = 2):
+    def __init__(self, secure, cid: int, num_clients: int, min_cohort: int = 2, identity=None,
+                 ca: bytes | None = None):
         self.secure, self.cid, self.num_clients = secure, cid, num_clients
         self.min_cohort = min_cohort  # the client policy's floor (policy.secure.min_cohort)
+        self.malicious = getattr(secure, "malicious", False)  # SecureSum's; HE has none
+        if self.malicious and (identity is None or ca is None):
+            raise ValueError("secure.malicious = true needs the client's enrolment certificate, "
+                             "its key and the deployment's CA (a token-enrolled client has none)")
+        self.identity, self.pki = identity, ca and A.CertificatePKI(ca)
         self.round, self.x, self.party, self.next = None, None, None, 0
         self.refused: list[str] = []
 
@@ -69,11 +93,11 @@ class SecureParty:
             log.warning("%s", why)
             self.refused.append(why)
             if r == self.round:
-                self.next = 5  # no further stage of this round
+                self.next = 99  # no further stage of this round
             return b"", 0.0
 
     def _step(self, r: int, stage: int, data: bytes) -> bytes:
-        if r != self.round or stage != self.next:
+        if r != self.round or stage != self.next or stage > (5 if self.malicious else 4):
             raise secagg.SecAggError(f"expected stage {self.next} of round {self.round}, each once, "
                                      "in order")
         self.next += 1
@@ -84,13 +108,21 @@ class SecureParty:
                 raise secagg.SecAggError(f"client {self.cid}: refused the setup: a cohort of "
                                          f"{len(setup.clients)} clients, fewer than this client's "
                                          f"policy secure.min_cohort = {self.min_cohort}")
-            self.party = secagg.Client(setup, self.cid)
-            return W.keys_bytes(self.party.advertise())
-        p = self.party
+            if not self.malicious:
+                self.party = secagg.Client(setup, self.cid)
+                return W.keys_bytes(self.party.advertise())
+            self.party = A.ActiveClient(setup, self.cid, identity=self.identity, pki=self.pki)
+            return W.advert_bytes(self.party.advertise())
+        p, mal = self.party, self.malicious
         if stage == 2:
-            return W.records(p.share(W.read_key_map(data, p.setup.graph()[self.cid])))
+            mine = p.setup.graph()[self.cid]
+            return W.records(p.share(W.read_advert_map(data, mine) if mal else W.read_key_map(data, mine)))
         if stage == 3:
             inbox = W.read_records(data, W.CT, p.peers, "inbox")
             return p.masked(self.secure.ring(self.x, p.setup), inbox)
-        survivors, dropped = W.read_request(data, set(p.inbox) | {self.cid})
-        return W.shares_bytes(p.unmask(survivors, dropped))
+        allowed = set(p.inbox) | {self.cid}
+        if mal and stage == 4:
+            return p.check(W.read_records(data, 0, p.setup.clients, "survivor set"))
+        if mal:
+            return W.shares_bytes(p.unmask(*W.read_unmask(data, allowed, p.ids)))
+        return W.shares_bytes(p.unmask(*W.read_request(data, allowed)))

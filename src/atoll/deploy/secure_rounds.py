@@ -10,6 +10,9 @@ with its reason in ``failures``, and the protocol goes on with the others. The s
 are ``secagg.Server``'s, exactly those of the simulation (``secagg.run``); the pairwise-sealed
 share ciphertexts are relayed, never opened. Fewer than ``threshold`` answers at any stage, or a
 seed that cannot be rebuilt, ends the round with ``SecAggError``: the coordinator keeps the model.
+With ``[secure] malicious`` (``atoll.secure.active``) the advertisements are signed and carry the
+signer's certificate (forwarded only when they verify against the CA), and stage 4 is the
+consistency check: five stages.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 
 from atoll.deploy.rounds import read_chunks
+from atoll.secure import active as A
 from atoll.secure import secagg
 from atoll.secure import stagewire as W
 
@@ -44,8 +48,9 @@ class Stage:
 class SecureRounds:
     """The stage driver of one coordinator (``cond``: the coordinator's condition)."""
 
-    def __init__(self, secure, stage_timeout: float, cond):
+    def __init__(self, secure, stage_timeout: float, cond, pki=None):
         self.secure, self.timeout, self.cond = secure, stage_timeout, cond
+        self.pki = pki  # [secure] malicious: the deployment's CA (secure.active.CertificatePKI)
 
     # ---- called by the transport threads, under the coordinator's lock ------------------------
     def task(self, rnd, cid: int):
@@ -114,12 +119,15 @@ class SecureRounds:
     def _protocol(self, rnd, ids, like, stop, stats) -> tuple[dict, dict]:
         d = self.secure.length(sum(v.numel() for v in like.values()))
         setup = self.secure.setup(ids, rnd.r, d)
-        server = secagg.Server(setup)
+        mal = self.secure.malicious
+        server = A.ActiveServer(setup, pki=self.pki) if mal else secagg.Server(setup)
+        adv, size = (W.advert_bytes, W.ADVERT) if mal else (W.keys_bytes, W.KEYS)
         head = W.setup_bytes(setup)
-        got = self._stage(rnd, stats, 1, {u: head for u in ids}, {u: W.KEYS for u in ids},
-                          lambda u, raw: W.read_keys(raw), setup.threshold, stop)
+        got = self._stage(rnd, stats, 1, {u: head for u in ids}, {u: size for u in ids},
+                          lambda u, raw: W.read_advert(raw) if mal else W.read_keys(raw),
+                          setup.threshold, stop)
         keys = stats.timed(server.collect_keys, got)
-        got = self._stage(rnd, stats, 2, {u: W.records({v: W.keys_bytes(k) for v, k in m.items()})
+        got = self._stage(rnd, stats, 2, {u: W.records({v: adv(k) for v, k in m.items()})
                                           for u, m in keys.items()},
                           {u: len(m) * (4 + W.CT) for u, m in keys.items()},
                           lambda u, raw: W.read_records(raw, W.CT, keys[u], "sealed shares"),
@@ -129,9 +137,14 @@ class SecureRounds:
                           {u: W.masked_size(setup) for u in inbox}, lambda u, raw: _masked(raw, setup),
                           setup.threshold, stop)
         asks = stats.timed(server.collect_inputs, got)
-        wanted = {u: {v: "b" for v in alive - {u}} | {v: "s" for v in gone}
-                  for u, (alive, gone) in asks.items()}
-        got = self._stage(rnd, stats, 4, {u: W.request_bytes(*asks[u]) for u in asks},
+        if mal:  # the consistency check: every survivor signs the set U3 of survivors
+            view = W.records({v: b"" for v in server.view()})
+            got = self._stage(rnd, stats, 4, {u: view for u in asks}, {u: A.SIG for u in asks},
+                              lambda u, raw: W.read_signature(raw), setup.threshold, stop)
+            asks = stats.timed(server.collect_views, got, asks)
+        wanted = {u: {v: "b" for v in ask[0] - {u}} | {v: "s" for v in ask[1]} for u, ask in asks.items()}
+        got = self._stage(rnd, stats, 5 if mal else 4,
+                          {u: (W.unmask_bytes if mal else W.request_bytes)(*asks[u]) for u in asks},
                           {u: W.answer_limit(4, setup, len(wanted[u])) for u in asks},
                           lambda u, raw: W.read_shares(raw, wanted[u]), setup.threshold, stop)
         total = stats.timed(server.finish, got)

@@ -22,6 +22,7 @@ from pathlib import Path
 from atoll import config as C
 from atoll.deploy import certs
 from atoll.deploy.coordinator import Coordinator, Header, RoundPolicy
+from atoll.secure.active import CertificatePKI
 from atoll.transport.grpc.limits import Limits
 from atoll.transport.grpc.server import GrpcServer
 
@@ -47,6 +48,10 @@ class Server:
         if cfg.attack.name != "none":
             raise C.ConfigError("[attack] simulates Byzantine clients and runs in simulation only; "
                                 "remove it from a deployment's config")
+        if cfg.secure.malicious and auth != "mtls":
+            raise C.ConfigError("secure.malicious = true: each client signs its secure aggregation "
+                                "keys with its enrolment certificate; token-enrolled clients have "
+                                "none (use deploy.auth = \"mtls\" and certificate enrolment)")
         self.registry_mtime, self.registry = None, {}
         self._reload()
         algorithm, model, data, plan = C.build(cfg)
@@ -65,6 +70,8 @@ class Server:
                                        enrolled=self._enrolled, overwrite=overwrite,
                                        fingerprints=_fingerprints(cfg, algorithm, model, data),
                                        he=_he(algorithm, he, insecure))
+        if cfg.secure.malicious:
+            self.coordinator.secure.pki = CertificatePKI((self.certs_dir / "ca.pem").read_bytes())
         tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
                                      (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
         address = f"{host or d.host}:{d.port if port is None else port}"

@@ -19,14 +19,13 @@ the same objects run in simulation (``run``) and over any transport:
 Neighbourhoods: a cycle in an order drawn from the session id, each client joined to the
 ``neighbours // 2`` clients before and after it (Harary graph, as in Bell et al.). Threshold
 ``t`` defaults to ``neighbours // 2 + 1``: then no server can collect ``t`` shares of both kinds
-for one client from honest neighbours who each reveal one kind. Semi-honest security; what a
-malicious server can still do is in docs/secure-aggregation.md.
+for one client from honest neighbours who each reveal one kind. Semi-honest security; against a
+malicious server, ``run(..., active=...)`` adds signed keys and the consistency check
+(``atoll.secure.active``); what it can still do is in docs/secure-aggregation.md.
 """
 from __future__ import annotations
 
-import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -35,77 +34,9 @@ from cryptography.exceptions import InvalidTag
 
 from atoll.secure import primitives as pr
 from atoll.secure import shamir
+from atoll.secure.setup import SecAggError, Setup
 
 SEED = 32  # bytes of a self-mask seed and of an X25519 private key
-
-
-class SecAggError(RuntimeError):
-    """The round cannot finish securely (too few survivors, a refused request)."""
-
-
-@dataclass(frozen=True)
-class Setup:
-    session: bytes            # 16 random bytes, fresh per round
-    round: int
-    clients: tuple[int, ...]  # the cohort, sorted
-    neighbours: int
-    threshold: int
-    bits: int                 # the ring Z_{2^bits}
-    d: int                    # vector length
-
-    @staticmethod
-    def new(clients, round_: int, d: int, input_bits: int, neighbours: int | None = None,
-            threshold: int | None = None) -> "Setup":
-        k, t, bits = Setup.derive(len(clients), input_bits, neighbours, threshold)
-        return Setup(os.urandom(16), round_, tuple(sorted(clients)), k, t, bits, d)
-
-    @staticmethod
-    def derive(n: int, input_bits: int, neighbours: int | None, threshold: int | None):
-        """``(neighbours, threshold, bits)`` of a cohort of ``n`` clients under a config."""
-        k = min(neighbours if neighbours is not None else n - 1, n - 1)
-        k += k % 2 if k < n - 1 else 0  # even on a proper cycle
-        k = min(k, n - 1)
-        t = threshold if threshold is not None else k // 2 + 1
-        bits = input_bits + max(1, math.ceil(math.log2(max(n, 2))))
-        if bits > 32:
-            raise ValueError(f"secagg: {input_bits} input bits over {n} clients need a ring of "
-                             f"{bits} bits; at most 32 are supported")
-        if not 1 <= t <= k:
-            raise ValueError(f"secagg: threshold {t} must be in [1, neighbours={k}]")
-        return k, t, bits
-
-    def check(self, me: int, round_: int, d: int, input_bits: int, neighbours: int | None,
-              threshold: int | None) -> None:
-        """A client's check of a setup the server sent: its round, its length and the
-        parameters its own config derives for this cohort (a server cannot lower the
-        threshold or shrink the ring); SecAggError names what differs."""
-        try:
-            want = (round_, d, *Setup.derive(len(self.clients), input_bits, neighbours, threshold))
-        except ValueError as exc:
-            raise SecAggError(f"client {me}: refused the setup: {exc}") from None
-        got = (self.round, self.d, self.neighbours, self.threshold, self.bits)
-        names = ("round", "length", "neighbours", "threshold", "bits")
-        bad = [f"{n} {g} (expected {w})" for n, g, w in zip(names, got, want) if g != w]
-        if me not in self.clients:
-            bad.append(f"client {me} is not in the cohort")
-        if len(set(self.clients)) != len(self.clients) or list(self.clients) != sorted(self.clients):
-            bad.append("the cohort is not sorted and distinct")
-        if bad:
-            raise SecAggError(f"client {me}: refused the setup: " + "; ".join(bad))
-
-    def graph(self) -> dict[int, frozenset]:
-        n, k = len(self.clients), self.neighbours
-        if k >= n - 1:
-            return {u: frozenset(self.clients) - {u} for u in self.clients}
-        order = list(self.clients)
-        random.Random(self.session).shuffle(order)
-        pos = {u: i for i, u in enumerate(order)}
-        return {u: frozenset(order[(pos[u] + j) % n] for j in range(-(k // 2), k // 2 + 1) if j)
-                for u in self.clients}
-
-    def x(self, u: int) -> int:
-        """The Shamir evaluation point of client ``u``."""
-        return self.clients.index(u) + 1
 
 
 def _sign(u: int, v: int) -> int:
@@ -144,7 +75,7 @@ class Client:
         sb = shamir.split(self.b, list(xs.values()), st.threshold)
         ss = shamir.split(self.s_sk, list(xs.values()), st.threshold)
         out = {}
-        for v, (c_pk, _) in self.peers.items():
+        for v, (c_pk, *_) in self.peers.items():
             key = pr.agree(self.c_sk, c_pk, b"channel")
             body = shamir.to_bytes(sb[xs[v]]) + shamir.to_bytes(ss[xs[v]])
             out[v] = pr.seal(key, body, pr.aad(st.session, st.round, self.me, v))
@@ -286,19 +217,26 @@ class Server:
         return shamir.combine(shares, SEED, self.setup.threshold)
 
 
-def run(setup: Setup, inputs: dict[int, np.ndarray], drop: dict[int, set] | None = None):
-    """All four stages in one process; ``drop[s]``: clients that vanish before stage s (1-4).
-    Returns ``(sum, survivors, clients)``; the sum covers exactly the survivors of stage 3."""
+def run(setup: Setup, inputs: dict[int, np.ndarray], drop: dict[int, set] | None = None,
+        active=None):
+    """All the stages in one process; ``drop[s]``: clients that vanish before stage s (1-4, or
+    1-5 with ``active``: the malicious-server protocol, ``atoll.secure.active.Simulated``, whose
+    stage 4 is the consistency check). Returns ``(sum, survivors, clients, server)``; the sum
+    covers exactly the survivors of stage 3."""
     drop = drop or {}
     alive = set(setup.clients) - drop.get(1, set())
-    clients = {u: Client(setup, u) for u in setup.clients}
-    server = Server(setup)
-    keys = server.collect_keys({u: clients[u].advertise() for u in alive})
+    clients = {u: active.client(setup, u) if active else Client(setup, u) for u in setup.clients}
+    server = active.server(setup) if active else Server(setup)
+    keys = server.collect_keys(_each(alive, clients, lambda u: clients[u].advertise()))
     alive -= drop.get(2, set())
     inbox = server.collect_shares(_each(alive, keys, lambda u: clients[u].share(keys[u])))
     alive -= drop.get(3, set())
     requests = server.collect_inputs(_each(alive, inbox, lambda u: clients[u].masked(inputs[u], inbox[u])))
-    alive -= drop.get(4, set())
+    if active is not None:
+        alive -= drop.get(4, set())
+        signed = _each(alive, requests, lambda u: clients[u].check(server.view()))
+        requests = server.collect_views(signed, requests)
+    alive -= drop.get(5 if active else 4, set())
     answers = _each(alive, requests, lambda u: clients[u].unmask(*requests[u]))
     return server.finish(answers), set(server.inputs), clients, server
 

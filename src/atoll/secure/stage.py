@@ -34,6 +34,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.secure import secagg
+from atoll.secure.active import Simulated
 from atoll.secure.distributed import Skellam
 
 
@@ -48,13 +49,15 @@ class SecureSum:
     dropout_stage: int = 3  # ... before this protocol stage (1 keys, 2 shares, 3 input, 4 unmask)
     noise: Skellam | None = None  # distributed DP: each client's L2 clip, rounding and noise
     bucket: int | None = None  # robust aggregation over the means of secure sums of this many clients
+    malicious: bool = False  # against a malicious server: signed keys, the consistency check (secure.active)
 
     def __post_init__(self):
         if not (self.clip > 0 and self.max_weight > 0):
             raise ValueError(f"secure: clip and max_weight must be > 0, got {self.clip}, {self.max_weight}")
-        if not (0 <= self.dropout < 1 and 1 <= self.dropout_stage <= 4):
-            raise ValueError(f"secure: dropout must be in [0, 1) and dropout_stage in 1..4, got "
-                             f"{self.dropout}, {self.dropout_stage}")
+        stages = 5 if self.malicious else 4
+        if not (0 <= self.dropout < 1 and 1 <= self.dropout_stage <= stages):
+            raise ValueError(f"secure: dropout must be in [0, 1) and dropout_stage in 1..{stages}, "
+                             f"got {self.dropout}, {self.dropout_stage}")
         if not 2 <= self.input_bits <= 24:
             raise ValueError(f"secure.bits must be in [2, 24], got {self.input_bits}")
 
@@ -103,7 +106,8 @@ class SecureSum:
     def setup(self, clients, round_: int, d: int) -> secagg.Setup:
         """The protocol's parameters for these clients; SecAggError where none fit."""
         try:
-            return secagg.Setup.new(clients, round_, d, self.input_bits, self.neighbours, self.threshold)
+            return secagg.Setup.new(clients, round_, d, self.input_bits, self.neighbours,
+                                    self.threshold, self.malicious)
         except ValueError as exc:
             raise secagg.SecAggError(str(exc)) from None
 
@@ -111,7 +115,7 @@ class SecureSum:
         """A deployed client's check of the setup its server sent (``Setup.check``); with
         ``bucket``, a cohort smaller than a bucket is refused (a server that put a client in a
         bucket of one, or with only its own sybils, would learn that client's update)."""
-        setup.check(me, round_, d, self.input_bits, self.neighbours, self.threshold)
+        setup.check(me, round_, d, self.input_bits, self.neighbours, self.threshold, self.malicious)
         if self.bucket and len(setup.clients) < self.bucket:
             raise secagg.SecAggError(f"client {me}: refused the setup: a cohort of "
                                      f"{len(setup.clients)} clients, smaller than the bucket size "
@@ -131,7 +135,7 @@ class SecureSum:
         ring = {u: self.ring(v, setup) for u, v in inputs.items()}
         drop = {self.dropout_stage: self.dropped(clients, round_)} if self.dropout > 0 else {}
         t0 = time.perf_counter()
-        total, survivors, parties, _ = secagg.run(setup, ring, drop)
+        total, survivors, parties, _ = secagg.run(setup, ring, drop, Simulated() if self.malicious else None)
         seconds = time.perf_counter() - t0
         stats = {"secure_survivors": len(survivors), "secure_bits": setup.bits,
                  "secure_bytes_up": math.ceil(d * setup.bits / 8),

@@ -13,12 +13,19 @@ stage      server -> client (request)                       client -> server (an
 3 masked   my inbox: records ``id u32, CT bytes``           the packed masked vector
 4 unmask   wanted shares: records ``id u32, kind b|s``      shares: ``id u32, kind, SHARE bytes``
 =========  ===============================================  ==================================
+
+Against a malicious server (``[secure] malicious``, ``atoll.secure.active``) a key advertisement
+is ``ADVERT`` bytes: the two keys, the 64-byte signature, the credential's length (u16) and the
+credential zero-padded to ``CRED`` bytes; stage 4 is the consistency check (request: U3 as
+records of ids alone; answer: a 64-byte signature) and stage 5 the unmasking, whose request is
+``u32 length || the request above || signatures: records id u32, 64 bytes``.
 """
 from __future__ import annotations
 
 import math
 import struct
 
+from atoll.secure import active as A
 from atoll.secure import primitives as pr
 from atoll.secure import shamir
 from atoll.secure.secagg import SEED, Setup
@@ -28,6 +35,7 @@ SHARE = 4 * shamir.chunks_for(SEED)        # one Shamir share of a 32-byte secre
 CT = 12 + 16 + 2 * SHARE                   # nonce, GCM tag, the two shares sealed together
 _HEAD = struct.Struct("<16sqIIIII")        # session, round, n, neighbours, threshold, bits, d
 _ID = struct.Struct("<I")
+ADVERT = KEYS + A.SIG + 2 + A.CRED         # signed keys and the signer's credential, padded
 KINDS = (b"b", b"s")
 
 
@@ -89,6 +97,48 @@ def read_key_map(raw: bytes, allowed) -> dict[int, tuple[bytes, bytes]]:
     return {v: read_keys(k) for v, k in read_records(raw, KEYS, allowed, "neighbour keys").items()}
 
 
+def advert_bytes(adv: tuple) -> bytes:
+    c_pk, s_pk, sig, credential = adv
+    if len(sig) != A.SIG or not 0 < len(credential) <= A.CRED:
+        raise ValueError(f"advertisement: a {A.SIG}-byte signature and a credential of 1..{A.CRED} bytes")
+    padded = credential.ljust(A.CRED, b"\0")
+    return keys_bytes((c_pk, s_pk)) + sig + struct.pack("<H", len(credential)) + padded
+
+
+def read_advert(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    if len(raw) != ADVERT:
+        raise ValueError(f"advertisement: {len(raw)} bytes, {ADVERT} expected")
+    n = struct.unpack_from("<H", raw, KEYS + A.SIG)[0]
+    start = KEYS + A.SIG + 2
+    if not 0 < n <= A.CRED or raw[start + n:].strip(b"\0"):
+        raise ValueError(f"advertisement: a credential of {n} bytes (1..{A.CRED}, zero-padded)")
+    return (*read_keys(raw[:KEYS]), raw[KEYS:KEYS + A.SIG], raw[start:start + n])
+
+
+def read_advert_map(raw: bytes, allowed) -> dict[int, tuple]:
+    return {v: read_advert(a) for v, a in read_records(raw, ADVERT, allowed, "neighbour keys").items()}
+
+
+def read_signature(raw: bytes) -> bytes:
+    if len(raw) != A.SIG:
+        raise ValueError(f"signature: {len(raw)} bytes, {A.SIG} expected")
+    return raw
+
+
+def unmask_bytes(survivors, dropped, signatures: dict[int, bytes]) -> bytes:
+    req = request_bytes(survivors, dropped)
+    return _ID.pack(len(req)) + req + records(signatures)
+
+
+def read_unmask(raw: bytes, allowed, signers) -> tuple[set, set, dict[int, bytes]]:
+    """Stage 5's request against a malicious server: the unmask request and the signatures."""
+    n = _ID.unpack_from(raw)[0] if len(raw) >= _ID.size else -1
+    if not 0 <= n <= len(raw) - _ID.size:
+        raise ValueError(f"unmask request: a length {n} outside the {len(raw)}-byte message")
+    survivors, dropped = read_request(raw[_ID.size:_ID.size + n], allowed)
+    return survivors, dropped, read_records(raw[_ID.size + n:], A.SIG, signers, "signatures")
+
+
 def request_bytes(survivors, dropped) -> bytes:
     """Stage 4's request; ids named in both sets are written twice (what a reader refuses)."""
     rec = [(v, b"b") for v in sorted(survivors)] + [(v, b"s") for v in sorted(dropped)]
@@ -121,7 +171,10 @@ def masked_size(st: Setup) -> int:
     return math.ceil(st.d * st.bits / 8)
 
 
-def answer_limit(stage: int, st: Setup, fan: int) -> int:
+def answer_limit(stage: int, st: Setup, fan: int, malicious: bool = False) -> int:
     """The largest answer a client with ``fan`` neighbours may send at ``stage``."""
+    if malicious:
+        return {1: ADVERT, 2: fan * (_ID.size + CT), 3: masked_size(st), 4: A.SIG,
+                5: fan * (_ID.size + 1 + SHARE)}[stage]
     return {1: KEYS, 2: fan * (_ID.size + CT), 3: masked_size(st),
             4: fan * (_ID.size + 1 + SHARE)}[stage]
