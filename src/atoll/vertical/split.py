@@ -142,8 +142,8 @@ class SplitNN:
     def step(self, rows: torch.Tensor) -> float:
         self.channel.begin_step()
         loss, grads = self.label.train_step(rows, self._embeddings(rows, True))
-        for p in self.label.dims:
-            self.channel.ask(self.label.name, p, "gradient", grads[p])
+        for p in sorted(self.label.dims, key=lambda p: p == self.label.name):  # its own last:
+            self.channel.ask(self.label.name, p, "gradient", grads[p])       # all or nothing
         self.label.commit()
         return loss
 
