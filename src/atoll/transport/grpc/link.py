@@ -24,6 +24,7 @@ class Link:
         self.inbox, self.outbox = queue.Queue(DEPTH), queue.Queue()
         self.done, self.ended, self.reason = threading.Event(), threading.Event(), ""
 
+
     def start(self, incoming) -> None:
         threading.Thread(target=self._read, args=(incoming,), daemon=True).start()
 
@@ -38,8 +39,9 @@ class Link:
                         pass
                 if self.done.is_set():
                     break
-        except grpc.RpcError as exc:
-            self.reason = f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else str(exc)
+        except grpc.RpcError as exc:  # on the server side a bare RpcError: gRPC ended the call
+            self.reason = (f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else
+                           "the call was cut off: a message above the size limit, the deadline or a cancel")
         except Exception as exc:  # noqa: BLE001 - a dropped stream ends the run with its reason
             self.reason = f"{type(exc).__name__}: {exc}"
         self.ended.set()

@@ -143,7 +143,7 @@ class VerticalServer(GrpcServer):
             self.links[name] = link = Link(name, self.timeout)
             self.cond.notify_all()
         self.slots.take(context, "Exchange", name, self.watchdog, self.limits.rpc_timeout)
-        context.add_callback(link.done.set)  # the call is over: later sends fail at once
+        context.add_callback(link.done.set)  # the call is over: later sends and receives fail at once
         link.start(request_iterator)
         yield from link.outgoing()
 
