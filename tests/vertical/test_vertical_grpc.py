@@ -270,3 +270,41 @@ def test_a_replayed_request_from_the_label_party_is_refused_by_the_feature_party
         server.stop()
     assert "replayed, stale or out of order" in str(thread.error)
     assert all(torch.equal(before[k], v) for k, v in party.model.state_dict().items())
+
+
+def test_hetero_lr_over_grpc_equals_in_process_bit_for_bit_and_centralised(pki):
+    pytest.importorskip("phe")
+    from atoll.vertical.hetero_lr import ActiveParty, HeteroLR, PassiveEndpoint
+    g = torch.Generator().manual_seed(4)
+    xa, xb = torch.randn(48, 3, generator=g, dtype=torch.float64), torch.randn(48, 2, generator=g, dtype=torch.float64)
+    y = ((xa[:, 0] + xb[:, 1] + 0.5 * torch.randn(48, generator=g, dtype=torch.float64)) > 0).double()
+    plan = batches(48, 16, epochs=2, seed=0)
+    local = HeteroLR(ActiveParty(xb, y, 0.5, d_passive=3), xa)
+    want = local.fit(plan)
+    server, port = serve(pki)
+    passive = PassiveEndpoint(xa, 0.5)
+    thread = PartyThread(port, passive, pki["creds"])
+    thread.start()
+    try:
+        channel = server.accept(timeout=20)
+        remote = HeteroLR(ActiveParty(xb, y, 0.5, d_passive=3), None, channel=channel, passive="telecom")
+        got = remote.fit(plan)
+        channel.close()
+        thread.join(30)
+    finally:
+        server.stop()
+    assert thread.error is None and thread.steps == 6
+    assert got == want  # bit for bit (fresh keys and masks, the same decoded gradients)
+    assert torch.equal(passive.party.w, local.passive.w) and torch.equal(remote.active.w, local.active.w)
+    x, w, b = torch.cat([xa, xb], 1), torch.zeros(5, dtype=torch.float64, requires_grad=True), 0.0
+    ref = []
+    for rows in plan:
+        z = x[rows] @ w + b
+        loss = nn.functional.binary_cross_entropy_with_logits(z, y[rows])
+        r = (torch.sigmoid(z) - y[rows]).detach()
+        with torch.no_grad():
+            w -= 0.5 * x[rows].T @ r / len(rows)
+        b -= 0.5 * r.mean().item()
+        ref.append(loss.item())
+    assert max(abs(a - c) for a, c in zip(got, ref)) <= 1e-6
+    assert channel.sent[("active", "telecom", "residuals")] == 6 * 16 * 256
