@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     deploy_cli.register(sub)
     from atoll.deploy import psi as psi_cli
+    from atoll.deploy import vertical as vertical_cli
 
     psi_cli.register(sub)
+    vertical_cli.register(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

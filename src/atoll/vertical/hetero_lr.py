@@ -134,6 +134,10 @@ class PassiveParty:
         self._rows = check_rows(rows, "active", len(self.x), self.max_batch)
         return self.x[self._rows] @ self.w
 
+    def score(self, rows) -> torch.Tensor:
+        """``X_A w_A`` for rows outside a training step (held-out rows)."""
+        return self.x[check_rows(rows, "active", len(self.x), self.max_batch)] @ self.w
+
     def masked_gradient(self, data) -> bytes:
         """``[[X_A^T r + m]]`` from ``[[r]]``: plaintext features as (signed) exponents."""
         if self._rows is None:
@@ -180,7 +184,7 @@ class PassiveEndpoint:
             return None
         p = self.party
         handler = None if p is None else {"rows": p.logits, "residuals": p.masked_gradient,
-                                          "gradient_plus_mask": p.update}.get(name)
+                                          "gradient_plus_mask": p.update, "eval_rows": p.score}.get(name)
         if handler is None:
             raise PartyError(f"party {sender!r}: field {name!r} is not expected here")
         out = handler(msg)
