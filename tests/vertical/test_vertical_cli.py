@@ -98,18 +98,23 @@ def test_serve_and_connect_equal_the_in_process_run_bit_for_bit(tmp_path, protoc
 def test_a_killed_feature_party_ends_the_run_named_with_the_last_complete_step_saved(tmp_path):
     token = setup(tmp_path, epochs=2000)
     log, tlog = tmp_path / "serve.log", tmp_path / "tel.log"
-    proc = start(tmp_path, ["serve", "bank.toml", "--out", "bank.json", "--model", "bank.pt"], log)
+    proc = start(tmp_path, ["serve", "bank.toml", "--out", "bank.json", "--model", "bank.pt",
+                            "--every", "10"], log)
+    tel = None
     try:
         p = port(proc, log)
         tel = start(tmp_path, ["connect", f"localhost:{p}", "tel.toml", "--ca", "certs/ca.pem",
                                "--token-file", token], tlog)
-        time.sleep(4.0)
+        end = time.monotonic() + 60
+        while '"step": 30,' not in log.read_text():  # mid-run: 30 steps done
+            assert proc.poll() is None and time.monotonic() < end, log.read_text()
+            time.sleep(0.05)
         tel.send_signal(signal.SIGKILL)
         tel.wait(10)
         assert proc.wait(60) == 1, log.read_text()
     finally:
         for q in (proc, tel):
-            if q.poll() is None:
+            if q is not None and q.poll() is None:
                 q.kill()
                 q.wait()
     got = json.loads((tmp_path / "bank.json").read_text())

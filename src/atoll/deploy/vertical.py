@@ -137,7 +137,7 @@ def save(path, state: dict) -> None:
     atomic_write(Path(path), buf.getvalue())
 
 
-def train(cfg: dict, channel, x, y, digest: str) -> dict:
+def train(cfg: dict, channel, x, y, digest: str, every: int = 0) -> dict:
     """The label party's run over ``channel`` (its remote parties attached); the report. On a
     failure ``report["error"]`` says why and the models are as of the last complete step."""
     n, (train_rows, test, steps) = len(x), plan(cfg, len(x))
@@ -166,6 +166,8 @@ def train(cfg: dict, channel, x, y, digest: str) -> dict:
     try:
         for rows in steps:
             losses.append(model.step(rows))
+            if every and len(losses) % every == 0:
+                print(json.dumps({"step": len(losses), "loss": losses[-1]}), flush=True)
         report |= {"seconds": round(time.perf_counter() - t0, 3),
                    "bytes_per_step": channel.total() / len(losses)} | evaluate(score, y, test)
     except PartyError as exc:
@@ -193,6 +195,7 @@ def register(sub) -> None:
     serve.add_argument("--port", type=int, default=0, help="default: any free port (printed)")
     serve.add_argument("--auth", default="token", choices=["token", "mtls"])
     serve.add_argument("--wait", type=float, default=600.0, help="s to wait for the parties")
+    serve.add_argument("--every", type=int, default=0, help="print the loss every N steps")
     connect = vsub.add_parser("connect", help="a feature party: dial the label party and serve")
     connect.add_argument("address", help="HOST:PORT")
     connect.add_argument("config", help="TOML file with a [vertical] section")
@@ -237,7 +240,10 @@ def _serve(args) -> int:
     print(f"atoll vertical: listening on port {server.start()}", flush=True)
     try:
         channel = server.accept(args.wait)
-        report = train(cfg, channel, x, y, digest)
+        try:
+            report = train(cfg, channel, x, y, digest, args.every)
+        except PartyError as exc:  # at the hello: nothing trained
+            report = {"protocol": cfg["protocol"], "steps": 0, "error": str(exc), "state": {}}
         channel.close(error=report.get("error", ""))
     finally:
         server.stop()

@@ -41,7 +41,8 @@ class Link:
                     break
         except grpc.RpcError as exc:  # on the server side a bare RpcError: gRPC ended the call
             self.reason = (f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else
-                           "the call was cut off: a message above the size limit, the deadline or a cancel")
+                           "the call ended abnormally: the peer vanished, or a message above the "
+                           "size limit, the deadline or a cancel cut it off")
         except Exception as exc:  # noqa: BLE001 - a dropped stream ends the run with its reason
             self.reason = f"{type(exc).__name__}: {exc}"
         self.ended.set()
