@@ -141,3 +141,18 @@ def test_a_killed_feature_party_ends_the_run_named_with_the_last_complete_step_s
     assert ref["steps"] == k and ref["losses"] == got["losses"]
     saved = torch.load(tmp_path / "bank.pt", weights_only=True)
     assert all(torch.equal(saved[key], v) for key, v in ref["state"].items())
+
+
+def test_parties_that_disagree_on_the_aligned_ids_or_the_config_stop_at_the_hello(tmp_path):
+    setup(tmp_path)
+    cfg = vertical.load(tmp_path / "bank.toml")
+    x, y, digest = vertical.table(cfg)
+    (tmp_path / "other.txt").write_text("\n".join(f"c{i:03d}" for i in range(1, 101)) + "\n")
+    for change in ({"ids": str(tmp_path / "other.txt")}, {"cut": 4}, {"protocol": "hetero_lr"}):
+        channel = Channel()
+        channel.attach("telecom", vertical.FeatureEndpoint(vertical.load(tmp_path / "tel.toml") | change))
+        with pytest.raises(PartyError, match="party 'bank': field 'hello' disagrees"):
+            vertical.train(cfg, channel, x, y, digest)
+    with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
+        (tmp_path / "bad.toml").write_text("[vertical]\nepoch = 3\n")
+        vertical.load(tmp_path / "bad.toml")

@@ -42,6 +42,8 @@ def load(path) -> dict:
         raise ValueError(f"{path}: [vertical] has unknown keys {sorted(unknown)}")
     if cfg.get("protocol", "split") not in ("split", "hetero_lr"):
         raise ValueError(f"{path}: [vertical] protocol must be 'split' or 'hetero_lr'")
+    if cfg.get("protocol") == "hetero_lr" and len(cfg.get("parties", [None])) != 1:
+        raise ValueError(f"{path}: hetero_lr trains with exactly one other party ([vertical] parties)")
     base = Path(path).parent
     return DEFAULTS | cfg | {k: str(base / cfg[k]) for k in ("data", "ids") if k in cfg}
 
@@ -140,7 +142,7 @@ def save(path, state: dict) -> None:
 def train(cfg: dict, channel, x, y, digest: str, every: int = 0) -> dict:
     """The label party's run over ``channel`` (its remote parties attached); the report. On a
     failure ``report["error"]`` says why and the models are as of the last complete step."""
-    n, (train_rows, test, steps) = len(x), plan(cfg, len(x))
+    n, (_, test, steps) = len(x), plan(cfg, len(x))
     others = {}
     for p in cfg["parties"]:
         got = channel.ask(cfg["name"], p, "hello", json.dumps(hello(cfg, n, digest)).encode(), "hello")
@@ -170,7 +172,7 @@ def train(cfg: dict, channel, x, y, digest: str, every: int = 0) -> dict:
                 print(json.dumps({"step": len(losses), "loss": losses[-1]}), flush=True)
         report |= {"seconds": round(time.perf_counter() - t0, 3),
                    "bytes_per_step": channel.total() / len(losses)} | evaluate(score, y, test)
-    except PartyError as exc:
+    except (PartyError, ValueError) as exc:  # ValueError: a batch below hetero LR's min_batch
         report["error"] = str(exc)
     return report | {"steps": len(losses), "losses": losses, "state": state()}
 
