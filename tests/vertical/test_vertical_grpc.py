@@ -2,6 +2,7 @@
 process (bit for bit) and as centralised training; the feature party in a thread of this process
 (the two-process run is in test_vertical_cli.py)."""
 import copy
+import re
 import threading
 
 import pytest
@@ -228,7 +229,11 @@ def test_oversized_message_is_cut_off_by_the_transport(pki):
     big = Hostile(BottomParty("telecom", models()[1], xt, adam), 2,
                   lambda name, e: torch.zeros(1 << 15, dtype=torch.float64) if name == "rows" else e)
     err, net, _ = run_until_refused(pki, big, server_kw={"message_bytes": 1 << 16}, message_bytes=1 << 20)
-    assert "party 'telecom': the connection broke (the call ended abnormally: the peer vanished, or a message above the size limit" in str(err)
+    # the reason, when gRPC gives one: "broke (the call ended abnormally: ... a message above the
+    # size limit ...)"; under load its server sometimes ends the stream as if closed
+    assert re.fullmatch(r"party 'telecom': the connection (closed|broke \(the call ended abnormally: "
+                        r"the peer vanished, or a message above the size limit.*\)) during step 2 "
+                        r"\(field 'rows'\)", str(err)), str(err)
     assert same_label_models(net, after_steps(1))
 
 

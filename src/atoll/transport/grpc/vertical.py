@@ -144,7 +144,7 @@ class VerticalServer(GrpcServer):
             self.cond.notify_all()
         self.slots.take(context, "Exchange", name, self.watchdog, self.limits.rpc_timeout)
         context.add_callback(link.done.set)  # the call is over: later sends and receives fail at once
-        link.start(request_iterator)
+        link.start(_incoming(request_iterator, context))
         yield from link.outgoing()
 
     def accept(self, timeout: float = 600.0) -> RemoteChannel:
@@ -153,6 +153,14 @@ class VerticalServer(GrpcServer):
                 missing = sorted(set(self.expected) - set(self.links))
                 raise TimeoutError(f"parties {missing} did not connect within {timeout} s")
             return RemoteChannel({n: self.links[n] for n in self.expected})
+
+
+def _incoming(request_iterator, context):
+    """The requests; if gRPC ended the call under us (a message above the size limit, the
+    deadline, a cancel) the end is an error (gRPC raises one only sometimes), not a close."""
+    yield from request_iterator
+    if not context.is_active():
+        raise grpc.RpcError()
 
 
 @contextlib.contextmanager
