@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     deploy_cli.register(sub)
     from atoll.deploy import psi as psi_cli
+    from atoll.deploy import vertical as vertical_cli
 
     psi_cli.register(sub)
+    vertical_cli.register(sub)
     from atoll.deploy import he_cli
 
     he_cli.register(sub)

@@ -1,5 +1,10 @@
 """What crosses between the parties of vertical training, and the receiver's checks on it.
 
+The protocols (``split``, ``hetero_lr``) talk to the other parties only through a channel:
+``Channel.ask(sender, receiver, name, msg, reply)`` hands ``msg`` to the receiver's endpoint (its
+``on(name, msg, sender)``) and returns the reply the endpoint gives (None when ``reply`` is None).
+In one process the endpoints are local objects; over gRPC (``atoll.transport.grpc.vertical``) a
+subclass carries the same calls to another process, so the training code does not change.
 Every message goes through ``Channel.send``: the receiver gets a copy with no autograd graph (so
 nothing but the tensor or the bytes crosses) and the channel counts its bytes. A receiver checks
 every tensor with ``check_tensor`` (type, dtype, shape, finiteness) before using it, and every row
@@ -61,6 +66,20 @@ class Channel:
 
     sent: dict = field(default_factory=lambda: defaultdict(int))
     messages: int = 0
+    parties: dict = field(default_factory=dict)  # name -> endpoint with on(name, msg, sender)
+    steps: int = 0  # training steps begun (the drivers count them; a remote channel sends it)
+
+    def attach(self, name: str, endpoint) -> None:
+        self.parties[name] = endpoint
+
+    def ask(self, sender: str, receiver: str, name: str, msg, reply: str | None = None):
+        """``msg`` to ``receiver``'s endpoint; its answer, sent back as field ``reply``."""
+        out = self.parties[receiver].on(name, self.send(sender, receiver, name, msg), sender)
+        return None if reply is None else self.send(receiver, sender, reply, out)
+
+    def begin_step(self) -> int:
+        self.steps += 1
+        return self.steps
 
     def send(self, sender: str, receiver: str, name: str, msg):
         size = nbytes(msg, sender, name)

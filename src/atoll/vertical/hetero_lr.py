@@ -92,11 +92,15 @@ class ActiveParty:
         z = z_a + xb @ self.w + self.b
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()
         r = torch.sigmoid(z) - y
-        self.w = self.w - self.lr * (xb.T @ r) / len(rows)
-        self.b -= self.lr * r.mean().item()
+        self._next = (self.w - self.lr * (xb.T @ r) / len(rows), self.b - self.lr * r.mean().item())
         enc = [self.pub.raw_encrypt(v % self.n) for v in _fixed(r.numpy(), self.frac)]
         self._may_decrypt = True
         return b"".join(c.to_bytes(self.width, "big") for c in enc), loss
+
+    def commit(self) -> None:
+        """Take the step computed in ``residuals`` (once the passive party took its own: a step
+        that fails half-way leaves the weights as of the last complete step)."""
+        self.w, self.b = self._next
 
     def decrypt_masked(self, data) -> bytes:
         """Decrypt the passive party's ``d_A`` masked gradient values, once per step."""
@@ -130,6 +134,10 @@ class PassiveParty:
         self._rows = check_rows(rows, "active", len(self.x), self.max_batch)
         return self.x[self._rows] @ self.w
 
+    def score(self, rows) -> torch.Tensor:
+        """``X_A w_A`` for rows outside a training step (held-out rows)."""
+        return self.x[check_rows(rows, "active", len(self.x), self.max_batch)] @ self.w
+
     def masked_gradient(self, data) -> bytes:
         """``[[X_A^T r + m]]`` from ``[[r]]``: plaintext features as (signed) exponents."""
         if self._rows is None:
@@ -161,22 +169,51 @@ class PassiveParty:
         return g
 
 
-class HeteroLR:
-    """The protocol between ``active`` and ``passive``, every message through ``channel``."""
+class PassiveEndpoint:
+    """The passive party's end of ``Channel.ask``: ``public_key`` creates its ``PassiveParty``,
+    then ``rows`` -> ``logits``, ``residuals`` -> ``masked_gradient``, ``gradient_plus_mask``."""
 
-    def __init__(self, active: ActiveParty, passive_x: torch.Tensor, frac: int = 32,
-                 channel: Channel | None = None):
-        self.channel, self.active = channel or Channel(), active
-        key = self.channel.send("active", "passive", "public_key", active.public_key())
-        self.passive = PassiveParty(passive_x, active.lr, key, frac=frac)
+    def __init__(self, x: torch.Tensor, lr: float, frac: int = 32, **options):
+        self.x, self.lr, self.frac, self.options, self.party = x, lr, frac, options, None
+
+    def on(self, name: str, msg, sender: str):
+        if name == "public_key":
+            if self.party is not None:
+                raise PartyError(f"party {sender!r}: field 'public_key' sent twice")
+            self.party = PassiveParty(self.x, self.lr, msg, frac=self.frac, **self.options)
+            return None
+        p = self.party
+        handler = None if p is None else {"rows": p.logits, "residuals": p.masked_gradient,
+                                          "gradient_plus_mask": p.update, "eval_rows": p.score}.get(name)
+        if handler is None:
+            raise PartyError(f"party {sender!r}: field {name!r} is not expected here")
+        out = handler(msg)
+        return None if name == "gradient_plus_mask" else out
+
+
+class HeteroLR:
+    """The protocol between ``active`` and the passive party, every message through ``channel``;
+    ``passive_x`` None: the passive party is the channel's endpoint ``passive`` (another process)."""
+
+    def __init__(self, active: ActiveParty, passive_x: torch.Tensor | None, frac: int = 32,
+                 channel: Channel | None = None, passive: str = "passive"):
+        self.channel, self.active, self.peer = channel or Channel(), active, passive
+        if passive_x is not None:
+            self.channel.attach(passive, PassiveEndpoint(passive_x, active.lr, frac))
+        self.channel.ask("active", passive, "public_key", active.public_key())
+
+    @property
+    def passive(self) -> PassiveParty | None:
+        """The passive party when it runs in this process."""
+        return getattr(self.channel.parties.get(self.peer), "party", None)
 
     def step(self, rows: torch.Tensor) -> float:
-        c, a, p = self.channel, self.active, self.passive
-        z_a = c.send("passive", "active", "logits", p.logits(c.send("active", "passive", "rows", rows)))
-        enc, loss = a.residuals(rows, z_a)
-        masked = c.send("passive", "active", "masked_gradient", p.masked_gradient(
-            c.send("active", "passive", "residuals", enc)))
-        p.update(c.send("active", "passive", "gradient_plus_mask", a.decrypt_masked(masked)))
+        ask, a, p = self.channel.ask, self.active, self.peer
+        self.channel.begin_step()
+        enc, loss = a.residuals(rows, ask("active", p, "rows", rows, "logits"))
+        masked = ask("active", p, "residuals", enc, "masked_gradient")
+        ask("active", p, "gradient_plus_mask", a.decrypt_masked(masked))
+        a.commit()
         return loss
 
     def fit(self, batches) -> list[float]:

@@ -61,6 +61,15 @@ class BottomParty:
         self.opt.step()
         self._out = None
 
+    def on(self, name: str, msg, sender: str):
+        """The endpoint of ``Channel.ask``: ``rows`` (train) or ``eval_rows`` -> the embedding;
+        ``gradient`` -> backward and step."""
+        if name in ("rows", "eval_rows"):
+            return self.embed(msg, sender, train=name == "rows")
+        if name == "gradient":
+            return self.apply_gradient(msg, sender)
+        raise PartyError(f"party {sender!r}: field {name!r} is not a message of split learning")
+
 
 class LabelParty:
     """The top model and the labels. ``dims``: each party's embedding width, in concatenation
@@ -94,12 +103,13 @@ class LabelParty:
             return self.top(torch.cat(self._check(embeddings, batch), 1))
 
     def train_step(self, rows: torch.Tensor, embeddings: dict) -> tuple[float, dict]:
-        """Top forward/backward on checked embeddings: ``(loss, {party: gradient})``."""
+        """Top forward/backward on checked embeddings: ``(loss, {party: gradient})``. The top
+        model steps at ``commit()``, once every party took its gradient: a step that fails
+        half-way leaves it as of the last complete step."""
         leaves = [e.clone().requires_grad_(True) for e in self._check(embeddings, len(rows))]
         loss = self.loss_fn(self.top(torch.cat(leaves, 1)), self.y[rows])
         self.opt.zero_grad()
         loss.backward()
-        self.opt.step()
         grads = {}
         for p, leaf in zip(self.dims, leaves):
             g = leaf.grad
@@ -108,28 +118,33 @@ class LabelParty:
             grads[p] = g
         return loss.item(), grads
 
+    def commit(self) -> None:
+        self.opt.step()
+
 
 class SplitNN:
-    """The protocol: ``parties`` (bottom models, one of them may belong to the label party) and
-    the ``label`` party, every message through ``channel``."""
+    """The protocol: ``parties`` (the bottom models in this process, one of them may belong to
+    the label party) and the ``label`` party, every message through ``channel``; a party of
+    ``label.dims`` not in ``parties`` must be an endpoint of the channel (another process)."""
 
     def __init__(self, parties: list[BottomParty], label: LabelParty, channel: Channel | None = None):
-        if [p.name for p in parties] != list(label.dims):
-            raise ValueError("split: the parties must be given in the label party's dims order")
         self.parties, self.label, self.channel = parties, label, channel or Channel()
+        for p in parties:
+            self.channel.attach(p.name, p)
+        if any(p.name not in label.dims for p in parties) or set(label.dims) - set(self.channel.parties):
+            raise ValueError("split: every party needs a bottom model here or an endpoint on the "
+                             "channel, and the label party's dims must name them all")
 
     def _embeddings(self, rows: torch.Tensor, train: bool) -> dict:
-        c, lab, out = self.channel, self.label.name, {}
-        for p in self.parties:
-            got = c.send(lab, p.name, "rows", rows)
-            out[p.name] = c.send(p.name, lab, "embedding", p.embed(got, lab, train))
-        return out
+        ask, lab = self.channel.ask, self.label.name
+        return {p: ask(lab, p, "rows" if train else "eval_rows", rows, "embedding") for p in self.label.dims}
 
     def step(self, rows: torch.Tensor) -> float:
+        self.channel.begin_step()
         loss, grads = self.label.train_step(rows, self._embeddings(rows, True))
-        for p in self.parties:
-            p.apply_gradient(self.channel.send(self.label.name, p.name, "gradient", grads[p.name]),
-                             self.label.name)
+        for p in sorted(self.label.dims, key=lambda p: p == self.label.name):  # its own last:
+            self.channel.ask(self.label.name, p, "gradient", grads[p])       # all or nothing
+        self.label.commit()
         return loss
 
     def fit(self, batches) -> list[float]:
