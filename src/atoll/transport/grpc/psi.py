@@ -87,8 +87,9 @@ class StreamChannel:
         return False
 
     def send(self, msg: Message) -> None:
-        if self.done.is_set():
-            raise PsiError(f"the connection closed while this party was sending {msg.kind}",
+        if self.done.is_set():  # the reason (e.g. UNAUTHENTICATED) when the stream said one
+            why = f" ({self.reason})" if self.reason else ""
+            raise PsiError(f"the connection closed while this party was sending {msg.kind}{why}",
                            from_peer=True)
         self.outbox.put(to_pb(msg))
 
