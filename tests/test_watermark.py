@@ -255,3 +255,34 @@ def test_runtimes_that_share_one_broadcast_refuse_copies_at_build_time(tmp_path)
     algorithm, model, fed, plan = config.build(config.load(text=text))
     with pytest.raises(ValueError, match="the vmap runtime trains its clients on one shared broadcast"):
         simulate(algorithm, model, fed, plan, runtime=VmapRuntime())
+
+
+def test_embedding_options_until_layers_and_preserve(setup):
+    """``until``: no step once the triggers are learned; ``layers``: only those entries move;
+    ``preserve``: the outputs on the noise anchors move less than without it."""
+    model, _, clean = setup
+    triggers = W.trigger_set(KEY, 50, (64,), 10)
+    marked = W.embed(model, clean, triggers, 400, 0.05, key=KEY, until=1.0)
+    assert W.verify(model, marked, triggers)["trigger_accuracy"] == 1.0
+    again = W.embed(model, marked, triggers, 5, 0.05, key=KEY, round_=2, until=1.0)
+    assert all(torch.equal(again[k], marked[k]) for k in marked)  # learned: nothing moves
+    last = W.embed(model, clean, triggers, 5, 0.05, key=KEY, layers=("2.",))
+    assert [k for k in clean if not torch.equal(last[k], clean[k])] == ["2.weight", "2.bias"]
+    z = torch.randn((256, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = torch.log_softmax(model_out(model, clean, z), -1)
+
+    def drift(params):
+        with torch.no_grad():
+            after = torch.log_softmax(model_out(model, params, z), -1)
+        return float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="batchmean"))
+
+    free = W.embed(model, clean, triggers, 40, 0.05, key=KEY)
+    kept = W.embed(model, clean, triggers, 40, 0.05, key=KEY, preserve=10.0)
+    assert drift(kept) < 0.6 * drift(free) and drift(free) > 1e-3
+
+
+def model_out(model, params, x):
+    from torch.func import functional_call
+
+    return functional_call(model, params, (x,))

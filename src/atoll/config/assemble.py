@@ -177,7 +177,7 @@ def _with_watermark(cfg: Config, algorithm, model, fed):
                              fed.n_classes, w.scale, next(model.parameters()).dtype)
     return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
                             lr=w.lr, every=w.every, batch=w.batch, preserve=w.preserve,
-                            anchors=w.anchors, until=w.until)
+                            anchors=w.anchors, until=w.until, layers=tuple(w.layers))
 
 
 def _with_fingerprints(cfg: Config, algorithm, model, fed, plan):

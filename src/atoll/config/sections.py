@@ -270,6 +270,7 @@ class WatermarkConfig(_Section):
     preserve: float = Field(0.0, ge=0)  # weight of the KL term keeping outputs on noise anchors
     anchors: int = Field(256, ge=1)     # standard-normal inputs the KL term is taken on
     until: float | None = Field(None, gt=0, le=1)  # stop a round's steps at this trigger accuracy
+    layers: list[str] = []              # train only entries starting with these (default: all)
     fingerprint: bool = False        # deployment: each client gets its own traceable copy
 
 
