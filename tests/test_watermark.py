@@ -227,7 +227,8 @@ def test_a_simulated_client_copy_traces_to_it_alone(tmp_path):
         leaked = T.add(copy, T.split(wire.loads(message))["delta"])
         t = W.trace(leaked, fp)
         assert t["client"] == cid and t["traced"] and t["p_value"] <= 1e-6, t
-        others = [4 * W.binomial_pvalue(m, t["bits"], 0.5) for c, m in enumerate(t["all_matches"]) if c != cid]
+        others = [4 * W.binomial_pvalue(m, t["bits"], 0.5)
+                  for c, m in enumerate(t["all_matches"]) if c != cid]
         assert min(others) > 1e-6, t  # and to no other client
     torch.save(leaked, tmp_path / "leaked.pt")
     out = io.StringIO()
@@ -277,8 +278,8 @@ def test_embedding_options_until_layers_and_preserve(setup):
             after = torch.log_softmax(model_out(model, params, z), -1)
         return float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="batchmean"))
 
-    free = W.embed(model, clean, triggers, 40, 0.05, key=KEY)
-    kept = W.embed(model, clean, triggers, 40, 0.05, key=KEY, preserve=10.0)
+    free = W.embed(model, clean, triggers, 40, 0.05, key=KEY, until=None)
+    kept = W.embed(model, clean, triggers, 40, 0.05, key=KEY, preserve=10.0, until=None)
     assert drift(kept) < 0.6 * drift(free) and drift(free) > 1e-3
 
 

@@ -130,7 +130,7 @@ def finetune(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Ten
              lr: float, batch: int = 50, key: bytes = b"", round_: int = 0) -> Tree:
     """``steps`` SGD steps on cross-entropy over mini-batches of ``(x, y)`` drawn from ``key``
     (the model in eval mode: its buffers are not updated)."""
-    return embed(model, params, TriggerSet(x, y, 0), steps, lr, batch, key, round_)
+    return embed(model, params, TriggerSet(x, y, 0), steps, lr, batch, key, round_, until=None)
 
 
 def _logits(model, params, x):
@@ -140,12 +140,13 @@ def _logits(model, params, x):
 
 def embed(model: torch.nn.Module, params: Tree, triggers: TriggerSet, steps: int, lr: float,
           batch: int = 50, key: bytes = b"", round_: int = 0, preserve: float = 0.0,
-          anchors: int = 256, until: float | None = None, layers: tuple[str, ...] = ()) -> Tree:
+          anchors: int = 256, until: float | None = 1.0, layers: tuple[str, ...] = ()) -> Tree:
     """Up to ``steps`` SGD steps on the cross-entropy of mini-batches of ``triggers``, plus
     ``preserve`` times the KL divergence from the starting model's outputs to the new ones on
     ``anchors`` standard-normal inputs (drawn from ``key`` and the round: data-free, at the
     scale of standardized features), which keeps the function away from the triggers. ``until``:
-    stop once the trigger accuracy reaches it. ``layers``: train only the entries whose names start
+    stop once the trigger accuracy reaches it (default 1.0: no step once every trigger is
+    learned; None or above 1: always ``steps``). ``layers``: train only the entries whose names start
     with one of these (default: all). The model is in eval mode (buffers not updated)."""
     g = _generator(key, "batches", round_)
     params = {k: v.detach() for k, v in params.items()}
@@ -179,8 +180,8 @@ def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, ste
                    lr: float = 0.05, every: int = 1, batch: int = 50, **options) -> Transform:
     """A server transform: on every ``every``-th step, the model after the updates so far in the
     chain is fine-tuned on ``triggers`` (``embed``, with its ``options``: ``preserve``,
-    ``anchors``, ``until``, ``layers``); the returned updates take it there. Other steps pass the updates
-    through unchanged. State: the step count (a tensor, checkpointed)."""
+    ``anchors``, ``until``, ``layers``); the returned updates take it there. Other steps pass
+    the updates through unchanged. State: the step count (a tensor, checkpointed)."""
     if steps < 1 or every < 1 or lr <= 0:
         raise ValueError(f"watermark: steps and every must be >= 1 and lr > 0, got {steps}, {every}, {lr}")
 

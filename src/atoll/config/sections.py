@@ -269,7 +269,7 @@ class WatermarkConfig(_Section):
     every: int = Field(1, ge=1)      # embed after every k-th server step
     preserve: float = Field(0.0, ge=0)  # weight of the KL term keeping outputs on noise anchors
     anchors: int = Field(256, ge=1)     # standard-normal inputs the KL term is taken on
-    until: float | None = Field(None, gt=0, le=1)  # stop a round's steps at this trigger accuracy
+    until: float = Field(1.0, gt=0)  # stop a round's steps at this trigger accuracy (> 1: never)
     layers: list[str] = []              # train only entries starting with these (default: all)
     fingerprint: bool = False        # deployment: each client gets its own traceable copy
 
