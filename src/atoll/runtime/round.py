@@ -109,8 +109,8 @@ def one_by_one(algorithm, client_update, down_bytes, chunk, cstates, data, work,
     out = []
     for p, cstate in zip(chunk, cstates):
         try:
-            message, new, metrics, straggler = client(
-                algorithm, client_update, received(down_bytes, p.cid), cstate, data.clients[p.cid], p.cid, r, work, seed)
+            message, new, metrics, straggler = client(algorithm, client_update, received(down_bytes, p.cid),
+                                                      cstate, data.clients[p.cid], p.cid, r, work, seed)
         except Exception as exc:  # a failing client must not stop the round
             out.append(Outcome(p.pos, p.cid, None, None, 0.0, 0.0, p.straggler,
                                f"client raised {type(exc).__name__}: {exc}"))
