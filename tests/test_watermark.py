@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -188,3 +189,101 @@ def test_a_key_file_of_the_wrong_size_is_refused_before_it_is_read(tmp_path, siz
     with pytest.raises(ValueError, match=f"exactly 32 bytes, it holds {size}"):
         W.load_key(path)
     assert read == []
+
+
+FINGERPRINTED = ('rounds = 2\n[data]\nnum_clients = 4\n[model]\nhidden = [64]\n[watermark]\nenabled = true\n'
+                 'key_file = "{key}"\nfingerprint = true\n')
+
+
+def test_a_simulated_client_copy_traces_to_it_alone(tmp_path):
+    """[watermark] fingerprint = true in simulation: each client trains on its own copy; the
+    model a client ends with (its copy + its update) traces to it alone with p <= 1e-6, through
+    ``atoll audit watermark`` and the run's fingerprints.json; the server's model to nobody."""
+    from atoll.runtime.loop import LoopRuntime
+    from atoll.runtime.round import client_round
+    from atoll.transport import wire
+
+    cfg = config.load(text=FINGERPRINTED.format(key=tmp_path / "wm.key"))
+    assert isinstance(config.runtime(cfg), LoopRuntime)  # "auto" picks the runtime that carries it
+    algorithm, model, fed, plan = config.build(cfg)
+    seen = {}
+
+    class Spy(LoopRuntime):
+        @staticmethod
+        def client_round(algorithm, update, down, cstate, cdata, cid, r, work, seed, secret=None):
+            out = client_round(algorithm, update, down, cstate, cdata, cid, r, work, seed, secret)
+            seen[cid] = (down, out[0])
+            return out
+
+    run = tmp_path / "run"
+    result = simulate(algorithm, model, fed, plan, run_dir=run, runtime=Spy(),
+                      config_text=config.dumps(cfg), plots=False)
+    fp = W.fingerprints(W.load_key(tmp_path / "wm.key"), result.state.params, 4)
+    assert len({down for down, _ in seen.values()}) == 4  # four different copies were sent
+    assert result.metrics[0]["bytes_down"] == sum(len(down) for down, _ in seen.values())
+    assert not W.trace(result.state.params, fp)["traced"]  # the codes do not add up in the model
+    for cid, (down, message) in seen.items():
+        copy = T.split(wire.loads(down))["params"]
+        leaked = T.add(copy, T.split(wire.loads(message))["delta"])
+        t = W.trace(leaked, fp)
+        assert t["client"] == cid and t["traced"] and t["p_value"] <= 1e-6, t
+        others = [4 * W.binomial_pvalue(m, t["bits"], 0.5)
+                  for c, m in enumerate(t["all_matches"]) if c != cid]
+        assert min(others) > 1e-6, t  # and to no other client
+    torch.save(leaked, tmp_path / "leaked.pt")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["audit", "watermark", str(run), "--model", str(tmp_path / "leaked.pt")]) == 0
+    assert f"best match client {cid} (" in out.getvalue() and "TRACED" in out.getvalue()
+    record = json.loads((run / "fingerprints.json").read_text())
+    assert record["layer"] == fp.layer and len(record["codes"]) == 4
+    record["codes"][1] = record["codes"][0]  # another key's codes: refused, naming the field
+    (run / "fingerprints.json").write_text(json.dumps(record))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert cli.main(["audit", "watermark", str(run), "--model", str(tmp_path / "leaked.pt")]) != 0
+    assert "fingerprints.json: codes does not match the scheme rebuilt from the key" in err.getvalue()
+
+
+def test_runtimes_that_share_one_broadcast_refuse_copies_at_build_time(tmp_path):
+    from atoll.runtime.vmap import VmapRuntime
+
+    text = FINGERPRINTED.format(key=tmp_path / "wm.key")
+    with pytest.raises(config.ConfigError, match="runtime.name = 'vmap' cannot carry"):
+        config.runtime(config.load(text=text + '[runtime]\nname = "vmap"\n'))
+    with pytest.raises(config.ConfigError, match="need synchronous rounds"):
+        config.build(config.load(text=text + '[async]\nmode = "fedbuff"\n'))
+    algorithm, model, fed, plan = config.build(config.load(text=text))
+    with pytest.raises(ValueError, match="the vmap runtime trains its clients on one shared broadcast"):
+        simulate(algorithm, model, fed, plan, runtime=VmapRuntime())
+
+
+def test_embedding_options_until_layers_and_preserve(setup):
+    """``until``: no step once the triggers are learned; ``layers``: only those entries move;
+    ``preserve``: the outputs on the noise anchors move less than without it."""
+    model, _, clean = setup
+    triggers = W.trigger_set(KEY, 50, (64,), 10)
+    marked = W.embed(model, clean, triggers, 400, 0.05, key=KEY, until=1.0)
+    assert W.verify(model, marked, triggers)["trigger_accuracy"] == 1.0
+    again = W.embed(model, marked, triggers, 5, 0.05, key=KEY, round_=2, until=1.0)
+    assert all(torch.equal(again[k], marked[k]) for k in marked)  # learned: nothing moves
+    last = W.embed(model, clean, triggers, 5, 0.05, key=KEY, layers=("2.",))
+    assert [k for k in clean if not torch.equal(last[k], clean[k])] == ["2.weight", "2.bias"]
+    z = torch.randn((256, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = torch.log_softmax(model_out(model, clean, z), -1)
+
+    def drift(params):
+        with torch.no_grad():
+            after = torch.log_softmax(model_out(model, params, z), -1)
+        return float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="batchmean"))
+
+    free = W.embed(model, clean, triggers, 40, 0.05, key=KEY, until=None)
+    kept = W.embed(model, clean, triggers, 40, 0.05, key=KEY, preserve=10.0, until=None)
+    assert drift(kept) < 0.6 * drift(free) and drift(free) > 1e-3
+
+
+def model_out(model, params, x):
+    from torch.func import functional_call
+
+    return functional_call(model, params, (x,))

@@ -96,11 +96,18 @@ class Algorithm:
     # global ``params`` on its training data ``(x, y)`` (Per-FedAvg's steps of fine-tuning);
     # where set, evaluation uses it instead of ``personalize``.
     adapt: Callable[..., Tree] | None = None
+    # Per-client copies in the downlink: ``client_copy(params, cid)`` -> the model client ``cid``
+    # receives (its fingerprinted copy, ``atoll.watermark.FingerprintCopies``); its update is
+    # taken against it and stepped into the unmarked global model. ``None``: one broadcast.
+    client_copy: Callable[[Tree, int], Tree] | None = None
 
     def __post_init__(self):
         # Build-time checks that the parts fit together.
         if not isinstance(self.local_opt, Transform) or not isinstance(self.server_opt, Transform):
             raise TypeError(f"{self.name}: local_opt and server_opt must be Transforms")
+        if self.client_copy is not None and self.tracker is not None:
+            raise ValueError(f"{self.name}: per-client copies (client_copy) and per-client delta "
+                             "downlink (tracker) both send each client its own model; use one")
 
     def init(self, params: Tree, buffers: tuple[str, ...] = ()) -> ServerState:
         """The state before round 1. ``buffers``: the entries of ``params`` that are model

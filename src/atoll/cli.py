@@ -96,7 +96,7 @@ def _audit(args) -> int:
     run_dir = Path(args.run_dir)
     cfg = config.load(run_dir / "config.toml")
     if args.what == "watermark":
-        return _audit_watermark(cfg, Path(args.model or run_dir / "model.pt"))
+        return _audit_watermark(cfg, Path(args.model or run_dir / "model.pt"), run_dir)
     _, model, data, _ = config.build(cfg)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -122,8 +122,9 @@ def _audit(args) -> int:
     return 0
 
 
-def _audit_watermark(cfg, path: Path) -> int:
-    """Trigger accuracy, binomial p-value and the best-matching client fingerprint of ``path``."""
+def _audit_watermark(cfg, path: Path, run_dir: Path) -> int:
+    """Trigger accuracy, binomial p-value and the best-matching client fingerprint of ``path``
+    (checked against the codes the run recorded in ``fingerprints.json``, if it sent copies)."""
     from atoll import config
     from atoll import watermark as W
 
@@ -134,14 +135,36 @@ def _audit_watermark(cfg, path: Path) -> int:
     triggers = W.trigger_set(key, w.trigger_size, (data.n_features,), data.n_classes, w.scale,
                              next(model.parameters()).dtype)
     v = W.verify(model, params, triggers)
-    t = W.trace(params, W.fingerprints(key, params, cfg.data.num_clients))
+    fp = W.fingerprints(key, params, cfg.data.num_clients)
+    sent = _recorded_fingerprints(run_dir, fp)
+    t = W.trace(params, fp)
     print(f"watermark: trigger accuracy {v['trigger_accuracy']:.2%} ({v['hits']}/{v['triggers']}, "
           f"chance {v['chance']:.2%}), p = {v['p_value']:.3g}: "
           + ("OWNED (p <= 1e-6)" if v["owned"] else "not shown (p > 1e-6)"))
     print(f"fingerprint: best match client {t['client']} ({t['matches']}/{t['bits']} bits), "
           f"p = {t['p_value']:.3g} (Bonferroni over {cfg.data.num_clients} clients): "
-          + ("TRACED" if t["traced"] else "not traced"))
+          + ("TRACED" if t["traced"] else "not traced")
+          + ("" if sent else " (this run sent no fingerprinted copies)"))
     return 0
+
+
+def _recorded_fingerprints(run_dir: Path, fp) -> bool:
+    """Whether the run sent fingerprinted copies (``fingerprints.json``), checked against the
+    scheme rebuilt from the key (a mismatch is an error naming the field)."""
+    import json
+
+    from atoll import watermark as W
+
+    path = run_dir / "fingerprints.json"
+    if not path.exists():
+        return False
+    if path.stat().st_size > 2**24:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a fingerprint record holds")
+    try:
+        W.check_record(json.loads(path.read_text()), fp)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return True
 
 
 def _run(args) -> int:
@@ -159,9 +182,6 @@ def _run(args) -> int:
     else:
         raise ValueError("give a CONFIG file, or --resume RUN_DIR")
     algorithm, model, data, plan = config.build(cfg)
-    if cfg.watermark.fingerprint:
-        logging.getLogger("atoll").warning("watermark.fingerprint: per-client copies are sent in deployment (atoll "
-                    "server); this simulated run sends none")
     t0 = time.perf_counter()
     result = simulate(algorithm, model, data, plan, run_dir=run_dir, runtime=config.runtime(cfg),
                       resume=bool(args.resume), overwrite=args.overwrite,

@@ -23,7 +23,7 @@ log = logging.getLogger("atoll")
 
 # what a run writes into its folder (simulation, report, deployment server)
 RUN_FILES = ("config.toml", "metrics.jsonl", "timings.jsonl", "checkpoint.pt", "final.json",
-             "model.pt", "summary.md", "plots")
+             "model.pt", "summary.md", "plots", "fingerprints.json")
 RUN_PATTERNS = ("checkpoint.clients-*", "*.tmp")
 
 

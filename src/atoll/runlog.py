@@ -100,6 +100,14 @@ def open_logs(run_dir: Path, resumed_round: int, config_text: str | None) -> lis
     return kept
 
 
+def record_copies(algorithm, run_dir: Path) -> None:
+    """``fingerprints.json``: what the per-client copies carry (``Algorithm.client_copy.record()``:
+    each client's code), so that ``atoll audit watermark`` can name the client of a leaked copy."""
+    if algorithm.client_copy is not None:
+        checkpoint.atomic_write(run_dir / "fingerprints.json",
+                                json.dumps(algorithm.client_copy.record(), indent=1).encode())
+
+
 def append(path: Path, obj: dict) -> None:
     """One JSON line; a NaN or infinite number (a diverged loss) is written as null."""
     with open(path, "a") as f:

@@ -27,7 +27,7 @@ from atoll.runlog import append as _append  # noqa: F401 (re-exported: deploy.co
 from atoll.runlog import evaluate_and_log as _evaluate_and_log
 from atoll.runlog import finish as _finish
 from atoll.runlog import open_logs as _open_logs
-from atoll.runlog import round_line
+from atoll.runlog import record_copies, round_line
 from atoll.runtime.base import AllClientsFailed, LocalWork, check_round  # noqa: F401 (re-exported)
 from atoll.transport import wire
 
@@ -66,6 +66,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
     ``run_dir`` must be empty or new unless ``resume`` (continue its checkpoint; ``config_text``
     may then only raise ``rounds``) or ``overwrite`` (remove the run there first).
     Raises ``AllClientsFailed`` when every sampled client of a round fails."""
+    _check_copies(algorithm, runtime, plan)
     if plan.asynchronous is not None:
         from atoll.asynchronous import simulate_async
 
@@ -84,6 +85,7 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
             rundir.check_resume(run_dir, config_text)
             state, client_states = checkpoint.load(run_dir)
         metrics = _open_logs(run_dir, state.round, config_text)
+        record_copies(algorithm, run_dir)
     dense_up, dense_down = _float32_sizes(state.params)
     privacy = plan.privacy.driver(state) if plan.privacy is not None else None
     clock = None
@@ -136,6 +138,22 @@ def simulate(algorithm: Algorithm, model: torch.nn.Module, data, plan: Plan = Pl
         extra.update(personal(state, client_states))
     final = _finish(model, state, data, fed_eval, run_dir, plots, extra)
     return Result(state, metrics, final, run_dir)
+
+
+def _check_copies(algorithm, runtime, plan) -> None:
+    """Refuse per-client copies (``Algorithm.client_copy``: ``watermark.fingerprint``) where the
+    clients would share one broadcast: asynchronous groups, runtimes that do not declare
+    ``client_copies`` (the vectorised and Ray runtimes)."""
+    if algorithm.client_copy is None:
+        return
+    if plan.asynchronous is not None:
+        raise ValueError("per-client copies (watermark.fingerprint) need synchronous rounds: the "
+                         "asynchronous scheduler's groups share one broadcast")
+    runtime = runtime or make_runtime()
+    if not getattr(runtime, "client_copies", False):
+        raise ValueError(f"per-client copies (watermark.fingerprint): the {runtime.name} runtime "
+                         "trains its clients on one shared broadcast; use LoopRuntime "
+                         "(runtime.name = \"loop\")")
 
 
 def _personal(algorithm, client_update, model, data, plan, trained):

@@ -130,24 +130,57 @@ def finetune(model: torch.nn.Module, params: Tree, x: torch.Tensor, y: torch.Ten
              lr: float, batch: int = 50, key: bytes = b"", round_: int = 0) -> Tree:
     """``steps`` SGD steps on cross-entropy over mini-batches of ``(x, y)`` drawn from ``key``
     (the model in eval mode: its buffers are not updated)."""
+    return embed(model, params, TriggerSet(x, y, 0), steps, lr, batch, key, round_, until=None)
+
+
+def _logits(model, params, x):
+    with _eval(model):
+        return functional_call(model, params, (x,), strict=False)
+
+
+def embed(model: torch.nn.Module, params: Tree, triggers: TriggerSet, steps: int, lr: float,
+          batch: int = 50, key: bytes = b"", round_: int = 0, preserve: float = 0.0,
+          anchors: int = 256, until: float | None = 1.0, layers: tuple[str, ...] = ()) -> Tree:
+    """Up to ``steps`` SGD steps on the cross-entropy of mini-batches of ``triggers``, plus
+    ``preserve`` times the KL divergence from the starting model's outputs to the new ones on
+    ``anchors`` standard-normal inputs (drawn from ``key`` and the round: data-free, at the
+    scale of standardized features), which keeps the function away from the triggers. ``until``:
+    stop once the trigger accuracy reaches it (default 1.0: no step once every trigger is
+    learned; None or above 1: always ``steps``). ``layers``: train only the entries whose names start
+    with one of these (default: all). The model is in eval mode (buffers not updated)."""
     g = _generator(key, "batches", round_)
     params = {k: v.detach() for k, v in params.items()}
     ref = next(iter(params.values()))
-    x, y = x.to(ref.device, ref.dtype), y.to(ref.device)
+    x, y = triggers.x.to(ref.device, ref.dtype), triggers.y.to(ref.device)
+    z = old = None
+    if preserve > 0:
+        z = torch.randn((anchors, *x.shape[1:]), generator=g, dtype=torch.float64).to(ref.device, ref.dtype)
+        with torch.no_grad():
+            old = torch.log_softmax(_logits(model, params, z), -1)
     for _ in range(steps):
+        if until is not None:
+            with torch.no_grad():
+                if float((_logits(model, params, x).argmax(-1) == y).float().mean()) >= until:
+                    break
         idx = torch.randperm(len(y), generator=g)[:batch].to(ref.device)
-        with torch.enable_grad(), _eval(model):
+        with torch.enable_grad():
             live = {k: v.clone().requires_grad_() for k, v in params.items()}
-            out = functional_call(model, live, (x[idx],), strict=False)
-            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y[idx]), list(live.values()))
-        params = {k: params[k] - lr * gk for k, gk in zip(params, grads)}
+            loss = torch.nn.functional.cross_entropy(_logits(model, live, x[idx]), y[idx])
+            if z is not None:
+                new = torch.log_softmax(_logits(model, live, z), -1)
+                loss = loss + preserve * torch.nn.functional.kl_div(new, old, log_target=True,
+                                                                    reduction="batchmean")
+            grads = torch.autograd.grad(loss, list(live.values()))
+        params = {k: params[k] - lr * gk if not layers or k.startswith(tuple(layers)) else params[k]
+                  for k, gk in zip(params, grads)}
     return params
 
 
 def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, steps: int = 5,
-                   lr: float = 0.05, every: int = 1, batch: int = 50) -> Transform:
+                   lr: float = 0.05, every: int = 1, batch: int = 50, **options) -> Transform:
     """A server transform: on every ``every``-th step, the model after the updates so far in the
-    chain is fine-tuned on ``triggers``; the returned updates take it there. Other steps pass
+    chain is fine-tuned on ``triggers`` (``embed``, with its ``options``: ``preserve``,
+    ``anchors``, ``until``, ``layers``); the returned updates take it there. Other steps pass
     the updates through unchanged. State: the step count (a tensor, checkpointed)."""
     if steps < 1 or every < 1 or lr <= 0:
         raise ValueError(f"watermark: steps and every must be >= 1 and lr > 0, got {steps}, {every}, {lr}")
@@ -159,8 +192,7 @@ def watermark_step(model: torch.nn.Module, triggers: TriggerSet, key: bytes, ste
         count = count + 1
         if int(count) % every:
             return updates, count
-        new = finetune(model, T.add(params, updates), triggers.x, triggers.y, steps, lr, batch,
-                       key, int(count))
+        new = embed(model, T.add(params, updates), triggers, steps, lr, batch, key, int(count), **options)
         return T.sub(new, params), count
 
     return Transform(init, update)
@@ -237,3 +269,38 @@ def trace(params: Tree, fp: Fingerprints, alpha: float = ALPHA) -> dict:
     p = min(1.0, fp.clients * binomial_pvalue(matches[best], bits, 0.5))
     return {"client": best, "matches": matches[best], "bits": bits, "p_value": p, "alpha": alpha,
             "traced": p <= alpha, "all_matches": matches}
+
+
+@dataclass(frozen=True)
+class FingerprintCopies:
+    """``Algorithm.client_copy`` for fingerprints: ``copy(params, cid)`` is the model client
+    ``cid`` receives, with its code embedded; ``record()`` is what the run folder keeps
+    (``fingerprints.json``: the layer, the bits and each client's code, not the projection)."""
+
+    fp: Fingerprints
+    margin: float = 0.5
+
+    def __call__(self, params: Tree, cid: int) -> Tree:
+        return embed_fingerprint(params, self.fp, cid, self.margin)
+
+    def record(self) -> dict:
+        return {"scheme": "FedTracker local fingerprints", "layer": self.fp.layer,
+                "bits": self.fp.matrix.shape[0], "margin": self.margin, "clients": self.fp.clients,
+                "codes": [_hex(self.fp.code(c)) for c in range(self.fp.clients)]}
+
+
+def _hex(code: torch.Tensor) -> str:
+    bits = "".join("1" if b > 0 else "0" for b in code.tolist())
+    return f"{int(bits, 2):0{(len(bits) + 3) // 4}x}"
+
+
+def check_record(record: dict, fp: Fingerprints) -> None:
+    """Raise ``ValueError`` naming the field where a run's ``fingerprints.json`` disagrees with
+    ``fp`` (the scheme rebuilt from the key): another key, layer, bit count or client count."""
+    want = FingerprintCopies(fp, record.get("margin", 0.5) if isinstance(record, dict) else 0.5).record()
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    for name in ("layer", "bits", "clients", "codes"):
+        if record.get(name) != want[name]:
+            why = "the key file is not this run's" if name == "codes" else f"expected {want[name]!r}"
+            raise ValueError(f"{name} does not match the scheme rebuilt from the key ({why})")

@@ -8,9 +8,16 @@ from atoll.errors import ConfigError
 
 
 def runtime(cfg: Config):
-    """The runtime named by ``runtime.name`` (``auto`` picks the vectorised one)."""
+    """The runtime named by ``runtime.name`` (``auto`` picks the vectorised one, or the loop
+    runtime where ``watermark.fingerprint`` sends each client its own copy)."""
     from atoll.runtime import make_runtime
 
+    if cfg.watermark.fingerprint:
+        if cfg.runtime.name not in ("auto", "loop"):
+            raise ConfigError(f"watermark.fingerprint sends each client its own copy, which "
+                              f"runtime.name = {cfg.runtime.name!r} cannot carry (its clients share "
+                              "one broadcast); use runtime.name = \"loop\" or \"auto\"")
+        return make_runtime(cfg.runtime.model_copy(update={"name": "loop"}))
     return make_runtime(cfg.runtime)
 
 
@@ -126,6 +133,8 @@ def build(cfg: Config, data=None):
                 raise ConfigError(f"[async] with [privacy]: {exc}") from None
     if cfg.watermark.enabled and data is None:  # the server side only: a client never reads the key
         algorithm = _with_watermark(cfg, algorithm, model, fed)
+    if cfg.watermark.fingerprint and data is None:
+        algorithm = _with_fingerprints(cfg, algorithm, model, fed, plan)
     return algorithm, model, fed, plan
 
 
@@ -167,7 +176,29 @@ def _with_watermark(cfg: Config, algorithm, model, fed):
     triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
                              fed.n_classes, w.scale, next(model.parameters()).dtype)
     return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
-                            lr=w.lr, every=w.every, batch=w.batch)
+                            lr=w.lr, every=w.every, batch=w.batch, preserve=w.preserve,
+                            anchors=w.anchors, until=w.until, layers=tuple(w.layers))
+
+
+def _with_fingerprints(cfg: Config, algorithm, model, fed, plan):
+    """``[watermark] fingerprint = true``: each sampled client receives its own copy with its
+    code (``Algorithm.client_copy``), in the loop runtime and in deployment."""
+    import dataclasses
+
+    from atoll import watermark as W
+    from atoll.client import params_of
+
+    if not cfg.watermark.enabled:
+        raise ConfigError("watermark.fingerprint needs watermark.enabled = true (the fingerprints "
+                          "are drawn from the watermark's key)")
+    if algorithm.tracker is not None:
+        raise ConfigError("watermark.fingerprint and comm.downlink per-client deltas both send "
+                          "each client its own model; choose one")
+    if plan.asynchronous is not None:
+        raise ConfigError("watermark.fingerprint: per-client copies need synchronous rounds "
+                          "(no [async]: its groups share one broadcast)")
+    fp = W.fingerprints(W.load_key(cfg.watermark.key_file), params_of(model), len(fed.clients))
+    return dataclasses.replace(algorithm, client_copy=W.FingerprintCopies(fp))
 
 
 def build_data(cfg: Config):

@@ -52,6 +52,7 @@ from atoll.runlog import append as _append
 from atoll.runlog import finish as _finish
 from atoll.runlog import json_safe, round_line
 from atoll.runlog import open_logs as _open_logs
+from atoll.runlog import record_copies
 from atoll.transport import wire
 
 log = logging.getLogger("atoll.deploy")
@@ -65,11 +66,10 @@ def downlink_bytes(algorithm, state, seed: int) -> bytes:
 class Coordinator(Intake):
     def __init__(self, algorithm, model, data, plan, *, run_dir, policy: RoundPolicy = RoundPolicy(),
                  config_text: str | None = None, plots: bool = True, enrolled=None,
-                 overwrite: bool = False, fingerprints=None, he=None):
+                 overwrite: bool = False, he=None):
         self.enrolled = enrolled  # () -> ids that may be sampled (None: all); revoked ids are not
         self.algorithm, self.model, self.data, self.plan = algorithm, model, data, plan
         self.policy, self.plots = policy, plots
-        self.fingerprints = fingerprints  # watermark.Fingerprints: each client gets its own copy
         self.num_clients = len(data.clients)
         self.run_dir = Path(run_dir)
         if overwrite or not same_run(self.run_dir, config_text):  # a restart of this run resumes it
@@ -83,6 +83,7 @@ class Coordinator(Intake):
             self.state, _ = checkpoint.load(self.run_dir)
             log.warning("resuming %s after round %d", self.run_dir, self.state.round)
         self.metrics = _open_logs(self.run_dir, self.state.round, config_text)
+        record_copies(algorithm, self.run_dir)  # fingerprints.json: each client's code
         # [privacy]: the simulation's accountant, kept in state.extra (so in every checkpoint)
         self.privacy = plan.privacy.driver(self.state) if plan.privacy is not None else None
         self.max_update_bytes = 2 * len(wire.dumps(self.state.params)) + 65536
@@ -190,8 +191,8 @@ class Coordinator(Intake):
         if self.algorithm.tracker is not None:  # per-client payloads, the tracker's state advanced
             self.hashes[state.round] = downlink.model_hash(state.params)
             tracked, state = downlink.open_round(self.algorithm, state, cohort)
-        elif self.fingerprints is not None:
-            tracked = fingerprint.open_round(self.algorithm, state, cohort, self.fingerprints, p.seed)
+        elif self.algorithm.client_copy is not None:  # [watermark] fingerprint: each its own copy
+            tracked = fingerprint.open_round(self.algorithm, state, cohort, p.seed)
         rnd = Round(r, cohort, b"" if tracked else downlink_bytes(self.algorithm, state, p.seed),
                      {c: secrets.token_hex(16) for c in cohort}, state.params, tracked=tracked)
         rnd.stats.sampled = len(cohort)

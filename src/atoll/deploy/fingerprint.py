@@ -2,7 +2,8 @@
 docs/watermark.md, "Fingerprints").
 
 Each sampled client receives its own copy of the model with its code embedded
-(``atoll.watermark.embed_fingerprint``, FedTracker's local fingerprints), so a leaked copy traces
+(``Algorithm.client_copy``: ``atoll.watermark.FingerprintCopies``, FedTracker's local
+fingerprints), so a leaked copy traces
 to the client that received it (``atoll audit watermark``). The server keeps and aggregates the
 unmarked model: a client's update is relative to its copy and the mean update steps the global
 model. The copies go out through the coordinator's per-client downlink (an object with
@@ -12,11 +13,9 @@ never leaves it; a client sees only its own copy.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from atoll import watermark as W
-from atoll.runtime.round import broadcast_bytes
+from atoll.runtime.round import copies_bytes
 
 
 @dataclass
@@ -29,9 +28,7 @@ class FingerprintedRound:
         return self.messages[cid]
 
 
-def open_round(algorithm, state, cohort: list[int], fp: W.Fingerprints, seed: int) -> FingerprintedRound:
-    """Round ``state.round + 1``'s broadcast for each client of ``cohort``, each with its code."""
-    r = state.round + 1
-    return FingerprintedRound({c: broadcast_bytes(
-        algorithm, dataclasses.replace(state, params=W.embed_fingerprint(state.params, fp, c)), seed, r)
-        for c in cohort})
+def open_round(algorithm, state, cohort: list[int], seed: int) -> FingerprintedRound:
+    """Round ``state.round + 1``'s broadcast for each client of ``cohort``, each with its code
+    (``Algorithm.client_copy``; the bytes are ``runtime.round.copies_bytes``, as in simulation)."""
+    return FingerprintedRound(copies_bytes(algorithm, state, cohort, seed, algorithm.client_copy))

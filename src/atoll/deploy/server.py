@@ -68,7 +68,6 @@ class Server:
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots,
                                        enrolled=self._enrolled, overwrite=overwrite,
-                                       fingerprints=_fingerprints(cfg, algorithm, model, data),
                                        he=_he(algorithm, he, insecure))
         if cfg.secure.malicious:
             self.coordinator.secure.pki = CertificatePKI((self.certs_dir / "ca.pem").read_bytes())
@@ -138,24 +137,6 @@ class Server:
         if mtime is None or mtime != self.registry_mtime:  # a missing registry is an error
             self.registry = certs.load_registry(self.certs_dir)
             self.registry_mtime = mtime
-
-
-def _fingerprints(cfg: C.Config, algorithm, model, data):
-    """``[watermark] fingerprint = true``: the scheme from the server's key (``atoll.watermark``),
-    the one ``atoll audit watermark`` rebuilds to trace a copy; else None."""
-    w = cfg.watermark
-    if not w.fingerprint:
-        return None
-    if not w.enabled:
-        raise C.ConfigError("watermark.fingerprint needs watermark.enabled = true (the fingerprints "
-                            "are drawn from the watermark's key)")
-    if algorithm.tracker is not None:
-        raise C.ConfigError("watermark.fingerprint and comm.downlink per-client deltas both send "
-                            "each client its own model; choose one")
-    from atoll import watermark as W
-    from atoll.client import params_of
-
-    return W.fingerprints(W.load_key(w.key_file), params_of(model), len(data.clients))
 
 
 def _he(algorithm, he: dict | None, insecure: bool):

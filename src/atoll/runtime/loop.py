@@ -17,6 +17,7 @@ from atoll.types import ServerState
 
 class LoopRuntime:
     name = "loop"
+    client_copies = True  # carries Algorithm.client_copy: each client trains on its own copy
     client_round = staticmethod(client_round)  # one client's half (a test may inject faults here)
 
     def run_round(self, algorithm: Algorithm, client_update, state: ServerState,

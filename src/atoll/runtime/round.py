@@ -24,6 +24,7 @@ Privacy accounting and the budget check are one step of the run loop around the 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -53,11 +54,29 @@ def broadcast_bytes(algorithm, state, seed: int, r: int) -> bytes:
     return wire.dumps(payload)
 
 
+def copies_bytes(algorithm, state, cohort: list[int], seed: int, copy) -> dict[int, bytes]:
+    """Each cohort client's own broadcast: the state with ``copy(params, cid)`` as its model."""
+    r = state.round + 1
+    return {c: broadcast_bytes(algorithm, replace(state, params=copy(state.params, c)), seed, r)
+            for c in cohort}
+
+
+def received(down, cid: int) -> bytes:
+    """What client ``cid`` receives of ``open_round``'s downlink: the shared broadcast, or its
+    own copy (``Algorithm.client_copy``: a dict by client)."""
+    return down[cid] if isinstance(down, dict) else down
+
+
 def open_round(algorithm, state, cohort: list[int], seed: int):
     """``(round, stats with the downlink bytes, broadcast bytes, state)``; the state changes
-    only where a tracker records what each client received."""
+    only where a tracker records what each client received. With ``Algorithm.client_copy`` the
+    broadcast is a dict of each client's own bytes (runtimes that declare ``client_copies``)."""
     r = state.round + 1
     stats = RoundStats(sampled=len(cohort))
+    if algorithm.client_copy is not None:
+        down = copies_bytes(algorithm, state, cohort, seed, algorithm.client_copy)
+        stats.bytes_down = sum(map(len, down.values()))
+        return r, stats, down, state
     down = broadcast_bytes(algorithm, state, seed, r)
     sizes, anchor, state = downlink_bytes(algorithm, state, cohort, down)
     stats.bytes_down = sum(sizes) + anchor
@@ -90,8 +109,8 @@ def one_by_one(algorithm, client_update, down_bytes, chunk, cstates, data, work,
     out = []
     for p, cstate in zip(chunk, cstates):
         try:
-            message, new, metrics, straggler = client(
-                algorithm, client_update, down_bytes, cstate, data.clients[p.cid], p.cid, r, work, seed)
+            message, new, metrics, straggler = client(algorithm, client_update, received(down_bytes, p.cid),
+                                                      cstate, data.clients[p.cid], p.cid, r, work, seed)
         except Exception as exc:  # a failing client must not stop the round
             out.append(Outcome(p.pos, p.cid, None, None, 0.0, 0.0, p.straggler,
                                f"client raised {type(exc).__name__}: {exc}"))
