@@ -16,6 +16,22 @@ from atoll.deploy import certs
 LEARN = ("nothing", "size", "intersection")
 
 
+def listen_args(p) -> None:
+    """The listening party's options (``psi serve``, ``vertical serve``)."""
+    p.add_argument("--certs", default="certs", help="enrolment folder (default: certs)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: any free port (printed)")
+    p.add_argument("--auth", default="token", choices=["token", "mtls"])
+
+
+def dial_args(p) -> None:
+    """The dialling party's credentials (``psi connect``, ``vertical connect``)."""
+    p.add_argument("--ca", required=True, help="the authority's certificate (ca.pem)")
+    p.add_argument("--token-file", help="bearer token file (from `atoll certs client --token`)")
+    p.add_argument("--cert", help="client certificate (mutual TLS)")
+    p.add_argument("--key", help="client key (mutual TLS)")
+
+
 def register(sub) -> None:
     psi = sub.add_parser("psi", help="private set intersection (ECDH-PSI) with another party",
                          description="Find the ids two parties share without revealing the others "
@@ -23,18 +39,12 @@ def register(sub) -> None:
     psub = psi.add_subparsers(dest="psi_command", required=True, metavar="ACTION")
     serve = psub.add_parser("serve", help="listen for the other party")
     serve.add_argument("ids", help="text file, one id per line")
-    serve.add_argument("--certs", default="certs", help="enrolment folder (default: certs)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0, help="default: any free port (printed)")
-    serve.add_argument("--auth", default="token", choices=["token", "mtls"])
+    listen_args(serve)
     serve.add_argument("--sessions", type=int, default=1, help="sessions to serve, then exit")
     connect = psub.add_parser("connect", help="dial the listening party")
     connect.add_argument("address", help="HOST:PORT")
     connect.add_argument("ids", help="text file, one id per line")
-    connect.add_argument("--ca", required=True, help="the authority's certificate (ca.pem)")
-    connect.add_argument("--token-file", help="bearer token file (from `atoll certs client --token`)")
-    connect.add_argument("--cert", help="client certificate (mutual TLS)")
-    connect.add_argument("--key", help="client key (mutual TLS)")
+    dial_args(connect)
     for p in (serve, connect):
         p.add_argument("--learn", default="intersection", choices=LEARN,
                        help="the most this party asks to learn")

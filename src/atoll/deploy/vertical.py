@@ -24,7 +24,7 @@ from torch import nn
 
 from atoll.checkpoint import atomic_write
 from atoll.deploy import certs
-from atoll.deploy.psi import read_ids
+from atoll.deploy.psi import dial_args, listen_args, read_ids
 from atoll.vertical.channel import PartyError
 from atoll.vertical.split import BottomParty, LabelParty, SplitNN, batches
 
@@ -192,19 +192,13 @@ def register(sub) -> None:
     vsub = v.add_subparsers(dest="vertical_command", required=True, metavar="ACTION")
     serve = vsub.add_parser("serve", help="the label party: listen, then drive the training")
     serve.add_argument("config", help="TOML file with a [vertical] section")
-    serve.add_argument("--certs", default="certs", help="enrolment folder (default: certs)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0, help="default: any free port (printed)")
-    serve.add_argument("--auth", default="token", choices=["token", "mtls"])
+    listen_args(serve)
     serve.add_argument("--wait", type=float, default=600.0, help="s to wait for the parties")
     serve.add_argument("--every", type=int, default=0, help="print the loss every N steps")
     connect = vsub.add_parser("connect", help="a feature party: dial the label party and serve")
     connect.add_argument("address", help="HOST:PORT")
     connect.add_argument("config", help="TOML file with a [vertical] section")
-    connect.add_argument("--ca", required=True, help="the authority's certificate (ca.pem)")
-    connect.add_argument("--token-file", help="bearer token file (from `atoll certs client --token`)")
-    connect.add_argument("--cert", help="client certificate (mutual TLS)")
-    connect.add_argument("--key", help="client key (mutual TLS)")
+    dial_args(connect)
     for p in (serve, connect):
         p.add_argument("--model", help="write this party's model here (tensors; also on a failure)")
         p.add_argument("--out", help="write the report (JSON, with the losses) here")
