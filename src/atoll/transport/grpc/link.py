@@ -13,6 +13,7 @@ import time
 
 import grpc
 
+from atoll.transport.grpc.psi import drain
 from atoll.vertical.channel import PartyError
 
 DEPTH = 4
@@ -63,17 +64,7 @@ class Link:
                     raise PartyError(f"party {self.peer!r}: no message within {self.timeout} s "
                                      f"during {during}") from None
 
-    def outgoing(self):
-        while True:
-            try:
-                m = self.outbox.get(timeout=0.2)
-            except queue.Empty:
-                if self.done.is_set():
-                    return
-                continue
-            if m is None:
-                return
-            yield m
+    outgoing = drain  # the messages this side queued, until None or the end
 
     def finish(self, linger: float) -> None:
         """No more messages from this side; let the peer end its stream (up to ``linger`` s)."""

@@ -48,6 +48,20 @@ def from_pb(p) -> Message:
     return Message(**{f: getattr(p, f) for f in FIELDS})
 
 
+def drain(self):
+    """A stream's outgoing messages: ``self.outbox`` until a None, or until ``self.done``."""
+    while True:
+        try:
+            m = self.outbox.get(timeout=0.2)
+        except queue.Empty:
+            if self.done.is_set():
+                return
+            continue
+        if m is None:
+            return
+        yield m
+
+
 class StreamChannel:
     """A ``run_psi`` channel over one gRPC stream: a thread reads the incoming messages into a
     bounded inbox; ``outgoing()`` is the iterator gRPC sends from. ``done``: the call is over;
@@ -106,17 +120,7 @@ class StreamChannel:
                 if time.monotonic() >= end:
                     raise TimeoutError from None
 
-    def outgoing(self):
-        while True:
-            try:
-                m = self.outbox.get(timeout=0.2)
-            except queue.Empty:
-                if self.done.is_set():
-                    return
-                continue
-            if m is None:
-                return
-            yield m
+    outgoing = drain
 
     def close(self) -> None:
         """No more messages from this side (those queued are still sent)."""
