@@ -14,7 +14,8 @@ by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``ii
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
 Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 16 bits): the
 robust rule sees only the means of securely summed random buckets of 2 clients.
-Prints a Markdown table per data set and writes bench/out/robustness.json.
+Prints a Markdown table per data set and writes bench/out/robustness.json (``--out`` another
+file: a partial run then leaves the committed figures alone), rewritten after every row.
 """
 from __future__ import annotations
 
@@ -143,11 +144,12 @@ def main():
     ap.add_argument("--server-momentum", type=float, default=0.9)
     ap.add_argument("--server-lr", type=float, default=0.5)
     ap.add_argument("--backdoor", action="store_true", help="the backdoor table instead")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "robustness.json"))
     a = ap.parse_args()
     if a.backdoor:
         return backdoor_table(a)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in a.data.split(","):
         for split in a.split.split(","):
@@ -166,7 +168,7 @@ def main():
                            "seconds": round(time.time() - t0, 1)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-            (out / "robustness.json").write_text(json.dumps(results, indent=1))
+                    out.write_text(json.dumps(results, indent=1))
     for name in a.data.split(","):
         print(f"\n### {name}: worst-case accuracy over {len(a.attacks.split(','))} attacks (clean in brackets)\n")
         fs = sorted({r["f"] for r in results})
