@@ -4,7 +4,7 @@
     PYTHONPATH=src python bench/robustness.py --data digits --split dir0.1 --f 2 \
         --rules nnm+trimmed_mean,median --rounds 30              # one cell family
     PYTHONPATH=src python bench/robustness.py --backdoor --data digits --split iid --f 2 \
-        --rules mean,flame                                        # backdoor success, clean accuracy
+        --rules mean,flame --seeds 0,1,2                          # backdoor success, clean accuracy
 
 The ByzFL protocol (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1),
 all taking part in every round; each cell is the worst test accuracy (final round) over the
@@ -14,11 +14,14 @@ by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``ii
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
 Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 16 bits): the
 robust rule sees only the means of securely summed random buckets of 2 clients.
-Prints a Markdown table per data set and writes bench/out/robustness.json.
+Prints a Markdown table per data set and writes bench/out/robustness.json (``--out`` another
+file: a partial run then leaves the committed figures alone), rewritten after every row.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -49,7 +52,10 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "secure bucketing+median": "name = 'median'\nbucket = 2",
          "secure bucketing+centered_clipping":
              "name = 'centered_clipping'\ntau = 1.0\niters = 3\nbucket = 2",
-         "fltrust": "name = 'fltrust'\nroot = 100", "flame": "name = 'flame'"}
+         "fltrust": "name = 'fltrust'\nroot = 100", "flame": "name = 'flame'",
+         "flame(lam=0.01)": "name = 'flame'\nlam = 0.01",
+         "norm_bound(median)": "name = 'norm_bound'\nc = 'median'",
+         "norm_bound(median)+multi_krum": "name = 'norm_bound'\nc = 'median'\ninner = 'multi_krum'"}
 HONEST = 10
 
 
@@ -63,9 +69,12 @@ def mnistlike(n=12_000, seed=0) -> Dataset:
 
 
 def config_text(split, rule, f, attack, rounds, seed, momentum=0.0):
+    """The run's config: 10 + f clients, the last f attacking with ``attack`` (None: the same
+    split and rule, nobody attacks)."""
     comm = f"[comm]\nuplink = 'worker_momentum({momentum})'\n" if momentum else ""
     secure = "[secure]\nmethod = 'secagg'\nclip = 1.0\nbits = 16\n" if rule.startswith("secure ") else ""
-    attack_part = f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n" if f else ""
+    attack_part = (f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n"
+                   if f and attack else "")
     return f"""
 seed = {seed}
 rounds = {rounds}
@@ -95,11 +104,13 @@ every = {rounds}
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
-        server_lr=0.5, backdoor=False):
-    """Final test accuracy (and with ``backdoor``, the trigger's success rate)."""
+        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False):
+    """Final test accuracy (and with ``backdoor``, the trigger's success rate).
+    ``only_honest``: the attackers' clients are left out of the run (their data unused)."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
-                                            f"algorithm.server_lr={server_lr}"])
+                                            f"algorithm.server_lr={server_lr}",
+                                            *([f"attack.scale={boost}"] if attack == "backdoor" else [])])
     fed = None
     if name == "mnistlike":
         d = cfg.data
@@ -107,6 +118,8 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
                          seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
                          client_test_fraction=0.0)
     alg, model, fed, plan = config.build(cfg, data=fed)
+    if only_honest:
+        fed = dataclasses.replace(fed, clients=fed.clients[:HONEST])
     high = float(max(c.x.max() for c in fed.clients if c.n))  # the trigger's value (attacks.poison)
     res = simulate(alg, model, fed, plan, runtime=VmapRuntime(), plots=False)
     if not backdoor:
@@ -117,18 +130,35 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
 
 
 def backdoor_table(a):
-    """Model-replacement backdoor (f attackers, boost 10): clean accuracy without attackers,
-    accuracy and trigger success with them, per rule."""
-    print("\n| data | split | rule | clean acc (no attack) | acc under backdoor | backdoor success |")
-    print("|---|---|---|---|---|---|")
-    for name in a.data.split(","):
-        for split in a.split.split(","):
-            for f in map(int, a.f.split(",")):
-                for rule in a.rules.split(","):
-                    clean = one(name, split, rule, 0, None, a.rounds)
-                    acc, hit = one(name, split, rule, f, "backdoor", a.rounds, backdoor=True)
-                    print(f"| {name} | {split} (f={f}) | {rule} | {clean:.3f} | {acc:.3f} | {hit:.3f} |",
-                          flush=True)
+    """Model-replacement backdoor (f attackers among 10 + f clients, update boosted ``--boost``),
+    per seed: the reference (FedAvg, the same 10 + f clients, nobody attacks), the ceiling of a
+    rule that drops the attackers (FedAvg over the 10 honest clients of that split), and per rule
+    its clean accuracy (same clients, no attack), its accuracy and trigger success under the
+    backdoor, and "down" = reference - accuracy under the backdoor, in points."""
+    out, rows = Path(a.out), []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("\n| data | split | seed | rule | reference | honest only | rule clean | acc under backdoor "
+          "| success | down (points) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name, split, f, seed in itertools.product(a.data.split(","), a.split.split(","),
+                                                  map(int, a.f.split(",")), map(int, a.seeds.split(","))):
+        ref = one(name, split, "mean", f, None, a.rounds, seed)
+        honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True)
+        for rule in a.rules.split(","):
+            clean = one(name, split, rule, f, None, a.rounds, seed)
+            acc, hit = one(name, split, rule, f, "backdoor", a.rounds, seed, backdoor=True, boost=a.boost)
+            rows.append(dict(data=name, split=split, f=f, seed=seed, rule=rule, boost=a.boost,
+                             reference=ref, honest_only=honest, clean=clean, acc=acc, success=hit))
+            print(f"| {name} | {split} (f={f}) | {seed} | {rule} | {ref:.3f} | {honest:.3f} | {clean:.3f} "
+                  f"| {acc:.3f} | {hit:.3f} | {100 * (ref - acc):+.1f} |", flush=True)
+            out.write_text(json.dumps(rows, indent=1))
+    print("\n| rule | success (mean, max over seeds) | down, points (mean, max) | seeds meeting both |")
+    print("|---|---|---|---|")
+    for rule in a.rules.split(","):
+        rs = [r for r in rows if r["rule"] == rule]
+        hits, downs = [r["success"] for r in rs], [100 * (r["reference"] - r["acc"]) for r in rs]
+        ok = sum(h <= 0.05 and d <= 1.0 for h, d in zip(hits, downs))
+        print(f"| {rule} | {sum(hits) / len(rs):.3f}, {max(hits):.3f} | {sum(downs) / len(rs):+.1f}, "
+              f"{max(downs):+.1f} | {ok} of {len(rs)} |")
 
 
 def main():
@@ -143,11 +173,17 @@ def main():
     ap.add_argument("--server-momentum", type=float, default=0.9)
     ap.add_argument("--server-lr", type=float, default=0.5)
     ap.add_argument("--backdoor", action="store_true", help="the backdoor table instead")
+    ap.add_argument("--seeds", default="0", help="--backdoor: the seeds (split, init, batches)")
+    ap.add_argument("--boost", type=float, default=10.0, help="--backdoor: the attackers' boost")
+    ap.add_argument("--out", default=None, help="the JSON rows (default bench/out/robustness.json, "
+                    "with --backdoor bench/out/robustness_backdoor.json)")
     a = ap.parse_args()
+    a.out = a.out or str(Path(__file__).parent / "out" / ("robustness_backdoor.json" if a.backdoor
+                                                          else "robustness.json"))
     if a.backdoor:
         return backdoor_table(a)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in a.data.split(","):
         for split in a.split.split(","):
@@ -166,7 +202,7 @@ def main():
                            "seconds": round(time.time() - t0, 1)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-            (out / "robustness.json").write_text(json.dumps(results, indent=1))
+                    out.write_text(json.dumps(results, indent=1))
     for name in a.data.split(","):
         print(f"\n### {name}: worst-case accuracy over {len(a.attacks.split(','))} attacks (clean in brackets)\n")
         fs = sorted({r["f"] for r in results})

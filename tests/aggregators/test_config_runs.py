@@ -50,6 +50,11 @@ def test_composed_rules_are_built_from_the_config():
     assert agg.name == "bucketing(s=2)(nnm(f=1)(norm_bound(c=2.0)(median)))"
     with pytest.raises(config.ConfigError, match="needs aggregator.c"):
         config.build_aggregator(config.load(text="[aggregator]\nname='norm_bound'\n"))
+    median = config.load(text="[aggregator]\nname='norm_bound'\nc='median'\ninner='multi_krum'\nf=2\n")
+    assert config.build_aggregator(median).name == "norm_bound(c=median)(multi_krum(f=2))"
+    for bad in ("c=-1.0", "c='mean'"):
+        with pytest.raises(config.ConfigError, match="aggregator.c"):
+            config.load(text=f"[aggregator]\nname='norm_bound'\n{bad}\n")
 
 
 @pytest.mark.parametrize("extra, part", [

@@ -126,6 +126,21 @@ def test_nnm_and_norm_bound_equal_their_oracles():
     close(run(A.norm_bound(c, A.median()), x)[0], oracle_median(clipped))
 
 
+@pytest.mark.parametrize("n", [9, 10])
+def test_norm_bound_median_clips_each_round_to_its_median_norm(n):
+    x = cohort(n=n, seed=3)
+    x[0] *= 50  # a boosted update (model replacement) is cut down to the median norm
+    norms = sorted(np.linalg.norm(xi) for xi in x)
+    c = norms[n // 2] if n % 2 else (norms[n // 2 - 1] + norms[n // 2]) / 2
+    clipped = np.array([xi * min(1.0, c / np.linalg.norm(xi)) for xi in x])
+    close(run(A.norm_bound("median"), x)[0], clipped.mean(axis=0))
+    close(run(A.norm_bound("median", A.multi_krum(2)), x)[0], run(A.multi_krum(2), clipped)[0])
+    assert np.linalg.norm(clipped[0]) == pytest.approx(c, rel=1e-12)
+    assert sum(np.linalg.norm(xi) < c * (1 - 1e-12) for xi in clipped) == n // 2  # the rest untouched
+    with pytest.raises(ValueError, match="norm_bound"):
+        A.norm_bound("mean")
+
+
 def test_centered_clipping_iterates_from_the_previous_aggregate():
     x = cohort(n=8, seed=4)
     tau, v = 0.7, np.zeros(x.shape[1])
@@ -160,7 +175,9 @@ ROBUST = {"median": lambda f: A.median(), "trimmed_mean": A.trimmed_mean, "krum"
           "multi_krum": A.multi_krum, "bulyan": A.bulyan,
           "geometric_median": lambda f: A.geometric_median(),
           "nnm+trimmed_mean": lambda f: A.nnm(f, A.trimmed_mean(f)),
-          "bucketing+median": lambda f: A.bucketing(2, A.median())}
+          "bucketing+median": lambda f: A.bucketing(2, A.median()),
+          "norm_bound(median)": lambda f: A.norm_bound("median", A.mean("uniform")),
+          "norm_bound(median)+multi_krum": lambda f: A.norm_bound("median", A.multi_krum(f))}
 
 
 # bucketing is random by design; Bulyan's inner Krum ties (mutual nearest pairs) are broken by

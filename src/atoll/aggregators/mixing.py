@@ -3,7 +3,8 @@
 - ``centered_clipping(tau, iters)``: ``v <- v + mean_i clip_tau(x_i - v)`` from the previous
   round's aggregate (Karimireddy, He & Jaggi, ICML 2021).
 - ``norm_bound(c, inner)``: scale every update to L2 norm at most ``c``, then ``inner``
-  (Sun et al. 2019, "Can you really backdoor federated learning?").
+  (Sun et al. 2019, "Can you really backdoor federated learning?"); ``c = "median"`` bounds each
+  round by the median norm of that round's updates (FLAME's clipping bound, Nguyen et al. 2022).
 - ``bucketing(s, inner)``: shuffle, average buckets of ``s`` updates, run ``inner`` on the bucket
   means (Karimireddy, He & Jaggi, ICLR 2022). The shuffle is drawn from the aggregator's own
   state (seed, round count), so a run is reproducible and resumes exactly.
@@ -17,7 +18,7 @@ import torch
 from atoll import rng
 from atoll import tree as T
 from atoll.aggregators.base import Aggregator, mean
-from atoll.aggregators.robust import batched, matrix, need, pairwise_sq_dists
+from atoll.aggregators.robust import batched, coordinate_median, matrix, need, pairwise_sq_dists
 from atoll.tree import Tree
 
 
@@ -63,12 +64,14 @@ def _wrapped(name: str, inner: Aggregator, transform, init=None, rowwise=True) -
                       init=lambda params: {"own": init() if init else (), "inner": inner.init(params)})
 
 
-def norm_bound(c: float, inner: Aggregator | None = None) -> Aggregator:
-    if not c > 0:
-        raise ValueError(f"norm_bound: c must be > 0, got {c}")
+def norm_bound(c: float | str, inner: Aggregator | None = None) -> Aggregator:
+    if c != "median" and not (isinstance(c, (int, float)) and c > 0):
+        raise ValueError(f"norm_bound: c must be > 0 or 'median', got {c!r}")
 
     def transform(rows, weights, own):
-        scale = (c / rows.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+        norms = rows.norm(dim=1)
+        bound = coordinate_median(norms[:, None])[0] if c == "median" else c
+        scale = (bound / norms.clamp_min(1e-30)).clamp(max=1.0)
         return rows * scale[:, None], weights, own
 
     return _wrapped(f"norm_bound(c={c})", inner or mean(), transform)

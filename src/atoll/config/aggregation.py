@@ -84,7 +84,7 @@ def build_aggregator(cfg: Config, server_update=None):
                 "fltrust": lambda: A.fltrust(server_update), "flame": lambda: A.flame(g.lam, cfg.seed)}
         if name == "norm_bound":
             if g.c is None:
-                raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound)')
+                raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound, or "median")')
             return A.norm_bound(g.c, rule(g.inner))
         return make[name]()
 

@@ -5,7 +5,7 @@ Every section forbids unknown keys; a bad value names the field and the accepted
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,7 +90,7 @@ class AggregatorConfig(_Section):
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
     tau: float = Field(10.0, gt=0)              # centered_clipping radius
     iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
-    c: float | None = Field(None, gt=0)         # norm_bound: L2 bound
+    c: Annotated[float, Field(gt=0)] | Literal["median"] | None = None  # norm_bound: bound or "median"
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = "mean"
     nnm: bool = False                           # nearest-neighbour mixing before the rule
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
