@@ -14,7 +14,7 @@ bank and a telecom would run on their own machines (printed as they run), here o
 
 and checks that the losses equal the same configuration trained in one process.
 
-    PYTHONPATH=src python examples/bank_vertical/over_grpc.py [--dir /tmp/bank] [--hetero]
+    PYTHONPATH=src python examples/bank_vertical/over_grpc.py [--dir DIR] [--hetero]
 """
 from __future__ import annotations
 
