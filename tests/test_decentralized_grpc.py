@@ -267,9 +267,10 @@ def test_gossip_goes_on_without_a_neighbour_that_vanished(creds4):
     assert float((got - ref).abs().max()) <= bound(6, w, x)
     assert ps[1].missing == ps[3].missing == [set(), set()] + [{2}] * 4
     # a vanished peer is not waited for, except once where it accepted a message for a round
-    # ahead before it stopped (a race under load: docs/decentralized.md, "Failures")
+    # ahead before it stopped (a race under load, in whichever round the sender had reached:
+    # docs/decentralized.md, "Failures"): at most one wait in the six rounds
     for p in (ps[1], ps[3]):
-        assert sorted(p.seconds)[-2] < 10.0 and sum(s >= 10.0 for s in p.seconds[3:]) == 0
+        assert sum(s >= 10.0 for s in p.seconds) <= 1, p.seconds
 
 
 def test_push_sum_keeps_the_mass_a_vanished_neighbour_did_not_take(creds4):
