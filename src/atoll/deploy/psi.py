@@ -32,6 +32,18 @@ def dial_args(p) -> None:
     p.add_argument("--key", help="client key (mutual TLS)")
 
 
+def dial_creds(args) -> dict:
+    """The credentials ``dial_args`` named: the CA, and a token or a certificate and its key."""
+    creds = {"ca": Path(args.ca).read_bytes()}
+    if args.token_file:
+        creds["token"] = Path(args.token_file).read_text().strip()
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise ValueError("give both --cert and --key, or neither")
+        creds["cert"], creds["key"] = Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+    return creds
+
+
 def register(sub) -> None:
     psi = sub.add_parser("psi", help="private set intersection (ECDH-PSI) with another party",
                          description="Find the ids two parties share without revealing the others "
@@ -107,13 +119,7 @@ def _serve(args) -> int:
 def _connect(args) -> int:
     from atoll.transport.grpc.psi import psi_connect
     from atoll.vertical.psi import PsiError
-    creds = {"ca": Path(args.ca).read_bytes()}
-    if args.token_file:
-        creds["token"] = Path(args.token_file).read_text().strip()
-    if args.cert or args.key:
-        if not (args.cert and args.key):
-            raise ValueError("give both --cert and --key, or neither")
-        creds["cert"], creds["key"] = Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+    creds = dial_creds(args)
     try:
         res = psi_connect(args.address, read_ids(args.ids), creds=creds, **_options(args))
     except PsiError as exc:

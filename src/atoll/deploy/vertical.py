@@ -24,7 +24,7 @@ from torch import nn
 
 from atoll.checkpoint import atomic_write
 from atoll.deploy import certs
-from atoll.deploy.psi import dial_args, listen_args, read_ids
+from atoll.deploy.psi import dial_args, dial_creds, listen_args, read_ids
 from atoll.vertical.channel import PartyError
 from atoll.vertical.split import BottomParty, LabelParty, SplitNN, batches
 
@@ -249,13 +249,7 @@ def _serve(args) -> int:
 def _connect(args) -> int:
     from atoll.transport.grpc.vertical import dial, run_party
     cfg = load(args.config)
-    creds = {"ca": Path(args.ca).read_bytes()}
-    if args.token_file:
-        creds["token"] = Path(args.token_file).read_text().strip()
-    if args.cert or args.key:
-        if not (args.cert and args.key):
-            raise ValueError("give both --cert and --key, or neither")
-        creds["cert"], creds["key"] = Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+    creds = dial_creds(args)
     endpoint, report = FeatureEndpoint(cfg), {"protocol": cfg["protocol"]}
     try:
         with dial(args.address, timeout=cfg["timeout"], **creds) as link:

@@ -8,37 +8,28 @@ or the peer stayed silent past ``timeout``.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import grpc
 
-from atoll.transport.grpc.psi import drain
+from atoll.transport.grpc.psi import StreamChannel
 from atoll.vertical.channel import PartyError
 
 DEPTH = 4
 
 
-class Link:
+class Link(StreamChannel):
+    """PSI's stream channel (inbox, start, outgoing, finish) carrying vertical messages as they
+    are, with a shallower inbox, a per-message timeout and errors that name the peer."""
+
     def __init__(self, peer: str, timeout: float):
-        self.peer, self.timeout = peer, timeout
-        self.inbox, self.outbox = queue.Queue(DEPTH), queue.Queue()
-        self.done, self.ended, self.reason = threading.Event(), threading.Event(), ""
-
-
-    def start(self, incoming) -> None:
-        threading.Thread(target=self._read, args=(incoming,), daemon=True).start()
+        super().__init__()
+        self.inbox, self.peer, self.timeout = queue.Queue(DEPTH), peer, timeout
 
     def _read(self, incoming) -> None:
         try:
             for m in incoming:
-                while not self.done.is_set():
-                    try:
-                        self.inbox.put(m, timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                if self.done.is_set():
+                if not self._put(self.inbox, m):
                     break
         except grpc.RpcError as exc:  # on the server side a bare RpcError: gRPC ended the call
             self.reason = (f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else
@@ -63,16 +54,3 @@ class Link:
                 if time.monotonic() >= end:
                     raise PartyError(f"party {self.peer!r}: no message within {self.timeout} s "
                                      f"during {during}") from None
-
-    outgoing = drain  # the messages this side queued, until None or the end
-
-    def finish(self, linger: float) -> None:
-        """No more messages from this side; let the peer end its stream (up to ``linger`` s)."""
-        self.outbox.put(None)
-        end = time.monotonic() + linger
-        while not self.ended.is_set() and time.monotonic() < end:
-            try:
-                self.inbox.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self.done.set()
