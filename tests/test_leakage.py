@@ -54,3 +54,20 @@ def test_the_audit_noise_is_calibrated_like_the_accountant():
     from atoll.privacy import epsilon
     s = L.gaussian_sigma(2.0, 1e-5)
     assert abs(epsilon(1.0, s, 1, 1e-5) - 2.0) < 2e-3  # one Gaussian release, add/remove, PLD
+
+
+def test_what_compression_and_a_secure_sum_still_leak(setup):
+    """Top-k keeps the rows the analytic attack reads at 10% and mostly drops them at 1%; the
+    label still leaks through both. A secure sum is no longer one sample's gradient: a unit that
+    only one member activated still gives that member away in a sum of 2 (the attacker's best
+    case), less in a sum of 10, and the label is one of the cohort's either way."""
+    model, params, fed = setup
+    out = L.audit(model, params, fed.x_test[:10], fed.y_test[:10], epsilons=())
+    ten, one = out["compressed"]
+    assert ten["topk_fraction"] == 0.1 and ten["analytic_applies_rate"] == 1.0 and ten["ssim"] > 0.5
+    assert one["analytic_applies_rate"] <= 0.5 and one["ssim"] < ten["ssim"] - 0.3
+    assert ten["label_rate"] == one["label_rate"] == 1.0
+    two, many = out["secure"]
+    assert (two["clients"], many["clients"]) == (2, 10) and many["psnr"] < 40 < two["psnr"]
+    assert two["label_in_cohort_rate"] == many["label_in_cohort_rate"] == 1.0
+    assert L.top_k({"a": torch.tensor([3.0, -5.0, 1.0, 0.5])}, 0.5)["a"].tolist() == [3.0, -5.0, 0.0, 0.0]

@@ -118,7 +118,9 @@ def _audit(args) -> int:
     fig.savefig(run_dir / "leakage.png", dpi=120)
     none = result["none"]
     print(f"labels recovered {none['label_rate']:.0%}; analytic PSNR {none['analytic_psnr']:.1f} dB; "
-          + ", ".join(f"eps {r['epsilon']}: {r['psnr']:.1f} dB" for r in result["dp"]))
+          + ", ".join(f"eps {r['epsilon']}: {r['psnr']:.1f} dB" for r in result["dp"]) + "; "
+          + ", ".join(f"top-k {r['topk_fraction']:g}: {r['psnr']:.1f} dB" for r in result["compressed"])
+          + "".join(f", secure sum of {r['clients']}: {r['psnr']:.1f} dB" for r in result["secure"]))
     return 0
 
 

@@ -125,6 +125,19 @@ def private(grads: dict, clip: float, sigma: float, seed: int) -> dict:
             for k, v in grads.items()}
 
 
+def top_k(grads: dict, fraction: float) -> dict:
+    """The update a top-k client sends: the ``fraction`` of all coordinates largest in magnitude
+    (global, as ``comm.uplink = "topk"``), the rest zero."""
+    flat = torch.cat([v.reshape(-1) for v in grads.values()])
+    keep = torch.zeros_like(flat)
+    idx = flat.abs().topk(max(1, int(fraction * flat.numel()))).indices
+    keep[idx] = flat[idx]
+    out, at = {}, 0
+    for k, v in grads.items():
+        out[k], at = keep[at:at + v.numel()].reshape(v.shape), at + v.numel()
+    return out
+
+
 def gaussian_sigma(epsilon: float, delta: float) -> float:
     """The smallest noise multiplier of one Gaussian release (sensitivity 1) that is
     (epsilon, delta)-DP: the analytic Gaussian mechanism (Balle & Wang 2018),
@@ -166,7 +179,43 @@ def audit(model, params: dict, xs: torch.Tensor, ys: torch.Tensor, epsilons=(1, 
         rate = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(noisy)])
         out["dp"].append({"epsilon": eps, "sigma": sigma, "psnr": _mean(q, "psnr"),
                           "ssim": _mean(q, "ssim"), "label_rate": float(rate)})
+    out["compressed"] = [_compressed(xs, ys, raw, f, lo, hi) for f in (0.1, 0.01)]
+    out["secure"] = [_secure(xs, ys, raw, k, lo, hi) for k in (2, 10) if k <= n]
     return out
+
+
+def _compressed(xs, ys, raw, fraction, lo, hi) -> dict:
+    """The analytic and label attacks against each sample's top-k update."""
+    sent = [top_k(g, fraction) for g in raw]
+    guesses = [_analytic_or_blank(g, xs[i]) for i, g in enumerate(sent)]
+    q = [quality(xs[i], guess, lo, hi) for i, (guess, _) in enumerate(guesses)]
+    rate = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(sent)])
+    return {"topk_fraction": fraction, "psnr": _mean(q, "psnr"), "ssim": _mean(q, "ssim"),
+            "analytic_applies_rate": float(np.mean([ok for _, ok in guesses])),
+            "label_rate": float(rate)}
+
+
+def _analytic_or_blank(grads: dict, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The analytic guess, or a blank input where compression dropped every first-layer bias
+    gradient (the attack does not apply; the attacker is left guessing)."""
+    try:
+        return analytic_fc(grads), True
+    except ValueError:
+        return torch.zeros_like(like), False
+
+
+def _secure(xs, ys, raw, k, lo, hi) -> dict:
+    """What a server that sees only the sum of ``k`` clients' updates (one sample each) gets:
+    the analytic attack on the sum, scored against the input it resembles most (the attacker's
+    best case), and whether the iDLG label is one of the ``k`` labels."""
+    best, hits = [], []
+    for s in range(0, len(xs) - k + 1, k):
+        total = {name: sum(raw[i][name] for i in range(s, s + k)) for name in raw[s]}
+        guess = analytic_fc(total)
+        best.append(max((quality(xs[i], guess, lo, hi) for i in range(s, s + k)), key=lambda r: r["psnr"]))
+        hits.append(idlg_label(total) in {int(ys[i]) for i in range(s, s + k)})
+    return {"clients": k, "psnr": _mean(best, "psnr"), "ssim": _mean(best, "ssim"),
+            "label_in_cohort_rate": float(np.mean(hits))}
 
 
 def _mean(rows, key):
