@@ -3,6 +3,8 @@ unauthenticated callers, oversized and garbled sums, replays and small sums; the
 fails the round cleanly (model unchanged, reason logged) when a decryptor is down or returns
 garbage, and drops a client's garbled ciphertext with its reason."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +139,34 @@ def test_deployed_garbled_and_oversized_ciphertexts_are_dropped_and_the_round_go
     why = {c: w for c, w in line["failures"]}
     assert "client 0's ciphertext dropped" in why[0] and "size limit" in why[1]
     assert any(not torch.equal(v, w0[k]) for k, v in server.coordinator.state.params.items())
+
+
+def test_key_files_are_checked_before_they_are_parsed(tmp_path):
+    """A key file is a file a party was handed: too large, not a key file, the wrong kind, a
+    Paillier modulus that is not one, or a share with a field missing: each refused, naming it."""
+    from atoll.secure.he_keys import MAX_FILE
+    big = tmp_path / "big.key"
+    with open(big, "wb") as f:
+        f.truncate(MAX_FILE + 1)  # sparse: nothing is written, and nothing must be read
+    with pytest.raises(ValueError, match="larger than"):
+        load_public(big)
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"\x80\x04 pickle?\n" + os.urandom(64))
+    with pytest.raises(ValueError, match="not an atoll public key file"):
+        load_public(junk)
+    keys = deal(tmp_path / "k", "paillier", 2, 1024)
+    with pytest.raises(ValueError, match="not an atoll public key file"):
+        load_public(keys["shares"][0])  # a share offered as the public key
+    head, _, body = Path(keys["public"]).read_bytes().partition(b"\n")
+    fields = json.loads(body)
+    even = tmp_path / "even.key"
+    even.write_bytes(head + b"\n" + json.dumps({**fields, "n": format(2 ** 1023, "x")}).encode())
+    with pytest.raises(ValueError, match="not a 1024-bit Paillier modulus"):
+        load_public(even)
+    head, _, body = Path(keys["shares"][0]).read_bytes().partition(b"\n")
+    fields = json.loads(body)
+    del fields["share"]
+    bad = tmp_path / "bad-share.key"
+    bad.write_bytes(head + b"\n" + json.dumps(fields).encode())
+    with pytest.raises(ValueError, match="bad-share.key.*share"):
+        Decryptor(bad)

@@ -130,12 +130,15 @@ class Decryptor:
 
     def __init__(self, share_path, min_clients: int = 2):
         self.method, self.t, body, _ = _read(share_path, "share")
-        if self.method == "ckks":
-            self.scheme, self.share = S.Ckks(secret=body), None
-        else:
-            head = json.loads(body)
-            self.scheme, self.share = _paillier(head), int(head["share"], 16)
-            self.index = int(head["index"])
+        try:
+            if self.method == "ckks":
+                self.scheme, self.share = S.Ckks(secret=body), None
+            else:
+                head = json.loads(body)
+                self.scheme, self.share = _paillier(head), int(head["share"], 16)
+                self.index = int(head["index"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"he: {share_path}: {exc!r}") from None
         self.min_clients, self.rounds, self.lock = min_clients, set(), threading.Lock()
 
     def max_bytes(self, d: int) -> int:
