@@ -287,3 +287,13 @@ def model_out(model, params, x):
     from torch.func import functional_call
 
     return functional_call(model, params, (x,))
+
+
+def test_embedding_options_that_would_do_nothing_or_allocate_without_bound_are_refused(tmp_path):
+    base = (f'[data]\nname = "digits"\n[watermark]\nenabled = true\n'
+            f'key_file = "{tmp_path / "wm.key"}"\n')
+    with pytest.raises(config.ConfigError, match="watermark.layers.*no parameter"):
+        config.build(config.load(text=base + 'layers = ["nope"]\n'))
+    with pytest.raises(config.ConfigError, match="watermark.anchors"):
+        config.load(text=base + "anchors = 1000000000000\n")
+    assert config.build(config.load(text=base + 'layers = ["2."]\n')) is not None

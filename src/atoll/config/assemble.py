@@ -173,6 +173,10 @@ def _with_watermark(cfg: Config, algorithm, model, fed):
     from atoll import watermark as W
 
     w = cfg.watermark
+    names = [k for k, _ in model.named_parameters()]
+    if w.layers and not any(k.startswith(tuple(w.layers)) for k in names):
+        raise ConfigError(f"watermark.layers = {w.layers}: no parameter of the model starts with "
+                          f"these (it has {', '.join(names)}); the embedding would train nothing")
     triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
                              fed.n_classes, w.scale, next(model.parameters()).dtype)
     return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,

@@ -271,7 +271,7 @@ class WatermarkConfig(_Section):
     batch: int = Field(50, ge=1)
     every: int = Field(1, ge=1)      # embed after every k-th server step
     preserve: float = Field(0.0, ge=0)  # weight of the KL term keeping outputs on noise anchors
-    anchors: int = Field(256, ge=1)     # standard-normal inputs the KL term is taken on
+    anchors: int = Field(256, ge=1, le=65536)  # standard-normal inputs the KL term is taken on
     until: float = Field(1.0, gt=0)  # stop a round's steps at this trigger accuracy (> 1: never)
     layers: list[str] = []              # train only entries starting with these (default: all)
     fingerprint: bool = False        # deployment: each client gets its own traceable copy
