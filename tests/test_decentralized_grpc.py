@@ -263,9 +263,16 @@ def replay(x, w, missing, rounds):
 def test_gossip_goes_on_without_a_neighbour_that_vanished(creds4):
     x, w = values(4, seed=6), D.ring(4)
     got, ps = run_peers(x, D.static(w), [6, 6, 2, 6], creds4, round_timeout=20.0)
-    ref = D.gossip(D.gossip(x, D.static(w), 2), D.static(without(w, 2)), 4)
-    assert float((got - ref).abs().max()) <= bound(6, w, x)
-    assert ps[1].missing == ps[3].missing == [set(), set()] + [{2}] * 4
+    if not any(p.missing[r] - {2} for p in ps if p.me != 2 for r in range(6)):  # the usual run
+        ref = D.gossip(D.gossip(x, D.static(w), 2), D.static(without(w, 2)), 4)
+        assert float((got - ref).abs().max()) <= bound(6, w, x)
+    # the one wait the race below allows can make peer 1 or 3 late for peer 0 in turn: compare
+    # with the simulation of what each peer really missed (as the silent-neighbour test does)
+    live = [0, 1, 3]
+    ref = replay(x, w, [p.missing for p in ps], 6)
+    assert float((got[live] - ref[live]).abs().max()) <= bound(6, w, x)
+    for p in (ps[1], ps[3]):  # peer 2 is missed from its vanishing on, and only then
+        assert [2 in m for m in p.missing] == [False, False] + [True] * 4
     # a vanished peer is not waited for, except once where it accepted a message for a round
     # ahead before it stopped (a race under load, in whichever round the sender had reached:
     # docs/decentralized.md, "Failures"): at most one wait in the six rounds
