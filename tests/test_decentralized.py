@@ -98,3 +98,51 @@ def test_a_16_node_ring_reaches_fedavg_accuracy_within_2_points_in_twice_the_rou
     acc = float((logits.argmax(1) == fed.y_test).double().mean())
     print(f"D-PSGD ring {acc:.4f} after {2 * rounds} rounds, FedAvg {fedavg.final['test_acc']:.4f} after {rounds}")
     assert acc >= fedavg.final["test_acc"] - 0.02, (acc, fedavg.final["test_acc"])
+
+
+def byzantine_gossip(x0, w, rounds, liar, value, b):
+    """Gossip where node ``liar`` holds ``value`` before every exchange (it sends it each round)."""
+    x = x0.clone()
+    for _ in range(rounds):
+        x[liar] = value
+        x = D.gossip(x, D.static(w), 1, byzantine=b)
+    return x
+
+
+def test_clipped_gossip_contains_a_byzantine_node_that_plain_gossip_follows():
+    n, w = 16, D.random_regular(16, 4, seed=1)
+    x0 = torch.tensor(np.random.default_rng(0).normal(size=(n, 5)))
+    honest = [i for i in range(n) if i != 3]
+    centre = x0[honest].mean(0)
+    plain = byzantine_gossip(x0, w, 100, 3, 1e6, None)
+    clipped = byzantine_gossip(x0, w, 100, 3, 1e6, 1)
+    assert float((plain[honest] - centre).norm(dim=1).min()) > 1e5   # the attack works on gossip
+    assert float((clipped[honest] - centre).norm(dim=1).max()) < 1.0  # honest spread at the start: ~2
+    spread = (clipped[honest] - clipped[honest].mean(0)).norm(dim=1).max()
+    assert float(spread) < 0.1 * float((x0[honest] - centre).norm(dim=1).max())  # they still agree
+
+
+def test_clipped_gossip_with_b_0_is_gossip_and_clip_factors_follow_their_definition():
+    w, x = D.torus(4, 4), values(16, seed=5)
+    assert torch.equal(D.gossip(x, D.static(w), 20, byzantine=0), D.gossip(x, D.static(w), 20))
+    d = torch.tensor([3.0, 1.0, 5.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(D.clip_factors(d, 1), torch.tensor([1.0, 1.0, 0.6, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(D.clip_factors(d, 2), torch.tensor([2 / 3, 1.0, 0.4, 1.0], dtype=torch.float64))
+    assert torch.equal(D.clip_factors(d, 4), torch.zeros(4, dtype=torch.float64))  # all may lie
+    a = D.clipped(w, {"x": x}, 1)  # rows stay stochastic, entries non-negative
+    torch.testing.assert_close(a.sum(1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(a.min()) >= 0.0 and not torch.equal(a, w)
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="byzantine"):
+            D.clip_factors(d, bad)
+
+
+def test_dpsgd_with_clipped_gossip_still_learns_and_refuses_push_sum():
+    cfg = config.load(text=BASE.format(rounds=1))
+    _, model, fed, _ = config.build(cfg)
+    with pytest.raises(ValueError, match="push-sum"):
+        D.dpsgd(model, fed, D.static(D.ring(16)), 1, push=True, byzantine=1)
+    seen = []
+    D.dpsgd(model, fed, D.static(D.random_regular(16, 4, seed=2)), 30, lr=0.3, byzantine=1,
+            eval_every=30, on_eval=lambda r, p: seen.append(torch.func.functional_call(model, p, (fed.x_test,))))
+    assert float((seen[0].argmax(1) == fed.y_test).double().mean()) > 0.6

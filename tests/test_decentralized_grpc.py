@@ -302,3 +302,25 @@ def test_a_silent_neighbour_costs_at_most_the_round_timeout(creds4):
     assert all(2 in m for m in ps[1].missing + ps[3].missing) and len(ps[1].missing) == 3
     for s in ps[1].seconds + ps[3].seconds:  # it waited, but not past the timeout
         assert 0.9 * t <= s <= t + 1.5, s  # (slack: a loaded machine)
+
+
+def test_clipped_gossip_over_grpc_contains_a_lying_peer_as_the_simulation_does(creds8):
+    """Peer 0 sends 1e6 in every coordinate each round (its local work sets it): plain gossip
+    follows it over gRPC; with ``byzantine = 1`` the honest peers stay where the simulation of
+    the same attack puts them (decentralized.clipped)."""
+    x, w, rounds = values(8, seed=11), D.random_regular(8, 4, seed=1), 10
+    lie = lambda r, s, wt: {"x": torch.full_like(s["x"], 1e6)}  # noqa: E731
+    local = [lie] + [None] * 7
+    plain, _ = run_peers(x, D.static(w), rounds, creds8, local=local)
+    got, ps = run_peers(x, D.static(w), rounds, creds8, local=local, byzantine=1)
+    ref = x.clone()
+    for _ in range(rounds):
+        ref[0] = 1e6
+        ref = D.gossip(ref, D.static(w), 1, byzantine=1)
+    scale = float(x.abs().max())
+    assert not any(m for p in ps for m in p.missing)
+    assert float(plain[1:].abs().min()) > 1e5  # the attack works without clipping (|x| ~ 300)
+    assert float(got[1:].abs().max()) <= 2 * scale       # and not with it
+    torch.testing.assert_close(got[1:], ref[1:], rtol=0, atol=1e-9 * scale)
+    with pytest.raises(ValueError, match="push-sum"):
+        peers.Peer(0, 8, D.static(w), {"x": x[0]}, creds=creds8[0], push=True, byzantine=1)

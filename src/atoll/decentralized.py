@@ -12,6 +12,8 @@ matrices:
   gossip would drift there, so ``push_sum`` carries a weight beside each value and reads
   ``x / w`` (Kempe et al. 2003; Nedic & Olshevsky 2016; Assran et al. 2019, SGP).
 
+``clipped`` (ClippedGossip, He et al. 2022) bounds what b Byzantine neighbours move a node.
+
 ``dpsgd`` (Lian et al. 2017) trains a model on a ``FederatedData`` split: each node runs
 ``local_steps`` SGD steps on its own data (all nodes at once, ``torch.func.vmap``), then mixes.
 A node sends its model to each out-neighbour once a round: ``degree x d x 4`` bytes (float32).
@@ -107,11 +109,50 @@ def static(w: torch.Tensor) -> Topology:
     return lambda r: w
 
 
-def gossip(x: torch.Tensor, topology: Topology, rounds: int) -> torch.Tensor:
-    """``rounds`` of ``X <- W_r X`` over ``(n, D)`` node values."""
+def gossip(x: torch.Tensor, topology: Topology, rounds: int, *, byzantine: int | None = None) -> torch.Tensor:
+    """``rounds`` of ``X <- W_r X`` over ``(n, D)`` node values; with ``byzantine = b``,
+    ClippedGossip's ``X <- A_r X`` (``clipped``)."""
     for r in range(rounds):
-        x = topology(r).to(x.dtype) @ x
+        m = topology(r).to(x.dtype)
+        x = (m if byzantine is None else clipped(m, {"x": x}, byzantine)) @ x
     return x
+
+
+def clip_factors(dist: torch.Tensor, b: int) -> torch.Tensor:
+    """ClippedGossip's factors ``min(1, tau / d_k)`` for the distances ``d_k`` (float64) from a
+    node to the in-neighbours it heard, ``tau`` the (b + 1)-th largest of them: the b farthest are
+    pulled in to ``tau``, so b Byzantine neighbours move the node by at most what its farthest
+    honest one does. Fewer than b + 1 heard: ``tau = 0`` (any of them may lie: keep its own)."""
+    if not isinstance(b, int) or b < 0:
+        raise ValueError(f"byzantine must be an integer >= 0, got {b!r}")
+    if b == 0:
+        return torch.ones_like(dist)
+    tau = torch.sort(dist, descending=True).values[b] if dist.numel() > b else dist.new_zeros(())
+    return torch.where(dist > tau, tau / torch.where(dist > 0, dist, 1.0), 1.0)
+
+
+def distances(x: dict, me: dict) -> torch.Tensor:
+    """Euclidean distances over every entry between ``x`` (rows ``(k, ...)`` per entry) and
+    ``me`` (one node's entries), in float64."""
+    sq = sum(((v.to(torch.float64) - me[k].to(torch.float64)) ** 2).flatten(1).sum(1) for k, v in x.items())
+    return torch.sqrt(sq)
+
+
+def clipped(m: torch.Tensor, x: dict, b: int) -> torch.Tensor:
+    """ClippedGossip (He, Karimireddy & Jaggi 2022, "Byzantine-robust Decentralized Learning via
+    ClippedGossip"): ``x_i <- x_i + sum_k m_ik clip(x_k - x_i, tau_i)``, written as the matrix
+    ``A`` with ``A_ik = m_ik s_ik`` and ``A_ii = m_ii + sum_k m_ik (1 - s_ik)`` (``s`` from
+    ``clip_factors``; ``b = 0``: ``A = m``). ``x``: the nodes' entries, rows ``(n, ...)``."""
+    a = m.clone()
+    for i in range(m.shape[0]):
+        nbrs = [k for k in range(m.shape[0]) if k != i and float(m[i, k]) != 0.0]
+        if not nbrs:
+            continue
+        s = clip_factors(distances({k: v[nbrs] for k, v in x.items()}, {k: v[i] for k, v in x.items()}), b)
+        w = m[i, nbrs]
+        a[i, nbrs] = w * s.to(m.dtype)
+        a[i, i] = m[i, i] + (w * (1 - s.to(m.dtype))).sum()
+    return a
 
 
 def push_sum(x: torch.Tensor, topology: Topology, rounds: int) -> torch.Tensor:
@@ -132,10 +173,13 @@ def out_degree(w: torch.Tensor) -> torch.Tensor:
 
 def dpsgd(model: torch.nn.Module, data, topology: Topology, rounds: int, *, lr: float = 0.1,
           batch_size: int = 32, local_steps: int = 1, seed: int = 0, push: bool = False,
-          eval_every: int = 0, on_eval=None) -> dict[str, torch.Tensor]:
+          eval_every: int = 0, on_eval=None, byzantine: int | None = None) -> dict[str, torch.Tensor]:
     """D-PSGD: every node starts from the same model, runs ``local_steps`` SGD steps on its own
-    data, then mixes with its neighbours (push-sum weights when ``push``). Returns the nodes'
-    average model (what ``on_eval(round, params)`` also receives every ``eval_every`` rounds)."""
+    data, then mixes with its neighbours (push-sum weights when ``push``; ClippedGossip against
+    ``byzantine`` neighbours per node, gossip only). Returns the nodes' average model (what
+    ``on_eval(round, params)`` also receives every ``eval_every`` rounds)."""
+    if push and byzantine is not None:
+        raise ValueError("byzantine (ClippedGossip) needs gossip weights, not push-sum")
     names = [k for k, _ in model.named_parameters()]
     base = {k: v.detach() for k, v in model.named_parameters()}
     n = len(data.clients)
@@ -162,6 +206,7 @@ def dpsgd(model: torch.nn.Module, data, topology: Topology, rounds: int, *, lr: 
             grads = step(est, xb, yb)
             x = {k: x[k] - lr * grads[k] * (w.view(-1, *[1] * (x[k].dim() - 1)) if push else 1) for k in names}
         mix = topology(r).to(w.dtype)
+        mix = mix if byzantine is None else clipped(mix, x, byzantine)
         x = {k: torch.tensordot(mix, v, dims=1) for k, v in x.items()}
         if push:
             w = mix @ w

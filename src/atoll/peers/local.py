@@ -39,14 +39,15 @@ def enrol(directory, n: int, *, auth: str = "token") -> list[dict]:
 
 
 def run(states: list[dict], topology, rounds, *, creds: list[dict], push: bool = False,
-        auth: str = "token", round_timeout: float = 30.0, local=None, join_s: float = 600.0):
+        auth: str = "token", round_timeout: float = 30.0, local=None, join_s: float = 600.0,
+        byzantine: int | None = None):
     """Run ``len(states)`` peers to the end; ``rounds`` is a count or one per peer (a peer that
     stops early vanishes: its server goes away). ``local[i]`` is peer i's local work or None.
     Returns ``(values, peers)``: each peer's final estimate, and the stopped peers (stats)."""
     n = len(states)
     counts = [rounds] * n if isinstance(rounds, int) else list(rounds)
     peers = [Peer(i, n, topology, s, creds=creds[i], push=push, auth=auth,
-                  round_timeout=round_timeout) for i, s in enumerate(states)]
+                  round_timeout=round_timeout, byzantine=byzantine) for i, s in enumerate(states)]
     out, errors = [None] * n, []
     try:
         addresses = {i: f"127.0.0.1:{p.start()}" for i, p in enumerate(peers)}

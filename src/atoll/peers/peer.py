@@ -19,6 +19,9 @@ share ``M_ji (x_i, w_i)`` that out-neighbour ``j`` did not accept (unreachable, 
 late: a closed round refuses), so the total mass ``sum x, sum w`` of the live peers is conserved
 and ``x / w`` still converges to one value: the average of the mass still held. A peer that
 stops keeps (and reports) the mass it had accepted for rounds it will not run.
+
+``byzantine = b`` (gossip only): ClippedGossip against b lying in-neighbours
+(``decentralized.clipped``), over the in-neighbours heard this round.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from atoll import decentralized as D
 from atoll.deploy import certs
 from atoll.peers.inbox import WEIGHT, Inbox
 from atoll.transport import wire
@@ -49,10 +53,14 @@ class Peer:
     def __init__(self, me: int, n: int, topology: Topology, state: dict[str, torch.Tensor], *,
                  creds: dict, push: bool = False, auth: str = "token", round_timeout: float = 10.0,
                  address: str = "127.0.0.1:0", chunk_bytes: int = 1 << 20, limits: Limits | None = None,
-                 ahead: int | None = None):
+                 ahead: int | None = None, byzantine: int | None = None):
         if any(k.startswith("#") for k in state):
             raise ValueError("state entry names must not start with '#' (reserved for the wire)")
+        if byzantine is not None and (push or not isinstance(byzantine, int) or byzantine < 0):
+            raise ValueError(f"byzantine (ClippedGossip) must be an integer >= 0, with gossip only; "
+                             f"got {byzantine!r}{' with push-sum' if push else ''}")
         self.me, self.n, self.topology, self.push = me, n, topology, push
+        self.byzantine = byzantine
         self.state = {k: v.detach().clone() for k, v in state.items()}
         dtype = next(iter(self.state.values())).dtype
         self.weight = torch.ones((), dtype=dtype)
@@ -147,8 +155,14 @@ class Peer:
             self.state = {name: _mix(kept, v, [g[name] for _, g in sorted(got.items())])
                           for name, v in self.state.items()}
         else:
+            heard = sorted(got)
+            w = torch.tensor([float(m[me, k]) for k in heard], dtype=torch.float64)
             own = float(m[me, me]) + sum(float(m[me, k]) for k in expected - set(got))
-            self.state = {name: _mix(own, v, [float(m[me, k]) * g[name] for k, g in sorted(got.items())])
+            if self.byzantine is not None and heard:  # ClippedGossip: as decentralized.clipped
+                rows = {name: torch.stack([got[k][name] for k in heard]) for name in self.state}
+                s = D.clip_factors(D.distances(rows, self.state), self.byzantine)
+                own, w = own + float((w * (1 - s)).sum()), w * s
+            self.state = {name: _mix(own, v, [float(wk) * got[k][name] for wk, k in zip(w, heard)])
                           for name, v in self.state.items()}
 
     def _message(self, share: float | None) -> dict[str, torch.Tensor]:
