@@ -324,3 +324,65 @@ def test_clipped_gossip_over_grpc_contains_a_lying_peer_as_the_simulation_does(c
     torch.testing.assert_close(got[1:], ref[1:], rtol=0, atol=1e-9 * scale)
     with pytest.raises(ValueError, match="push-sum"):
         peers.Peer(0, 8, D.static(w), {"x": x[0]}, creds=creds8[0], push=True, byzantine=1)
+
+
+def test_a_gossip_peer_that_restarts_from_its_checkpoint_rejoins_and_they_agree(creds4, tmp_path):
+    """Peer 2 crashes after 3 rounds (its server goes away) and comes back on the same address
+    with its checkpoint: it goes on from round 3, not 0, and the four reach consensus."""
+    import threading
+    x, w, rounds = values(4, seed=12), D.ring(4), 40
+    slow = lambda r, s, wt: (time.sleep(0.1), s)[1]  # noqa: E731 - each round takes a while
+    ps = [peers.Peer(i, 4, D.static(w), {"x": x[i]}, creds=creds4[i], round_timeout=2.0) for i in range(4)]
+    addresses = {i: f"127.0.0.1:{p.start()}" for i, p in enumerate(ps)}
+    for p in ps:
+        p.connect(addresses)
+    ckpt, out = tmp_path / "peer2.ckpt", {}
+    go = lambda i, p, n: out.__setitem__(i, p.run(n, slow, **({"checkpoint": ckpt} if i == 2 else {})))  # noqa: E731
+    threads = [threading.Thread(target=go, args=(i, p, 3 if i == 2 else rounds)) for i, p in enumerate(ps)]
+    for t in threads:
+        t.start()
+    threads[2].join(30)
+    ps[2].stop()                                       # the crash: its server is gone
+    saved = ps[2].state["x"].clone()
+    time.sleep(0.3)
+    back = peers.Peer(2, 4, D.static(w), {"x": x[2]}, creds=creds4[2], round_timeout=2.0,
+                      address=addresses[2])            # same address, fresh process state
+    back.start()
+    back.connect(addresses)
+    try:
+        again = threading.Thread(target=go, args=(2, back, rounds))
+        again.start()
+        for t in threads[:2] + threads[3:] + [again]:
+            t.join(60)
+    finally:
+        for p in ps[:2] + ps[3:] + [back]:
+            p.stop()
+    assert back.resumed_at == 3 and len(back.seconds) == rounds - 3
+    assert len(ps[0].seconds) == rounds
+    got = torch.stack([out[i]["x"] for i in range(4)])
+    spread0 = float((x - x.mean(0)).abs().max())
+    assert float((got - got.mean(0)).abs().max()) < 1e-3 * spread0      # consensus
+    assert float((got.mean(0) - x.mean(0)).abs().max()) < 0.5 * spread0  # near the average
+    assert not torch.equal(saved, x[2])                                   # it had mixed before
+
+
+def test_a_checkpoint_of_another_peer_or_a_corrupt_one_is_refused_before_use(creds4, tmp_path):
+    x, w = values(4, seed=13), D.ring(4)
+    p = peers.Peer(1, 4, D.static(w), {"x": x[1]}, creds=creds4[1])
+    try:
+        cases = {"bytes": b"\0" * 10, "other shape": wire.dumps({"x": x[1][:5], WEIGHT: torch.ones((), dtype=torch.float64),
+                                                                  "#round": torch.tensor(2)}),
+                 "nan": wire.dumps({"x": x[1] * float("nan"), WEIGHT: torch.ones((), dtype=torch.float64),
+                                    "#round": torch.tensor(2)}),
+                 "round": wire.dumps({"x": x[1], WEIGHT: torch.ones((), dtype=torch.float64), "#round": torch.tensor(99)})}
+        for name, data in cases.items():
+            f = tmp_path / f"{name}.ckpt"
+            f.write_bytes(data)
+            with pytest.raises(ValueError, match="checkpoint .*" + f.name):
+                p.run(3, checkpoint=f)
+            assert torch.equal(p.state["x"], x[1])  # nothing taken from it
+        with pytest.raises(ValueError, match="push-sum"):
+            peers.Peer(1, 4, D.static(D.directed_ring(4)), {"x": x[1]}, creds=creds4[1],
+                       push=True).run(3, checkpoint=tmp_path / "p.ckpt")
+    finally:
+        p.stop()

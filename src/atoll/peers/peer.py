@@ -22,14 +22,21 @@ stops keeps (and reports) the mass it had accepted for rounds it will not run.
 
 ``byzantine = b`` (gossip only): ClippedGossip against b lying in-neighbours
 (``decentralized.clipped``), over the in-neighbours heard this round.
+
+Restarts: ``run(..., checkpoint=path)`` saves the state after each round; a peer restarted with
+the file goes on from the next round. Its neighbours went on without it meanwhile (they do not
+wait for a peer that does not take their messages); until it has caught up with them, its
+messages are for rounds they closed, so it keeps its own value for those rounds.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,6 +49,7 @@ from atoll.transport.grpc.limits import Limits
 from atoll.transport.grpc.peer import PeerChannel, PeerServer, TransportError
 
 Topology = Callable[[int], torch.Tensor]
+ROUND = "#round"  # a checkpoint's entry: the rounds done (state entries never start with #)
 log = logging.getLogger("atoll.decentralized")
 
 
@@ -76,6 +84,7 @@ class Peer:
         self.missing: list[set] = []  # in-neighbours not heard from, per round
         self.undelivered: list[tuple[int, int, str]] = []  # (out-neighbour, round, why)
         self.seconds: list[float] = []  # wall time of each exchange
+        self.resumed_at = 0  # the first round run (after a checkpoint's)
         self.matrix = functools.lru_cache(maxsize=4)(lambda r: self.topology(r).to(torch.float64))
         self.chunk = chunk_bytes
         self.limits = limits or Limits(handshake_timeout=5.0, rpc_timeout=max(30.0, 2 * round_timeout),
@@ -113,19 +122,56 @@ class Peer:
             ch.close()
         self.pool.shutdown(wait=True)
 
-    def run(self, rounds: int, local=None) -> dict[str, torch.Tensor]:
-        """``rounds`` rounds; returns the estimate (``state / weight`` for push-sum)."""
+    def run(self, rounds: int, local=None, checkpoint=None) -> dict[str, torch.Tensor]:
+        """``rounds`` rounds; returns the estimate (``state / weight`` for push-sum). With
+        ``checkpoint`` (a file path) the state is saved there after every round, and a peer that
+        restarts with the file there goes on from the round after the saved one."""
+        if checkpoint is not None and self.push:  # mass in flight at a crash would count twice
+            raise ValueError("checkpoint: push-sum peers cannot resume (the mass they had sent in "
+                             "the round of the crash would be kept and delivered both)")
+        path = Path(checkpoint) if checkpoint is not None else None
+        self.resumed_at = self._resume(path, rounds) if path is not None and path.exists() else 0
         try:
-            for r in range(rounds):
+            for r in range(self.resumed_at, rounds):
                 if local is not None:
                     self.state = local(r, self.state, self.weight)
                 self.exchange(r)
+                if path is not None:
+                    self._save(path, r + 1)
         finally:
             early = self.inbox.close()  # accepted for rounds this peer will not run
             if self.push and early:  # push-sum: that mass is this peer's now (none is lost)
                 self.weight = _mix(1.0, self.weight, [g[WEIGHT] for g in early])
                 self.state = {k: _mix(1.0, v, [g[k] for g in early]) for k, v in self.state.items()}
         return self.value()
+
+    def _save(self, path: Path, done: int) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(wire.dumps(self._saved(done)))
+        os.replace(tmp, path)  # a crash mid-write leaves the previous round's file
+
+    def _saved(self, done: int) -> dict[str, torch.Tensor]:
+        return {**self.state, WEIGHT: self.weight, ROUND: torch.tensor(done, dtype=torch.int64)}
+
+    def _resume(self, path: Path, rounds: int) -> int:
+        """The round to go on from; the file is checked (size, then this peer's exact layout,
+        then finite values, a positive weight and a round in range) before its values are used."""
+        layout = wire.Layout.of(self._saved(0))
+        if path.stat().st_size != layout.size:
+            raise ValueError(f"checkpoint {path}: {path.stat().st_size} bytes, this peer's state "
+                             f"takes {layout.size}: not this run's peer")
+        data = path.read_bytes()
+        if not layout.matches(data):
+            raise ValueError(f"checkpoint {path}: entries, dtypes or shapes differ from this peer's state")
+        tree = wire.loads(data)
+        done, weight = int(tree.pop(ROUND)), tree.pop(WEIGHT)
+        if not all(bool(torch.isfinite(v).all()) for v in tree.values()) or not float(weight) > 0:
+            raise ValueError(f"checkpoint {path}: a value is not finite or the weight is not positive")
+        if not 0 <= done <= rounds:
+            raise ValueError(f"checkpoint {path}: round {done} is outside 0..{rounds}")
+        self.state, self.weight = tree, weight
+        log.info("peer %d: resumed from %s after round %d", self.me, path, done)
+        return done
 
     def value(self) -> dict[str, torch.Tensor]:
         return {k: v / self.weight for k, v in self.state.items()} if self.push else dict(self.state)
