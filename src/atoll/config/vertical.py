@@ -13,9 +13,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_WIDTH, MAX_LAYERS = 4096, 8
+MAX_WIDTH, MAX_LAYERS, MAX_WEIGHTS = 4096, 8, 2**24
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 Widths = Annotated[list[Width], Field(max_length=MAX_LAYERS)]
+Columns = Annotated[list[str], Field(min_length=1, max_length=65536)]
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -26,9 +27,9 @@ class VerticalConfig(BaseModel):
     data: str | dict[str, str] | None = None  # deployment: this party's CSV; atoll run: {party: CSV}
     ids: str | None = None                      # deployment: the aligned ids (atoll psi --out)
     dataset: Literal["bank"] | None = None      # atoll run: a generated data set instead of data
-    people: int = Field(8000, ge=10, le=10_000_000)  # ... of that many people
-    columns: dict[str, Annotated[list[str], Field(min_length=1, max_length=65536)]] = {}  # atoll run: a party's feature columns (default: all)
-    psi: bool = True                            # atoll run: align the ids by PSI (else in the clear)
+    people: int = Field(8000, ge=10, le=1_000_000)  # ... of that many people
+    columns: dict[str, Columns] = {}            # atoll run: a party's feature columns (default: all)
+    psi: bool = Field(True, strict=True)  # atoll run: align the ids by PSI (else in the clear)
     id_column: str = "id"
     label: str = ""
     parties: list[str] = []
@@ -45,7 +46,7 @@ class VerticalConfig(BaseModel):
     noise: float = Field(0.0, ge=0, le=1000, allow_inf_nan=False)  # label-leakage defence (split)
     timeout: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
     key_bits: int = Field(2048, ge=1024, le=8192, multiple_of=8)  # Paillier (hetero_lr)
-    standardise: bool = True
+    standardise: bool = Field(True, strict=True)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -59,6 +60,12 @@ class VerticalConfig(BaseModel):
             raise ValueError("give data (the parties' tables) or dataset (generated), not both")
         if self.protocol == "hetero_lr" and (self.noise or self.bottom):
             raise ValueError("noise and bottom apply to protocol = 'split' only")
+        chains = [[self.cut, *self.hidden]] + [[*b, self.cut] for b in (
+            self.bottom.values() if isinstance(self.bottom, dict) else [self.bottom])]
+        weights = sum(a * b for c in chains for a, b in zip(c, c[1:]))
+        if weights > MAX_WEIGHTS:
+            raise ValueError(f"hidden/bottom/cut ask for {weights} weights between hidden layers, "
+                             f"more than {MAX_WEIGHTS}")
         known = set(names) | ({"bank", "telecom"} if self.dataset == "bank" else set())
         for key in ("bottom", "columns"):
             value = getattr(self, key)

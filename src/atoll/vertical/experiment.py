@@ -57,6 +57,7 @@ class Setup:
             self.channel.attach(p, self.endpoints[p])
         x, self.y = tables.aligned(parties[name], ids, std, name)
         self.run = LabelRun(cfg, self.channel, x, self.y, digest, noise_seed=cfg["seed"] + 2)
+        self.channel.reset()  # hetero LR's public key: sent again on a resume, not training traffic
         self.per_epoch, self.rows = steps_per_epoch(cfg, len(ids)), len(ids)
 
     def checkpoint(self, epoch: int, losses: list[float]) -> bytes:

@@ -155,7 +155,7 @@ class LabelRun:
     def state(self) -> dict:
         """The label party's own tensors (what ``--model`` writes)."""
         if not self.modules:
-            return {"w": self.model.active.w, "b": torch.tensor(self.model.active.b)}
+            return {"w": self.model.active.w, "b": torch.tensor(self.model.active.b, dtype=torch.float64)}
         return {f"{m}.{k}": v for m, mod in self.modules.items() for k, v in mod.state_dict().items()}
 
     def checkpoint(self) -> dict:
@@ -166,7 +166,7 @@ class LabelRun:
         if not self.modules:
             a = self.model.active
             a.w = _tensor_like(ck["model"]["w"], a.w, "w")
-            a.b = float(_tensor_like(ck["model"]["b"], torch.tensor(a.b), "b"))
+            a.b = float(_tensor_like(ck["model"]["b"], torch.tensor(a.b, dtype=torch.float64), "b"))
             return
         for m, mod in self.modules.items():
             mod.load_state_dict({k[len(m) + 1:]: v for k, v in ck["model"].items() if k.startswith(m + ".")})
