@@ -40,7 +40,7 @@ def validate(raw: dict, source: str = "<config>") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
+        raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in _errors(exc))) from None
     if cfg.vertical is not None:  # a vertical run reads [vertical] and name, seed, out_dir only
         unused = sorted(cfg.model_fields_set - {"vertical", "name", "seed", "out_dir"})
         if unused:
@@ -66,9 +66,21 @@ def _override(raw: dict, item: str) -> None:
     node[leaf] = parsed
 
 
+def _errors(exc: ValidationError) -> list[dict]:
+    """pydantic's errors, a key that takes one of several types (``bottom``: a list or a table)
+    named once: the alternatives the value is not even of the type of are left out."""
+    tag = lambda p: "[" in str(p) or p in ("str", "int", "float", "bool")  # noqa: E731 (a union member)
+    errs = [e | {"loc": tuple(p for p in e["loc"] if not tag(p))} for e in exc.errors()]
+    other = {e["loc"] for e in errs if e["type"] not in ("list_type", "dict_type")}
+    return [e for e in errs if e["type"] not in ("list_type", "dict_type")
+            or not any(o[:len(e["loc"])] == e["loc"] for o in other)]
+
+
 def _explain(err: dict, prefix: tuple = ()) -> str:
     """One pydantic error as a sentence naming the key (``prefix``: the section it was read from)."""
     loc = ".".join(str(p) for p in (*prefix, *err["loc"]))
+    if err["type"] == "value_error":  # a check across keys: its message names them
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "extra_forbidden":
         *parent, leaf = [str(p) for p in (*prefix, *err["loc"])]
         valid = _fields_at(parent)

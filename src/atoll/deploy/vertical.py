@@ -33,14 +33,14 @@ def load(path) -> dict:
     ``data`` and ``ids`` relative to the file."""
     from pydantic import ValidationError
 
-    from atoll.config.files import _explain
+    from atoll.config.files import _errors, _explain
     raw = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("vertical")
     if raw is None:
         raise ValueError(f"{path}: no [vertical] section")
     try:
         cfg = VerticalConfig.model_validate(raw).model_dump()
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(_explain(e, ("vertical",)) for e in exc.errors())) from None
+        raise ConfigError(f"{path}: " + "; ".join(_explain(e, ("vertical",)) for e in _errors(exc))) from None
     if cfg["protocol"] == "hetero_lr" and (len(cfg["parties"]) > 1 or cfg["label"] and not cfg["parties"]):
         raise ValueError(f"{path}: hetero_lr trains with exactly one other party ([vertical] parties)")
     if isinstance(cfg["data"], dict):
