@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from atoll.vertical import leakage, psi
-from atoll.vertical.bank import BANK_COLS, TELECOM_COLS, generate  # noqa: F401 (the example's data)
+from atoll.vertical.bank import generate  # the example's data (atoll run: dataset = "bank")
 from atoll.vertical.hetero_lr import ActiveParty, HeteroLR
 from atoll.vertical.split import BottomParty, LabelParty, SplitNN, batches
 

@@ -142,3 +142,23 @@ def test_a_killed_hetero_lr_run_resumes_to_the_uninterrupted_losses(tmp_path, mo
     assert main(["run", "--resume", str(tmp_path / "cut")]) == 0
     a, b = (json.loads((tmp_path / d / "final.json").read_text()) for d in ("whole", "cut"))
     assert a["losses"] == b["losses"] and len(a["losses"]) == 9 and a["test_auc"] == b["test_auc"]
+
+
+def test_deployed_parties_read_their_own_bottom_widths_and_the_noise_is_secret(tmp_path):
+    """Deployed, each party's TOML sets its own bottom widths; the label party's gradient noise
+    comes from a secret seed (two runs differ), where the simulation's comes from the run's seed."""
+    tables(tmp_path)
+    head = '[vertical]\nids = "common.txt"\ncut = 3\nseed = 7\nlr = 0.05\nbatch = 20\nepochs = 1\n'
+    (tmp_path / "b.toml").write_text(head + 'data = "bank.csv"\nname = "bank"\nlabel = "default"\n'
+                                     'parties = ["telecom"]\nhidden = [4]\nnoise = 0.05\nbottom = [2]\n')
+    (tmp_path / "t.toml").write_text(head + 'data = "tel.csv"\nname = "telecom"\nbottom = {telecom = [6, 5]}\n')
+    cfg = deployed.load(tmp_path / "b.toml")
+    x, y, digest = deployed.table(cfg)
+    runs = []
+    for _ in range(2):
+        channel, tel = Channel(), deployed.FeatureEndpoint(deployed.load(tmp_path / "t.toml"))
+        channel.attach("telecom", tel)
+        runs.append(deployed.train(cfg, channel, x, y, digest))
+    assert [tuple(p.shape) for p in tel.inner.model.parameters() if p.dim() == 2] == [(6, 2), (5, 6), (3, 5)]
+    assert runs[0]["state"]["bottom.0.weight"].shape == (2, 3)
+    assert runs[0]["losses"][0] == runs[1]["losses"][0] and runs[0]["losses"][1:] != runs[1]["losses"][1:]

@@ -25,7 +25,7 @@ from atoll.deploy.psi import dial_args, dial_creds, listen_args, read_ids
 from atoll.errors import ConfigError
 from atoll.vertical import protocol, tables
 from atoll.vertical.channel import PartyError
-from atoll.vertical.protocol import AGREE, LabelRun, bottom, evaluate, hello, optimizer, plan, top  # noqa: F401
+from atoll.vertical.protocol import LabelRun, evaluate
 
 
 def load(path) -> dict:
