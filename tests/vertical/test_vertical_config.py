@@ -52,6 +52,7 @@ BAD = [  # (TOML lines of [vertical], what the error must name)
     ("batch = 1000000", r"vertical.batch.*less than or equal to 65536"),
     ("epochs = 0", r"vertical.epochs.*greater than or equal to 1"),
     ("seed = -1", r"vertical.seed.*greater than or equal to 0"),
+    ("seed = 9223372036854775806", r"vertical.seed.*less than or equal to 9223372036854775805"),
     ("holdout = 1.0", r"vertical.holdout.*less than 1"),
     ("holdout = 0", r"vertical.holdout.*greater than 0"),
     ("key_bits = 512", r"vertical.key_bits.*greater than or equal to 1024"),
@@ -97,6 +98,9 @@ def test_bad_tables_or_parties_are_refused_before_training(tmp_path, over, error
 
 
 def test_bank_data_set_checks_its_party_names_and_columns():
+    for seed in (-5, 2**63):  # the top-level seed too: torch's generators take 0 .. 2^63 - 1
+        with pytest.raises(ValueError, match=r"seed: a vertical run needs a seed in \[0, "):
+            build(config.load(text=f'seed = {seed}\n[vertical]\ndataset = "bank"\n'))
     with pytest.raises(ValueError, match="the bank data set's label party is 'bank', not 'atm'"):
         build(config.load(text='[vertical]\ndataset = "bank"\nname = "atm"\n'))
     with pytest.raises(ValueError, match=r"vertical.columns.telecom: \['nope'\] not among"):
@@ -119,6 +123,25 @@ def test_a_table_cell_that_is_not_a_finite_number_is_named(tmp_path, cell, error
     (tmp_path / "tel.csv").write_text("\n".join(text) + "\n")
     with pytest.raises(ValueError, match=error):
         build(config.load(toml(tmp_path)))
+
+
+@pytest.mark.parametrize("content,error", [
+    (None, r"cannot be read as a UTF-8 CSV table .*Is a directory"),
+    (b"id,u,v\nc001,\xff\xfe,1\n", r"cannot be read as a UTF-8 CSV table .*utf-8"),
+    (b"id,u,v\nc001,\"" + b"9" * 200_000 + b"\",1\n", r"cannot be read as a UTF-8 CSV table .*field larger"),
+    (b"", r"tel.csv: no column 'id'"),
+    (b"id,u,v\n", r"tel.csv: no rows or no feature columns"),
+])
+def test_an_unreadable_table_is_refused_naming_the_file(tmp_path, content, error):
+    tables(tmp_path)
+    (tmp_path / "tel.csv").unlink()
+    if content is None:
+        (tmp_path / "tel.csv").mkdir()
+    else:
+        (tmp_path / "tel.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=error) as got:
+        build(config.load(toml(tmp_path)))
+    assert "tel.csv" in str(got.value)
 
 
 def test_a_repeated_id_or_no_common_id_is_refused(tmp_path):

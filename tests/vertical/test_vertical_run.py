@@ -162,3 +162,35 @@ def test_deployed_parties_read_their_own_bottom_widths_and_the_noise_is_secret(t
     assert [tuple(p.shape) for p in tel.inner.model.parameters() if p.dim() == 2] == [(6, 2), (5, 6), (3, 5)]
     assert runs[0]["state"]["bottom.0.weight"].shape == (2, 3)
     assert runs[0]["losses"][0] == runs[1]["losses"][0] and runs[0]["losses"][1:] != runs[1]["losses"][1:]
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_losses(tmp_path):
+    """The real thing: `atoll run` killed with SIGKILL mid-run (possibly mid-write), then
+    `atoll run --resume`: final losses and metrics.jsonl equal an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import atoll
+    env = {"PYTHONPATH": str(Path(atoll.__file__).resolve().parents[1]), "PATH": os.environ.get("PATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    tables(tmp_path)
+    path = toml(tmp_path, epochs=150, noise=0.02, bottom=[4])
+    cmd = [sys.executable, "-m", "atoll.cli", "run"]
+    subprocess.run(cmd + [str(path), "--out", str(tmp_path / "whole")], env=env, check=True, timeout=600)
+    proc = subprocess.Popen(cmd + [str(path), "--out", str(tmp_path / "cut")], env=env)
+    log, end = tmp_path / "cut" / "metrics.jsonl", time.monotonic() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 3) and time.monotonic() < end:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    killed_at = log.read_text().count("\n")
+    assert 3 <= killed_at < 150 and not (tmp_path / "cut" / "final.json").exists()
+    subprocess.run(cmd + ["--resume", str(tmp_path / "cut")], env=env, check=True, timeout=600)
+    a, b = (json.loads((tmp_path / d / "final.json").read_text()) for d in ("whole", "cut"))
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 150 * 6
+    assert log.read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_WIDTH, MAX_LAYERS, MAX_WEIGHTS = 4096, 8, 2**24
+MAX_WIDTH, MAX_LAYERS, MAX_WEIGHTS, MAX_SEED = 4096, 8, 2**24, 2**63 - 3  # seed + 2: an int64
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 Widths = Annotated[list[Width], Field(max_length=MAX_LAYERS)]
 Columns = Annotated[list[str], Field(min_length=1, max_length=65536)]
@@ -41,7 +41,7 @@ class VerticalConfig(BaseModel):
     lr: float = Field(0.01, gt=0, le=100, allow_inf_nan=False)
     batch: int = Field(128, ge=1, le=65536)
     epochs: int = Field(10, ge=1, le=100_000)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # None: the run's seed (atoll run), 0 deployed
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # None: the run's seed (atoll run), 0 deployed
     holdout: float = Field(0.3, gt=0, lt=1)
     noise: float = Field(0.0, ge=0, le=1000, allow_inf_nan=False)  # label-leakage defence (split)
     timeout: float = Field(60.0, gt=0, le=86400, allow_inf_nan=False)
@@ -83,6 +83,8 @@ def build(cfg) -> tuple[dict, dict]:
     from atoll.vertical import tables
     v = cfg.vertical.model_dump()
     seed = cfg.seed if v["seed"] is None else v["seed"]
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed: a vertical run needs a seed in [0, {MAX_SEED}], got {seed}")
     if v["dataset"] == "bank":
         from atoll.vertical.bank import BANK_COLS, TELECOM_COLS, generate
         if v["name"] not in ("label", "bank"):

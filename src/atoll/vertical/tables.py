@@ -23,6 +23,13 @@ class Table:
 
 def read_csv(path, id_column: str, label: str = "", columns: list[str] | None = None) -> Table:
     """``path``'s rows; errors name the file, the column and the row."""
+    try:
+        return _read(path, id_column, label, columns)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: cannot be read as a UTF-8 CSV table ({exc})") from None
+
+
+def _read(path, id_column: str, label: str, columns: list[str] | None) -> Table:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         head = reader.fieldnames or []
