@@ -77,9 +77,10 @@ def test_a_bad_vertical_key_is_refused_naming_it(tmp_path, lines, error):
 def test_a_vertical_run_refuses_horizontal_sections_and_a_deployed_party_a_table_per_party(tmp_path):
     with pytest.raises(ConfigError, match=r"a vertical run \(\[vertical\]\) does not use \['data', 'rounds'\]"):
         config.load(text='rounds = 3\n[data]\nname = "digits"\n[vertical]\ndataset = "bank"\n')
-    (tmp_path / "p.toml").write_text('[vertical]\ndata = {bank = "b.csv"}\n')
-    with pytest.raises(ValueError, match="data is this party's table"):
-        deployed.load(tmp_path / "p.toml")
+    for lines in ('data = {bank = "b.csv"}\nids = "i.txt"', 'ids = "i.txt"', 'data = "b.csv"'):
+        (tmp_path / "p.toml").write_text(f"[vertical]\n{lines}\n")
+        with pytest.raises(ValueError, match="data is this party's table .* and ids the aligned ids"):
+            deployed.load(tmp_path / "p.toml")
 
 
 @pytest.mark.parametrize("over,error", [

@@ -194,3 +194,13 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_losses(tmp_path):
     a, b = (json.loads((tmp_path / d / "final.json").read_text()) for d in ("whole", "cut"))
     assert a["losses"] == b["losses"] and len(a["losses"]) == 150 * 6
     assert log.read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+
+
+def test_lazy_epochs_draw_the_batches_of_split_batches():
+    from atoll.vertical.protocol import epochs
+    from atoll.vertical.split import batches
+    train = torch.randperm(103, generator=torch.Generator().manual_seed(1))
+    cfg = {"seed": 5, "epochs": 4, "batch": 10}
+    got = [rows for epoch in epochs(cfg, train) for rows in epoch]
+    want = [train[b] for b in batches(103, 10, 4, 5)]
+    assert len(got) == len(want) == 44 and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -43,8 +43,9 @@ def load(path) -> dict:
         raise ConfigError(f"{path}: " + "; ".join(_explain(e, ("vertical",)) for e in _errors(exc))) from None
     if cfg["protocol"] == "hetero_lr" and (len(cfg["parties"]) > 1 or cfg["label"] and not cfg["parties"]):
         raise ValueError(f"{path}: hetero_lr trains with exactly one other party ([vertical] parties)")
-    if isinstance(cfg["data"], dict):
-        raise ValueError(f"{path}: [vertical] data is this party's table (a file name) when deployed")
+    if isinstance(cfg["data"], dict) or not cfg["data"] or not cfg["ids"]:
+        raise ValueError(f"{path}: [vertical] data is this party's table (a file name) when deployed, "
+                         "and ids the aligned ids (atoll psi ... --out)")
     base = Path(path).parent
     return cfg | {"seed": cfg["seed"] or 0} | {k: str(base / cfg[k]) for k in ("data", "ids") if cfg[k]}
 
@@ -76,7 +77,7 @@ def train(cfg: dict, channel, x, y, digest: str, every: int = 0) -> dict:
     run, losses = LabelRun(cfg, channel, x, y, digest), []
     report, t0 = {"protocol": cfg["protocol"], "rows": len(x), "steps": 0}, time.perf_counter()
     try:
-        for rows in run.steps:
+        for rows in (rows for epoch in run.epochs for rows in epoch):
             losses.append(run.step(rows))
             if every and len(losses) % every == 0:
                 print(json.dumps({"step": len(losses), "loss": losses[-1]}), flush=True)

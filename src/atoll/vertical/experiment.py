@@ -73,7 +73,7 @@ class Setup:
         if ck.get("format") != FORMAT or not isinstance(e, int) or not 0 < e <= epochs:
             raise ValueError(f"{path} is not a checkpoint of a vertical run of {epochs} epochs")
         losses = ck.get("losses")
-        if not isinstance(losses, list) or len(losses) != min(e * self.per_epoch, len(self.run.steps)) \
+        if not isinstance(losses, list) or len(losses) != e * self.per_epoch \
                 or not all(isinstance(v, float) for v in losses):
             raise ValueError(f"{path}: 'losses' does not hold the {e} epochs' step losses")
         try:
@@ -104,8 +104,10 @@ def run(cfg: dict, parties: dict[str, tables.Table], run_dir, *, resume: bool = 
     s = Setup(cfg, parties)
     epoch, losses = s.restore(run_dir / checkpoint.FILE, cfg["epochs"]) if resume else (0, [])
     metrics, start = runlog.open_logs(run_dir, epoch, config_text), time.perf_counter()
-    for e in range(epoch + 1, cfg["epochs"] + 1):
-        mine = [s.run.step(rows) for rows in s.run.steps[(e - 1) * s.per_epoch: e * s.per_epoch]]
+    for e, batches in enumerate(s.run.epochs, start=1):
+        if e <= epoch:
+            continue  # done before the checkpoint (drawn all the same: the seed's sequence)
+        mine = [s.run.step(rows) for rows in batches]
         losses += mine
         metrics.append(_line(s, e, len(losses), mine, metrics))
         runlog.append(run_dir / "metrics.jsonl", metrics[-1])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from atoll.vertical.channel import PartyError
-from atoll.vertical.split import BottomParty, LabelParty, SplitNN, batches
+from atoll.vertical.split import BottomParty, LabelParty, SplitNN
 
 AGREE = ("protocol", "rows", "ids_sha256", "cut", "seed")
 
@@ -43,11 +43,18 @@ def top(cfg: dict, parties: int) -> nn.Module:
     return _mlp([cfg["cut"] * parties, *cfg["hidden"], 1], last_relu=False)
 
 
-def plan(cfg: dict, n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(train rows, held-out rows, the training batches), all from the seed."""
+def plan(cfg: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows), from the seed."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))
-    train, test = perm[: n - int(cfg["holdout"] * n)], perm[n - int(cfg["holdout"] * n):]
-    return train, test, [train[b] for b in batches(len(train), cfg["batch"], cfg["epochs"], cfg["seed"])]
+    return perm[: n - int(cfg["holdout"] * n)], perm[n - int(cfg["holdout"] * n):]
+
+
+def epochs(cfg: dict, train: torch.Tensor):
+    """Each epoch's training batches (lists of rows), drawn lazily in order from the seed: the
+    batches of ``split.batches(len(train), batch, epochs, seed)``, never all held at once."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    for _ in range(cfg["epochs"]):
+        yield [train[b] for b in torch.randperm(len(train), generator=g).split(cfg["batch"])]
 
 
 def steps_per_epoch(cfg: dict, n: int) -> int:
@@ -114,11 +121,12 @@ def _tensor_like(t, like: torch.Tensor, name: str) -> torch.Tensor:
 
 class LabelRun:
     """The label party's side over ``channel`` (the other parties attached to it): the hello,
-    the model, ``steps`` (every training batch), ``step``, ``score``, ``state`` and resume."""
+    the model, ``epochs`` (each epoch's batches), ``step``, ``score``, ``state`` and resume."""
 
     def __init__(self, cfg: dict, channel, x, y, digest: str, noise_seed: int | None = None):
         self.cfg, self.channel, self.x, self.y = cfg, channel, x, y
-        _, self.test, self.steps = plan(cfg, len(x))
+        train, self.test = plan(cfg, len(x))
+        self.epochs = epochs(cfg, train)
         others = {}
         for p in cfg["parties"]:
             got = channel.ask(cfg["name"], p, "hello", json.dumps(hello(cfg, len(x), digest)).encode(), "hello")
