@@ -27,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bank_vertical import BANK_COLS, TELECOM_COLS, generate  # noqa: E402
-
-import atoll  # noqa: E402
-from atoll.deploy import vertical  # noqa: E402
-from atoll.vertical.channel import Channel  # noqa: E402
+import atoll
+from atoll.deploy import vertical
+from atoll.vertical.bank import BANK_COLS, TELECOM_COLS, generate
+from atoll.vertical.channel import Channel
 
 SRC = str(Path(atoll.__file__).resolve().parents[1])  # the parties run this checkout's atoll
 COMMON = {"split": 'cut = 8\nhidden = [16]\nlr = 0.01\nbatch = 128\nepochs = 15\n',

@@ -183,12 +183,31 @@ def _run(args) -> int:
         run_dir = Path(args.out) if args.out else _unique(Path(cfg.out_dir) / cfg.name)
     else:
         raise ValueError("give a CONFIG file, or --resume RUN_DIR")
+    if cfg.vertical is not None:
+        return _run_vertical(cfg, run_dir, args)
     algorithm, model, data, plan = config.build(cfg)
     t0 = time.perf_counter()
     result = simulate(algorithm, model, data, plan, run_dir=run_dir, runtime=config.runtime(cfg),
                       resume=bool(args.resume), overwrite=args.overwrite,
                       progress=not args.quiet, config_text=config.dumps(cfg))
     _summary(cfg, result, time.perf_counter() - t0)
+    return 0
+
+
+def _run_vertical(cfg, run_dir: Path, args) -> int:
+    from atoll import config
+    from atoll.config.vertical import build
+    from atoll.vertical.experiment import run
+
+    settings, parties = build(cfg)
+    t0 = time.perf_counter()
+    f = run(settings, parties, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
+            config_text=config.dumps(cfg))
+    auc = "n/a" if f["test_auc"] is None else f"{f['test_auc']:.3f}"
+    print(f"atoll: {cfg.name} (vertical {settings['protocol']}, parties {[settings['name'], *settings['parties']]}): "
+          f"{f['epochs']} epochs, {f['steps']} steps, {f['rows']} aligned rows; held-out AUC {auc}, "
+          f"accuracy {f['test_acc']:.2%}, loss {f['test_loss']:.4f}; train loss {f['train_loss']:.4f}; "
+          f"{f['bytes_per_step']:.0f} bytes per step; {time.perf_counter() - t0:.1f} s; run folder {run_dir}")
     return 0
 
 

@@ -154,6 +154,6 @@ def test_parties_that_disagree_on_the_aligned_ids_or_the_config_stop_at_the_hell
         channel.attach("telecom", vertical.FeatureEndpoint(vertical.load(tmp_path / "tel.toml") | change))
         with pytest.raises(PartyError, match="party 'bank': field 'hello' disagrees"):
             vertical.train(cfg, channel, x, y, digest)
-    with pytest.raises(ValueError, match=r"unknown keys \['epoch'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'vertical.epoch'; did you mean 'vertical.epochs'"):
         (tmp_path / "bad.toml").write_text("[vertical]\nepoch = 3\n")
         vertical.load(tmp_path / "bad.toml")

@@ -9,6 +9,7 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -37,9 +38,15 @@ def load(path: str | Path | None = None, overrides: list[str] = (), text: str | 
 
 def validate(raw: dict, source: str = "<config>") -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in exc.errors())) from None
+        raise ConfigError(f"{source}: " + "; ".join(_explain(e) for e in _errors(exc))) from None
+    if cfg.vertical is not None:  # a vertical run reads [vertical] and name, seed, out_dir only
+        unused = sorted(cfg.model_fields_set - {"vertical", "name", "seed", "out_dir"})
+        if unused:
+            raise ConfigError(f"{source}: a vertical run ([vertical]) does not use {unused}; "
+                              "remove them (its settings are all in [vertical])")
+    return cfg
 
 
 def _override(raw: dict, item: str) -> None:
@@ -59,10 +66,23 @@ def _override(raw: dict, item: str) -> None:
     node[leaf] = parsed
 
 
-def _explain(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+def _errors(exc: ValidationError) -> list[dict]:
+    """pydantic's errors, a key that takes one of several types (``bottom``: a list or a table)
+    named once: the alternatives the value is not even of the type of are left out."""
+    tag = lambda p: "[" in str(p) or p in ("str", "int", "float", "bool")  # noqa: E731 (a union member)
+    errs = [e | {"loc": tuple(p for p in e["loc"] if not tag(p))} for e in exc.errors()]
+    other = {e["loc"] for e in errs if e["type"] not in ("list_type", "dict_type")}
+    return [e for e in errs if e["type"] not in ("list_type", "dict_type")
+            or not any(o[:len(e["loc"])] == e["loc"] for o in other)]
+
+
+def _explain(err: dict, prefix: tuple = ()) -> str:
+    """One pydantic error as a sentence naming the key (``prefix``: the section it was read from)."""
+    loc = ".".join(str(p) for p in (*prefix, *err["loc"]))
+    if err["type"] == "value_error":  # a check across keys: its message names them
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "extra_forbidden":
-        *parent, leaf = [str(p) for p in err["loc"]]
+        *parent, leaf = [str(p) for p in (*prefix, *err["loc"])]
         valid = _fields_at(parent)
         near = difflib.get_close_matches(leaf, valid, n=1)
         hint = f"; did you mean '{'.'.join(parent + [near[0]])}'?" if near else ""
@@ -75,12 +95,18 @@ def _fields_at(path: list[str]) -> list[str]:
     model: type[BaseModel] = Config
     for p in path:
         model = model.model_fields["asynchronous" if p == "async" else p].annotation
+        if not isinstance(model, type):  # an optional section (vertical): VerticalConfig | None
+            model = next((a for a in get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
     return list(model.model_fields)
 
 
 def dumps(cfg: Config) -> str:
     """The resolved config as TOML (scalars first, then one table per section)."""
     data = cfg.model_dump(exclude_none=True, by_alias=True)
+    if cfg.vertical is not None:  # the horizontal sections' defaults would not load back with it
+        data = {k: data[k] for k in ("name", "seed", "out_dir", "vertical")}
     top = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
     lines = top + [""]
     for section, values in data.items():

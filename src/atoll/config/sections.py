@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from atoll.config.vertical import VerticalConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -300,3 +302,4 @@ class Config(_Section):
     devices: DevicesConfig = DevicesConfig()
     asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
     watermark: WatermarkConfig = WatermarkConfig()
+    vertical: VerticalConfig | None = None  # a vertical run (atoll.vertical.experiment)
