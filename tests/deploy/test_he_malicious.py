@@ -13,8 +13,12 @@ import torch
 pytest.importorskip("tenseal")
 pytest.importorskip("phe")
 
-from atoll.secure.he import HomomorphicSum  # noqa: E402
+from atoll.deploy import certs  # noqa: E402
+from atoll.secure import active as A  # noqa: E402
+from atoll.secure import he_signed as H  # noqa: E402
+from atoll.secure.he import HomomorphicSum, RemoteHolder  # noqa: E402
 from atoll.secure.he_keys import load_public  # noqa: E402
+from atoll.transport.grpc.client import TransportError  # noqa: E402
 from atoll.transport.grpc.he import DecryptorChannel  # noqa: E402
 
 from .he_helpers import deal, decryptors  # noqa: E402
@@ -33,7 +37,6 @@ def test_attack_a_server_reads_one_clients_update_from_semi_honest_decryptors(tm
     keys = deal(tmp_path, method, t)
     pub = load_public(keys["public"])
     stage = HomomorphicSum(method, max_weight=10.0, key_bits=1024, decryptors=t)
-    from atoll.secure.he import RemoteHolder
     victim = stage.with_holder(RemoteHolder(pub.scheme)).encode({"w": X}, 5, 0)  # w = 0.5
     servers, he = decryptors(tmp_path, keys["shares"])
     chans = _channels(he)
@@ -58,11 +61,6 @@ def test_attack_a_server_reads_one_clients_update_from_semi_honest_decryptors(tm
 
 
 # ---- the defence: decryptors that open only signed inputs ------------------------------------
-from atoll.deploy import certs  # noqa: E402
-from atoll.secure import active as A  # noqa: E402
-from atoll.secure import he_signed as H  # noqa: E402
-from atoll.secure.he import RemoteHolder  # noqa: E402
-from atoll.transport.grpc.client import TransportError  # noqa: E402
 
 RUN = b"0123456789abcdef"
 
@@ -202,122 +200,27 @@ def test_a_semi_honest_decryptor_refuses_signed_inputs_by_name(tmp_path):
         servers[0].stop()
 
 
-# ---- deployed: [secure] malicious = true with ckks / paillier ----------------------------------
-import json  # noqa: E402
+def test_cli_serve_with_client_ca_opens_only_signed_inputs(tmp_path, kill_on_exit):
+    from .conftest import atoll_process, listening_port
 
-from atoll.deploy import local  # noqa: E402
-from atoll.deploy.he_rounds import Decryptors  # noqa: E402
-
-from .he_helpers import finish, he_config, start  # noqa: E402
-from .test_he import _initial, _lines, _simulated  # noqa: E402
-
-MAL = "malicious = true\n"
-
-
-def _deploy_signed(tmp, cfg, method, t=1):
-    keys = deal(tmp, method, t)
-    enrolled = local.prepare(cfg, tmp)  # certificates: the clients sign with their keys
-    servers, he = decryptors(tmp, keys["shares"], client_ca=tmp / "certs" / "ca.pem")
+    s = _Signed(tmp_path, "paillier")
+    certs.init(tmp_path / "dec", force=True)
+    e = certs.issue(tmp_path / "dec", "coordinator", token=True, observer=True)
+    proc = atoll_process("he", "serve", "--key", s.keys["shares"][0], "--certs", tmp_path / "dec",
+                         "--client-ca", s.ca, "--host", "127.0.0.1", "--port", "0",
+                         log=tmp_path / "dec.log")
+    kill_on_exit(proc)
+    port = listening_port(tmp_path / "dec.log")
+    assert "signed inputs only" in (tmp_path / "dec.log").read_text()
+    ch = DecryptorChannel(f"127.0.0.1:{port}", ca=open(e["ca"], "rb").read(),
+                          token=open(e["token"]).read(), timeout=30)
     try:
-        server, thread, parties, threads = start(cfg, tmp, {"public_key": keys["public"], **he},
-                                                 keys["public"], enrolled=enrolled)
-        finish(server, thread, threads)
+        p = s.pub.scheme
+        summed = p.dump(p.add(p.parse(s.cts[0], s.d), p.parse(s.cts[1], s.d)))
+        with pytest.raises(TransportError, match="opens only signed inputs"):
+            ch.decrypt(1, 2, s.d, summed, len(summed))
+        part = ch.decrypt(1, 2, s.d, H.bundle({0: s.inp(0), 1: s.inp(1)}), len(summed), run=RUN)
     finally:
-        for s in servers:
-            s.stop()
-    return server, parties, servers
-
-
-def test_deployed_malicious_paillier_equals_the_simulation_bit_for_bit(tmp_path):
-    cfg = he_config(tmp_path, "paillier", clients=3, rounds=1, decryptors=2, hidden=2, extra=MAL)
-    assert config_malicious(cfg)
-    sim = _simulated(cfg)
-    server, parties, servers = _deploy_signed(tmp_path, cfg, "paillier", t=2)
-    for k, v in sim.state.params.items():
-        assert torch.equal(server.coordinator.state.params[k], v), k
-    assert [s.backend.rounds for s in servers] == [{1}, {1}]
-    line = _lines(tmp_path)[0]
-    assert line["secure_survivors"] == 3 and "failures" not in line
-    per = line["secure_bytes_up"]  # each decryptor got the 3 signed inputs, not one sum
-    assert 3 * per < line["secure_decryptor_bytes"] <= 3 * (per + H.OVERHEAD + 16) + 4
-
-
-def test_deployed_malicious_ckks_equals_the_simulation_within_1e8_of_the_update(tmp_path):
-    cfg = he_config(tmp_path, "ckks", clients=3, rounds=2, extra=MAL)
-    w0, sim = _initial(cfg), _simulated(cfg)
-    server, parties, servers = _deploy_signed(tmp_path, cfg, "ckks")
-    got = server.coordinator.state.params
-    for k, v in sim.state.params.items():
-        moved = float((v - w0[k]).abs().max())
-        assert float((got[k] - v).abs().max()) <= 1e-8 * moved, k
-    assert [ln["secure_survivors"] for ln in _lines(tmp_path)] == [3, 3]
-    assert servers[0].backend.rounds == {1, 2}
-    assert all(not p.secure.refused for p in parties)
-
-
-def config_malicious(cfg):
-    from atoll import config
-    return config.build(cfg)[0].secure.malicious
-
-
-def test_deployed_server_passing_one_clients_input_off_as_anothers_fails_the_round_cleanly(
-        tmp_path, monkeypatch):
-    """A malicious server forwards client 0's signed input twice (once as client 1): the
-    decryptor refuses, the round fails with the reason, the model stays."""
-    hold = Decryptors.hold
-
-    def relabel(self, round_, run, signed):
-        hold(self, round_, run, {**signed, 1: signed[0]})
-    monkeypatch.setattr(Decryptors, "hold", relabel)
-    cfg = he_config(tmp_path, "ckks", clients=3, rounds=1, extra=MAL)
-    w0 = _initial(cfg)
-    server, parties, servers = _deploy_signed(tmp_path, cfg, "ckks")
-    for k, v in server.coordinator.state.params.items():
-        assert torch.equal(v, w0[k]), k
-    line = json.dumps(_lines(tmp_path)[0])
-    assert "homomorphic sum failed" in line and "enrolled as client 0" in line
-    assert servers[0].backend.rounds == set()
-
-
-def test_deployed_client_with_a_bad_signature_is_dropped_and_the_round_goes_on(tmp_path, monkeypatch):
-    from atoll.deploy import client as C
-    from atoll.deploy.he_client import HeParty
-
-    class Hostile(HeParty):  # client 0 signs for another round: the server drops it
-        def answer(self, r, stage, data):
-            out, sec = super().answer(r, stage, data)
-            ct, _, cert = H.unseal(out, 1 << 24)
-            return (H.seal(self.identity, self.run, r + 7, self.cid, ct) if self.cid == 0 else out), sec
-    monkeypatch.setattr(C, "HeParty", Hostile)
-    cfg = he_config(tmp_path, "ckks", clients=4, rounds=1, extra=MAL)
-    w0 = _initial(cfg)
-    server, parties, servers = _deploy_signed(tmp_path, cfg, "ckks")
-    line = _lines(tmp_path)[0]
-    assert line["secure_survivors"] == 3
-    assert "client 0's input is not signed by client 0 for round 1" in dict(line["failures"])[0]
-    assert any(not torch.equal(v, w0[k]) for k, v in server.coordinator.state.params.items())
-
-
-def test_a_clients_policy_can_require_the_malicious_mode_for_he(tmp_path):
-    from atoll import config
-    from atoll.deploy import policy
-    keys = deal(tmp_path, "ckks")
-    strict = policy.Guard(policy.load({"secure": {"malicious": True, "he_public_key": str(keys["public"])}}))
-    for extra, ok in [("", False), (MAL, True)]:
-        cfg = he_config(tmp_path, "ckks", extra=extra)
-        _, _, fed, plan = config.build(cfg)
-        if ok:
-            strict.built(cfg, plan, fed.clients[0].n, 0)
-            continue
-        with pytest.raises(policy.PolicyError, match="secure.malicious = False is not true"):
-            strict.built(cfg, plan, fed.clients[0].n, 0)
-
-
-def test_malicious_he_needs_certificate_enrolment(tmp_path):
-    from atoll.deploy.server import Server
-    from atoll.errors import ConfigError
-    cfg = he_config(tmp_path, "ckks", extra=MAL)
-    local.prepare(cfg, tmp_path, tokens=True)
-    with pytest.raises(ConfigError, match="token-enrolled clients have none"):
-        Server(cfg, run_dir=tmp_path / "run", certs_dir=tmp_path / "certs", host="127.0.0.1",
-               port=0, auth="token", plots=False)
+        ch.close()
+    got = p.decode(p.combine([p.parse(part, s.d)]), 2, s.d)
+    assert np.array_equal(got, 0.5 * np.append(X.numpy() * 3, 2.0))  # 0.5 (x + 2x), weights 0.5
