@@ -10,8 +10,9 @@ the one summed ciphertext to every decryptor (``atoll he serve``) and combines t
 into the plaintext sum. With ``[secure] malicious`` each answer is the ciphertext signed by the
 client's enrolment key (``secure.he_signed``); the server drops an answer whose signature does
 not verify against its CA, and sends every decryptor the signed inputs it kept instead of their
-sum (the decryptors check the signatures and sum them themselves). A decryptor that is down, refuses or returns what does not combine ends
-the round with ``HEError``: the model stays as it was, the reason in ``failures`` and the log.
+sum (the decryptors check the signatures and sum them themselves). A decryptor that is down,
+refuses or returns what does not combine ends the round with ``HEError``: the model stays as
+it was, the reason in ``failures`` and the log.
 """
 from __future__ import annotations
 
@@ -85,8 +86,7 @@ class HeRounds(SecureRounds):
             rnd.stats.failures.append((-1, why))
             log.warning("round %d: %s; model unchanged", rnd.r, why)
             return None, stats.line(None, 0)
-        if self.secure.malicious:
-            extra["secure_decryptor_bytes"] = self.secure.holder.call.sent
+        extra["secure_decryptor_bytes"] = self.secure.holder.call.sent  # to each decryptor
         for cid, why in extra.pop("secure_rejected"):
             rnd.stats.failures.append((cid, why))
             log.warning("round %d: %s", rnd.r, why)
