@@ -181,6 +181,13 @@ def test_signed_inputs_are_read_only_within_their_sizes(signed_service):
     huge = good[:4] + good[4:12] + (1 << 30).to_bytes(4, "little") + good[16:]
     with pytest.raises(TransportError, match="a ciphertext of 1073741824 bytes"):
         ch.decrypt(1, 2, s.d, huge, 1 << 20, run=RUN)
+    answer = H.seal(s.ids[0], RUN, 1, 0, s.cts[0])  # a client's answer, as the server reads it
+    ct, sig, cert = H.unseal(answer, len(s.cts[0]))
+    assert (ct, len(sig), cert) == (s.cts[0], 64, s.ids[0].credential)
+    for bad, why in [(answer[:4], "a signed input of 4 bytes"), (answer[:-1], "its header announces"),
+                     (answer, "a ciphertext of")]:
+        with pytest.raises(H.SignedInputError, match=why):
+            H.unseal(bad, len(s.cts[0]) - (why == "a ciphertext of"))
     with pytest.raises(H.SignedInputError, match="a certificate of 5000 bytes"):
         H.unseal(b"\1\0\0\0" + (5000).to_bytes(4, "little") + b"\0" * 6000, 1 << 20)
     with pytest.raises(H.SignedInputError, match="run id of 65 bytes"):
