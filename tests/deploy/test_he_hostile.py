@@ -78,7 +78,7 @@ def test_a_decryptor_returning_garbage_is_detected_with_a_named_error(tmp_path, 
     keys = deal(tmp_path, method, t)
     pub = load_public(keys["public"])
     parts = [_Garbage(keys["shares"][0])] + [Decryptor(p) for p in keys["shares"][1:]]
-    calls = {f"dec{i}": (lambda r, c, d, b, m, x=x: x.decrypt(r, c, d, b)) for i, x in enumerate(parts)}
+    calls = {f"dec{i}": (lambda r, c, d, b, m, run, x=x: x.decrypt(r, c, d, b)) for i, x in enumerate(parts)}
     st = HomomorphicSum(method, max_weight=10.0, key_bits=1024, decryptors=t).with_holder(
         RemoteHolder(pub.scheme, Decryptors(pub, calls)))
     like = {"w": torch.zeros(5, dtype=torch.float64)}

@@ -40,10 +40,11 @@ def with_secure(cfg: Config, algorithm, fed):
     max_weight = s.max_weight or float(max(c.n for c in fed.clients))
     if m in ("ckks", "paillier"):  # homomorphic sum (atoll.secure.he); simulation only so far
         from atoll.secure.he import HomomorphicSum
-        if s.dropout or s.neighbours is not None or g.bucket or s.malicious:
-            raise ConfigError(f"secure.dropout / neighbours / malicious, aggregator.bucket are SecAgg+'s; "
+        if s.dropout or s.neighbours is not None or g.bucket:
+            raise ConfigError(f"secure.dropout / neighbours, aggregator.bucket are SecAgg+'s; "
                               f"method = {m!r} has none (its key holder decrypts one sum per round)")
-        return dataclasses.replace(algorithm, secure=HomomorphicSum(m, max_weight, decryptors=s.decryptors))
+        return dataclasses.replace(algorithm, secure=HomomorphicSum(
+            m, max_weight, decryptors=s.decryptors, malicious=s.malicious))
     neighbours = s.neighbours if m == "secagg+" else None
     if m == "secagg+" and neighbours is None:
         neighbours = 20

@@ -33,7 +33,6 @@ model expects, and ``y`` (N,) integer class ids in ``[0, n_classes)``.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import random
@@ -53,6 +52,7 @@ from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
 from atoll.deploy.he_client import HeParty, is_he
+from atoll.deploy.he_rounds import run_id as he_run_id
 from atoll.deploy.secure_client import SecureParty, identity
 from atoll.runtime.round import client_round
 from atoll.transport import wire
@@ -122,7 +122,7 @@ class Client:
 
     def _setup(self, info: dict) -> None:
         """Build the algorithm, model and local work from the config the server sent."""
-        run_id = hashlib.sha256(info["config_toml"].encode()).hexdigest()[:16]
+        run_id = he_run_id(info["config_toml"])
         if run_id == self.run_id:
             return
         cfg = self.guard.config(info, run_id)  # sizes, model allow-list, paths: before building
@@ -140,7 +140,8 @@ class Client:
         sec = self.guard.policy.secure
         self.secure = (None if algorithm.secure is None else
                        HeParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort,
-                               sec.he_public_key) if is_he(algorithm.secure) else
+                               sec.he_public_key, *identity(algorithm.secure, self.creds),
+                               run=run_id) if is_he(algorithm.secure) else
                        SecureParty(algorithm.secure, self.cid, info["num_clients"], sec.min_cohort,
                                    *identity(algorithm.secure, self.creds)))
         self.states = self._load_states()

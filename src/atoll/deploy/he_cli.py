@@ -28,6 +28,9 @@ def register(sub) -> None:
     sv.add_argument("--host", default="[::]")
     sv.add_argument("--port", type=int, default=7071)
     sv.add_argument("--min-clients", type=int, default=2, help="fewest updates in a sum it opens")
+    sv.add_argument("--client-ca", metavar="CA.PEM", help="[secure] malicious = true: the clients' "
+                    "CA (the server's certs/ca.pem); open only inputs signed by enrolled clients, "
+                    "never a sum the server made")
     sv.set_defaults(func=_serve)
 
 
@@ -43,6 +46,7 @@ def _keygen(args) -> int:
 
 def _serve(args) -> int:
     from atoll.deploy import certs
+    from atoll.secure.active import CertificatePKI
     from atoll.secure.he_keys import Decryptor
     from atoll.transport.grpc.he import DecryptorServer
 
@@ -56,9 +60,11 @@ def _serve(args) -> int:
         name = certs.by_certificate(reg, value) if kind == "cert" else certs.by_token(reg, value)
         return (name, name) if name else None  # an enrolled caller: the coordinator
 
-    server = DecryptorServer(Decryptor(args.key, args.min_clients), identify,
+    pki = None if args.client_ca is None else CertificatePKI(Path(args.client_ca).read_bytes())
+    server = DecryptorServer(Decryptor(args.key, args.min_clients, pki), identify,
                              address=f"{args.host}:{args.port}", tls=tls, auth=args.auth)
-    print(f"atoll he: decryptor listening on port {server.start()}", flush=True)
+    mode = "signed inputs only" if pki else "one summed ciphertext per round"
+    print(f"atoll he: decryptor ({mode}) listening on port {server.start()}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:

@@ -13,6 +13,11 @@ encrypted, after these checks:
 * the request's key fingerprint is the pinned key's (a server using another key is refused:
   its sum could not be decrypted by the dealer's decryptors, or it is an attack).
 
+With ``[secure] malicious`` the answer is the ciphertext signed with the client's enrolment key
+for (run, round, its id, the ciphertext's SHA-256) (``secure.he_signed.seal``): the decryptors
+open only sums of such inputs from distinct clients, so the server cannot pass one client's
+ciphertext off as a sum. A token-enrolled client has no key to sign with and refuses the run.
+
 A refused request is answered with an empty message and logged, as ``deploy.secure_client``.
 """
 from __future__ import annotations
@@ -23,20 +28,22 @@ import time
 from atoll.deploy.he_rounds import read_request
 from atoll.deploy.policy import PolicyError
 from atoll.deploy.secure_client import SecureParty
-from atoll.secure import he_keys
+from atoll.secure import he_keys, he_signed
 from atoll.secure.he import HEError, RemoteHolder
 
 log = logging.getLogger("atoll.deploy")
 
 
 class HeParty(SecureParty):
-    def __init__(self, secure, cid: int, num_clients: int, min_cohort: int, public_key):
+    def __init__(self, secure, cid: int, num_clients: int, min_cohort: int, public_key,
+                 identity=None, ca: bytes | None = None, run: str = ""):
         pinned = he_keys.load_public(public_key)
         if pinned.method != secure.scheme:
             raise PolicyError(f"refused by this client's policy: the server's secure.method = "
                               f"{secure.scheme!r}, the pinned key {public_key} is {pinned.method}")
-        super().__init__(secure.with_holder(RemoteHolder(pinned.scheme)), cid, num_clients, min_cohort)
-        self.fingerprint = pinned.fingerprint
+        super().__init__(secure.with_holder(RemoteHolder(pinned.scheme)), cid, num_clients,
+                         min_cohort, identity, ca)
+        self.fingerprint, self.run = pinned.fingerprint, run.encode()
 
     def start(self, algorithm, message: bytes, like: dict, r: int, n: int, key: int,
               seed: int) -> None:
@@ -49,6 +56,8 @@ class HeParty(SecureParty):
             t0 = time.perf_counter()
             self._check(r, stage, data)
             out = self.secure.encode(self.x, self.n, 0)  # randomness: the OS's, this client's
+            if self.malicious:
+                out = he_signed.seal(self.identity, self.run, r, self.cid, out)
             return out, time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 (hostile bytes: a refusal, never a crash)
             why = f"round {r}: refused the he request: {type(exc).__name__}: {exc}"

@@ -7,24 +7,35 @@ server sums under. Each answers with its update encrypted under the public key i
 (``deploy.he_client``), at most ``he_keys.max_blob`` bytes, read no further. The server sums
 the ciphertexts that load (the others are dropped with their reason), and ``Decryptors`` sends
 the one summed ciphertext to every decryptor (``atoll he serve``) and combines their replies
-into the plaintext sum. A decryptor that is down, refuses or returns what does not combine ends
-the round with ``HEError``: the model stays as it was, the reason in ``failures`` and the log.
+into the plaintext sum. With ``[secure] malicious`` each answer is the ciphertext signed by the
+client's enrolment key (``secure.he_signed``); the server drops an answer whose signature does
+not verify against its CA, and sends every decryptor the signed inputs it kept instead of their
+sum (the decryptors check the signatures and sum them themselves). A decryptor that is down,
+refuses or returns what does not combine ends the round with ``HEError``: the model stays as
+it was, the reason in ``failures`` and the log.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from atoll.deploy.secure_rounds import SecureRounds, _Stats
-from atoll.secure import he_keys
+from atoll.secure import he_keys, he_signed
 from atoll.secure.he import HEError, RemoteHolder
 from atoll.secure.secagg import SecAggError
 from atoll.secure.stage import SecureSum
 
 log = logging.getLogger("atoll.deploy")
 MAX_REQUEST = 512  # bytes of a request a client reads
+
+
+def run_id(config_toml: str) -> str:
+    """The run's id, as a client derives it from the config the server sent (``Client``)."""
+    return hashlib.sha256(config_toml.encode()).hexdigest()[:16]
 
 
 def request_bytes(r: int, d: int, cohort: int, fingerprint: str) -> bytes:
@@ -53,7 +64,7 @@ class HeRounds(SecureRounds):
 
     def __init__(self, secure, fingerprint: str, stage_timeout: float, cond):
         super().__init__(secure, stage_timeout, cond)
-        self.fingerprint = fingerprint
+        self.fingerprint, self.run_id = fingerprint, b""  # run_id: the server's (malicious)
 
     def run(self, rnd, ids: list[int], like: dict, stop) -> tuple[dict | None, dict]:
         stats = _Stats()
@@ -61,18 +72,36 @@ class HeRounds(SecureRounds):
             d = sum(v.numel() for v in like.values()) + 1
             limit = he_keys.max_blob(self.secure.holder.public.scheme, d)
             req = request_bytes(rnd.r, d, len(ids), self.fingerprint)
+            signed, parse = {}, lambda u, raw: raw
+            if self.secure.malicious:
+                limit += he_signed.OVERHEAD
+                parse = functools.partial(self._signed, signed, rnd.r, limit)
             got = self._stage(rnd, stats, 1, {u: req for u in ids}, {u: limit for u in ids},
-                              lambda u, raw: raw, self.secure.min_clients, stop)
+                              parse, self.secure.min_clients, stop)
+            if self.secure.malicious:
+                self.secure.holder.call.hold(rnd.r, self.run_id, signed)
             mean, extra = stats.timed(self.secure.aggregate, got, rnd.r, like)
         except (SecAggError, ValueError) as exc:  # HEError is a SecAggError
             why = f"homomorphic sum failed: {exc}"
             rnd.stats.failures.append((-1, why))
             log.warning("round %d: %s; model unchanged", rnd.r, why)
             return None, stats.line(None, 0)
+        extra["secure_decryptor_bytes"] = self.secure.holder.call.sent  # to each decryptor
         for cid, why in extra.pop("secure_rejected"):
             rnd.stats.failures.append((cid, why))
             log.warning("round %d: %s", rnd.r, why)
         return mean, {**stats.line(None, 0), **extra}
+
+    def _signed(self, signed: dict, r: int, limit: int, u: int, raw: bytes) -> bytes:
+        """Client ``u``'s ciphertext from its signed answer (kept in ``signed`` for the
+        decryptors); ValueError (the client is dropped) when it is not signed by ``u``."""
+        try:
+            ct, sig, cred = he_signed.unseal(raw, limit)
+            he_signed.verify(self.pki, self.run_id, r, [(u, ct, sig, cred)], 1)
+        except HEError as exc:
+            raise ValueError(str(exc)) from None
+        signed[u] = (ct, sig, cred)
+        return ct
 
 
 def secure_rounds(algorithm, policy, cond, he):
@@ -99,12 +128,26 @@ class Decryptors:
             raise ValueError(f"he: the public key was dealt to {public.decryptors} decryptors, "
                              f"{len(calls)} given (every share is needed)")
         self.scheme, self.calls = public.scheme, calls
+        self.signed, self.sent = None, 0  # (round, run, {client: signed input}); bytes to each
 
-    def __call__(self, round_: int, cts: list, count: int, d: int):
-        blob = self.scheme.dump(cts)
-        most = 8 * d if isinstance(self.scheme, he_keys.S.Ckks) else len(blob)
+    def hold(self, round_: int, run: bytes, signed: dict) -> None:
+        """``[secure] malicious``: round ``round_``'s signed inputs, sent in place of the sum."""
+        self.signed = (round_, run, signed)
+
+    def __call__(self, round_: int, cts: list, count: int, d: int, kept=()):
+        run = None
+        if self.signed is not None:  # malicious: the kept clients' signed inputs, not the sum
+            r, run, signed = self.signed
+            if r != round_ or not set(kept) <= set(signed):
+                raise HEError(f"he: no signed inputs held for round {round_}'s clients {sorted(kept)}")
+            blob = he_signed.bundle({c: signed[c] for c in kept})
+        else:
+            blob = self.scheme.dump(cts)
+        ckks = isinstance(self.scheme, he_keys.S.Ckks)
+        most = 8 * d if ckks else self.scheme.chunks(d) * self.scheme.width
+        self.sent = len(blob)
         with ThreadPoolExecutor(len(self.calls)) as pool:
-            jobs = {n: pool.submit(f, round_, count, d, blob, most) for n, f in self.calls.items()}
+            jobs = {n: pool.submit(f, round_, count, d, blob, most, run) for n, f in self.calls.items()}
         replies = {}
         for name, job in jobs.items():
             try:

@@ -187,10 +187,10 @@ class Guard:
             raise _refuse("secure.method", cfg.secure.method, "encrypts under a public key this "
                           "client must pin itself (policy secure.he_public_key, --he-public-key): "
                           "it never takes one from the server")
-        if self.policy.secure.malicious and not (cfg.secure.method in ("secagg", "secagg+")
-                                                 and cfg.secure.malicious):
+        if self.policy.secure.malicious and not (cfg.secure.method != "none" and cfg.secure.malicious):
             raise _refuse("secure.malicious", cfg.secure.malicious, "is not true, and the policy sets "
-                          "secure.malicious = true (a server could swap keys or split the survivor view)")
+                          "secure.malicious = true (SecAgg: a server could swap keys or split the "
+                          "survivor view; HE: it could have one client's ciphertext decrypted)")
         spec = getattr(plan, "privacy", None)
         details = spec.details if spec is not None else {}
         if p.min_noise_multiplier is not None:

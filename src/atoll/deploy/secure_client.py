@@ -56,7 +56,7 @@ class SecureParty:
                  ca: bytes | None = None):
         self.secure, self.cid, self.num_clients = secure, cid, num_clients
         self.min_cohort = min_cohort  # the client policy's floor (policy.secure.min_cohort)
-        self.malicious = getattr(secure, "malicious", False)  # SecureSum's; HE has none
+        self.malicious = getattr(secure, "malicious", False)  # SecureSum's, HomomorphicSum's
         if self.malicious and (identity is None or ca is None):
             raise ValueError("secure.malicious = true needs the client's enrolment certificate, "
                              "its key and the deployment's CA (a token-enrolled client has none)")

@@ -71,6 +71,8 @@ class Server:
                                        he=_he(algorithm, he, insecure))
         if cfg.secure.malicious:
             self.coordinator.secure.pki = CertificatePKI((self.certs_dir / "ca.pem").read_bytes())
+            from atoll.deploy.he_rounds import run_id
+            self.coordinator.secure.run_id = run_id(self.config_text).encode()  # HE's signed inputs
         tls = None if insecure else {k: (self.certs_dir / f).read_bytes() for k, f in
                                      (("key", "server.key"), ("cert", "server.pem"), ("ca", "ca.pem"))}
         address = f"{host or d.host}:{d.port if port is None else port}"

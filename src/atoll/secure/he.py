@@ -14,8 +14,10 @@ secret is held by a key holder that is not the aggregating server (here: an obje
 reaches only through ``KeyHolder.decrypt_sum``, once per round, for a sum of at least
 ``min_clients`` updates). Unlike NVFlare's HE filters, the secret key is not given to every client
 (any client could then decrypt any other's update if it saw it). A key holder colluding with the
-server sees every update; a server that lies about what it sends for decryption (one client's
-ciphertext instead of the sum) is stopped only by the key holder's once-per-round rule. Paillier
+server sees every update. A server that lies about what it sends for decryption (one client's
+ciphertext, "a sum of 2") reads that client's update from a key holder that takes its word; with
+``malicious = true`` the key holder opens only inputs each signed by a distinct enrolled client
+and sums them itself (``atoll.secure.he_signed``, deployment). Paillier
 with ``decryptors >= 2`` splits the secret exponent additively: every decryptor must apply its
 share, and no single one (nor the server) can decrypt anything alone. CKKS has one key holder.
 """
@@ -46,7 +48,7 @@ class KeyHolder:
         self.public = _Public(self._scheme)
         self.min_clients, self.rounds = min_clients, set()
 
-    def decrypt_sum(self, round_: int, cts: list, count: int, d: int) -> np.ndarray:
+    def decrypt_sum(self, round_: int, cts: list, count: int, d: int, kept=()) -> np.ndarray:
         if round_ in self.rounds:
             raise HEError(f"he: the key holder already decrypted round {round_}'s sum")
         if count < self.min_clients:
@@ -62,14 +64,15 @@ class RemoteHolder:
     reached over the network (``atoll.deploy.he_rounds``); None on a client, which only encrypts."""
 
     def __init__(self, scheme, decrypt=None, min_clients: int = 2):
-        self.public, self._decrypt, self.min_clients = _Public(scheme), decrypt, min_clients
+        self.public, self.call, self.min_clients = _Public(scheme), decrypt, min_clients
 
-    def decrypt_sum(self, round_: int, cts: list, count: int, d: int) -> np.ndarray:
-        if self._decrypt is None:
+    def decrypt_sum(self, round_: int, cts: list, count: int, d: int, kept=()) -> np.ndarray:
+        """``kept``: the clients in the sum (the signed inputs a malicious-mode decryptor sums)."""
+        if self.call is None:
             raise HEError("he: this party holds the public key only")
         if count < self.min_clients:  # the decryptors refuse it too; not worth the round trip
             raise HEError(f"he: the key holder decrypts sums of >= {self.min_clients} updates, got {count}")
-        return self._decrypt(round_, cts, count, d)
+        return self.call(round_, cts, count, d, kept)
 
 
 class _Public:
@@ -87,6 +90,7 @@ class HomomorphicSum:
     key_bits: int = 2048           # Paillier modulus
     decryptors: int = 2            # Paillier: parties sharing the secret exponent (1: one key holder)
     min_clients: int = 2           # the key holder decrypts no sum of fewer updates
+    malicious: bool = False        # deployment: signed inputs, summed by the decryptors (he_signed)
     _keys: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -103,7 +107,7 @@ class HomomorphicSum:
         """This stage with deployment's keys: a client's pinned public key, or the server's
         public key and its remote decryptors (in place of a ``KeyHolder`` made here)."""
         return HomomorphicSum(self.scheme, self.max_weight, self.key_bits, self.decryptors,
-                              holder.min_clients, {"holder": holder})
+                              holder.min_clients, self.malicious, {"holder": holder})
 
     @property
     def holder(self) -> KeyHolder:
@@ -145,7 +149,7 @@ class HomomorphicSum:
         t1 = time.perf_counter()
         if total is None:
             raise HEError("he: no client sent a ciphertext that loads")
-        s = self.holder.decrypt_sum(round_, total, len(kept), d)
+        s = self.holder.decrypt_sum(round_, total, len(kept), d, kept)
         t2 = time.perf_counter()
         if not 0 < s[-1] <= len(kept) * (1 + 1e-6):  # each weight is in (0, 1]
             raise HEError(f"he: the decrypted summed weight {s[-1]:.6g} is outside (0, {len(kept)}] "

@@ -12,7 +12,10 @@ public file's bytes: the identity of the key a client encrypts under.
 
 ``Decryptor(share)`` is what ``atoll he serve`` runs: it decrypts (CKKS) or partially decrypts
 (Paillier) at most one summed ciphertext per round, of at least ``min_clients`` updates, and
-checks the ciphertext's size before it parses a byte.
+checks the ciphertext's size before it parses a byte. That count is the server's word: a
+malicious server can send one client's ciphertext as a "sum". ``Decryptor(share, pki=...)``
+(``he serve --client-ca``, ``[secure] malicious``) opens only inputs each signed by an enrolled
+client (``atoll.secure.he_signed``), sums them itself and refuses a summed ciphertext.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from atoll.secure import he_schemes as S
+from atoll.secure import he_signed
 from atoll.secure.he import HEError
 
 MAGIC = b"atoll-he/1"
@@ -128,7 +132,7 @@ def _paillier(head: dict):
 class Decryptor:
     """One decryptor's side (``atoll he serve``): its share, the rounds it has served."""
 
-    def __init__(self, share_path, min_clients: int = 2):
+    def __init__(self, share_path, min_clients: int = 2, pki=None):
         self.method, self.t, body, _ = _read(share_path, "share")
         try:
             if self.method == "ckks":
@@ -140,6 +144,7 @@ class Decryptor:
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"he: {share_path}: {exc!r}") from None
         self.min_clients, self.rounds, self.lock = min_clients, set(), threading.Lock()
+        self.pki = pki  # secure.active.CertificatePKI: open signed inputs only (he_signed)
 
     def max_bytes(self, d: int) -> int:
         """The largest request accepted for ``d`` coordinates (0: ``d`` is refused)."""
@@ -151,6 +156,44 @@ class Decryptor:
     def decrypt(self, round_: int, count: int, d: int, blob: bytes) -> bytes:
         """The reply to one request: CKKS: the sum's ``d`` float64 values; Paillier: this
         share's partial decryption (units mod n^2). HEError naming what was refused."""
+        if self.pki is not None:
+            raise HEError("he: this decryptor opens only signed inputs (he serve --client-ca, "
+                          "secure.malicious = true), never a sum the server made")
+        return self._open(round_, count, d, lambda: self.scheme.parse(blob, d))
+
+    def max_signed(self, d: int, count: int) -> int:
+        """The largest bundle of ``count`` signed inputs accepted for ``d`` coordinates."""
+        ok = 1 <= d <= MAX_D and self.min_clients <= count <= he_signed.MAX_INPUTS
+        return he_signed.max_bundle(count, max_blob(self.scheme, d)) if ok else 0
+
+    def decrypt_signed(self, round_: int, run: bytes, count: int, d: int, raw: bytes) -> bytes:
+        """``decrypt`` of the sum of ``count`` inputs each signed for ``(run, round_)`` by a
+        distinct client of ``pki``, summed here (``he_signed``); HEError naming what was refused."""
+        if self.pki is None:
+            raise HEError("he: this decryptor has no client CA (he serve --client-ca): it opens "
+                          "one summed ciphertext, not signed inputs")
+        if not self.min_clients <= count <= he_signed.MAX_INPUTS:
+            raise HEError(f"he: {count} signed inputs announced, not in [{self.min_clients}, "
+                          f"{he_signed.MAX_INPUTS}]")
+
+        def total():
+            inputs = he_signed.unbundle(raw, count, max_blob(self.scheme, d))
+            he_signed.verify(self.pki, run, round_, inputs, self.min_clients)
+            cts = [self._parse(ct, d, cid) for cid, ct, _, _ in inputs]
+            out = cts[0]
+            for c in cts[1:]:
+                out = self.scheme.add(out, c)
+            return out
+        return self._open(round_, count, d, total)
+
+    def _parse(self, ct: bytes, d: int, cid: int):
+        try:
+            return self.scheme.parse(ct, d)
+        except ValueError as exc:
+            raise HEError(f"he: client {cid}'s signed ciphertext does not load: {exc}") from None
+
+    def _open(self, round_: int, count: int, d: int, load) -> bytes:
+        """Round ``round_``'s one opening of the ciphertext ``load()`` returns."""
         if round_ in self.rounds:
             raise HEError(f"he: this decryptor already decrypted round {round_}'s sum (replay)")
         if count < self.min_clients:
@@ -161,7 +204,7 @@ class Decryptor:
             if round_ in self.rounds:
                 raise HEError(f"he: this decryptor already decrypted round {round_}'s sum (replay)")
             try:
-                cts = self.scheme.parse(blob, d)  # sizes checked before anything is loaded
+                cts = load()  # sizes checked before anything is loaded
             except ValueError as exc:
                 raise HEError(f"he: the summed ciphertext does not load: {exc}") from None
             self.rounds.add(round_)

@@ -8,6 +8,11 @@ tokens or mutual TLS, limits and one-call-per-caller slots) refuses a caller tha
 enrolled in its own registry, a size beyond ``backend.max_bytes(d)`` before another chunk is
 read, and whatever ``backend.decrypt`` refuses (``FAILED_PRECONDITION`` with the reason); its
 answer (``backend.reply_bytes(d)`` at most) travels back the same way.
+
+With ``[secure] malicious`` the first chunk says ``signed``: the payload is the round's signed
+inputs (``secure.he_signed.bundle``), ``count`` of them, for the run ``run``; the size limit is
+``backend.max_signed(d, count)``, checked before another chunk is read, and the backend
+(``Decryptor.decrypt_signed``) checks every signature and sums the inputs itself.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from atoll.transport.grpc.server import GrpcServer
 
 PACKAGE = "atoll.he.v1"
 HeChunk = build({"HeChunk": [("round", "int64"), ("count", "int64"), ("d", "int64"),
-                             ("total_bytes", "int64"), ("data", "bytes")]}, PACKAGE)["HeChunk"]
+                             ("total_bytes", "int64"), ("data", "bytes"),
+                             ("signed", "bool"), ("run", "bytes")]}, PACKAGE)["HeChunk"]
 METHODS = {"Decrypt": (HeChunk, HeChunk, True, True)}
 SERVICE = f"{PACKAGE}.Decryptor"
 log = logging.getLogger("atoll.deploy")
@@ -68,13 +74,18 @@ class DecryptorServer(GrpcServer):
         self.slots.take(context, "Decrypt", name, self.watchdog, self.limits.rpc_timeout)
         try:
             first = next(request_iterator, None)
-            limit = self.backend.max_bytes(first.d) if first is not None else 0
-            head, blob = _join(_prepend(first, request_iterator), limit, "summed ciphertext")
-            out = self.backend.decrypt(head.round, head.count, head.d, blob)
+            signed = first is not None and first.signed
+            limit = (0 if first is None else self.backend.max_signed(first.d, first.count)
+                     if signed else self.backend.max_bytes(first.d))
+            head, blob = _join(_prepend(first, request_iterator), limit,
+                               "signed inputs" if signed else "summed ciphertext")
+            out = (self.backend.decrypt_signed(head.round, head.run, head.count, head.d, blob)
+                   if signed else self.backend.decrypt(head.round, head.count, head.d, blob))
         except (ValueError, HEError) as exc:
             log.warning("he: refused a request from %s: %s", name, exc)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        log.info("he: round %d: decrypted the sum of %d updates for %s", head.round, head.count, name)
+        log.info("he: round %d: decrypted the sum of %d %supdates for %s", head.round, head.count,
+                 "signed " if signed else "", name)
         yield from _chunks(out, self.chunk, round=head.round, d=head.d)
 
 
@@ -101,9 +112,13 @@ class DecryptorChannel:
                                                request_serializer=HeChunk.SerializeToString,
                                                response_deserializer=HeChunk.FromString)
 
-    def decrypt(self, round_: int, count: int, d: int, blob: bytes, max_reply: int) -> bytes:
+    def decrypt(self, round_: int, count: int, d: int, blob: bytes, max_reply: int,
+                run: bytes | None = None) -> bytes:
+        """``run``: None for one summed ciphertext, else ``blob`` is the run's signed inputs."""
+        head = {"round": round_, "count": count, "d": d, "signed": run is not None, "run": run or b""}
+
         def call():
-            stream = self.stub(_chunks(blob, self.chunk, round=round_, count=count, d=d),
+            stream = self.stub(_chunks(blob, self.chunk, **head),
                                metadata=self.meta, timeout=self.timeout)
             try:
                 return _join(stream, max_reply, "decryptor reply")[1]
