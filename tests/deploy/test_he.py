@@ -20,7 +20,7 @@ from atoll.deploy.he_client import HeParty  # noqa: E402
 from atoll.deploy.he_rounds import request_bytes  # noqa: E402
 from atoll.deploy.policy import Guard, PolicyError, load  # noqa: E402
 from atoll.runtime.loop import LoopRuntime  # noqa: E402
-from atoll.secure.he import HomomorphicSum  # noqa: E402
+from atoll.secure.he import HEError, HomomorphicSum  # noqa: E402
 from atoll.secure.he_keys import Decryptor, combine, load_public  # noqa: E402
 from atoll.simulation import simulate  # noqa: E402
 
@@ -214,3 +214,25 @@ def test_cli_deployment_dealer_decryptor_server_and_pinned_clients_as_processes(
         assert "2 updates accepted" in (tmp_path / f"{c['name']}.log").read_text()
     assert [ln["secure_survivors"] for ln in _lines(tmp_path)] == [3, 3]
     assert (tmp_path / "dec.log").read_text().count("decrypted the sum of 3 updates") == 2
+
+
+def test_a_restarted_decryptor_remembers_the_rounds_it_opened(tmp_path):
+    """Reopening a round after a restart would let a server difference two sums of the same
+    round (e.g. {A, B} then {A, C}): the ledger keeps the opened rounds on disk."""
+    out = deal(tmp_path, "paillier", 2)
+    pub, ledger = load_public(out["public"]), tmp_path / "share-1.opened"
+    x = np.array([0.5, -0.25, 1.0])
+    blob = pub.scheme.dump(pub.scheme.add(*(pub.scheme.parse(pub.scheme.encrypt(x), 3) for _ in "ab")))
+    Decryptor(out["shares"][0], ledger=ledger).decrypt(4, 2, 3, blob)
+    again = Decryptor(out["shares"][0], ledger=ledger)  # the restart
+    with pytest.raises(HEError, match="already decrypted round 4"):
+        again.decrypt(4, 2, 3, blob)
+    again.decrypt(5, 2, 3, blob)  # a new round opens
+    assert ledger.read_text() == "- 4\n- 5\n"
+    for bad in ("4\n", "- 4 5\n", "- x\n", "zz 4\n", "- 12345678901234567890\n"):
+        ledger.write_text(bad)
+        with pytest.raises(ValueError, match="ledger .*line 1"):
+            Decryptor(out["shares"][0], ledger=ledger)
+    ledger.write_bytes(b"- 1\n" * (2 << 20) + b"- 2\n")  # over the size bound: refused unread
+    with pytest.raises(ValueError, match="ledger .*over"):
+        Decryptor(out["shares"][0], ledger=ledger)

@@ -28,6 +28,8 @@ def register(sub) -> None:
     sv.add_argument("--host", default="[::]")
     sv.add_argument("--port", type=int, default=7071)
     sv.add_argument("--min-clients", type=int, default=2, help="fewest updates in a sum it opens")
+    sv.add_argument("--ledger", metavar="FILE", help="the rounds it has opened, kept across restarts "
+                    "(default: SHARE.opened; delete it only for a new key)")
     sv.add_argument("--client-ca", metavar="CA.PEM", help="[secure] malicious = true: the clients' "
                     "CA (the server's certs/ca.pem); open only inputs signed by enrolled clients, "
                     "never a sum the server made")
@@ -61,7 +63,8 @@ def _serve(args) -> int:
         return (name, name) if name else None  # an enrolled caller: the coordinator
 
     pki = None if args.client_ca is None else CertificatePKI(Path(args.client_ca).read_bytes())
-    server = DecryptorServer(Decryptor(args.key, args.min_clients, pki), identify,
+    ledger = args.ledger or f"{args.key}.opened"
+    server = DecryptorServer(Decryptor(args.key, args.min_clients, pki, ledger), identify,
                              address=f"{args.host}:{args.port}", tls=tls, auth=args.auth)
     mode = "signed inputs only" if pki else "one summed ciphertext per round"
     print(f"atoll he: decryptor ({mode}) listening on port {server.start()}", flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def _paillier(head: dict):
 class Decryptor:
     """One decryptor's side (``atoll he serve``): its share, the rounds it has served."""
 
-    def __init__(self, share_path, min_clients: int = 2, pki=None):
+    def __init__(self, share_path, min_clients: int = 2, pki=None, ledger=None):
         self.method, self.t, body, _ = _read(share_path, "share")
         try:
             if self.method == "ckks":
@@ -145,6 +146,11 @@ class Decryptor:
             raise ValueError(f"he: {share_path}: {exc!r}") from None
         self.min_clients, self.rounds, self.lock = min_clients, set(), threading.Lock()
         self.pki = pki  # secure.active.CertificatePKI: open signed inputs only (he_signed)
+        # the rounds opened, (run, round), kept across restarts: reopening a round with another
+        # set of inputs would let a server take the difference of two sums
+        self.ledger = None if ledger is None else Path(ledger)
+        if self.ledger is not None and self.ledger.exists():
+            self.rounds = _read_ledger(self.ledger)
 
     def max_bytes(self, d: int) -> int:
         """The largest request accepted for ``d`` coordinates (0: ``d`` is refused)."""
@@ -159,7 +165,7 @@ class Decryptor:
         if self.pki is not None:
             raise HEError("he: this decryptor opens only signed inputs (he serve --client-ca, "
                           "secure.malicious = true), never a sum the server made")
-        return self._open(round_, count, d, lambda: self.scheme.parse(blob, d))
+        return self._open(("", round_), count, d, lambda: self.scheme.parse(blob, d))
 
     def max_signed(self, d: int, count: int) -> int:
         """The largest bundle of ``count`` signed inputs accepted for ``d`` coordinates."""
@@ -184,7 +190,7 @@ class Decryptor:
             for c in cts[1:]:
                 out = self.scheme.add(out, c)
             return out
-        return self._open(round_, count, d, total)
+        return self._open((run.hex(), round_), count, d, total)
 
     def _parse(self, ct: bytes, d: int, cid: int):
         try:
@@ -192,25 +198,47 @@ class Decryptor:
         except ValueError as exc:
             raise HEError(f"he: client {cid}'s signed ciphertext does not load: {exc}") from None
 
-    def _open(self, round_: int, count: int, d: int, load) -> bytes:
-        """Round ``round_``'s one opening of the ciphertext ``load()`` returns."""
-        if round_ in self.rounds:
-            raise HEError(f"he: this decryptor already decrypted round {round_}'s sum (replay)")
+    def _open(self, key: tuple[str, int], count: int, d: int, load) -> bytes:
+        """The one opening of round ``key = (run, round)`` of the ciphertext ``load()`` returns."""
+        if key in self.rounds:
+            raise HEError(f"he: this decryptor already decrypted round {key[1]}'s sum (replay)")
         if count < self.min_clients:
             raise HEError(f"he: this decryptor decrypts sums of >= {self.min_clients} updates, got {count}")
         if not 1 <= d <= MAX_D:
             raise HEError(f"he: d = {d} coordinates is outside [1, {MAX_D}]")
         with self.lock:
-            if round_ in self.rounds:
-                raise HEError(f"he: this decryptor already decrypted round {round_}'s sum (replay)")
+            if key in self.rounds:
+                raise HEError(f"he: this decryptor already decrypted round {key[1]}'s sum (replay)")
             try:
                 cts = load()  # sizes checked before anything is loaded
             except ValueError as exc:
                 raise HEError(f"he: the summed ciphertext does not load: {exc}") from None
-            self.rounds.add(round_)
+            self.rounds.add(key)
+            if self.ledger is not None:  # on disk before the reply leaves
+                with open(self.ledger, "a", encoding="ascii") as f:
+                    f.write(f"{key[0] or '-'} {key[1]}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
         if self.share is None:
             return np.ascontiguousarray(self.scheme.decrypt(cts)[:d], "<f8").tobytes()
         return self.scheme.dump(self.scheme.partial(self.share, cts))
+
+
+MAX_LEDGER = 8 << 20  # bytes: ~200,000 opened rounds
+
+
+def _read_ledger(path: Path) -> set[tuple[str, int]]:
+    """The ``(run, round)`` pairs a decryptor's ledger file lists; ValueError naming the file
+    and line for anything else (checked: size, then each line's form)."""
+    if path.stat().st_size > MAX_LEDGER:
+        raise ValueError(f"he: ledger {path}: over {MAX_LEDGER} bytes")
+    out = set()
+    for i, line in enumerate(path.read_bytes().split(b"\n")[:-1], 1):
+        m = re.fullmatch(rb"(-|[0-9a-f]{1,64}) ([0-9]{1,18})", line)
+        if m is None:
+            raise ValueError(f"he: ledger {path}, line {i}: not '<run hex or -> <round>'")
+        out.add(("" if m[1] == b"-" else m[1].decode(), int(m[2])))
+    return out
 
 
 def max_blob(scheme, d: int) -> int:
