@@ -54,11 +54,8 @@ def listener(d, args, port_q, out_q, role):
         psi_replay.seed(role["seed"])
 
     class Server(PsiServer):
-        def _session(self, name, ch):
-            rec = psi_replay.Recorder(ch)
-            super()._session(name, rec if role.get("record") else ch)
-            if role.get("record"):
-                psi_replay.save(rec.sent, role["record"])
+        def _session(self, name, ch):  # the recording is saved before the session is reported
+            super()._session(name, psi_replay.Recorder(ch, role["record"]) if role.get("record") else ch)
 
     mine = items(args.n, _b_start(args))
     server = Server(mine, psi_replay.identify_token(d), tls=psi_replay.server_tls(d),
@@ -81,13 +78,27 @@ def dialer(d, args, port, out_q, role):
         psi_replay.seed(role["seed"])
     mine = items(args.n, 0)
     with dial(f"localhost:{port}", **psi_replay.dial_creds(d)) as ch:
-        rec = psi_replay.Recorder(ch) if role.get("record") else ch
+        rec = psi_replay.Recorder(ch, role["record"]) if role.get("record") else ch
         res = run_psi(rec, mine, learn=args.learn, reveal=args.learn, workers=args.workers,
                       timeout=300.0)
     row = _row("A (dials)", res, args, role, mine)
     if role.get("record"):
-        psi_replay.save(rec.sent, role["record"])
+        psi_replay.save(rec.sent, role["record"])  # before the row: the parent replays it next
     out_q.put(row)
+
+
+def _collect(out_q, procs, k):
+    """``k`` rows from the party processes; a process that died ends the bench with its exit code."""
+    import queue
+    rows, end = [], time.time() + 7200
+    while len(rows) < k and time.time() < end:
+        try:
+            rows.append(out_q.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(f"a party process failed (exit code {dead[0]}); see above")
+    return rows
 
 
 def live(ctx, d, args, rec):
@@ -99,7 +110,7 @@ def live(ctx, d, args, rec):
     b.start()
     a = ctx.Process(target=dialer, args=(d, args, port_q.get(timeout=120), out_q, role("A")))
     a.start()
-    rows = sorted([out_q.get(timeout=3600) for _ in range(2)], key=lambda r: r["name"])
+    rows = sorted(_collect(out_q, (a, b), 2), key=lambda r: r["name"])
     wall = time.time() - t0
     a.join(60), b.join(60)
     return rows, wall
@@ -121,7 +132,7 @@ def replay_one(ctx, d, args, rec, who):
         ready_q.get(timeout=600)
         party = ctx.Process(target=listener, args=(d, args, port_q, out_q, {"t0": time.time(), "seed": "B"}))
     party.start()
-    rows = [out_q.get(timeout=3600) for _ in range(2)]
+    rows = _collect(out_q, (party, peer), 2)
     party.join(60), peer.join(60)
     return sorted(rows, key=lambda r: r["name"] == "replay peer")
 

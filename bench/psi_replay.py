@@ -27,10 +27,11 @@ def seed(name: str) -> None:
 
 
 class Recorder:
-    """A ``run_psi`` channel that keeps every message this party sends."""
+    """A ``run_psi`` channel that keeps every message this party sends; ``close`` (the listening
+    party's server closes its channel before it reports the session) writes them to ``path``."""
 
-    def __init__(self, channel):
-        self.channel, self.sent = channel, []
+    def __init__(self, channel, path):
+        self.channel, self.path, self.sent = channel, path, []
 
     def send(self, msg) -> None:
         self.sent.append(msg)
@@ -40,6 +41,7 @@ class Recorder:
         return self.channel.recv(timeout)
 
     def close(self) -> None:
+        save(self.sent, self.path)
         self.channel.close()
 
 
