@@ -41,11 +41,12 @@ class Party:
 class Script:
     """The hand-driven peer of a ``Party``."""
 
-    def __init__(self, party: Party, items=(), learn="intersection", reveal="intersection", count=None):
+    def __init__(self, party: Party, items=(), learn="intersection", reveal="intersection", count=None,
+                 nonce=None, scalar=None):
         self.ch, self.party = party.mine, party
-        self.scalar = secrets.token_bytes(32)
+        self.scalar = scalar or secrets.token_bytes(32)
         self.items = [psi.encode(x) for x in items]
-        self.nonce = secrets.token_bytes(32)
+        self.nonce = nonce or secrets.token_bytes(32)
         self.hello = Message("hello", nonce=self.nonce, count=len(self.items) if count is None else count,
                              learn=learn, reveal=reveal, version=psi.VERSION)
         self.ch.send(self.hello)

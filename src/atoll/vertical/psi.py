@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import queue
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from atoll.vertical import psi_group as group
 from atoll.vertical.psi_group import (POINT, PsiError, _blind_task, _Engine, _reblind_task,  # noqa: F401
                                       check_points, encode, exponentiate, first_duplicate,
-                                      hash_to_group, secret_permutation)
+                                      hash_to_group, member, secret_permutation)
 
 VERSION = "atoll-psi/1"
 CHUNK = 4096          # values per message this party sends
@@ -139,7 +139,7 @@ def _hello_bytes(m: Message) -> bytes:
 
 def _handshake(link: _Link, count: int, learn: str, reveal: str, max_items: int):
     """Exchange hellos; returns (session id, the peer's hello, what this party / the peer learn)."""
-    mine = Message("hello", nonce=secrets.token_bytes(32), count=count, learn=learn,
+    mine = Message("hello", nonce=group.fresh(32), count=count, learn=learn,
                    reveal=reveal, version=VERSION)
     link.send(mine)
     h = link.recv("hello", "the hello")
@@ -177,31 +177,12 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
     _check_option("reveal", reveal)
     if not 0 < chunk <= MAX_CHUNK:
         raise ValueError(f"chunk must be 1 to {MAX_CHUNK} values, got {chunk}")
-    mine = {}
-    for x in items:
-        mine.setdefault(encode(x), x)
-    link, engine, t = _Link(channel, timeout), _Engine(workers), {"start": time.perf_counter()}
+    engine, t = _Engine(workers), {"start": time.perf_counter()}
     try:
-        session, peer, i_learn, peer_learns = _handshake(link, len(mine), learn, reveal, max_items)
-        scalar = secrets.token_bytes(32)
-        order = _send_blinded(link, engine, list(mine), scalar, session, chunk, t)
-        start = time.perf_counter()
-        theirs = link.values("blinded", session, peer.count, "the peer's blinded set")
-        t["receive"] = time.perf_counter() - start
-        twice = b""
-        if i_learn != "nothing" or peer_learns != "nothing":
-            twice = _reblind(link, engine, theirs, scalar, session, peer_learns, chunk, t)
-        if i_learn == "nothing":
-            return _result(link, "nothing", None, None, peer.count, session, t)
-        start = time.perf_counter()
-        back = link.values("reblinded", session, len(order), "the peer's reblinding of this set")
-        hits = np.isin(np.frombuffer(back, f"S{POINT}"), np.frombuffer(twice, f"S{POINT}"))
-        found = None
-        if i_learn == "intersection":
-            keys = {order[i] for i in np.flatnonzero(hits)}
-            found = [x for k, x in mine.items() if k in keys]
-        t["compare"] = time.perf_counter() - start
-        return _result(link, i_learn, found, int(hits.sum()), peer.count, session, t)
+        mine = {}
+        for x in items:
+            mine.setdefault(encode(x), x)
+        return _run(_Link(channel, timeout), engine, mine, learn, reveal, max_items, chunk, t)
     except PsiError as exc:
         if not exc.from_peer:
             with contextlib.suppress(Exception):
@@ -211,15 +192,41 @@ def run_psi(channel, items, *, learn: str = "intersection", reveal: str = "inter
         engine.close()
 
 
-def _send_blinded(link, engine, keys, scalar, session, chunk, t) -> list:
-    """Blind this party's ids in a secret random order and stream them; returns that order."""
+def _run(link, engine, mine, learn, reveal, max_items, chunk, t) -> Result:
+    session, peer, i_learn, peer_learns = _handshake(link, len(mine), learn, reveal, max_items)
+    scalar = group.fresh(32)
+    perm = _send_blinded(link, engine, list(mine), scalar, session, chunk, t)
     start = time.perf_counter()
-    order = [keys[i] for i in secret_permutation(len(keys))]
+    theirs = link.values("blinded", session, peer.count, "the peer's blinded set")
+    t["receive"] = time.perf_counter() - start
+    twice = b""
+    if i_learn != "nothing" or peer_learns != "nothing":
+        twice = _reblind(link, engine, theirs, scalar, session, peer_learns, chunk, t)
+    if i_learn == "nothing":
+        return _result(link, "nothing", None, None, peer.count, session, t)
+    start = time.perf_counter()
+    back = link.values("reblinded", session, len(perm), "the peer's reblinding of this set")
+    t["receive back"], start = time.perf_counter() - start, time.perf_counter()
+    hits = member(back, twice)  # position j of ``back`` is this party's id perm[j]
+    found = None
+    if i_learn == "intersection":
+        values = list(mine.values())
+        found = [values[i] for i in np.sort(perm[hits]).tolist()]
+    t["compare"] = time.perf_counter() - start
+    return _result(link, i_learn, found, int(hits.sum()), peer.count, session, t)
+
+
+def _send_blinded(link, engine, keys, scalar, session, chunk, t) -> np.ndarray:
+    """Blind this party's ids in a secret random order and stream them; returns that order
+    (value j sent is ``keys[perm[j]]``)."""
+    start = time.perf_counter()
+    perm = secret_permutation(len(keys))
+    order = [keys[i] for i in perm.tolist()]
     tasks = [(scalar, session, order[i:i + chunk], i) for i in range(0, len(order), chunk)]
     for out in engine.map(_blind_task, tasks):
         link.send(Message("blinded", session=session, data=out))
     t["blind"] = time.perf_counter() - start
-    return order
+    return perm
 
 
 def _reblind(link, engine, theirs, scalar, session, peer_learns, chunk, t) -> bytes:
