@@ -85,7 +85,7 @@ def test_deployed_ckks_equals_the_simulated_he_run_within_1e8_of_the_update(tmp_
     assert [ln["secure_survivors"] for ln in lines] == [4, 4]
     assert all(ln["secure_bytes_up"] > 100_000 for ln in lines)  # one CKKS ciphertext per client
     assert all(not p.secure.refused for p in parties)
-    assert servers[0].backend.rounds == {1, 2}  # one decryption per round
+    assert servers[0].backend.opened == {1, 2}  # one decryption per round
 
 
 def test_deployed_threshold_paillier_equals_the_simulated_he_run_bit_for_bit(tmp_path):
@@ -95,7 +95,7 @@ def test_deployed_threshold_paillier_equals_the_simulated_he_run_bit_for_bit(tmp
     got = server.coordinator.state.params
     for k, v in sim.state.params.items():
         assert torch.equal(got[k], v), k
-    assert [s.backend.rounds for s in servers] == [{1}, {1}]
+    assert [s.backend.opened for s in servers] == [{1}, {1}]
     line, want = _lines(tmp_path)[0], sim.metrics[0]
     assert line["secure_survivors"] == 3 and "failures" not in line
     assert line["test_acc"] == want["test_acc"] and line["train_loss"] == pytest.approx(want["train_loss"], rel=1e-12)
@@ -131,7 +131,7 @@ def test_deployed_server_with_a_substituted_key_learns_nothing_and_the_model_sta
     w0 = _initial(cfg)
     server, parties, servers = _deployed(tmp_path, cfg, "ckks", keys=evil, pin=dealer["public"])
     assert all("not the pinned key" in p.secure.refused[0] for p in parties)
-    assert servers[0].backend.rounds == set()  # the evil decryptor was never asked
+    assert servers[0].backend.opened == set()  # the evil decryptor was never asked
     for k, v in server.coordinator.state.params.items():
         assert torch.equal(v, w0[k]), k
     assert "homomorphic sum failed" in json.dumps(_lines(tmp_path)[0])

@@ -118,7 +118,7 @@ def test_the_attack_is_refused_by_decryptors_that_open_only_signed_inputs(tmp_pa
                 ch.decrypt(1, 2, s.d, one, 1 << 20, run=RUN)
             with pytest.raises(TransportError, match="limit is 0"):  # 1 < min_clients: not read
                 ch.decrypt(1, 1, s.d, one, 1 << 20, run=RUN)
-        assert [x.backend.rounds for x in servers] == [set()] * t  # nothing was opened
+        assert [x.backend.opened for x in servers] == [set()] * t  # nothing was opened
     finally:
         for ch in chans:
             ch.close()
@@ -132,7 +132,7 @@ def test_signed_decryptor_opens_the_sum_of_distinct_signed_clients_once(signed_s
     got = np.frombuffer(raw, "<f8")
     want = 0.5 * np.append(X.numpy() * 1 + X.numpy() * 3, 2.0)  # w = 0.5 each
     assert np.allclose(got, want, rtol=0, atol=1e-8)
-    assert server.backend.rounds == {1}
+    assert server.backend.opened == {1}
     with pytest.raises(TransportError, match="already decrypted round 1"):
         ch.decrypt(1, 2, s.d, H.bundle({0: s.inp(0), 1: s.inp(1)}), 1 << 20, run=RUN)
 
@@ -157,9 +157,9 @@ def test_signed_decryptor_refuses_duplicated_forged_replayed_and_unsigned_inputs
     dup = H.bundle({0: s.inp(0)})[4:] * 2  # client 0 twice
     with pytest.raises(TransportError, match="client 0 appears twice"):
         ch.decrypt(1, 2, s.d, b"\2\0\0\0" + dup, 1 << 20, run=RUN)
-    assert server.backend.rounds == set()  # nothing above used up round 1
+    assert server.backend.opened == set()  # nothing above used up round 1
     ch.decrypt(1, 2, s.d, H.bundle({0: s.inp(0), 1: s.inp(1)}), 1 << 20, run=RUN)
-    assert server.backend.rounds == {1}
+    assert server.backend.opened == {1}
 
 
 def test_signed_inputs_are_read_only_within_their_sizes(signed_service):
@@ -192,7 +192,7 @@ def test_signed_inputs_are_read_only_within_their_sizes(signed_service):
         H.unseal(b"\1\0\0\0" + (5000).to_bytes(4, "little") + b"\0" * 6000, 1 << 20)
     with pytest.raises(H.SignedInputError, match="run id of 65 bytes"):
         H.input_message(b"r" * 65, 1, 0, b"")
-    assert server.backend.rounds == set()
+    assert server.backend.opened == set()
 
 
 def test_a_semi_honest_decryptor_refuses_signed_inputs_by_name(tmp_path):

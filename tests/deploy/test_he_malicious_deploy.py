@@ -44,7 +44,7 @@ def test_deployed_malicious_paillier_equals_the_simulation_bit_for_bit(tmp_path)
     server, parties, servers = _deploy_signed(tmp_path, cfg, "paillier", t=2)
     for k, v in sim.state.params.items():
         assert torch.equal(server.coordinator.state.params[k], v), k
-    assert [s.backend.rounds for s in servers] == [{1}, {1}]
+    assert [s.backend.opened for s in servers] == [{1}, {1}]
     line = _lines(tmp_path)[0]
     assert line["secure_survivors"] == 3 and "failures" not in line
     per = line["secure_bytes_up"]  # each decryptor got the 3 signed inputs, not one sum
@@ -60,7 +60,7 @@ def test_deployed_malicious_ckks_equals_the_simulation_within_1e8_of_the_update(
         moved = float((v - w0[k]).abs().max())
         assert float((got[k] - v).abs().max()) <= 1e-8 * moved, k
     assert [ln["secure_survivors"] for ln in _lines(tmp_path)] == [3, 3]
-    assert servers[0].backend.rounds == {1, 2}
+    assert servers[0].backend.opened == {1, 2}
     assert all(not p.secure.refused for p in parties)
 
 
@@ -80,7 +80,7 @@ def test_deployed_server_passing_one_clients_input_off_as_anothers_fails_the_rou
         assert torch.equal(v, w0[k]), k
     line = json.dumps(_lines(tmp_path)[0])
     assert "homomorphic sum failed" in line and "enrolled as client 0" in line
-    assert servers[0].backend.rounds == set()
+    assert servers[0].backend.opened == set()
 
 
 def test_deployed_client_with_a_bad_signature_is_dropped_and_the_round_goes_on(tmp_path, monkeypatch):

@@ -152,6 +152,11 @@ class Decryptor:
         if self.ledger is not None and self.ledger.exists():
             self.rounds = _read_ledger(self.ledger)
 
+    @property
+    def opened(self) -> set[int]:
+        """The round numbers opened (of any run)."""
+        return {r for _, r in self.rounds}
+
     def max_bytes(self, d: int) -> int:
         """The largest request accepted for ``d`` coordinates (0: ``d`` is refused)."""
         return max_blob(self.scheme, d) if 1 <= d <= MAX_D else 0
