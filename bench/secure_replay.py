@@ -170,7 +170,9 @@ def _serve(tmp: str, sessions: dict, ports) -> None:
 
     from atoll import config
     from atoll.deploy.server import Server
+    import torch
     logging.getLogger("atoll.deploy").setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # as the recorded server ran
     record_sessions(dict(sessions))
     tmp = Path(tmp)
     server = Server(config.load(tmp / "replay.toml"), run_dir=tmp / "replay-run", certs_dir=tmp / "certs",
@@ -205,7 +207,11 @@ def replay(tmp: Path, text: str, enrolled: list, logs: dict, sessions: dict) -> 
     for t in threads:
         t.join(max(0.0, end - time.monotonic()))
     if failures:
-        raise SystemExit("replay: the server's requests are not the recorded ones:\n" + "\n".join(failures[:10]))
+        done = tmp / "replay-run" / "metrics.jsonl"
+        seen = [{k: v for k, v in json.loads(ln).items() if k in SAME + ("failures",)}
+                for ln in (done.read_text().splitlines() if done.exists() else [])]
+        raise SystemExit(f"replay of {tmp}: the server's requests are not the recorded ones:\n"
+                         + "\n".join(sorted(set(failures))[:5]) + f"\nreplayed rounds: {seen}")
     check_same(tmp)
     read = lambda f: [json.loads(ln) for ln in (tmp / "replay-run" / f).read_text().splitlines()]  # noqa: E731
     timings = read("timings.jsonl")
