@@ -63,6 +63,40 @@ def test_bit_packing_round_trips_at_exactly_bits_per_value(bits, d):
     assert (pr.unpack(raw, d, bits) == v).all()
 
 
+def reference_pack(values, bits):
+    """The slow reference: each value's low ``bits`` bits as a bit matrix, packed row by row."""
+    b = np.unpackbits(np.asarray(values).astype("<u4").view(np.uint8), bitorder="little").reshape(-1, 32)
+    return np.packbits(b[:, :bits], bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 17, 23, 25, 31, 32])
+@pytest.mark.parametrize("d", [0, 1, 7, 8, 9, 1001])
+def test_the_fast_packing_gives_the_reference_bytes(bits, d):
+    g = np.random.default_rng(bits * 1000 + d)
+    for v in (g.integers(0, 1 << bits, d, dtype=np.uint64),
+              g.integers(0, 1 << 32, d, dtype=np.uint64).astype(np.uint32),  # high bits dropped
+              g.integers(-(1 << 40), 1 << 40, d, dtype=np.int64)):           # as astype wraps
+        assert pr.pack(v, bits) == reference_pack(v, bits)
+
+
+@pytest.mark.parametrize("bits", [17, 23, 32])
+def test_the_masked_vector_is_the_reference_ring_sum_bit_for_bit(bits):
+    # the uint32 in-place masking (add_prg) against the textbook sum of prg's ring elements in
+    # uint64, with every neighbour's sign, packed by the reference packer: the same bytes
+    st = Setup.new(range(7), 1, 1003, bits - 3, neighbours=4)
+    x = {u: np.random.default_rng(u).integers(0, 1 << bits, st.d, dtype=np.uint64) for u in st.clients}
+    clients = {u: secagg.Client(st, u) for u in st.clients}
+    server = secagg.Server(st)
+    keys = server.collect_keys({u: c.advertise() for u, c in clients.items()})
+    inbox = server.collect_shares({u: c.share(keys[u]) for u, c in clients.items()})
+    for u, c in clients.items():
+        y = x[u] + pr.prg(c.b, st.d, bits)
+        for v in sorted(c.peers):
+            m = pr.prg(pr.agree(c.s_sk, c.peers[v][1], b"mask"), st.d, bits)
+            y = y + m if u < v else y - m
+        assert c.masked(x[u], inbox[u]) == reference_pack(y & np.uint64((1 << bits) - 1), bits)
+
+
 def inputs(setup, seed=0):
     g = np.random.default_rng(seed)
     return {u: g.integers(0, 1 << 16, setup.d, dtype=np.uint64) for u in setup.clients}

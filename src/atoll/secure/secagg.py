@@ -89,14 +89,11 @@ class Client:
         if x.shape != (st.d,) or x.dtype.kind not in "ui" or (x < 0).any() or (x >= 1 << st.bits).any():
             raise SecAggError(f"client {self.me}: the input must be {st.d} integers in [0, 2^{st.bits})")
         self.inbox = {v: ct for v, ct in inbox.items() if v in self.peers}
-        y = x.astype(np.uint64) + pr.prg(self.b, st.d, st.bits)  # wraps mod 2^64: reduce once
+        y = x.astype(np.uint32)  # ring sums in uint32, which wraps modulo 2^32: reduce once
+        pr.add_prg(y, self.b)
         for v in self.inbox:
-            m = pr.prg(pr.agree(self.s_sk, self.peers[v][1], b"mask"), st.d, st.bits)
-            if _sign(self.me, v) > 0:
-                y += m
-            else:
-                y -= m
-        y &= np.uint64((1 << st.bits) - 1)
+            pr.add_prg(y, pr.agree(self.s_sk, self.peers[v][1], b"mask"), _sign(self.me, v))
+        y &= np.uint32((1 << st.bits) - 1)
         self.seconds += time.perf_counter() - t0
         return pr.pack(y, st.bits)
 
@@ -138,7 +135,7 @@ class Server:
     keys: dict = field(default_factory=dict)     # U0: u -> (c_pk, s_pk)
     sent: dict = field(default_factory=dict)     # U1: u -> {v: ciphertext}
     inputs: set = field(default_factory=set)     # U2: the clients whose masked vector came
-    total: np.ndarray | None = None              # ... and their sum, in uint64
+    total: np.ndarray | None = None              # ... and their sum, in uint32
     seconds: float = 0.0         # crypto: rebuilding seeds and expanding masks
     decode_seconds: float = 0.0  # unpacking and summing the masked vectors
 
@@ -164,9 +161,9 @@ class Server:
         """U2's masked vectors; returns each survivor's unmask request (survivors, dropped)."""
         t0, st = time.perf_counter(), self.setup
         self.inputs = {u for u in masked if u in self.sent}
-        self.total = np.zeros(st.d, dtype=np.uint64)  # summed as they come: one vector in memory
-        for u in sorted(self.inputs):  # uint64 wraps modulo 2^64, a multiple of the ring's 2^bits
-            self.total += pr.unpack(masked[u], st.d, st.bits)
+        self.total = np.zeros(st.d, dtype=np.uint32)  # summed as they come: one vector in memory
+        for u in sorted(self.inputs):  # uint32 wraps modulo 2^32, a multiple of the ring's 2^bits
+            self.total += pr.unpack(masked[u], st.d, st.bits, np.uint32)
         alive, gone = set(self.inputs), set(self.sent) - set(self.inputs)
         self.decode_seconds += time.perf_counter() - t0
         return {u: ((self.graph[u] & alive) | {u}, self.graph[u] & gone) for u in self.inputs}
@@ -187,7 +184,7 @@ class Server:
         self.decode_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for u in self.inputs:  # remove every survivor's self mask
-            total -= pr.prg(self._rebuild(got, "b", u), st.d, st.bits)
+            pr.add_prg(total, self._rebuild(got, "b", u), -1)
         for u in set(self.sent) - set(self.inputs):  # dropped after sharing: cancel their pair masks
             partners = [v for v in self.graph[u] & set(self.inputs) if u in self._inbox_of(v)]
             if not partners:
@@ -196,14 +193,10 @@ class Server:
             if pr.public_of(s_sk) != self.keys[u][1]:
                 raise SecAggError(f"secagg: the shares of client {u}'s mask key are inconsistent")
             for v in partners:  # v added sign(v, u) * PRG(s_vu)
-                m = pr.prg(pr.agree(s_sk, self.keys[v][1], b"mask"), st.d, st.bits)
-                if _sign(v, u) > 0:
-                    total -= m
-                else:
-                    total += m
-        total &= np.uint64((1 << st.bits) - 1)
+                pr.add_prg(total, pr.agree(s_sk, self.keys[v][1], b"mask"), -_sign(v, u))
+        total &= np.uint32((1 << st.bits) - 1)
         self.seconds += time.perf_counter() - t0
-        return total
+        return total.astype(np.uint64)
 
     def _inbox_of(self, v: int) -> set:
         return {u for u, msgs in self.sent.items() if v in msgs and v in self.graph[u]}
