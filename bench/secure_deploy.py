@@ -199,6 +199,8 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.0, help="fraction of clients that vanish each round")
     ap.add_argument("--drop-stage", type=int, default=3, choices=[1, 2, 3, 4])
     ap.add_argument("--stage-timeout", type=float, default=60.0)
+    ap.add_argument("--quorum", action="store_true", help="the secure stages close as the plaintext "
+                    "round does, at min_fraction = 1 - dropout (plus as long again for the rest)")
     ap.add_argument("--replay", action="store_true", help="record, then replay with stub clients")
     ap.add_argument("--replay-stage-timeout", type=float, default=10.0)
     a = ap.parse_args()
@@ -208,11 +210,13 @@ def main():
         torch.set_num_threads(1)  # a client's CPU seconds are its thread's
     logging.getLogger("atoll.deploy").setLevel(logging.ERROR)  # the clients' policy notes
     fraction = f"min_fraction = {1 - a.dropout:.6g}\n" if a.dropout else ""
-    text = TOML.format(rounds=a.rounds, clients=a.clients, hidden=a.hidden, method=a.method, min_fraction="",
+    text = TOML.format(rounds=a.rounds, clients=a.clients, hidden=a.hidden, method=a.method,
+                       min_fraction=fraction if a.quorum else "",
                        stage_timeout=a.stage_timeout,
                        neighbours=f"neighbours = {a.neighbours}\n" if a.method == "secagg+" else "")
     t0 = time.perf_counter()
-    base = text.split("[secure]")[0].replace("round_timeout = 120\n", "round_timeout = 120\n" + fraction)
+    base = text.split("[secure]")[0]
+    base = base if a.quorum else base.replace("round_timeout = 120\n", "round_timeout = 120\n" + fraction)
     if a.malicious:
         text, base = text + "malicious = true\n", text
     vanish = drops(a.clients, a.dropout, a.rounds)

@@ -127,3 +127,39 @@ def test_an_oversized_stage_answer_is_refused_at_its_limit_before_the_rest_is_re
     ok, why = driver.submit(rnd, 0, Header(1, "t", 1, 0.0, 0.0, stage=3), chunks())
     assert not ok and why == "secure stage 3: update exceeds the size limit of 100 bytes"
     assert len(pulled) == 2 and rnd.stats.failures == [(0, why)] and 0 in rnd.secure.done
+
+
+@pytest.mark.parametrize("quorum", [1.0, 0.5])
+def test_a_stage_waits_for_vanished_clients_only_as_long_again_as_its_quorum_took(quorum):
+    """Two of four clients answer after 0.3 s, two never: with min_fraction 0.5 the stage
+    closes at about 0.6 s, not at its 20 s timeout; with 1.0 it waits the timeout (here 2 s)."""
+    import threading
+    import time
+
+    from atoll.deploy.rounds import Round
+    from atoll.deploy.secure_rounds import SecureRounds
+    from atoll.secure.stage import SecureSum
+
+    cond = threading.Condition()
+    driver = SecureRounds(SecureSum(0.5, 10.0), 20.0 if quorum < 1 else 2.0, cond, quorum=quorum)
+    rnd = Round(1, [0, 1, 2, 3], b"", {c: "t" for c in range(4)}, {})
+    stats = type("S", (), {"add": lambda self, st, s: None})()
+
+    def answer():
+        time.sleep(0.3)
+        with cond:
+            for c in (0, 1):
+                rnd.secure.done.add(c)
+                rnd.secure.answers[c] = b"a"
+            cond.notify_all()
+
+    threading.Thread(target=answer).start()
+    t0 = time.monotonic()
+    got = driver._stage(rnd, stats, 2, {c: b"r" for c in range(4)}, {c: 10 for c in range(4)},
+                        lambda u, raw: raw, 2, lambda: False)
+    took = time.monotonic() - t0
+    assert set(got) == {0, 1} and [c for c, _ in rnd.stats.failures] == [2, 3]
+    if quorum < 1:
+        assert 0.55 <= took < 5.0, took  # about twice the 0.3 s the quorum took
+    else:
+        assert took >= 2.0, took

@@ -4,7 +4,8 @@ real clients as round trips over the coordinator's task / answer calls (docs/sec
 After the training phase the clients that answered (their header only: the update stays on the
 client, encoded for the secure sum) are the cohort of ``secagg.Setup``. Each stage publishes
 one request per live client (``STAGE`` tasks, ``atoll.secure.stagewire`` bytes) and waits for
-the answers until every one is in or ``secure.stage_timeout`` seconds have passed; a client that
+the answers until every one is in, or ``secure.stage_timeout`` seconds have passed, or (with
+``deploy.min_fraction < 1``) as long again as it took ``min_fraction`` of them to answer; a client that
 does not answer, refuses (empty answer) or sends a malformed answer is dropped at that stage
 with its reason in ``failures``, and the protocol goes on with the others. The server's steps
 are ``secagg.Server``'s, exactly those of the simulation (``secagg.run``); the pairwise-sealed
@@ -48,8 +49,9 @@ class Stage:
 class SecureRounds:
     """The stage driver of one coordinator (``cond``: the coordinator's condition)."""
 
-    def __init__(self, secure, stage_timeout: float, cond, pki=None):
+    def __init__(self, secure, stage_timeout: float, cond, pki=None, quorum: float = 1.0):
         self.secure, self.timeout, self.cond = secure, stage_timeout, cond
+        self.quorum = quorum  # deploy.min_fraction: a stage closes early once this share answered
         self.pki = pki  # [secure] malicious: the deployment's CA (secure.active.CertificatePKI)
 
     # ---- called by the transport threads, under the coordinator's lock ------------------------
@@ -159,16 +161,21 @@ class SecureRounds:
         with self.cond:
             rnd.secure = st
             self.cond.notify_all()
-            end = st.opened + self.timeout
+            end, need, quorate = st.opened + self.timeout, math.ceil(self.quorum * len(requests)), False
             while not stop() and set(requests) - st.done and time.monotonic() < end:
-                self.cond.wait(min(end - time.monotonic(), 1.0))
+                if not quorate and len(st.done) >= need:  # the rest get as long again as it took
+                    now, quorate = time.monotonic(), True
+                    end = min(end, now + (now - st.opened))
+                self.cond.wait(max(0.0, min(end - time.monotonic(), 1.0)))
             rnd.secure = None
             if stop():
                 raise secagg.SecAggError("the server is stopping")
             late = sorted(set(requests) - st.done)
+            why = (f"no answer {time.monotonic() - st.opened:.3g} s after the stage opened, as long "
+                   "again as min_fraction of its clients took" if quorate and time.monotonic() < st.opened
+                   + self.timeout else f"no answer within secure.stage_timeout = {self.timeout:g} s")
             for cid in late:
-                rnd.stats.failures.append((cid, f"secure stage {k}: no answer within "
-                                                f"secure.stage_timeout = {self.timeout:g} s"))
+                rnd.stats.failures.append((cid, f"secure stage {k}: {why}"))
             stats.add(st, time.monotonic() - st.opened)
         if late:
             log.warning("round %d: secure stage %d: no answer from clients %s", rnd.r, k, late)
