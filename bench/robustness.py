@@ -214,6 +214,9 @@ def main():
                     "secure buckets of s (rows 'secure(s=S) RULE')")
     ap.add_argument("--secure-sum", choices=["secagg", "plain"], default="secagg",
                     help="plain: PlainSum, the protocol's sum without its masks (bench only)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
+    ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
+                    "print and write (--out) their rows merged, running nothing")
     a = ap.parse_args()
     a.out = a.out or str(Path(__file__).parent / "out" / ("robustness_backdoor.json" if a.backdoor
                                                           else "robustness.json"))
@@ -222,8 +225,28 @@ def main():
     rules = a.rules.split(",")
     rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
               for r in a.rules.split(",")]
-    results = grid(a, rules, Path(a.out))
+    results = merge(a.merge.split(",")) if a.merge else grid(a, rules, Path(a.out))
+    if a.merge:
+        Path(a.out).write_text(json.dumps(results, indent=1))
     print_tables(a, rules, results)
+
+
+def merge(files):
+    """The rows of several runs' JSON files (the same cells, other ``--attacks``) as one: per
+    (data, split, f, rule), every attack's accuracy and the worst over all of them."""
+    rows = {}
+    for fn in files:
+        for r in json.loads(Path(fn).read_text()):
+            key = (r["data"], r["split"], r["f"], r["rule"])
+            row = rows.setdefault(key, {**r, "all": {}, "seconds": 0.0})
+            if "error" in r:
+                continue
+            row["all"].update(r["all"])
+            row["seconds"] = round(row["seconds"] + r["seconds"], 1)
+            row["clean"] = row["clean"] if row["clean"] is not None else r["clean"]
+            row["worst_attack"] = min(row["all"], key=row["all"].get)
+            row["worst"] = row["all"][row["worst_attack"]]
+    return list(rows.values())
 
 
 def worst_case(a, name, split, rule, f, clean):
@@ -248,8 +271,9 @@ def grid(a, rules, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name, split in itertools.product(a.data.split(","), a.split.split(",")):
-        clean = {r: one(name, split, r, 0, None, a.rounds, 0, a.momentum, a.server_momentum,
-                         a.server_lr, plain_sum=a.secure_sum == "plain")
+        clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, 0, a.momentum,
+                                                 a.server_momentum, a.server_lr,
+                                                 plain_sum=a.secure_sum == "plain")
                  for r in rules}
         for f, rule in itertools.product(map(int, a.f.split(",")), rules):
             results.append(worst_case(a, name, split, rule, f, clean[rule]))
@@ -270,7 +294,8 @@ def print_tables(a, rules, results):
         print("|---|---|" + "---|" * len(fs))
         for split, rule in itertools.product(a.split.split(","), rules):
             cells = {r["f"]: r for r in results if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
-            clean = next(iter(cells.values()))["clean"] if cells else float("nan")
+            clean = next(iter(cells.values()))["clean"] if cells else None
+            clean = float("nan") if clean is None else clean
             print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
                 show(cells[f]) for f in fs if f in cells) + " |")
     secure = [r for r in results if r["rule"].startswith("secure(s=")]
@@ -279,8 +304,8 @@ def print_tables(a, rules, results):
         print("|---|---|---|---|---|---|---|---|")
     for r in secure:
         s, inner = r["rule"][len("secure(s="):].split(") ", 1)
-        p = next(q for q in results if (q["data"], q["split"], q["f"], q["rule"]) ==
-                 (r["data"], r["split"], r["f"], inner))
+        p = next((q for q in results if (q["data"], q["split"], q["f"], q["rule"]) ==
+                 (r["data"], r["split"], r["f"], inner)), {"error": "not run"})
         diff = f"{100 * (r['worst'] - p['worst']):+.1f}" if "worst" in r and "worst" in p else ""
         print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} |")
 

@@ -48,3 +48,21 @@ def test_a_robust_rule_over_plain_summed_buckets_is_the_secure_run():
     assert runs[0].final["test_acc"] == runs[1].final["test_acc"]
     for run in runs:
         assert [(m["secure_buckets"], m["secure_survivors"]) for m in run.metrics] == [(4, 12)] * 3
+
+
+def test_merged_runs_take_the_worst_over_every_attack_run(tmp_path):
+    row = dict(data="digits", split="iid", f=2, rule="secure(s=2) median", clean=None, seconds=1.0)
+    (tmp_path / "a.json").write_text(R.json.dumps([{**row, "all": {"sign_flip": 0.7}}]))
+    (tmp_path / "b.json").write_text(R.json.dumps([
+        {**row, "clean": 0.9, "all": {"ipm": 0.6, "alie": 0.8}},
+        {**row, "rule": "secure(s=2) multi_krum", "error": "multi_krum(f=2): too small"}]))
+    got = R.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert len(got) == 2 and got[1]["error"].startswith("multi_krum")
+    assert got[0]["all"] == {"sign_flip": 0.7, "ipm": 0.6, "alie": 0.8}
+    assert (got[0]["worst"], got[0]["worst_attack"], got[0]["clean"], got[0]["seconds"]) == (0.6, "ipm", 0.9, 2.0)
+
+
+def test_a_secure_rule_name_is_its_inner_rule_with_buckets():
+    assert R.rule_text("secure(s=3) centered_clipping") == R.RULES["centered_clipping"] + "\nbucket = 3"
+    assert "[secure]" in R.config_text("iid", "secure(s=3) median", 1, "ipm", 5, 0)
+    assert "[secure]" not in R.config_text("iid", "median", 1, "ipm", 5, 0)
