@@ -214,6 +214,8 @@ def main():
                     "secure buckets of s (rows 'secure(s=S) RULE')")
     ap.add_argument("--secure-sum", choices=["secagg", "plain"], default="secagg",
                     help="plain: PlainSum, the protocol's sum without its masks (bench only)")
+    ap.add_argument("--secure-only", action="store_true", help="with --secure-buckets: only "
+                    "the secure rows (the plaintext ones from another run, --merge)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
     ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
                     "print and write (--out) their rows merged, running nothing")
@@ -222,10 +224,12 @@ def main():
                                                           else "robustness.json"))
     if a.backdoor:
         return backdoor_table(a)
-    rules = a.rules.split(",")
+    rules = [] if a.secure_only else a.rules.split(",")
     rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
               for r in a.rules.split(",")]
-    results = merge(a.merge.split(",")) if a.merge else grid(a, rules, Path(a.out))
+    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules and r["data"] in a.data
+                and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")]
+               if a.merge else grid(a, rules, Path(a.out)))
     if a.merge:
         Path(a.out).write_text(json.dumps(results, indent=1))
     print_tables(a, rules, results)
@@ -285,7 +289,9 @@ def grid(a, rules, out):
 def print_tables(a, rules, results):
     """The worst-case table per data set; with ``--secure-buckets``, each secure cell next to
     its plaintext rule's, and the difference in points."""
-    show = lambda r: (f"{r['worst']:.2f} ({r['worst_attack']})" if "worst" in r  # noqa: E731
+    n = len(a.attacks.split(","))
+    show = lambda r: (f"{r['worst']:.2f} ({r['worst_attack']})"  # noqa: E731
+                      + (f" [{len(r['all'])} of {n}]" if len(r["all"]) < n else "") if "worst" in r
                       else "n/a (" + r["error"].split(":")[0] + ")")
     fs = sorted({r["f"] for r in results})
     for name in a.data.split(","):
@@ -300,13 +306,16 @@ def print_tables(a, rules, results):
                 show(cells[f]) for f in fs if f in cells) + " |")
     secure = [r for r in results if r["rule"].startswith("secure(s=")]
     if secure:
-        print("\n| data | split | f | rule | s | plaintext worst | secure buckets worst | points |")
+        print("\n| data | split | f | rule | s | plaintext worst | secure buckets worst | points "
+              "(over the attacks both ran) |")
         print("|---|---|---|---|---|---|---|---|")
     for r in secure:
         s, inner = r["rule"][len("secure(s="):].split(") ", 1)
         p = next((q for q in results if (q["data"], q["split"], q["f"], q["rule"]) ==
                  (r["data"], r["split"], r["f"], inner)), {"error": "not run"})
-        diff = f"{100 * (r['worst'] - p['worst']):+.1f}" if "worst" in r and "worst" in p else ""
+        both = set(r.get("all", {})) & set(p.get("all", {}))
+        diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
+                + (f" ({len(both)})" if len(both) < n else "") if both else "")
         print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} |")
 
 if __name__ == "__main__":
