@@ -13,7 +13,12 @@ by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``ii
 ``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
 Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 16 bits): the
-robust rule sees only the means of securely summed random buckets of 2 clients.
+robust rule sees only the means of securely summed random buckets of 2 clients;
+``--secure-buckets 2,3`` adds, for every rule R of ``--rules``, ``secure(s=2) R`` and
+``secure(s=3) R`` (R over the means of secure buckets of s) and prints each next to plaintext R.
+``--secure-sum plain`` (bench only) replaces the SecAgg protocol by the plain integer sum of
+the very same encoded inputs (``PlainSum``: the protocol's unmasked sum, bit for bit, without
+its key agreement and masks); tests/secure/test_bucket_bench.py checks the two runs agree.
 Prints a Markdown table per data set and writes bench/out/robustness.json (``--out`` another
 file: a partial run then leaves the committed figures alone), rewritten after every row.
 """
@@ -26,11 +31,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from atoll import attacks, config, data
 from atoll.data.datasets import Dataset
 from atoll.runtime.vmap import VmapRuntime
+from atoll.secure.stage import SecureSum
 from atoll.simulation import simulate
 
 ATTACKS = ["sign_flip", "gaussian", "scaled", "alie", "ipm", "min_max", "min_sum", "label_flip"]
@@ -57,6 +64,29 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "norm_bound(median)": "name = 'norm_bound'\nc = 'median'",
          "norm_bound(median)+multi_krum": "name = 'norm_bound'\nc = 'median'\ninner = 'multi_krum'"}
 HONEST = 10
+SECURE = "[secure]\nmethod = 'secagg'\nclip = 1.0\nbits = 16\n"
+
+
+class PlainSum(SecureSum):
+    """Bench only: the secure sum's server half without the protocol. The clients' encoded
+    inputs (clamped, weighed, stochastically rounded: ``SecureSum.encode``) are added in the
+    protocol's ring and decoded by ``SecureSum.mean``, which the SecAgg run's unmasked sum equals
+    bit for bit when nobody drops out (tests/secure/test_secagg.py, test_bucket_bench.py)."""
+
+    def aggregate(self, inputs, round_, like):
+        setup = self.setup(sorted(inputs), round_, len(next(iter(inputs.values()))))
+        total = sum(self.ring(v, setup) for v in inputs.values()) & np.uint64((1 << setup.bits) - 1)
+        stats = {"secure_survivors": len(inputs), "secure_bits": setup.bits, "secure_server_s": 0.0}
+        return self.mean(total, setup, like, len(inputs)), stats
+
+
+def rule_text(rule):
+    """The ``[aggregator]`` lines of ``rule``: RULES' entry, or for ``secure(s=S) R`` the entry
+    of R with ``bucket = S`` (run under ``[secure]``)."""
+    if rule.startswith("secure(s="):
+        s, inner = rule[len("secure(s="):].split(") ", 1)
+        return f"{RULES[inner]}\nbucket = {int(s)}"
+    return RULES[rule]
 
 
 def mnistlike(n=12_000, seed=0) -> Dataset:
@@ -72,7 +102,7 @@ def config_text(split, rule, f, attack, rounds, seed, momentum=0.0):
     """The run's config: 10 + f clients, the last f attacking with ``attack`` (None: the same
     split and rule, nobody attacks)."""
     comm = f"[comm]\nuplink = 'worker_momentum({momentum})'\n" if momentum else ""
-    secure = "[secure]\nmethod = 'secagg'\nclip = 1.0\nbits = 16\n" if rule.startswith("secure ") else ""
+    secure = SECURE if rule.startswith("secure") else ""
     attack_part = (f"[attack]\nname = '{attack}'\nclients = {list(range(HONEST, HONEST + f))}\n"
                    if f and attack else "")
     return f"""
@@ -95,7 +125,7 @@ name = "fedavgm"
 server_momentum = 0.9
 server_lr = 0.5
 [aggregator]
-{RULES[rule]}
+{rule_text(rule)}
 f = {f}
 [eval]
 federated = false
@@ -104,9 +134,10 @@ every = {rounds}
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
-        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False):
+        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False):
     """Final test accuracy (and with ``backdoor``, the trigger's success rate).
-    ``only_honest``: the attackers' clients are left out of the run (their data unused)."""
+    ``only_honest``: the attackers' clients are left out of the run (their data unused);
+    ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
                                             f"algorithm.server_lr={server_lr}",
@@ -118,6 +149,8 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
                          seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
                          client_test_fraction=0.0)
     alg, model, fed, plan = config.build(cfg, data=fed)
+    if plain_sum and alg.secure is not None:
+        alg = dataclasses.replace(alg, secure=PlainSum(**vars(alg.secure)))
     if only_honest:
         fed = dataclasses.replace(fed, clients=fed.clients[:HONEST])
     high = float(max(c.x.max() for c in fed.clients if c.n))  # the trigger's value (attacks.poison)
@@ -177,44 +210,113 @@ def main():
     ap.add_argument("--boost", type=float, default=10.0, help="--backdoor: the attackers' boost")
     ap.add_argument("--out", default=None, help="the JSON rows (default bench/out/robustness.json, "
                     "with --backdoor bench/out/robustness_backdoor.json)")
+    ap.add_argument("--secure-buckets", default="", help="bucket sizes s: each rule also over "
+                    "secure buckets of s (rows 'secure(s=S) RULE')")
+    ap.add_argument("--secure-sum", choices=["secagg", "plain"], default="secagg",
+                    help="plain: PlainSum, the protocol's sum without its masks (bench only)")
+    ap.add_argument("--secure-only", action="store_true", help="with --secure-buckets: only "
+                    "the secure rows (the plaintext ones from another run, --merge)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
+    ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
+                    "print and write (--out) their rows merged, running nothing")
     a = ap.parse_args()
     a.out = a.out or str(Path(__file__).parent / "out" / ("robustness_backdoor.json" if a.backdoor
                                                           else "robustness.json"))
     if a.backdoor:
         return backdoor_table(a)
-    out = Path(a.out)
+    rules = [] if a.secure_only else a.rules.split(",")
+    rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
+              for r in a.rules.split(",")]
+    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules and r["data"] in a.data
+                and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")]
+               if a.merge else grid(a, rules, Path(a.out)))
+    if a.merge:
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    print_tables(a, rules, results)
+
+
+def merge(files):
+    """The rows of several runs' JSON files (the same cells, other ``--attacks``) as one: per
+    (data, split, f, rule), every attack's accuracy and the worst over all of them."""
+    rows = {}
+    for fn in files:
+        for r in json.loads(Path(fn).read_text()):
+            key = (r["data"], r["split"], r["f"], r["rule"])
+            row = rows.setdefault(key, {**r, "all": {}, "seconds": 0.0})
+            if "error" in r:
+                continue
+            row["all"].update(r["all"])
+            row["seconds"] = round(row["seconds"] + r["seconds"], 1)
+            row["clean"] = row["clean"] if row["clean"] is not None else r["clean"]
+            row["worst_attack"] = min(row["all"], key=row["all"].get)
+            row["worst"] = row["all"][row["worst_attack"]]
+    return list(rows.values())
+
+
+def worst_case(a, name, split, rule, f, clean):
+    """One row: ``rule``'s accuracy under every attack and the worst; a rule that cannot run on
+    so few rows (over buckets: n buckets < its bound) is a row with ``"error"`` instead."""
+    t0, accs = time.time(), {}
+    for attack in a.attacks.split(","):
+        try:
+            accs[attack] = one(name, split, rule, f, attack, a.rounds, 0, a.momentum,
+                               a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain")
+        except ValueError as exc:
+            return {"data": name, "split": split, "f": f, "rule": rule, "clean": clean,
+                    "error": str(exc)}
+    worst = min(accs, key=accs.get)
+    return {"data": name, "split": split, "f": f, "rule": rule, "clean": clean,
+            "worst": accs[worst], "worst_attack": worst, "all": accs,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def grid(a, rules, out):
+    """Every (data, split, f, rule) row, written to ``out`` after each."""
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in a.data.split(","):
-        for split in a.split.split(","):
-            clean = {r: one(name, split, r, 0, None, a.rounds, 0, a.momentum, a.server_momentum,
-                             a.server_lr)
-                     for r in a.rules.split(",")}
-            for f in map(int, a.f.split(",")):
-                for rule in a.rules.split(","):
-                    t0, accs = time.time(), {}
-                    for attack in a.attacks.split(","):
-                        accs[attack] = one(name, split, rule, f, attack, a.rounds, 0, a.momentum,
-                                           a.server_momentum, a.server_lr)
-                    worst = min(accs, key=accs.get)
-                    row = {"data": name, "split": split, "f": f, "rule": rule, "clean": clean[rule],
-                           "worst": accs[worst], "worst_attack": worst, "all": accs,
-                           "seconds": round(time.time() - t0, 1)}
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-                    out.write_text(json.dumps(results, indent=1))
+    for name, split in itertools.product(a.data.split(","), a.split.split(",")):
+        clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, 0, a.momentum,
+                                                 a.server_momentum, a.server_lr,
+                                                 plain_sum=a.secure_sum == "plain")
+                 for r in rules}
+        for f, rule in itertools.product(map(int, a.f.split(",")), rules):
+            results.append(worst_case(a, name, split, rule, f, clean[rule]))
+            print(json.dumps(results[-1]), flush=True)
+            out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_tables(a, rules, results):
+    """The worst-case table per data set; with ``--secure-buckets``, each secure cell next to
+    its plaintext rule's, and the difference in points."""
+    n = len(a.attacks.split(","))
+    show = lambda r: (f"{r['worst']:.2f} ({r['worst_attack']})"  # noqa: E731
+                      + (f" [{len(r['all'])} of {n}]" if len(r["all"]) < n else "") if "worst" in r
+                      else "n/a (" + r["error"].split(":")[0] + ")")
+    fs = sorted({r["f"] for r in results})
     for name in a.data.split(","):
         print(f"\n### {name}: worst-case accuracy over {len(a.attacks.split(','))} attacks (clean in brackets)\n")
-        fs = sorted({r["f"] for r in results})
         print("| split | rule | " + " | ".join(f"f={f}" for f in fs) + " |")
         print("|---|---|" + "---|" * len(fs))
-        for split in a.split.split(","):
-            for rule in a.rules.split(","):
-                cells = {r["f"]: r for r in results if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
-                clean = next(iter(cells.values()))["clean"] if cells else float("nan")
-                print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
-                    f"{cells[f]['worst']:.2f} ({cells[f]['worst_attack']})" for f in fs if f in cells) + " |")
-
+        for split, rule in itertools.product(a.split.split(","), rules):
+            cells = {r["f"]: r for r in results if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
+            clean = next(iter(cells.values()))["clean"] if cells else None
+            clean = float("nan") if clean is None else clean
+            print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
+                show(cells[f]) for f in fs if f in cells) + " |")
+    secure = [r for r in results if r["rule"].startswith("secure(s=")]
+    if secure:
+        print("\n| data | split | f | rule | s | plaintext worst | secure buckets worst | points "
+              "(over the attacks both ran) |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in secure:
+        s, inner = r["rule"][len("secure(s="):].split(") ", 1)
+        p = next((q for q in results if (q["data"], q["split"], q["f"], q["rule"]) ==
+                 (r["data"], r["split"], r["f"], inner)), {"error": "not run"})
+        both = set(r.get("all", {})) & set(p.get("all", {}))
+        diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
+                + (f" ({len(both)})" if len(both) < n else "") if both else "")
+        print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} |")
 
 if __name__ == "__main__":
     main()
