@@ -41,6 +41,7 @@ import torch
 from atoll import config
 from atoll.deploy import local
 from atoll.deploy.server import Server
+from atoll.secure import secagg
 from secure_replay import Recorder, drops, params_digest, quiet, record_sessions, replay
 
 TOML = """
@@ -84,7 +85,7 @@ class Run:
                                  backoff=(0.01, 1.0), give_up_s=120, out=self.tmp / "answers",
                                  drops={r: stage for r, gone in vanish.items() if i in gone})
                         for i, e in enumerate(self.enrolled)]
-        self.sessions, self.sums = {}, {}
+        self.sessions, self.sums, self.summed = {}, {}, {}
 
     def run(self) -> "Run":
         sec, sums = self.server.coordinator.algorithm.secure, self.sums
@@ -94,8 +95,14 @@ class Run:
             sums[setup.round] = (total.copy(), setup, survivors)
             return mean(sec, total, setup, like, survivors)
 
+        def inputs(server, answers):  # whose masked inputs the server summed, for the check
+            self.summed[server.setup.round] = set(server.inputs)
+            return finish(server, answers)
+
+        finish = secagg.Server.finish
         if sec is not None:
             type(sec).mean = capture
+            secagg.Server.finish = inputs
         try:
             threads = [threading.Thread(target=quiet(c.run), daemon=True) for c in self.clients]
             for t in threads + [serving := threading.Thread(target=self.server.run, daemon=True)]:
@@ -108,6 +115,7 @@ class Run:
             restore()
             if sec is not None:
                 type(sec).mean = mean
+                secagg.Server.finish = finish
         (self.tmp / "run" / "params.sha256").write_text(params_digest(self.server.coordinator.state.params))
         read = lambda f: [json.loads(ln) for ln in (self.tmp / "run" / f).read_text().splitlines()]  # noqa: E731
         self.lines, timings = read("metrics.jsonl"), read("timings.jsonl")
@@ -118,7 +126,10 @@ class Run:
         """Every round's secure sum is the ring sum of its survivors' encoded inputs, exactly."""
         sec = self.server.coordinator.algorithm.secure
         for r, (total, setup, count) in sorted(self.sums.items()):
-            alive = [c for c in self.clients if r in c.inputs and (stage > 3 or c.cid not in vanish.get(r, ()))]
+            alive = [c for c in self.clients if r in c.inputs and (stage > 3 or c.cid not in vanish.get(r, ()))
+                     and c.cid in self.summed.get(r, ())]  # with --quorum the slowest may be cut too
+            if any(c in vanish.get(r, ()) for c in self.summed.get(r, ())) and stage <= 3:
+                raise SystemExit(f"round {r}: a vanished client's input was summed")
             want = sum(sec.ring(c.inputs[r], setup) for c in alive) & np.uint64((1 << setup.bits) - 1)
             if count != len(alive) or not np.array_equal(total, want):
                 raise SystemExit(f"round {r}: the secure sum is not the sum of the {len(alive)} survivors' inputs")
@@ -199,8 +210,9 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.0, help="fraction of clients that vanish each round")
     ap.add_argument("--drop-stage", type=int, default=3, choices=[1, 2, 3, 4])
     ap.add_argument("--stage-timeout", type=float, default=60.0)
-    ap.add_argument("--quorum", action="store_true", help="the secure stages close as the plaintext "
-                    "round does, at min_fraction = 1 - dropout (plus as long again for the rest)")
+    ap.add_argument("--quorum", action="store_true", help="secure.stage_quorum = 1 - dropout: a stage "
+                    "closes once that share answered, plus as long again (the plaintext round closes at "
+                    "min_fraction = 1 - dropout)")
     ap.add_argument("--replay", action="store_true", help="record, then replay with stub clients")
     ap.add_argument("--replay-stage-timeout", type=float, default=10.0)
     a = ap.parse_args()
@@ -211,12 +223,13 @@ def main():
     logging.getLogger("atoll.deploy").setLevel(logging.ERROR)  # the clients' policy notes
     fraction = f"min_fraction = {1 - a.dropout:.6g}\n" if a.dropout else ""
     text = TOML.format(rounds=a.rounds, clients=a.clients, hidden=a.hidden, method=a.method,
-                       min_fraction=fraction if a.quorum else "",
+                       min_fraction="",
                        stage_timeout=a.stage_timeout,
                        neighbours=f"neighbours = {a.neighbours}\n" if a.method == "secagg+" else "")
     t0 = time.perf_counter()
-    base = text.split("[secure]")[0]
-    base = base if a.quorum else base.replace("round_timeout = 120\n", "round_timeout = 120\n" + fraction)
+    base = text.split("[secure]")[0].replace("round_timeout = 120\n", "round_timeout = 120\n" + fraction)
+    if a.quorum:
+        text += f"stage_quorum = {1 - a.dropout:.6g}\n"
     if a.malicious:
         text, base = text + "malicious = true\n", text
     vanish = drops(a.clients, a.dropout, a.rounds)

@@ -131,7 +131,7 @@ def test_an_oversized_stage_answer_is_refused_at_its_limit_before_the_rest_is_re
 
 @pytest.mark.parametrize("quorum", [1.0, 0.5])
 def test_a_stage_waits_for_vanished_clients_only_as_long_again_as_its_quorum_took(quorum):
-    """Two of four clients answer after 0.3 s, two never: with min_fraction 0.5 the stage
+    """Two of four clients answer after 0.3 s, two never: with stage_quorum 0.5 the stage
     closes at about 0.6 s, not at its 20 s timeout; with 1.0 it waits the timeout (here 2 s)."""
     import threading
     import time
@@ -163,3 +163,11 @@ def test_a_stage_waits_for_vanished_clients_only_as_long_again_as_its_quorum_too
         assert 0.55 <= took < 5.0, took  # about twice the 0.3 s the quorum took
     else:
         assert took >= 2.0, took
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1", "nan", '"half"'])
+def test_a_stage_quorum_outside_0_1_is_refused_naming_the_key(bad):
+    from atoll import config
+    text = f'name = "q"\n[data]\nname = "digits"\n[secure]\nmethod = "secagg"\nstage_quorum = {bad}\n'
+    with pytest.raises(ValueError, match="stage_quorum"):
+        config.load(text=text)

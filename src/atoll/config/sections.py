@@ -258,6 +258,8 @@ class SecureConfig(_Section):
     # the unmasking becomes 5); deployment needs certificate-enrolled clients
     malicious: bool = False
     stage_timeout: float = Field(30.0, gt=0)  # deployment: seconds to wait for one stage's answers
+    # deployment: a stage closes once this share of its clients answered, plus as long again
+    stage_quorum: float = Field(1.0, gt=0, le=1)
 
 
 class WatermarkConfig(_Section):

@@ -110,7 +110,7 @@ def secure_rounds(algorithm, policy, cond, he):
     if algorithm.secure is None:
         return None
     if isinstance(algorithm.secure, SecureSum):
-        return SecureRounds(algorithm.secure, policy.stage_timeout, cond, quorum=policy.min_fraction)
+        return SecureRounds(algorithm.secure, policy.stage_timeout, cond, quorum=policy.stage_quorum)
     if he is None:
         raise ValueError(f"secure.method = {algorithm.secure.scheme!r} in deployment needs the "
                          "dealer's public key and the decryptors (atoll server --he-public-key "

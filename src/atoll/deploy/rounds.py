@@ -20,6 +20,7 @@ class RoundPolicy:
     max_update_norm: float | None = None  # reject a delta of larger L2 norm at once
     max_norm_ratio: float | None = 10.0  # at close, reject norms above this x the lower median
     stage_timeout: float = 30.0  # [secure]: longest wait for the answers of one protocol stage
+    stage_quorum: float = 1.0    # [secure]: a stage closes once this share answered (+ as long again)
 
 
 @dataclass

@@ -5,7 +5,7 @@ After the training phase the clients that answered (their header only: the updat
 client, encoded for the secure sum) are the cohort of ``secagg.Setup``. Each stage publishes
 one request per live client (``STAGE`` tasks, ``atoll.secure.stagewire`` bytes) and waits for
 the answers until every one is in, or ``secure.stage_timeout`` seconds have passed, or (with
-``deploy.min_fraction < 1``) as long again as it took ``min_fraction`` of them to answer; a client that
+``secure.stage_quorum < 1``) as long again as it took that share of them to answer; a client that
 does not answer, refuses (empty answer) or sends a malformed answer is dropped at that stage
 with its reason in ``failures``, and the protocol goes on with the others. The server's steps
 are ``secagg.Server``'s, exactly those of the simulation (``secagg.run``); the pairwise-sealed
@@ -51,7 +51,7 @@ class SecureRounds:
 
     def __init__(self, secure, stage_timeout: float, cond, pki=None, quorum: float = 1.0):
         self.secure, self.timeout, self.cond = secure, stage_timeout, cond
-        self.quorum = quorum  # deploy.min_fraction: a stage closes early once this share answered
+        self.quorum = quorum  # secure.stage_quorum: a stage closes early once this share answered
         self.pki = pki  # [secure] malicious: the deployment's CA (secure.active.CertificatePKI)
 
     # ---- called by the transport threads, under the coordinator's lock ------------------------
@@ -172,7 +172,7 @@ class SecureRounds:
                 raise secagg.SecAggError("the server is stopping")
             late = sorted(set(requests) - st.done)
             why = (f"no answer {time.monotonic() - st.opened:.3g} s after the stage opened, as long "
-                   "again as min_fraction of its clients took" if quorate and time.monotonic() < st.opened
+                   "again as secure.stage_quorum of its clients took" if quorate and time.monotonic() < st.opened
                    + self.timeout else f"no answer within secure.stage_timeout = {self.timeout:g} s")
             for cid in late:
                 rnd.stats.failures.append((cid, f"secure stage {k}: {why}"))

@@ -63,7 +63,7 @@ class Server:
         self.config_text = C.dumps(cfg)
         policy = RoundPolicy(d.round_timeout, d.min_clients, d.min_fraction, d.poll_s,
                              d.max_num_examples, d.max_update_norm, d.max_norm_ratio,
-                             cfg.secure.stage_timeout)
+                             cfg.secure.stage_timeout, cfg.secure.stage_quorum)
         self.coordinator = Coordinator(algorithm, model, data, plan,
                                        run_dir=run_dir or Path(cfg.out_dir) / cfg.name,
                                        policy=policy, config_text=self.config_text, plots=plots,
