@@ -171,9 +171,10 @@ class SecureRounds:
             if stop():
                 raise secagg.SecAggError("the server is stopping")
             late = sorted(set(requests) - st.done)
-            why = (f"no answer {time.monotonic() - st.opened:.3g} s after the stage opened, as long "
-                   "again as secure.stage_quorum of its clients took" if quorate and time.monotonic() < st.opened
-                   + self.timeout else f"no answer within secure.stage_timeout = {self.timeout:g} s")
+            took = time.monotonic() - st.opened
+            why = (f"no answer {took:.3g} s after the stage opened, as long again as "
+                   "secure.stage_quorum of its clients took" if quorate and took < self.timeout
+                   else f"no answer within secure.stage_timeout = {self.timeout:g} s")
             for cid in late:
                 rnd.stats.failures.append((cid, f"secure stage {k}: {why}"))
             stats.add(st, time.monotonic() - st.opened)
