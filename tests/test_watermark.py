@@ -297,3 +297,16 @@ def test_embedding_options_that_would_do_nothing_or_allocate_without_bound_are_r
     with pytest.raises(config.ConfigError, match="watermark.anchors"):
         config.load(text=base + "anchors = 1000000000000\n")
     assert config.build(config.load(text=base + 'layers = ["2."]\n')) is not None
+
+
+def test_the_default_key_file_lives_in_out_dir_not_in_the_working_directory(tmp_path, monkeypatch):
+    """A key written into the working directory ends up committed beside the code (it did)."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "server_runs"
+    cfg = config.load(text=f'out_dir = "{out}"\n[data]\nnum_clients = 4\n[model]\nhidden = [64]\n'
+                           '[watermark]\nenabled = true\n')
+    config.build(cfg)
+    assert cfg.watermark_key_file == str(out / "watermark.key")
+    assert (out / "watermark.key").stat().st_size == 32 and list(work.iterdir()) == []

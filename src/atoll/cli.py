@@ -130,7 +130,7 @@ def _audit_watermark(cfg, path: Path, run_dir: Path) -> int:
     from atoll import config
     from atoll import watermark as W
 
-    key, w = W.load_key(cfg.watermark.key_file), cfg.watermark
+    key, w = W.load_key(cfg.watermark_key_file), cfg.watermark
     data = config.build_data(cfg)
     _, model, _, _ = config.build(cfg, data=data)  # data given: no watermark stage, no key written
     params = W.load_params(path, model)

@@ -177,9 +177,10 @@ def _with_watermark(cfg: Config, algorithm, model, fed):
     if w.layers and not any(k.startswith(tuple(w.layers)) for k in names):
         raise ConfigError(f"watermark.layers = {w.layers}: no parameter of the model starts with "
                           f"these (it has {', '.join(names)}); the embedding would train nothing")
-    triggers = W.trigger_set(W.load_key(w.key_file, create=True), w.trigger_size, (fed.n_features,),
-                             fed.n_classes, w.scale, next(model.parameters()).dtype)
-    return W.with_watermark(algorithm, model, triggers, W.load_key(w.key_file), steps=w.steps,
+    key = W.load_key(cfg.watermark_key_file, create=True)
+    triggers = W.trigger_set(key, w.trigger_size, (fed.n_features,), fed.n_classes, w.scale,
+                             next(model.parameters()).dtype)
+    return W.with_watermark(algorithm, model, triggers, key, steps=w.steps,
                             lr=w.lr, every=w.every, batch=w.batch, preserve=w.preserve,
                             anchors=w.anchors, until=w.until, layers=tuple(w.layers))
 
@@ -201,7 +202,7 @@ def _with_fingerprints(cfg: Config, algorithm, model, fed, plan):
     if plan.asynchronous is not None:
         raise ConfigError("watermark.fingerprint: per-client copies need synchronous rounds "
                           "(no [async]: its groups share one broadcast)")
-    fp = W.fingerprints(W.load_key(cfg.watermark.key_file), params_of(model), len(fed.clients))
+    fp = W.fingerprints(W.load_key(cfg.watermark_key_file), params_of(model), len(fed.clients))
     return dataclasses.replace(algorithm, client_copy=W.FingerprintCopies(fp))
 
 

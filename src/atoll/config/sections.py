@@ -5,6 +5,8 @@ Every section forbids unknown keys; a bad value names the field and the accepted
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -267,7 +269,7 @@ class WatermarkConfig(_Section):
     enabled = false. The key file is the server's secret: created if missing, never sent."""
 
     enabled: bool = False
-    key_file: str = "watermark.key"
+    key_file: str = ""  # "": <out_dir>/watermark.key (beside the run folders, never inside one)
     trigger_size: int = Field(50, ge=1)
     scale: float = Field(6.0, gt=0)  # triggers are uniform on [-scale, scale]
     steps: int = Field(5, ge=1)      # SGD steps on the trigger set after a server step
@@ -305,3 +307,8 @@ class Config(_Section):
     asynchronous: AsyncConfig = Field(AsyncConfig(), alias="async")
     watermark: WatermarkConfig = WatermarkConfig()
     vertical: VerticalConfig | None = None  # a vertical run (atoll.vertical.experiment)
+
+    @property
+    def watermark_key_file(self) -> str:
+        """The server's watermark key: ``watermark.key_file``, by default in ``out_dir``."""
+        return self.watermark.key_file or str(Path(self.out_dir) / "watermark.key")
