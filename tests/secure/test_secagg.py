@@ -38,6 +38,10 @@ def test_prg_known_answer_and_no_collisions():
     assert len(seen) == 20_000
     low = pr.prg(os.urandom(32), 100_000, 5)
     assert low.max() < 32 and abs(low.mean() - 15.5) < 0.2  # uniform on the ring
+    with pytest.raises(ValueError, match="bits must be in 1..32, got 33"):
+        pr.prg(b"\0" * 32, 4, 33)
+    with pytest.raises(ValueError, match="seed must be 32 bytes"):
+        pr.prg(b"\0" * 31, 4, 8)
 
 
 def test_pairwise_keys_agree_and_channels_bind_their_context():

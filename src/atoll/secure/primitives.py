@@ -85,7 +85,7 @@ def keystream(seed: bytes, d: int) -> np.ndarray:
 def prg(seed: bytes, d: int, bits: int) -> np.ndarray:
     """``d`` uniform elements of Z_{2^bits} (bits <= 32) as uint64, from a 256-bit seed."""
     if not 1 <= bits <= 32:
-        raise ValueError("prg: the seed must be 32 bytes and 1 <= bits <= 32")
+        raise ValueError(f"prg: bits must be in 1..32, got {bits}")
     return keystream(seed, d).astype(np.uint64) & np.uint64((1 << bits) - 1)
 
 
