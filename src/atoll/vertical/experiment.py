@@ -22,12 +22,9 @@ from pathlib import Path
 import torch
 
 from atoll import checkpoint, rundir, runlog
-from atoll.vertical import psi, tables
+from atoll.vertical import psi, resume, tables
 from atoll.vertical.channel import Channel
 from atoll.vertical.protocol import FeatureEndpoint, LabelRun, evaluate, steps_per_epoch
-
-FORMAT = "atoll-vertical-1"
-
 
 def align(parties: dict[str, tables.Table], label: str, use_psi: bool) -> list[str]:
     """The ids every party holds, sorted: the label party intersects with each other party in
@@ -61,21 +58,15 @@ class Setup:
         self.per_epoch, self.rows = steps_per_epoch(cfg, len(ids)), len(ids)
 
     def checkpoint(self, epoch: int, losses: list[float]) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, "epoch": epoch, "losses": list(losses), "label": self.run.checkpoint(),
-                    "parties": {p: e.checkpoint() for p, e in self.endpoints.items()}}, buf)
-        return buf.getvalue()
+        return resume.pack(epoch=epoch, losses=list(losses), label=self.run.checkpoint(),
+                           parties={p: e.checkpoint() for p, e in self.endpoints.items()})
 
     def restore(self, path: Path, epochs: int) -> tuple[int, list[float]]:
         """(epoch, losses) of the checkpoint at ``path``, every model and optimizer restored."""
-        ck = checkpoint.load_file(path, "checkpoint")
-        e = ck.get("epoch")
-        if ck.get("format") != FORMAT or not isinstance(e, int) or not 0 < e <= epochs:
-            raise ValueError(f"{path} is not a checkpoint of a vertical run of {epochs} epochs")
-        losses = ck.get("losses")
-        if not isinstance(losses, list) or len(losses) != e * self.per_epoch \
-                or not all(isinstance(v, float) for v in losses):
-            raise ValueError(f"{path}: 'losses' does not hold the {e} epochs' step losses")
+        limit = resume.size_limit(self.run.checkpoint(), [e.checkpoint() for e in self.endpoints.values()],
+                                  floats=epochs * self.per_epoch)
+        ck = resume.read(path, limit, epochs)
+        e, losses = ck["epoch"], resume.losses(ck, self.per_epoch, path)
         try:
             self.run.restore(ck["label"])
             if set(ck["parties"]) != set(self.endpoints):
