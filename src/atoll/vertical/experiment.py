@@ -105,7 +105,8 @@ def run(cfg: dict, parties: dict[str, tables.Table], run_dir, *, resume: bool = 
         runlog.append(run_dir / "timings.jsonl", {"round": e, "wall_s": round(time.perf_counter() - start, 4)})
         checkpoint.atomic_write(run_dir / checkpoint.FILE, s.checkpoint(e, losses))
     last = metrics[-1]
-    final = {"epochs": cfg["epochs"], "steps": len(losses), "rows": s.rows, "test_rows": len(s.run.test),
+    final = {"epochs": cfg["epochs"], "steps": len(losses), "parties": [cfg["name"], *s.endpoints],
+             "rows": s.rows, "test_rows": len(s.run.test),
              "train_loss": last["train_loss"], "test_loss": last["test_loss"], "test_auc": last["test_auc"],
              "test_acc": last["test_acc"], "bytes_per_step": last["bytes_cum"] / len(losses), "losses": losses}
     checkpoint.atomic_write(run_dir / "final.json", json.dumps(final, indent=1).encode())
