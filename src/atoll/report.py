@@ -24,6 +24,8 @@ def report(run_dir) -> dict:
     final = read_json(run_dir / "final.json")
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
+    if _is_vertical(run_dir, rows):
+        return _vertical(run_dir, rows, final, plots_dir)
     written = [_rounds_png(rows, plots_dir / "rounds.png"), _bytes_png(rows, plots_dir / "bytes.png"),
                _clients_png(rows, final, plots_dir / "clients.png")]
     for key, name, label in (("sim_time", "time.png", "simulated time (s)"),
@@ -37,6 +39,51 @@ def report(run_dir) -> dict:
     numbers["privacy"] = final.get("privacy")
     (run_dir / "summary.md").write_text(_summary_md(run_dir, numbers, written))
     return numbers
+
+
+def _is_vertical(run_dir, rows) -> bool:
+    """A vertical run's folder (``atoll run`` on a ``[vertical]`` config): epochs, not rounds."""
+    return isinstance(read_toml(run_dir / "config.toml").get("vertical"), dict) or has(rows, "epoch")
+
+
+def _vertical(run_dir, rows, final, plots_dir) -> dict:
+    """A vertical run: its epochs and steps, held-out accuracy, AUC and loss, and the payload
+    bytes between the parties (no clients, no uplink/downlink)."""
+    epochs, accs = series(rows, "epoch", "test_acc")
+    best = max(range(len(accs)), key=lambda i: accs[i]) if accs else None
+    n = {"epochs": rows[-1].get("epoch", rows[-1]["round"]), "steps": final.get("steps", last(rows, "steps")),
+         "final_test_acc": last(rows, "test_acc"), "best_test_acc": accs[best] if accs else None,
+         "best_epoch": epochs[best] if accs else None, "final_test_auc": last(rows, "test_auc"),
+         "final_test_loss": last(rows, "test_loss"), "final_train_loss": last(rows, "train_loss"),
+         "bytes_total": last(rows, "bytes_cum")}
+    if n["final_test_acc"] is not None:
+        for frac in (90, 95):
+            n[f"epochs_to_{frac}pct_of_final"] = reach(rows, frac / 100 * n["final_test_acc"], "epoch")
+    timings = read_jsonl(run_dir / "timings.jsonl") if (run_dir / "timings.jsonl").exists() else []
+    n["wall_s"] = timings[-1][1].get("wall_s") if timings else None
+    written = [_epochs_png(rows, plots_dir / "epochs.png"), _acc_vs(rows, "bytes_cum", "cumulative bytes "
+               "between the parties", plots_dir / "bytes.png")]
+    n["plots"] = [str(p) for p in written]
+    cfg = read_toml(run_dir / "config.toml")
+    v, pct = cfg.get("vertical") or {}, lambda x: "—" if x is None else f"{x:.2%}"  # noqa: E731
+    mb = "—" if n["bytes_total"] is None else f"{n['bytes_total'] / 1e6:.3f}"
+    parties = final.get("parties") or ([v.get("name", "?"), *v.get("parties", [])] if v else [])
+    lines = [f"# {cfg.get('name', run_dir.name)}", "",
+             f"vertical {v.get('protocol', '?')}" + (f" between {', '.join(map(str, parties))}" if parties else "")
+             + f", {n['epochs']} epochs ({_num(n['steps'])} steps).", "", "| metric | value |", "|---|---|",
+             f"| final held-out accuracy | {pct(n['final_test_acc'])} |",
+             f"| best held-out accuracy | {pct(n['best_test_acc'])} (epoch {n['best_epoch']}) |",
+             f"| final held-out AUC | {_num(n['final_test_auc'])} |",
+             f"| final held-out loss | {_num(n['final_test_loss'])} |",
+             f"| final train loss (mean over the epoch's steps) | {_num(n['final_train_loss'])} |",
+             f"| MB between the parties (training payload) | {mb} |"]
+    lines += [f"| epochs to {f}% of final accuracy | {_num(n[k])} |" for f in (90, 95)
+              if (k := f"epochs_to_{f}pct_of_final") in n]
+    if n["wall_s"] is not None:
+        lines.append(f"| wall time | {n['wall_s']:.1f} s |")
+    (run_dir / "summary.md").write_text("\n".join(lines + ["", *[f"![{p.stem}](plots/{p.name})" for p in written],
+                                                             *_config_md(run_dir)]))
+    return n
 
 
 def _numbers(rows, final) -> dict:
@@ -82,11 +129,15 @@ def _summary_md(run_dir, n, written) -> str:
         lines.append(f"| wall time | {n['wall_s']:.1f} s |")
     if n.get("privacy"):
         lines.append(f"| privacy | {_privacy_cell(n['privacy'])} |")
-    lines += ["", *[f"![{p.stem}](plots/{p.name})" for p in written], ""]
-    if (run_dir / "config.toml").exists():
-        text = (run_dir / "config.toml").read_text().rstrip()
-        lines += ["<details><summary>config.toml</summary>", "", "```toml", text, "```", "", "</details>", ""]
+    lines += ["", *[f"![{p.stem}](plots/{p.name})" for p in written], *_config_md(run_dir)]
     return "\n".join(lines)
+
+
+def _config_md(run_dir) -> list[str]:
+    if not (run_dir / "config.toml").exists():
+        return [""]
+    text = (run_dir / "config.toml").read_text().rstrip()
+    return ["", "<details><summary>config.toml</summary>", "", "```toml", text, "```", "", "</details>", ""]
 
 
 def _privacy_cell(p: dict) -> str:
@@ -110,6 +161,17 @@ def _rounds_png(rows, path) -> Path:
         if xs:
             b.plot(xs, ys, label=label)
     b.set(xlabel="round", ylabel="loss", title="loss")
+    return _save(fig, (a, b), path)
+
+
+def _epochs_png(rows, path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("test_acc", "accuracy (held-out)"), ("test_auc", "AUC (held-out)")):
+        a.plot(*series(rows, "epoch", key), marker=".", label=label)
+    a.set(xlabel="epoch", ylabel="accuracy / AUC", title="held-out accuracy and AUC")
+    for key, label in (("train_loss", "train (mean over the epoch's steps)"), ("test_loss", "held-out")):
+        b.plot(*series(rows, "epoch", key), label=label)
+    b.set(xlabel="epoch", ylabel="loss", title="loss")
     return _save(fig, (a, b), path)
 
 

@@ -11,7 +11,7 @@ from atoll.cli import main
 from atoll.config.vertical import build
 from atoll.deploy import vertical as deployed
 from atoll.errors import ConfigError
-from atoll.vertical import experiment
+from atoll.vertical import experiment, resume
 
 from test_vertical_run import tables, toml
 
@@ -210,7 +210,7 @@ def test_a_checkpoint_holding_code_is_not_unpickled(tmp_path, capsys):
     class Boom:
         def __reduce__(self):
             return (print, ("PWNED",))
-    torch.save({"format": experiment.FORMAT, "epoch": 1, "x": Boom()}, out / "checkpoint.pt")
+    torch.save({"format": resume.FORMAT, "epoch": 1, "x": Boom()}, out / "checkpoint.pt")
     assert main(["run", "--resume", str(out)]) == 2
     captured = capsys.readouterr()
     assert "PWNED" not in captured.out and "cannot be loaded safely" in captured.err

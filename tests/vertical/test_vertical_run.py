@@ -204,3 +204,28 @@ def test_lazy_epochs_draw_the_batches_of_split_batches():
     got = [rows for epoch in epochs(cfg, train) for rows in epoch]
     want = [train[b] for b in batches(103, 10, 4, 5)]
     assert len(got) == len(want) == 44 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_report_of_a_vertical_run_speaks_of_epochs_steps_and_parties(tmp_path):
+    """`atoll report` on a vertical run folder: epochs (not rounds), steps, held-out AUC, the bytes
+    between the parties; no per-client or uplink/downlink figures, which a vertical run has not."""
+    from atoll.report import report
+    tables(tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", str(toml(tmp_path, epochs=5)), "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((out / "final.json").read_text())
+    n = report(out)
+    best = max(rows, key=lambda r: r["test_acc"])
+    assert n["epochs"] == len(rows) == 5 and n["steps"] == len(final["losses"]) == 5 * 6
+    assert n["final_test_auc"] == final["test_auc"] and n["final_test_acc"] == final["test_acc"]
+    assert (n["best_test_acc"], n["best_epoch"]) == (best["test_acc"], best["epoch"])
+    assert n["bytes_total"] == rows[-1]["bytes_cum"] > 0
+    assert "rounds" not in n and "bytes_up_total" not in n and "fed_acc_mean" not in n
+    text = (out / "summary.md").read_text()
+    head = text.split("<details>")[0]  # the config copy below may say anything
+    assert "vertical split between bank, telecom, 5 epochs (30 steps)." in head
+    assert f"| final held-out AUC | {final['test_auc']:.4g} |" in head
+    assert f"(epoch {best['epoch']})" in head and f"| {rows[-1]['bytes_cum'] / 1e6:.3f} |" in head
+    assert not any(w in head.lower() for w in ("round", "client", "uplink", "up / down"))
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["bytes.png", "epochs.png"]

@@ -22,12 +22,9 @@ from pathlib import Path
 import torch
 
 from atoll import checkpoint, rundir, runlog
-from atoll.vertical import psi, tables
+from atoll.vertical import psi, resume, tables
 from atoll.vertical.channel import Channel
 from atoll.vertical.protocol import FeatureEndpoint, LabelRun, evaluate, steps_per_epoch
-
-FORMAT = "atoll-vertical-1"
-
 
 def align(parties: dict[str, tables.Table], label: str, use_psi: bool) -> list[str]:
     """The ids every party holds, sorted: the label party intersects with each other party in
@@ -61,21 +58,15 @@ class Setup:
         self.per_epoch, self.rows = steps_per_epoch(cfg, len(ids)), len(ids)
 
     def checkpoint(self, epoch: int, losses: list[float]) -> bytes:
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, "epoch": epoch, "losses": list(losses), "label": self.run.checkpoint(),
-                    "parties": {p: e.checkpoint() for p, e in self.endpoints.items()}}, buf)
-        return buf.getvalue()
+        return resume.pack(epoch=epoch, losses=list(losses), label=self.run.checkpoint(),
+                           parties={p: e.checkpoint() for p, e in self.endpoints.items()})
 
     def restore(self, path: Path, epochs: int) -> tuple[int, list[float]]:
         """(epoch, losses) of the checkpoint at ``path``, every model and optimizer restored."""
-        ck = checkpoint.load_file(path, "checkpoint")
-        e = ck.get("epoch")
-        if ck.get("format") != FORMAT or not isinstance(e, int) or not 0 < e <= epochs:
-            raise ValueError(f"{path} is not a checkpoint of a vertical run of {epochs} epochs")
-        losses = ck.get("losses")
-        if not isinstance(losses, list) or len(losses) != e * self.per_epoch \
-                or not all(isinstance(v, float) for v in losses):
-            raise ValueError(f"{path}: 'losses' does not hold the {e} epochs' step losses")
+        limit = resume.size_limit(self.run.checkpoint(), [e.checkpoint() for e in self.endpoints.values()],
+                                  floats=epochs * self.per_epoch)
+        ck = resume.read(path, limit, epochs)
+        e, losses = ck["epoch"], resume.losses(ck, self.per_epoch, path)
         try:
             self.run.restore(ck["label"])
             if set(ck["parties"]) != set(self.endpoints):
@@ -114,7 +105,8 @@ def run(cfg: dict, parties: dict[str, tables.Table], run_dir, *, resume: bool = 
         runlog.append(run_dir / "timings.jsonl", {"round": e, "wall_s": round(time.perf_counter() - start, 4)})
         checkpoint.atomic_write(run_dir / checkpoint.FILE, s.checkpoint(e, losses))
     last = metrics[-1]
-    final = {"epochs": cfg["epochs"], "steps": len(losses), "rows": s.rows, "test_rows": len(s.run.test),
+    final = {"epochs": cfg["epochs"], "steps": len(losses), "parties": [cfg["name"], *s.endpoints],
+             "rows": s.rows, "test_rows": len(s.run.test),
              "train_loss": last["train_loss"], "test_loss": last["test_loss"], "test_auc": last["test_auc"],
              "test_acc": last["test_acc"], "bytes_per_step": last["bytes_cum"] / len(losses), "losses": losses}
     checkpoint.atomic_write(run_dir / "final.json", json.dumps(final, indent=1).encode())

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from atoll.vertical import resume
 from atoll.vertical.channel import PartyError
 from atoll.vertical.split import BottomParty, LabelParty, SplitNN
 
@@ -68,32 +69,103 @@ def hello(cfg: dict, rows: int, digest: str) -> dict:
 
 class FeatureEndpoint:
     """A feature party's endpoint over its table ``(x, _, ids digest)``: checks the hello, then
-    serves its bottom model (``split``) or its passive LR (``hetero_lr``)."""
+    serves its bottom model (``split``) or its passive LR (``hetero_lr``). With ``run_dir`` (a
+    deployed party's own folder) it checkpoints when the label party says an epoch ended
+    (``checkpoint``) and resumes from the epoch the label party's hello names, if it holds it."""
 
-    def __init__(self, cfg: dict, table):
+    def __init__(self, cfg: dict, table, run_dir=None):
         self.cfg, (self.x, _, self.digest) = cfg, table
-        self.inner = None
+        self.inner, self.run_dir, self.run = None, run_dir, None
+        self.epoch = self.steps = 0  # epochs checkpointed, training steps completed
+        self._pending = None
 
     def on(self, name: str, msg, sender: str):
-        if name != "hello":
-            if self.inner is None:
-                raise PartyError(f"party {sender!r}: field {name!r} before the hello")
-            return self.inner.on(name, msg, sender)
-        try:
-            theirs = json.loads(bytes(msg[:4096]).decode()) if isinstance(msg, bytes) else None
-        except ValueError:
-            theirs = None
+        if name == "hello":
+            return self._hello(msg, sender)
+        if self.inner is None:
+            raise PartyError(f"party {sender!r}: field {name!r} before the hello")
+        if name == "checkpoint":
+            return self._checkpoint(msg, sender)
+        out = self.inner.on(name, msg, sender)
+        self.steps += name in ("gradient", "gradient_plus_mask")
+        if name == "public_key":
+            self._restore_pending()
+        return out
+
+    def _hello(self, msg, sender: str):
+        theirs = _json(msg)
         mine = hello(self.cfg, len(self.x), self.digest) | {"columns": self.x.shape[1]}
         if not isinstance(theirs, dict) or any(theirs.get(k) != mine[k] for k in AGREE):
             raise PartyError(f"party {sender!r}: field 'hello' disagrees with this party's "
                              f"{ {k: mine[k] for k in AGREE} } (got {str(theirs)[:200]})")
+        if self.inner is not None:
+            raise PartyError(f"party {sender!r}: field 'hello' sent twice")
         if self.cfg["protocol"] == "split":
             self.inner = BottomParty(self.cfg["name"], bottom(self.cfg, self.x.shape[1]), self.x,
                                      optimizer(self.cfg))
+            like = self.inner.model.state_dict()
         else:
             from atoll.vertical.hetero_lr import PassiveEndpoint
             self.inner = PassiveEndpoint(self.x, self.cfg["lr"])
+            like = {"w": torch.zeros(self.x.shape[1], dtype=torch.float64)}
+        if "run" in theirs:
+            mine |= self._resume(theirs, sender, resume.size_limit(like))
+            if self.cfg["protocol"] == "split":
+                self._restore_pending()  # hetero LR: once the public key made the passive party
         return json.dumps(mine).encode()
+
+    def _resume(self, theirs: dict, sender: str, limit: int) -> dict:
+        """The label party checkpoints: run id and the epoch to resume from (0: the start)."""
+        run, e = theirs.get("run"), theirs.get("resume")
+        where = f"party {sender!r}: field 'hello'"
+        if not isinstance(run, str) or not resume.RUN_ID.fullmatch(run) or type(e) is not int or e < 0:
+            raise PartyError(f"{where}: 'run' must be 32 hex digits and 'resume' an epoch >= 0")
+        if self.run_dir is None:
+            raise PartyError(f"{where}: the label party checkpoints; this party has no run folder (--run-dir)")
+        have = resume.held(self.run_dir)
+        if e == 0:
+            resume.clear(self.run_dir)  # a fresh start
+        elif e not in have:
+            raise PartyError(f"{where}: resume run {run} from epoch {e}; this party's run folder "
+                             f"holds epochs {have} (no checkpoint of that epoch)")
+        else:
+            path = self.run_dir / f"checkpoint-{e}.pt"
+            try:
+                ck = resume.read(path, limit)
+            except ValueError as exc:  # the peer is told what failed, not this party's paths
+                raise PartyError(f"{where}: this party's checkpoint of epoch {e} is unusable: "
+                                 f"{str(exc).replace(str(path), path.name)}") from None
+            if ck.get("run") != run or ck.get("config") != resume.binding(self.cfg, self.digest):
+                raise PartyError(f"{where}: this party's checkpoint of epoch {e} belongs to another run "
+                                 f"or configuration than run {run}")
+            if ck.get("epoch") != e or type(ck.get("steps")) is not int or not e <= ck["steps"] <= 10**9:
+                raise PartyError(f"{where}: this party's checkpoint-{e}.pt does not hold epoch {e} "
+                                 f"(steps {str(ck.get('steps'))[:20]})")
+            self._pending = ck
+        self.run, self.epoch, self.steps = run, e, self._pending["steps"] if self._pending else 0
+        return {"run": run, "resume": e}
+
+    def _restore_pending(self) -> None:
+        if self._pending is not None:
+            try:
+                self.restore(self._pending["party"])
+            except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as exc:
+                raise PartyError(f"checkpoint of epoch {self.epoch} does not fit this party's model: "
+                                 f"{str(exc)[:300]}") from None
+            self._pending = None
+
+    def _checkpoint(self, msg, sender: str) -> None:
+        """The label party says epoch ``epoch`` ended after ``steps`` steps: both must follow
+        this party's own count, else the claim is refused (nothing written)."""
+        got = _json(msg, 200)
+        want = {"epoch": self.epoch + 1, "steps": self.steps}
+        if self.run is None or got != want:
+            raise PartyError(f"party {sender!r}: field 'checkpoint' says {str(got)[:100]}; this party "
+                             + (f"expects {want}" if self.run else "was not asked to checkpoint (hello)"))
+        resume.write(self.run_dir, want["epoch"], resume.pack(
+            epoch=want["epoch"], steps=self.steps, run=self.run,
+            config=resume.binding(self.cfg, self.digest), party=self.checkpoint()))
+        self.epoch = want["epoch"]
 
     def state(self) -> dict:
         model = getattr(self.inner, "model", None)
@@ -107,30 +179,45 @@ class FeatureEndpoint:
 
     def restore(self, ck: dict) -> None:
         if "opt" in ck:
-            self.inner.model.load_state_dict(ck["model"])
-            self.inner.opt.load_state_dict(ck["opt"])
+            model = self.inner.model
+            model.load_state_dict(resume.check_tensors(ck["model"], model.state_dict(), "model"))
+            resume.load_optimizer(self.inner.opt, ck["opt"], "bottom")
         else:
             self.inner.party.w = _tensor_like(ck["model"]["w"], self.inner.party.w, "w")
 
 
+def _json(msg, limit: int = 4096):
+    """A JSON object of at most ``limit`` bytes, or None."""
+    try:
+        out = json.loads(msg.decode()) if isinstance(msg, bytes) and len(msg) <= limit else None
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
 def _tensor_like(t, like: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
-        raise ValueError(f"checkpoint: {name!r} is not a {like.dtype} tensor of shape {tuple(like.shape)}")
-    return t.clone()
+    return resume.check_tensors({name: t}, {name: like}, "checkpoint")[name].clone()
 
 
 class LabelRun:
     """The label party's side over ``channel`` (the other parties attached to it): the hello,
     the model, ``epochs`` (each epoch's batches), ``step``, ``score``, ``state`` and resume."""
 
-    def __init__(self, cfg: dict, channel, x, y, digest: str, noise_seed: int | None = None):
+    def __init__(self, cfg: dict, channel, x, y, digest: str, noise_seed: int | None = None,
+                 resume: dict | None = None):
+        """``resume``: ``{"run": id, "resume": epoch}`` when the parties checkpoint (deployed
+        with ``--run-dir``): every party must answer the same, or the run stops at the hello."""
         self.cfg, self.channel, self.x, self.y = cfg, channel, x, y
         train, self.test = plan(cfg, len(x))
         self.epochs = epochs(cfg, train)
-        others = {}
+        others, mine = {}, hello(cfg, len(x), digest) | (resume or {})
         for p in cfg["parties"]:
-            got = channel.ask(cfg["name"], p, "hello", json.dumps(hello(cfg, len(x), digest)).encode(), "hello")
-            others[p] = json.loads(got.decode())["columns"]
+            got = _json(channel.ask(cfg["name"], p, "hello", json.dumps(mine).encode(), "hello"))
+            if not isinstance(got, dict) or type(got.get("columns")) is not int \
+                    or resume and {k: got.get(k) for k in resume} != resume:
+                raise PartyError(f"party {p!r}: field 'hello' answers {str(got)[:200]}, expected "
+                                 f"{resume or ''} and its number of columns")
+            others[p] = got["columns"]
         channel.reset()  # count the training traffic only
         (self._split if cfg["protocol"] == "split" else self._hetero)(others, noise_seed)
 
@@ -176,9 +263,10 @@ class LabelRun:
             a.w = _tensor_like(ck["model"]["w"], a.w, "w")
             a.b = float(_tensor_like(ck["model"]["b"], torch.tensor(a.b, dtype=torch.float64), "b"))
             return
+        resume.check_tensors(ck["model"], self.state(), "model")
         for m, mod in self.modules.items():
             mod.load_state_dict({k[len(m) + 1:]: v for k, v in ck["model"].items() if k.startswith(m + ".")})
-            self.opts[m].load_state_dict(ck["opt"][m])
+            resume.load_optimizer(self.opts[m], ck["opt"][m], m)
         self.label.gen.set_state(_tensor_like(ck["noise"], self.label.gen.get_state(), "noise"))
 
 
