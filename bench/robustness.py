@@ -16,6 +16,8 @@ Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 1
 robust rule sees only the means of securely summed random buckets of 2 clients;
 ``--secure-buckets 2,3`` adds, for every rule R of ``--rules``, ``secure(s=2) R`` and
 ``secure(s=3) R`` (R over the means of secure buckets of s) and prints each next to plaintext R.
+``rlr(theta=T)`` is the robust learning rate over the mean, ``rlr(theta=T)+INNER`` over INNER
+(``median``, ``multi_krum``, ... or ``norm_bound(median)``: the paper's RLR with clipping).
 ``--secure-sum plain`` (bench only) replaces the SecAgg protocol by the plain integer sum of
 the very same encoded inputs (``PlainSum``: the protocol's unmasked sum, bit for bit, without
 its key agreement and masks); tests/secure/test_bucket_bench.py checks the two runs agree.
@@ -86,6 +88,11 @@ def rule_text(rule):
     if rule.startswith("secure(s="):
         s, inner = rule[len("secure(s="):].split(") ", 1)
         return f"{RULES[inner]}\nbucket = {int(s)}"
+    if rule.startswith("rlr(theta="):  # rlr(theta=T), or rlr(theta=T)+INNER (median, norm_bound(median))
+        theta, _, inner = rule[len("rlr(theta="):].partition(")")
+        inner = inner.removeprefix("+") or "mean"
+        inner = "'norm_bound'\nc = 'median'" if inner == "norm_bound(median)" else repr(inner)
+        return f"name = 'rlr'\ntheta = {int(theta)}\ninner = {inner}"
     return RULES[rule]
 
 
