@@ -207,3 +207,17 @@ def test_rlr_runs_alike_in_the_loop_and_vmap_runtimes_and_logs_its_flips(tmp_pat
     assert [ln["round"] for ln in log] == [1, 2, 3]
     assert all(ln["rule"] == "rlr(theta=3)(norm_bound(c=median)(mean))" and ln["excluded"] == []
                and 0.0 < ln["flipped"] < 1.0 for ln in log), log
+
+
+def test_the_benchmark_names_rlr_rules_by_theta_and_inner():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "robustness_bench", Path(__file__).parents[2] / "bench" / "robustness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for rule, name in [("rlr(theta=3)", "rlr(theta=3)(mean)"),
+                       ("rlr(theta=4)+median", "rlr(theta=4)(median)"),
+                       ("rlr(theta=3)+norm_bound(median)", "rlr(theta=3)(norm_bound(c=median)(mean))")]:
+        text = bench.config_text("dir0.1", rule, 2, "backdoor", 1, 0)
+        assert config.build_aggregator(config.load(text=text)).name == name
