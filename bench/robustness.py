@@ -181,12 +181,14 @@ def backdoor_table(a):
           "| success | down (points) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, split, f, seed in itertools.product(a.data.split(","), a.split.split(","),
                                                   map(int, a.f.split(",")), map(int, a.seeds.split(","))):
-        ref = one(name, split, "mean", f, None, a.rounds, seed)
-        honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True)
+        server = dict(server_momentum=a.server_momentum, server_lr=a.server_lr)
+        ref = one(name, split, "mean", f, None, a.rounds, seed, **server)
+        honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True, **server)
         for rule in a.rules.split(","):
-            clean = one(name, split, rule, f, None, a.rounds, seed)
-            acc, hit = one(name, split, rule, f, "backdoor", a.rounds, seed, backdoor=True, boost=a.boost)
-            rows.append(dict(data=name, split=split, f=f, seed=seed, rule=rule, boost=a.boost,
+            clean = one(name, split, rule, f, None, a.rounds, seed, **server)
+            acc, hit = one(name, split, rule, f, "backdoor", a.rounds, seed, backdoor=True, boost=a.boost,
+                           **server)
+            rows.append(dict(data=name, split=split, f=f, seed=seed, rule=rule, boost=a.boost, **server,
                              reference=ref, honest_only=honest, clean=clean, acc=acc, success=hit))
             print(f"| {name} | {split} (f={f}) | {seed} | {rule} | {ref:.3f} | {honest:.3f} | {clean:.3f} "
                   f"| {acc:.3f} | {hit:.3f} | {100 * (ref - acc):+.1f} |", flush=True)

@@ -132,7 +132,9 @@ def test_rlr_refuses_a_cohort_smaller_than_theta():
 
 
 def test_rlr_built_from_the_config():
-    build = lambda text: config.build_aggregator(config.load(text="[aggregator]\nname = 'rlr'\n" + text))  # noqa: E731
+    def build(text):
+        return config.build_aggregator(config.load(text="[aggregator]\nname = 'rlr'\n" + text))
+
     assert build("theta = 3\n").name == "rlr(theta=3)(mean)"
     assert build("theta = 3\ninner = 'median'\n").name == "rlr(theta=3)(median)"
     clip = build("theta = 4\ninner = 'norm_bound'\nc = 'median'\nnnm = true\nf = 1\n")

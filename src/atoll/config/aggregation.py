@@ -87,8 +87,9 @@ def build_aggregator(cfg: Config, server_update=None):
             if g.c is None:
                 raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound, or "median")')
             if g.inner == "norm_bound" and g.name == "norm_bound":
-                raise ConfigError('aggregator.inner = "norm_bound" is rlr\'s clipping; norm_bound\'s inner '
-                                  "is a centre (mean, median, trimmed_mean, krum, multi_krum, geometric_median)")
+                raise ConfigError('aggregator.inner = "norm_bound" is rlr\'s clipping; norm_bound\'s '
+                                  "inner is a centre (mean, median, trimmed_mean, krum, multi_krum, "
+                                  "geometric_median)")
             return A.norm_bound(g.c, rule("mean" if g.name == "rlr" else g.inner))
         if name == "rlr":
             return A.rlr(_theta(g, cfg), rule(g.inner))
