@@ -16,6 +16,8 @@ Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 1
 robust rule sees only the means of securely summed random buckets of 2 clients;
 ``--secure-buckets 2,3`` adds, for every rule R of ``--rules``, ``secure(s=2) R`` and
 ``secure(s=3) R`` (R over the means of secure buckets of s) and prints each next to plaintext R.
+``rlr(theta=T)`` is the robust learning rate over the mean, ``rlr(theta=T)+INNER`` over INNER
+(``median``, ``multi_krum``, ... or ``norm_bound(median)``: the paper's RLR with clipping).
 ``--secure-sum plain`` (bench only) replaces the SecAgg protocol by the plain integer sum of
 the very same encoded inputs (``PlainSum``: the protocol's unmasked sum, bit for bit, without
 its key agreement and masks); tests/secure/test_bucket_bench.py checks the two runs agree.
@@ -86,6 +88,11 @@ def rule_text(rule):
     if rule.startswith("secure(s="):
         s, inner = rule[len("secure(s="):].split(") ", 1)
         return f"{RULES[inner]}\nbucket = {int(s)}"
+    if rule.startswith("rlr(theta="):  # rlr(theta=T), or rlr(theta=T)+INNER (median, norm_bound(median))
+        theta, _, inner = rule[len("rlr(theta="):].partition(")")
+        inner = inner.removeprefix("+") or "mean"
+        inner = "'norm_bound'\nc = 'median'" if inner == "norm_bound(median)" else repr(inner)
+        return f"name = 'rlr'\ntheta = {int(theta)}\ninner = {inner}"
     return RULES[rule]
 
 
@@ -174,12 +181,14 @@ def backdoor_table(a):
           "| success | down (points) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, split, f, seed in itertools.product(a.data.split(","), a.split.split(","),
                                                   map(int, a.f.split(",")), map(int, a.seeds.split(","))):
-        ref = one(name, split, "mean", f, None, a.rounds, seed)
-        honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True)
+        server = dict(server_momentum=a.server_momentum, server_lr=a.server_lr)
+        ref = one(name, split, "mean", f, None, a.rounds, seed, **server)
+        honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True, **server)
         for rule in a.rules.split(","):
-            clean = one(name, split, rule, f, None, a.rounds, seed)
-            acc, hit = one(name, split, rule, f, "backdoor", a.rounds, seed, backdoor=True, boost=a.boost)
-            rows.append(dict(data=name, split=split, f=f, seed=seed, rule=rule, boost=a.boost,
+            clean = one(name, split, rule, f, None, a.rounds, seed, **server)
+            acc, hit = one(name, split, rule, f, "backdoor", a.rounds, seed, backdoor=True, boost=a.boost,
+                           **server)
+            rows.append(dict(data=name, split=split, f=f, seed=seed, rule=rule, boost=a.boost, **server,
                              reference=ref, honest_only=honest, clean=clean, acc=acc, success=hit))
             print(f"| {name} | {split} (f={f}) | {seed} | {rule} | {ref:.3f} | {honest:.3f} | {clean:.3f} "
                   f"| {acc:.3f} | {hit:.3f} | {100 * (ref - acc):+.1f} |", flush=True)

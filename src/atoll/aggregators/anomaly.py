@@ -5,7 +5,8 @@ output (the robust centre) and its cosine to it; and the clients the rule left o
 select clients name the rows they did not use under ``"excluded"`` in their returned state
 (krum, multi_krum, bulyan, fltrust: trust 0, flame: outside the majority cluster); rules that
 work per coordinate or reweigh every update (median, trimmed_mean, geometric_median,
-centered_clipping, norm_bound, mean) exclude no client as a whole, and report ``[]``.
+centered_clipping, norm_bound, rlr, mean) exclude no client as a whole, and report ``[]`` (rlr
+adds ``"flipped"``, the share of coordinates whose sign vote fell below its theta).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _num(x: float) -> float:
 
 def report(name: str, decoded: Tree, weights: torch.Tensor, out: Tree, state, ids) -> dict:
     """``{"rule", "clients", "norm", "dist", "cos", "excluded"}`` (ids, in row order; FLTrust
-    adds its trust scores)."""
+    adds its trust scores, RLR its share of flipped coordinates)."""
     rows, _ = matrix(decoded, weights)
     ids = list(ids) if len(ids) else list(range(weights.shape[0]))
     rows = rows.to(torch.float64)
@@ -35,4 +36,5 @@ def report(name: str, decoded: Tree, weights: torch.Tensor, out: Tree, state, id
     return {"rule": name, "clients": clients, "norm": [_num(v) for v in norm.tolist()],
             "dist": [_num(v) for v in (rows - centre).norm(dim=1).tolist()],
             "cos": [_num(v) for v in cos.tolist()], "excluded": [clients[i] for i in gone],
-            **({"trust": [_num(v) for v in state["trust"]]} if isinstance(state, dict) and "trust" in state else {})}
+            **({"trust": [_num(v) for v in state["trust"]]} if isinstance(state, dict) and "trust" in state else {}),
+            **({"flipped": _num(state["flipped"])} if isinstance(state, dict) and "flipped" in state else {})}

@@ -86,7 +86,13 @@ def build_aggregator(cfg: Config, server_update=None):
         if name == "norm_bound":
             if g.c is None:
                 raise ConfigError('aggregator.name = "norm_bound" needs aggregator.c (the L2 bound, or "median")')
-            return A.norm_bound(g.c, rule(g.inner))
+            if g.inner == "norm_bound" and g.name == "norm_bound":
+                raise ConfigError('aggregator.inner = "norm_bound" is rlr\'s clipping; norm_bound\'s '
+                                  "inner is a centre (mean, median, trimmed_mean, krum, multi_krum, "
+                                  "geometric_median)")
+            return A.norm_bound(g.c, rule("mean" if g.name == "rlr" else g.inner))
+        if name == "rlr":
+            return A.rlr(_theta(g, cfg), rule(g.inner))
         return make[name]()
 
     agg = rule(g.name)
@@ -97,10 +103,30 @@ def build_aggregator(cfg: Config, server_update=None):
     return agg
 
 
+def _theta(g: AggregatorConfig, cfg: Config) -> int:
+    """``aggregator.theta`` for rlr: set, and within the clients' number of sign votes."""
+    if g.theta is None:
+        raise ConfigError('aggregator.name = "rlr" needs aggregator.theta (the least |sum of the '
+                          "clients' signs| that keeps a coordinate's sign; the paper: a little above "
+                          "the number of attackers)")
+    cohort = min(cfg.data.num_clients, cfg.sampling.clients_per_round or cfg.data.num_clients)
+    if g.bucket:
+        cohort = -(-cohort // g.bucket)  # rlr votes over the bucket means
+    if g.theta > cohort:
+        raise ConfigError(f"aggregator.theta = {g.theta} exceeds the {cohort} sign votes of a round "
+                          f"(data.num_clients = {cfg.data.num_clients}"
+                          f"{f', aggregator.bucket = {g.bucket}' if g.bucket else ''}): every "
+                          "coordinate would be flipped")
+    return g.theta
+
+
 def _check_trust(g: AggregatorConfig, server_update) -> None:
     if g.name in ("fltrust", "flame") and (g.nnm or g.bucket):
         raise ConfigError(f"aggregator.name = {g.name!r} chooses whom to trust from the raw updates: "
                           "it cannot run after aggregator.nnm or aggregator.bucket")
+    if g.theta is not None and g.name != "rlr":
+        raise ConfigError(f"aggregator.theta = {g.theta} is rlr's threshold; aggregator.name = "
+                          f"{g.name!r} does not use it")
     if g.root and g.name != "fltrust":
         raise ConfigError(f"aggregator.root = {g.root} is FLTrust's root data; aggregator.name = "
                           f"{g.name!r} does not use it")

@@ -89,13 +89,15 @@ class AggregatorConfig(_Section):
     """How the server combines the cohort's updates (``atoll.aggregators``; docs/robustness.md)."""
 
     name: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-                  "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame"] = "mean"
+                  "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame", "rlr"] = "mean"
     f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
     tau: float = Field(10.0, gt=0)              # centered_clipping radius
     iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
     c: Annotated[float, Field(gt=0)] | Literal["median"] | None = None  # norm_bound: bound or "median"
-    inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median"] = "mean"
+    inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+                   "norm_bound"] = "mean"               # norm_bound's / rlr's inner rule (norm_bound: rlr only)
+    theta: int | None = Field(None, ge=1, strict=True)       # rlr: least |sum of signs| that keeps a coordinate's sign
     nnm: bool = False                           # nearest-neighbour mixing before the rule
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
     root: int = Field(0, ge=0)                  # fltrust: root samples the server trains on
