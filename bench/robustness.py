@@ -23,7 +23,9 @@ the very same encoded inputs (``PlainSum``: the protocol's unmasked sum, bit for
 its key agreement and masks); tests/secure/test_bucket_bench.py checks the two runs agree.
 Prints a Markdown table per data set and writes bench/out/robustness.json (``--out`` another
 file: a partial run then leaves the committed figures alone), rewritten after every row.
-"""
+``--seeds 0,1,2``: every row per seed (split, initial model, batches, the attackers' noise, the
+buckets); with several, the secure cells' worst over seeds. ``--attacks ""``: only the clean runs
+(rows without attacks, for ``--merge``)."""
 from __future__ import annotations
 
 import argparse
@@ -215,7 +217,8 @@ def main():
     ap.add_argument("--server-momentum", type=float, default=0.9)
     ap.add_argument("--server-lr", type=float, default=0.5)
     ap.add_argument("--backdoor", action="store_true", help="the backdoor table instead")
-    ap.add_argument("--seeds", default="0", help="--backdoor: the seeds (split, init, batches)")
+    ap.add_argument("--seeds", default="0", help="the seeds (split, init, batches, attackers' "
+                    "noise, buckets): rows per seed")
     ap.add_argument("--boost", type=float, default=10.0, help="--backdoor: the attackers' boost")
     ap.add_argument("--out", default=None, help="the JSON rows (default bench/out/robustness.json, "
                     "with --backdoor bench/out/robustness_backdoor.json)")
@@ -237,7 +240,8 @@ def main():
     rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
               for r in a.rules.split(",")]
     results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules and r["data"] in a.data
-                and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")]
+                and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
+                and str(r["seed"]) in a.seeds.split(",")]
                if a.merge else grid(a, rules, Path(a.out)))
     if a.merge:
         Path(a.out).write_text(json.dumps(results, indent=1))
@@ -246,86 +250,135 @@ def main():
 
 def merge(files):
     """The rows of several runs' JSON files (the same cells, other ``--attacks``) as one: per
-    (data, split, f, rule), every attack's accuracy and the worst over all of them."""
+    (data, split, f, rule, seed), every attack's accuracy and the worst over all of them."""
     rows = {}
     for fn in files:
         for r in json.loads(Path(fn).read_text()):
-            key = (r["data"], r["split"], r["f"], r["rule"])
+            r.setdefault("seed", 0)  # rows written before --seeds ran seed 0
+            key = (r["data"], r["split"], r["f"], r["rule"], r["seed"])
             row = rows.setdefault(key, {**r, "all": {}, "seconds": 0.0})
             if "error" in r:
                 continue
             row["all"].update(r["all"])
             row["seconds"] = round(row["seconds"] + r["seconds"], 1)
             row["clean"] = row["clean"] if row["clean"] is not None else r["clean"]
+            if not row["all"]:
+                continue
             row["worst_attack"] = min(row["all"], key=row["all"].get)
             row["worst"] = row["all"][row["worst_attack"]]
     return list(rows.values())
 
 
-def worst_case(a, name, split, rule, f, clean):
+def worst_case(a, name, split, rule, f, clean, seed=0):
     """One row: ``rule``'s accuracy under every attack and the worst; a rule that cannot run on
-    so few rows (over buckets: n buckets < its bound) is a row with ``"error"`` instead."""
+    so few rows (over buckets: n buckets < its bound) is a row with ``"error"`` instead.
+    ``--attacks ""``: a row with only ``clean`` (merged with the attack rows by ``--merge``)."""
     t0, accs = time.time(), {}
-    for attack in a.attacks.split(","):
+    row = {"data": name, "split": split, "f": f, "rule": rule, "seed": seed, "clean": clean}
+    for attack in filter(None, a.attacks.split(",")):
         try:
-            accs[attack] = one(name, split, rule, f, attack, a.rounds, 0, a.momentum,
+            accs[attack] = one(name, split, rule, f, attack, a.rounds, seed, a.momentum,
                                a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain")
         except ValueError as exc:
-            return {"data": name, "split": split, "f": f, "rule": rule, "clean": clean,
-                    "error": str(exc)}
-    worst = min(accs, key=accs.get)
-    return {"data": name, "split": split, "f": f, "rule": rule, "clean": clean,
-            "worst": accs[worst], "worst_attack": worst, "all": accs,
-            "seconds": round(time.time() - t0, 1)}
+            return {**row, "error": str(exc)}
+    worst = {"worst_attack": min(accs, key=accs.get)} if accs else {}
+    return {**row, **({"worst": accs[worst["worst_attack"]], **worst} if accs else {}),
+            "all": accs, "seconds": round(time.time() - t0, 1)}
 
 
 def grid(a, rules, out):
     """Every (data, split, f, rule) row, written to ``out`` after each."""
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, split in itertools.product(a.data.split(","), a.split.split(",")):
-        clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, 0, a.momentum,
+    for seed, name, split in itertools.product(map(int, a.seeds.split(",")), a.data.split(","),
+                                               a.split.split(",")):
+        clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, seed, a.momentum,
                                                  a.server_momentum, a.server_lr,
                                                  plain_sum=a.secure_sum == "plain")
                  for r in rules}
         for f, rule in itertools.product(map(int, a.f.split(",")), rules):
-            results.append(worst_case(a, name, split, rule, f, clean[rule]))
+            results.append(worst_case(a, name, split, rule, f, clean[rule], seed))
             print(json.dumps(results[-1]), flush=True)
             out.write_text(json.dumps(results, indent=1))
     return results
 
 
 def print_tables(a, rules, results):
-    """The worst-case table per data set; with ``--secure-buckets``, each secure cell next to
-    its plaintext rule's, and the difference in points."""
+    """Per seed, the worst-case table per data set and, with ``--secure-buckets``, each secure
+    cell next to its plaintext rule's (worst and clean) and the difference in points; with
+    several seeds, then each secure cell's worst over seeds next to plaintext's."""
     n = len(a.attacks.split(","))
     show = lambda r: (f"{r['worst']:.2f} ({r['worst_attack']})"  # noqa: E731
                       + (f" [{len(r['all'])} of {n}]" if len(r["all"]) < n else "") if "worst" in r
-                      else "n/a (" + r["error"].split(":")[0] + ")")
-    fs = sorted({r["f"] for r in results})
-    for name in a.data.split(","):
-        print(f"\n### {name}: worst-case accuracy over {len(a.attacks.split(','))} attacks (clean in brackets)\n")
-        print("| split | rule | " + " | ".join(f"f={f}" for f in fs) + " |")
-        print("|---|---|" + "---|" * len(fs))
-        for split, rule in itertools.product(a.split.split(","), rules):
-            cells = {r["f"]: r for r in results if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
-            clean = next(iter(cells.values()))["clean"] if cells else None
-            clean = float("nan") if clean is None else clean
-            print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
-                show(cells[f]) for f in fs if f in cells) + " |")
-    secure = [r for r in results if r["rule"].startswith("secure(s=")]
-    if secure:
-        print("\n| data | split | f | rule | s | plaintext worst | secure buckets worst | points "
-              "(over the attacks both ran) |")
-        print("|---|---|---|---|---|---|---|---|")
-    for r in secure:
-        s, inner = r["rule"][len("secure(s="):].split(") ", 1)
-        p = next((q for q in results if (q["data"], q["split"], q["f"], q["rule"]) ==
-                 (r["data"], r["split"], r["f"], inner)), {"error": "not run"})
-        both = set(r.get("all", {})) & set(p.get("all", {}))
-        diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
-                + (f" ({len(both)})" if len(both) < n else "") if both else "")
-        print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} |")
+                      else "n/a (" + r["error"].split(":")[0] + ")" if "error" in r else "-")
+    num = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    seeds = sorted({r["seed"] for r in results})
+    for seed in seeds:
+        at = [r for r in results if r["seed"] == seed]
+        fs = sorted({r["f"] for r in at})
+        for name in a.data.split(","):
+            print(f"\n### {name}, seed {seed}: worst-case accuracy over {n} attacks (clean in brackets)\n")
+            print("| split | rule | " + " | ".join(f"f={f}" for f in fs) + " |")
+            print("|---|---|" + "---|" * len(fs))
+            for split, rule in itertools.product(a.split.split(","), rules):
+                cells = {r["f"]: r for r in at if (r["data"], r["split"], r["rule"]) == (name, split, rule)}
+                clean = next(iter(cells.values()))["clean"] if cells else None
+                clean = float("nan") if clean is None else clean
+                print(f"| {split} | {rule} [{clean:.2f}] | " + " | ".join(
+                    show(cells.get(f, {})) for f in fs) + " |")
+        secure = [r for r in at if r["rule"].startswith("secure(s=")]
+        if secure:
+            print(f"\nseed {seed}:\n\n| data | split | f | rule | s | plaintext worst | secure buckets worst "
+                  "| points (over the attacks both ran) | clean: plaintext, secure, points |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        for r in secure:
+            s, inner = r["rule"][len("secure(s="):].split(") ", 1)
+            p = plaintext_of(r, at)
+            both = set(r.get("all", {})) & set(p.get("all", {}))
+            diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
+                    + (f" ({len(both)})" if len(both) < n else "") if both else "")
+            clean = (f"{num(p.get('clean'))}, {num(r['clean'])}" + (
+                f", {100 * (r['clean'] - p['clean']):+.1f}" if None not in (r["clean"], p.get("clean")) else ""))
+            print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} "
+                  f"| {clean} |")
+    if len(seeds) > 1:
+        over_seeds(results, n)
+
+
+def plaintext_of(r, results):
+    """The plaintext row of the secure row ``r`` (same data, split, f and seed)."""
+    inner = r["rule"].split(") ", 1)[1]
+    return next((q for q in results if (q["data"], q["split"], q["f"], q["rule"], q["seed"]) ==
+                 (r["data"], r["split"], r["f"], inner, r["seed"])), {"error": "not run"})
+
+
+def over_seeds(results, n):
+    """Per secure cell: the worst over seeds and attacks of the secure rule and of plaintext,
+    the difference in points, the per-seed differences, and the lowest clean accuracy."""
+    print("\n| data | split | f | rule | s | seeds | plaintext worst (seed) | secure worst (seed) | points "
+          "| points per seed | clean, lowest: plaintext, secure, points |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cells = {}
+    for r in results:
+        if r["rule"].startswith("secure(s=") and "worst" in r:
+            cells.setdefault((r["data"], r["split"], r["f"], r["rule"]), []).append(r)
+    for (name, split, f, rule), rs in cells.items():
+        s, inner = rule[len("secure(s="):].split(") ", 1)
+        ps = [p for p in map(lambda r: plaintext_of(r, results), rs) if "worst" in p]
+        if len(ps) < len(rs):
+            continue
+        low = lambda rows: min(rows, key=lambda r: r["worst"])  # noqa: E731
+        mark = lambda rows: "".join(f" [seed {r['seed']}: {len(r['all'])} of {n}]"  # noqa: E731
+                                    for r in rows if len(r["all"]) < n)
+        per = ", ".join(f"{100 * (r['worst'] - p['worst']):+.1f}" for r, p in zip(rs, ps))
+        cl = [min((x["clean"] for x in rows if x["clean"] is not None), default=None) for rows in (ps, rs)]
+        clean = "-" if None in cl else f"{cl[0]:.3f}, {cl[1]:.3f}, {100 * (cl[1] - cl[0]):+.1f}"
+        lp, lr = low(ps), low(rs)
+        print(f"| {name} | {split} | {f} | {inner} | {s} | {','.join(str(r['seed']) for r in rs)} "
+              f"| {lp['worst']:.3f} ({lp['worst_attack']}, {lp['seed']}){mark(ps)} "
+              f"| {lr['worst']:.3f} ({lr['worst_attack']}, {lr['seed']}){mark(rs)} "
+              f"| {100 * (lr['worst'] - lp['worst']):+.1f} | {per} | {clean} |")
+
 
 if __name__ == "__main__":
     main()

@@ -66,3 +66,27 @@ def test_a_secure_rule_name_is_its_inner_rule_with_buckets():
     assert R.rule_text("secure(s=3) centered_clipping") == R.RULES["centered_clipping"] + "\nbucket = 3"
     assert "[secure]" in R.config_text("iid", "secure(s=3) median", 1, "ipm", 5, 0)
     assert "[secure]" not in R.config_text("iid", "median", 1, "ipm", 5, 0)
+
+
+def test_seeds_reproduce_and_differ(tmp_path):
+    """``--seeds`` reaches the Byzantine table: the same seed gives the same row bit for bit, another
+    seed another one; every row names its seed."""
+    a = R.argparse.Namespace(data="digits", split="dir0.1", f="1", seeds="0,1,0", attacks="sign_flip",
+                             rounds=2, momentum=0.0, server_momentum=0.9, server_lr=0.5,
+                             secure_sum="plain", no_clean=False)
+    rows = R.grid(a, ["secure(s=2) median"], tmp_path / "rows.json")
+    assert [r["seed"] for r in rows] == [0, 1, 0]
+    got = [(r["clean"], r["all"]["sign_flip"]) for r in rows]
+    assert got[0] == got[2]
+    assert got[0][0] != got[1][0] and got[0][1] != got[1][1]
+    assert R.json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_merge_keeps_seeds_apart_and_takes_clean_from_a_clean_only_run(tmp_path):
+    row = dict(data="digits", split="iid", f=1, rule="median", seconds=1.0)
+    (tmp_path / "a.json").write_text(R.json.dumps([
+        {**row, "clean": None, "all": {"ipm": 0.7}},  # written before --seeds: seed 0
+        {**row, "seed": 1, "clean": None, "all": {"ipm": 0.5}}]))
+    (tmp_path / "b.json").write_text(R.json.dumps([{**row, "seed": 1, "clean": 0.9, "all": {}}]))
+    got = sorted(R.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")]), key=lambda r: r["seed"])
+    assert [(r["seed"], r["worst"], r["clean"]) for r in got] == [(0, 0.7, None), (1, 0.5, 0.9)]
