@@ -225,32 +225,42 @@ def _save(fig, axes, path, legend=True, extra=()) -> Path:
 
 def compare(run_dirs, out, labels=None, target_acc=None) -> list[dict]:
     """Overlay runs in ``out/compare.png``; ``out/compare.md`` tabulates what each needs to
-    reach ``target_acc`` (rounds, bytes up, bytes down, simulated time). Returns the table rows."""
+    reach ``target_acc`` (rounds, bytes up, bytes down, simulated time; for vertical runs: epochs
+    and the bytes between the parties). Runs of both kinds are refused. Returns the table rows."""
     if not run_dirs:
         raise ValueError("compare needs at least one run folder")
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run folders")
+    runs = [read_metrics(Path(d)) for d in run_dirs]
+    kinds = {d: _is_vertical(Path(d), rows) for d, rows in zip(run_dirs, runs)}
+    if len(set(kinds.values())) > 1:  # epochs of parties and rounds of clients share no axis
+        raise ValueError("compare: runs of one kind only, vertical (epochs): "
+                         f"{[str(d) for d, v in kinds.items() if v]}, horizontal (rounds): "
+                         f"{[str(d) for d, v in kinds.items() if not v]}")
+    vertical = any(kinds.values())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [read_metrics(Path(d)) for d in run_dirs]
-    _compare_png(runs, labels, out / "compare.png")
+    _compare_png(runs, labels, out / "compare.png", vertical)
     with_time = any(has(rows, "sim_time") for rows in runs)
+    keys = ("epoch", "bytes_cum") if vertical else ("round", "bytes_up_cum", "bytes_down_cum")
     table = []
     for rows, label in zip(runs, labels):
-        accs = series(rows, "round", "test_acc")[1]
+        accs = series(rows, keys[0], "test_acc")[1]
         row = {"run": label, "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None}
         if target_acc is not None:
-            for key in ("round", "bytes_up_cum", "bytes_down_cum") + (("sim_time",) if with_time else ()):
+            for key in keys + (("sim_time",) if with_time else ()):
                 row[f"{key}_to_target"] = reach(rows, target_acc, key)
         table.append(row)
     (out / "compare.md").write_text(_table_md(table, target_acc))
     return table
 
 
-def _compare_png(runs, labels, path) -> Path:
+def _compare_png(runs, labels, path, vertical=False) -> Path:
     loss = "global_train_loss" if all(has(rows, "global_train_loss") for rows in runs) else "train_loss"
-    panels = [("round", "test_acc", "round"), ("round", loss, "round"),
+    panels = [("epoch", "test_acc", "epoch"), ("epoch", "train_loss", "epoch"),
+              ("bytes_cum", "test_acc", "cumulative MB between the parties")] if vertical else [
+              ("round", "test_acc", "round"), ("round", loss, "round"),
               ("bytes_up_cum", "test_acc", "cumulative uplink MB"),
               ("bytes_down_cum", "test_acc", "cumulative downlink MB")]
     if all(has(rows, "sim_time") for rows in runs):

@@ -206,6 +206,33 @@ def test_lazy_epochs_draw_the_batches_of_split_batches():
     assert len(got) == len(want) == 44 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_compare_of_vertical_runs_is_in_epochs_and_refuses_a_horizontal_one(tmp_path):
+    """`atoll compare` on vertical run folders: its table counts epochs and the bytes between the
+    parties to the target (no rounds, no uplink/downlink); mixing in a horizontal run is refused."""
+    from atoll.report import compare
+    tables(tmp_path)
+    runs = []
+    for lr in (0.05, 0.5):
+        runs.append(tmp_path / f"run{lr}")
+        assert main(["run", str(toml(tmp_path, epochs=5, lr=lr)), "--out", str(runs[-1]), "--quiet"]) == 0
+    metrics = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    target = min(m[-1]["test_acc"] for m in metrics)
+    rows = compare(runs, tmp_path / "cmp", labels=["slow", "fast"], target_acc=target)
+    for row, m in zip(rows, metrics):
+        first = next(r for r in m if r["test_acc"] >= target)
+        assert row["final_acc"] == m[-1]["test_acc"] and row["best_acc"] == max(r["test_acc"] for r in m)
+        assert row["epoch_to_target"] == first["epoch"] and row["bytes_cum_to_target"] == first["bytes_cum"]
+        assert not any(k.startswith(("round", "bytes_up", "bytes_down")) for k in row)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "epoch_to_target" in md and "round" not in md
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "metrics.jsonl").write_text('{"round": 1, "test_acc": 0.5}\n')
+    with pytest.raises(ValueError, match=r"one kind only.*vertical.*run0\.05.*horizontal.*'[^']*h'"):
+        compare([runs[0], tmp_path / "h"], tmp_path / "cmp2")
+    assert not (tmp_path / "cmp2").exists()
+
+
 def test_report_of_a_vertical_run_speaks_of_epochs_steps_and_parties(tmp_path):
     """`atoll report` on a vertical run folder: epochs (not rounds), steps, held-out AUC, the bytes
     between the parties; no per-client or uplink/downlink figures, which a vertical run has not."""
