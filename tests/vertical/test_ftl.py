@@ -121,8 +121,10 @@ def test_what_a_party_receives_is_checked():
                                   (ya, oa.float(), "overlap")]:
         with pytest.raises(ValueError, match=what):
             SourceParty("A", na, xa, labels, overlap, "B", D, sgd)
-    with pytest.raises(ValueError, match="gamma"):
-        SourceParty("A", na, xa, ya, oa, "B", D, sgd, gamma=-1.0)
+    for bad in ({"gamma": -1.0}, {"gamma": float("nan")}, {"gamma": float("inf")},
+                {"noise_std": float("nan")}, {"noise_std": -0.1}):
+        with pytest.raises(ValueError, match="gamma and noise_std must be finite"):
+            SourceParty("A", na, xa, ya, oa, "B", D, sgd, **bad)
 
 
 def test_the_gradient_noise_defence_reaches_b_and_is_drawn_from_a_secret():

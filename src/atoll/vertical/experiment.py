@@ -26,6 +26,7 @@ from atoll.vertical import psi, resume, tables
 from atoll.vertical.channel import Channel
 from atoll.vertical.protocol import FeatureEndpoint, LabelRun, evaluate, steps_per_epoch
 
+
 def align(parties: dict[str, tables.Table], label: str, use_psi: bool) -> list[str]:
     """The ids every party holds, sorted: the label party intersects with each other party in
     turn (PSI: each learns the intersection, nothing else), narrowing its set."""

@@ -32,6 +32,7 @@ B's training rows are its overlap rows only, so A cannot ask for a representatio
 """
 from __future__ import annotations
 
+import math
 import secrets
 
 import torch
@@ -85,8 +86,8 @@ class SourceParty:
     def __init__(self, name: str, model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                  overlap: torch.Tensor, target: str, dim: int, make_optimizer, gamma: float = 1.0,
                  noise_std: float = 0.0, noise_seed: int | None = None):
-        if gamma < 0 or noise_std < 0:
-            raise ValueError(f"transfer: gamma and noise_std must be >= 0, got {gamma}, {noise_std}")
+        if not (0 <= gamma < math.inf and 0 <= noise_std < math.inf):  # NaN fails both
+            raise ValueError(f"transfer: gamma and noise_std must be finite and >= 0, got {gamma}, {noise_std}")
         labels = labels.reshape(-1)
         if labels.numel() != len(features) or not bool(((labels == 0) | (labels == 1)).all()):
             raise ValueError(f"transfer: labels must be one 0/1 value per row of the {len(features)} rows")
