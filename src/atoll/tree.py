@@ -90,7 +90,7 @@ def weighted_sum(batched: Tree, weights: torch.Tensor) -> Tree:
 
 
 def flatten(a: Tree) -> torch.Tensor:
-    """Concatenate all leaves (in key order) into one vector."""
+    """Concatenate all leaves, in the tree's insertion order (``unflatten``'s order), into one vector."""
     return torch.cat([v.reshape(-1) for v in a.values()])
 
 
