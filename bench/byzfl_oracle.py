@@ -16,7 +16,8 @@ output's norm. Where the definitions differ, the mapping is stated in ``PAIRS``:
   ``T`` steps; atoll: the mean, to convergence): compared with ByzFL at T = 2000;
 * centered clipping: the first call (both start from zero), ``L`` = ``iters``;
 * norm bound: ByzFL's ``Clipping(c)`` pre-aggregator then the mean = ``norm_bound(c, mean)``;
-* NNM: ByzFL's ``NNM(f)`` then the mean = ``nnm(f, mean)``.
+* NNM: ByzFL's ``NNM(f)`` then the mean = ``nnm(f, mean)``;
+* ARC: ByzFL's ``ARC(f)`` then the mean = ``arc(f, mean)``.
 Bucketing shuffles with its own generator, so its outputs are not comparable draw by draw.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ def pairs(B, n: int, f: int):
          lambda v: B.CenteredClipping(L=3, tau=1.0)(v)),
         ("norm_bound(2, mean) = Clipping(2) + mean", A.norm_bound(2.0, A.mean("uniform")), then_mean(B.Clipping(c=2.0))),
         ("nnm(f, mean) = NNM(f) + mean", A.nnm(f, A.mean("uniform")), then_mean(B.NNM(f=f))),
+        ("arc(f, mean) = ARC(f) + mean", A.arc(f, A.mean("uniform")), then_mean(B.ARC(f=f))),
     ]
 
 

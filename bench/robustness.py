@@ -66,7 +66,13 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "fltrust": "name = 'fltrust'\nroot = 100", "flame": "name = 'flame'",
          "flame(lam=0.01)": "name = 'flame'\nlam = 0.01",
          "norm_bound(median)": "name = 'norm_bound'\nc = 'median'",
-         "norm_bound(median)+multi_krum": "name = 'norm_bound'\nc = 'median'\ninner = 'multi_krum'"}
+         "norm_bound(median)+multi_krum": "name = 'norm_bound'\nc = 'median'\ninner = 'multi_krum'",
+         # ARC (adaptive robust clipping of the clients' updates) before the rule
+         "arc+trimmed_mean": "name = 'trimmed_mean'\narc = true",
+         "arc+nnm+trimmed_mean": "name = 'trimmed_mean'\nnnm = true\narc = true",
+         "arc+centered_clipping(tau=0.3)": "name = 'centered_clipping'\ntau = 0.3\niters = 3\narc = true",
+         "arc+nnm+centered_clipping(tau=0.3)":
+             "name = 'centered_clipping'\ntau = 0.3\niters = 3\nnnm = true\narc = true"}
 HONEST = 10
 SECURE = "[secure]\nmethod = 'secagg'\nclip = 1.0\nbits = 16\n"
 

@@ -92,6 +92,7 @@ def test_a_round_that_cannot_finish_securely_leaves_the_model_unchanged():
     (["privacy.mode=local", "privacy.noise_multiplier=1.0"], "privacy.mode"),
     (["aggregator.name=median", "aggregator.bucket=1"], "a secure bucket needs at least 2"),
     (["aggregator.name=median", "aggregator.nnm=true"], "with nnm needs each client's"),
+    (["aggregator.name=median", "aggregator.arc=true", "aggregator.f=1"], "with arc needs each client's"),
     (["async.mode=fedbuff"], "[async]"),
     (["secure.threshold=9", "secure.method=secagg+", "secure.neighbours=4"], "exceeds"),
 ])

@@ -10,6 +10,11 @@
   state (seed, round count), so a run is reproducible and resumes exactly.
 - ``nnm(f, inner)``: replace every update by the mean of its ``n - f`` nearest updates (itself
   included), then ``inner`` (Allouah et al., AISTATS 2023).
+- ``arc(f, inner)``: adaptive robust clipping: the ``k = floor(2 (f/n) (n - f))`` largest-norm
+  updates are scaled down to the norm of the ``(k + 1)``-th largest, then ``inner`` (Allouah et
+  al. 2024, arXiv:2405.14432, "Boosting robustness by clipping gradients in distributed
+  learning"; ByzFL's ``ARC`` cites it as "The vital role of gradient clipping in
+  Byzantine-resilient distributed learning").
 """
 from __future__ import annotations
 
@@ -85,6 +90,27 @@ def nnm(f: int, inner: Aggregator) -> Aggregator:
         return rows[nearest].mean(dim=1), weights, own
 
     return _wrapped(f"nnm(f={f})", inner, transform)
+
+
+def arc_clipped(f: int, n: int) -> int:
+    """ARC's ``k``: how many of ``n`` updates it clips, ``floor(2 (f/n) (n - f))`` (exact in
+    integers)."""
+    return 2 * f * (n - f) // n
+
+
+def arc(f: int, inner: Aggregator) -> Aggregator:
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ValueError(f"arc: f must be an integer >= 0, got {f!r}")
+
+    def transform(rows, weights, own):
+        n = rows.shape[0]
+        need("arc", n, f + 1, "f + 1")
+        norms = rows.norm(dim=1)
+        bound = norms.sort(descending=True).values[arc_clipped(f, n)]  # the (k + 1)-th largest
+        scale = (bound / norms.clamp_min(1e-30)).clamp(max=1.0)  # 1 for all but the k largest
+        return rows * scale[:, None], weights, own
+
+    return _wrapped(f"arc(f={f})", inner, transform)
 
 
 def bucketing(s: int, inner: Aggregator, seed: int = 0) -> Aggregator:

@@ -17,8 +17,9 @@ def with_secure(cfg: Config, algorithm, fed):
     s, m = cfg.secure, cfg.secure.method
     why = []
     g = cfg.aggregator
-    if g.nnm or (g.name != "mean" and not g.bucket):
-        why.append(f"aggregator.name = {g.name!r}{' with nnm' if g.nnm else ''} needs each client's "
+    mixed = " and ".join(k for k in ("nnm", "arc") if getattr(g, k))  # they mix / clip single rows
+    if mixed or (g.name != "mean" and not g.bucket):
+        why.append(f"aggregator.name = {g.name!r}{' with ' + mixed if mixed else ''} needs each client's "
                    "update, which a secure sum hides (set aggregator.bucket = s to run the rule "
                    "over the means of securely summed buckets of s clients)")
     if g.bucket and (g.bucket < 2 or cfg.privacy.mode != "none"):
@@ -64,7 +65,7 @@ def build_aggregator(cfg: Config, server_update=None):
 
     g, a = cfg.aggregator, cfg.algorithm
     _check_trust(g, server_update)
-    if g.name == "mean" and not (g.nnm or g.bucket):
+    if g.name == "mean" and not (g.nnm or g.bucket or g.arc):
         return A.mean(a.weighting)
     where = {"algorithm.name": a.name if a.name in ("fednova", "scaffold", "fedagrac") else None,
              "privacy.mode": cfg.privacy.mode if cfg.privacy.mode == "dp_fedavg" else None,
@@ -100,7 +101,21 @@ def build_aggregator(cfg: Config, server_update=None):
         agg = A.nnm(g.f, agg)
     if g.bucket and cfg.secure.method == "none":  # under [secure] the buckets are secure sums
         agg = A.bucketing(g.bucket, agg, seed=cfg.seed)
+    if g.arc:  # ARC clips the clients' own updates, before any mixing or bucketing
+        agg = A.arc(_arc_f(g, cfg), agg)
     return agg
+
+
+def _arc_f(g: AggregatorConfig, cfg: Config) -> int:
+    """``aggregator.f`` for ``arc = true``: fewer than a round's cohort (ARC clips the
+    floor(2 (f/n) (n - f)) largest of n updates; none at f = 0, as with ``nnm``'s f = 0, which
+    the benchmark's clean rows use)."""
+    cohort = min(cfg.data.num_clients, cfg.sampling.clients_per_round or cfg.data.num_clients)
+    if cohort and g.f >= cohort:
+        raise ConfigError(f"aggregator.arc = true with aggregator.f = {g.f}: a round has "
+                          f"{cohort} updates (data.num_clients, sampling.clients_per_round), ARC "
+                          "needs more than f")
+    return g.f
 
 
 def _theta(g: AggregatorConfig, cfg: Config) -> int:
@@ -121,9 +136,9 @@ def _theta(g: AggregatorConfig, cfg: Config) -> int:
 
 
 def _check_trust(g: AggregatorConfig, server_update) -> None:
-    if g.name in ("fltrust", "flame") and (g.nnm or g.bucket):
+    if g.name in ("fltrust", "flame") and (g.nnm or g.bucket or g.arc):
         raise ConfigError(f"aggregator.name = {g.name!r} chooses whom to trust from the raw updates: "
-                          "it cannot run after aggregator.nnm or aggregator.bucket")
+                          "it cannot run after aggregator.nnm, aggregator.bucket or aggregator.arc")
     if g.theta is not None and g.name != "rlr":
         raise ConfigError(f"aggregator.theta = {g.theta} is rlr's threshold; aggregator.name = "
                           f"{g.name!r} does not use it")

@@ -99,6 +99,7 @@ class AggregatorConfig(_Section):
                    "norm_bound"] = "mean"               # norm_bound's / rlr's inner rule (norm_bound: rlr only)
     theta: int | None = Field(None, ge=1, strict=True)       # rlr: least |sum of signs| that keeps a coordinate's sign
     nnm: bool = False                           # nearest-neighbour mixing before the rule
+    arc: bool = False                           # adaptive robust clipping (ARC) first, needs f >= 1
     bucket: int = Field(0, ge=0)                # bucketing: bucket size s (0 = off)
     root: int = Field(0, ge=0)                  # fltrust: root samples the server trains on
     lam: float = Field(0.001, ge=0)             # flame: noise std = lam * median update norm
