@@ -89,12 +89,15 @@ def rule_text(rule):
     of R with ``bucket = S`` (run under ``[secure]``)."""
     if rule.startswith("secure(s="):
         s, inner = rule[len("secure(s="):].split(") ", 1)
-        return f"{RULES[inner]}\nbucket = {int(s)}"
+        return f"{rule_text(inner)}\nbucket = {int(s)}"
     if rule.startswith("rlr(theta="):  # rlr(theta=T), or rlr(theta=T)+INNER (median, norm_bound(median))
         theta, _, inner = rule[len("rlr(theta="):].partition(")")
         inner = inner.removeprefix("+") or "mean"
         inner = "'norm_bound'\nc = 'median'" if inner == "norm_bound(median)" else repr(inner)
         return f"name = 'rlr'\ntheta = {int(theta)}\ninner = {inner}"
+    if rule not in RULES and rule.startswith("centered_clipping(tau="):  # any tau, iters 3
+        tau = rule[len("centered_clipping(tau="):-1]
+        return f"name = 'centered_clipping'\ntau = {repr(tau) if tau == 'median' else float(tau)}\niters = 3"
     return RULES[rule]
 
 
@@ -143,13 +146,15 @@ every = {rounds}
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
-        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False):
+        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False,
+        max_weight=None):
     """Final test accuracy (and with ``backdoor``, the trigger's success rate).
     ``only_honest``: the attackers' clients are left out of the run (their data unused);
     ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
                                             f"algorithm.server_lr={server_lr}",
+                                            *([f"secure.max_weight={max_weight}"] if max_weight else []),
                                             *([f"attack.scale={boost}"] if attack == "backdoor" else [])])
     fed = None
     if name == "mnistlike":
@@ -158,6 +163,9 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
                          seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
                          client_test_fraction=0.0)
     alg, model, fed, plan = config.build(cfg, data=fed)
+    if max_weight == 0 and alg.secure is not None:  # weights by record count (before 2026-12-06)
+        alg = dataclasses.replace(alg, secure=dataclasses.replace(
+            alg.secure, max_weight=float(max(c.n for c in fed.clients))))
     if plain_sum and alg.secure is not None:
         alg = dataclasses.replace(alg, secure=PlainSum(**vars(alg.secure)))
     if only_honest:
@@ -228,6 +236,9 @@ def main():
                     help="plain: PlainSum, the protocol's sum without its masks (bench only)")
     ap.add_argument("--secure-only", action="store_true", help="with --secure-buckets: only "
                     "the secure rows (the plaintext ones from another run, --merge)")
+    ap.add_argument("--secure-max-weight", type=float, default=None,
+                    help="secure.max_weight for the secure rules (default with buckets: 1, one vote per "
+                    "client in its bucket; 0: the largest record count, each client weighs its count)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
     ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
                     "print and write (--out) their rows merged, running nothing")
@@ -278,7 +289,8 @@ def worst_case(a, name, split, rule, f, clean, seed=0):
     for attack in filter(None, a.attacks.split(",")):
         try:
             accs[attack] = one(name, split, rule, f, attack, a.rounds, seed, a.momentum,
-                               a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain")
+                               a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain",
+                               max_weight=a.secure_max_weight)
         except ValueError as exc:
             return {**row, "error": str(exc)}
     worst = {"worst_attack": min(accs, key=accs.get)} if accs else {}
@@ -294,7 +306,8 @@ def grid(a, rules, out):
                                                a.split.split(",")):
         clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, seed, a.momentum,
                                                  a.server_momentum, a.server_lr,
-                                                 plain_sum=a.secure_sum == "plain")
+                                                 plain_sum=a.secure_sum == "plain",
+                                                 max_weight=a.secure_max_weight)
                  for r in rules}
         for f, rule in itertools.product(map(int, a.f.split(",")), rules):
             results.append(worst_case(a, name, split, rule, f, clean[rule], seed))
