@@ -240,6 +240,8 @@ def main():
                     help="secure.max_weight for the secure rules (default with buckets: 1, one vote per "
                     "client in its bucket; 0: the largest record count, each client weighs its count)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
+    ap.add_argument("--versus", default=None, help="the plaintext rule each secure cell is compared "
+                    "with (default: its own rule R; with --merge, its rows must be in the merged files)")
     ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
                     "print and write (--out) their rows merged, running nothing")
     a = ap.parse_args()
@@ -250,7 +252,7 @@ def main():
     rules = [] if a.secure_only else a.rules.split(",")
     rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
               for r in a.rules.split(",")]
-    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules and r["data"] in a.data
+    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules + [a.versus] and r["data"] in a.data
                 and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
                 and str(r["seed"]) in a.seeds.split(",")]
                if a.merge else grid(a, rules, Path(a.out)))
@@ -346,7 +348,7 @@ def print_tables(a, rules, results):
             print("|---|---|---|---|---|---|---|---|---|")
         for r in secure:
             s, inner = r["rule"][len("secure(s="):].split(") ", 1)
-            p = plaintext_of(r, at)
+            p = plaintext_of(r, at, a.versus)
             both = set(r.get("all", {})) & set(p.get("all", {}))
             diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
                     + (f" ({len(both)})" if len(both) < n else "") if both else "")
@@ -355,17 +357,18 @@ def print_tables(a, rules, results):
             print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} "
                   f"| {clean} |")
     if len(seeds) > 1:
-        over_seeds(results, n)
+        over_seeds(results, n, a.versus)
 
 
-def plaintext_of(r, results):
-    """The plaintext row of the secure row ``r`` (same data, split, f and seed)."""
-    inner = r["rule"].split(") ", 1)[1]
+def plaintext_of(r, results, versus=None):
+    """The plaintext row of the secure row ``r`` (same data, split, f and seed): its own rule's,
+    or ``versus``'s (``--versus``)."""
+    inner = versus or r["rule"].split(") ", 1)[1]
     return next((q for q in results if (q["data"], q["split"], q["f"], q["rule"], q["seed"]) ==
                  (r["data"], r["split"], r["f"], inner, r["seed"])), {"error": "not run"})
 
 
-def over_seeds(results, n):
+def over_seeds(results, n, versus=None):
     """Per secure cell: the worst over seeds and attacks of the secure rule and of plaintext,
     the difference in points, the per-seed differences, and the lowest clean accuracy."""
     print("\n| data | split | f | rule | s | seeds | plaintext worst (seed) | secure worst (seed) | points "
@@ -377,7 +380,7 @@ def over_seeds(results, n):
             cells.setdefault((r["data"], r["split"], r["f"], r["rule"]), []).append(r)
     for (name, split, f, rule), rs in cells.items():
         s, inner = rule[len("secure(s="):].split(") ", 1)
-        ps = [p for p in map(lambda r: plaintext_of(r, results), rs) if "worst" in p]
+        ps = [p for p in map(lambda r: plaintext_of(r, results, versus), rs) if "worst" in p]
         if len(ps) < len(rs):
             continue
         low = lambda rows: min(rows, key=lambda r: r["worst"])  # noqa: E731
