@@ -25,7 +25,10 @@ Prints a Markdown table per data set and writes bench/out/robustness.json (``--o
 file: a partial run then leaves the committed figures alone), rewritten after every row.
 ``--seeds 0,1,2``: every row per seed (split, initial model, batches, the attackers' noise, the
 buckets); with several, the secure cells' worst over seeds. ``--attacks ""``: only the clean runs
-(rows without attacks, for ``--merge``)."""
+(rows without attacks, for ``--merge``). ``--versus RULE``: each secure cell against plaintext
+RULE instead of its own rule. ``--secure-max-weight 0``: secure bucket means weighted by record
+count, as before 2026-12-06 (default with buckets: every client counts one).
+``centered_clipping(tau=X)``: any radius, ``X = median`` too (iters 3)."""
 from __future__ import annotations
 
 import argparse
