@@ -92,7 +92,8 @@ class AggregatorConfig(_Section):
                   "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame", "rlr"] = "mean"
     f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
-    tau: Annotated[float, Field(gt=0)] | Literal["median"] = 10.0  # centered_clipping radius, or "median" (each iteration's median distance)
+    # centered_clipping radius, or "median": each iteration's median distance from the centre
+    tau: Annotated[float, Field(gt=0)] | Literal["median"] = 10.0
     iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
     c: Annotated[float, Field(gt=0)] | Literal["median"] | None = None  # norm_bound: bound or "median"
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
