@@ -25,7 +25,10 @@ Prints a Markdown table per data set and writes bench/out/robustness.json (``--o
 file: a partial run then leaves the committed figures alone), rewritten after every row.
 ``--seeds 0,1,2``: every row per seed (split, initial model, batches, the attackers' noise, the
 buckets); with several, the secure cells' worst over seeds. ``--attacks ""``: only the clean runs
-(rows without attacks, for ``--merge``)."""
+(rows without attacks, for ``--merge``). ``--versus RULE``: each secure cell against plaintext
+RULE instead of its own rule. ``--secure-max-weight 0``: secure bucket means weighted by record
+count, as before 2026-12-06 (default with buckets: every client counts one).
+``centered_clipping(tau=X)``: any radius, ``X = median`` too (iters 3)."""
 from __future__ import annotations
 
 import argparse
@@ -95,12 +98,15 @@ def rule_text(rule):
     of R with ``bucket = S`` (run under ``[secure]``)."""
     if rule.startswith("secure(s="):
         s, inner = rule[len("secure(s="):].split(") ", 1)
-        return f"{RULES[inner]}\nbucket = {int(s)}"
+        return f"{rule_text(inner)}\nbucket = {int(s)}"
     if rule.startswith("rlr(theta="):  # rlr(theta=T), or rlr(theta=T)+INNER (median, norm_bound(median))
         theta, _, inner = rule[len("rlr(theta="):].partition(")")
         inner = inner.removeprefix("+") or "mean"
         inner = "'norm_bound'\nc = 'median'" if inner == "norm_bound(median)" else repr(inner)
         return f"name = 'rlr'\ntheta = {int(theta)}\ninner = {inner}"
+    if rule not in RULES and rule.startswith("centered_clipping(tau="):  # any tau, iters 3
+        tau = rule[len("centered_clipping(tau="):-1]
+        return f"name = 'centered_clipping'\ntau = {repr(tau) if tau == 'median' else float(tau)}\niters = 3"
     return RULES[rule]
 
 
@@ -149,13 +155,15 @@ every = {rounds}
 
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
-        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False):
+        server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False,
+        max_weight=None):
     """Final test accuracy (and with ``backdoor``, the trigger's success rate).
     ``only_honest``: the attackers' clients are left out of the run (their data unused);
     ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
                                             f"algorithm.server_lr={server_lr}",
+                                            *([f"secure.max_weight={max_weight}"] if max_weight else []),
                                             *([f"attack.scale={boost}"] if attack == "backdoor" else [])])
     fed = None
     if name == "mnistlike":
@@ -164,6 +172,9 @@ def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momen
                          seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
                          client_test_fraction=0.0)
     alg, model, fed, plan = config.build(cfg, data=fed)
+    if max_weight == 0 and alg.secure is not None:  # weights by record count (before 2026-12-06)
+        alg = dataclasses.replace(alg, secure=dataclasses.replace(
+            alg.secure, max_weight=float(max(c.n for c in fed.clients))))
     if plain_sum and alg.secure is not None:
         alg = dataclasses.replace(alg, secure=PlainSum(**vars(alg.secure)))
     if only_honest:
@@ -234,7 +245,12 @@ def main():
                     help="plain: PlainSum, the protocol's sum without its masks (bench only)")
     ap.add_argument("--secure-only", action="store_true", help="with --secure-buckets: only "
                     "the secure rows (the plaintext ones from another run, --merge)")
+    ap.add_argument("--secure-max-weight", type=float, default=None,
+                    help="secure.max_weight for the secure rules (default with buckets: 1, one vote per "
+                    "client in its bucket; 0: the largest record count, each client weighs its count)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
+    ap.add_argument("--versus", default=None, help="the plaintext rule each secure cell is compared "
+                    "with (default: its own rule R; with --merge, its rows must be in the merged files)")
     ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
                     "print and write (--out) their rows merged, running nothing")
     a = ap.parse_args()
@@ -245,7 +261,7 @@ def main():
     rules = [] if a.secure_only else a.rules.split(",")
     rules += [f"secure(s={s}) {r}" for s in map(int, filter(None, a.secure_buckets.split(",")))
               for r in a.rules.split(",")]
-    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules and r["data"] in a.data
+    results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules + [a.versus] and r["data"] in a.data
                 and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
                 and str(r["seed"]) in a.seeds.split(",")]
                if a.merge else grid(a, rules, Path(a.out)))
@@ -284,7 +300,8 @@ def worst_case(a, name, split, rule, f, clean, seed=0):
     for attack in filter(None, a.attacks.split(",")):
         try:
             accs[attack] = one(name, split, rule, f, attack, a.rounds, seed, a.momentum,
-                               a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain")
+                               a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain",
+                               max_weight=a.secure_max_weight)
         except ValueError as exc:
             return {**row, "error": str(exc)}
     worst = {"worst_attack": min(accs, key=accs.get)} if accs else {}
@@ -300,7 +317,8 @@ def grid(a, rules, out):
                                                a.split.split(",")):
         clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, seed, a.momentum,
                                                  a.server_momentum, a.server_lr,
-                                                 plain_sum=a.secure_sum == "plain")
+                                                 plain_sum=a.secure_sum == "plain",
+                                                 max_weight=a.secure_max_weight)
                  for r in rules}
         for f, rule in itertools.product(map(int, a.f.split(",")), rules):
             results.append(worst_case(a, name, split, rule, f, clean[rule], seed))
@@ -339,7 +357,7 @@ def print_tables(a, rules, results):
             print("|---|---|---|---|---|---|---|---|---|")
         for r in secure:
             s, inner = r["rule"][len("secure(s="):].split(") ", 1)
-            p = plaintext_of(r, at)
+            p = plaintext_of(r, at, a.versus)
             both = set(r.get("all", {})) & set(p.get("all", {}))
             diff = (f"{100 * (min(r['all'][k] for k in both) - min(p['all'][k] for k in both)):+.1f}"
                     + (f" ({len(both)})" if len(both) < n else "") if both else "")
@@ -348,17 +366,18 @@ def print_tables(a, rules, results):
             print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} "
                   f"| {clean} |")
     if len(seeds) > 1:
-        over_seeds(results, n)
+        over_seeds(results, n, a.versus)
 
 
-def plaintext_of(r, results):
-    """The plaintext row of the secure row ``r`` (same data, split, f and seed)."""
-    inner = r["rule"].split(") ", 1)[1]
+def plaintext_of(r, results, versus=None):
+    """The plaintext row of the secure row ``r`` (same data, split, f and seed): its own rule's,
+    or ``versus``'s (``--versus``)."""
+    inner = versus or r["rule"].split(") ", 1)[1]
     return next((q for q in results if (q["data"], q["split"], q["f"], q["rule"], q["seed"]) ==
                  (r["data"], r["split"], r["f"], inner, r["seed"])), {"error": "not run"})
 
 
-def over_seeds(results, n):
+def over_seeds(results, n, versus=None):
     """Per secure cell: the worst over seeds and attacks of the secure rule and of plaintext,
     the difference in points, the per-seed differences, and the lowest clean accuracy."""
     print("\n| data | split | f | rule | s | seeds | plaintext worst (seed) | secure worst (seed) | points "
@@ -370,7 +389,7 @@ def over_seeds(results, n):
             cells.setdefault((r["data"], r["split"], r["f"], r["rule"]), []).append(r)
     for (name, split, f, rule), rs in cells.items():
         s, inner = rule[len("secure(s="):].split(") ", 1)
-        ps = [p for p in map(lambda r: plaintext_of(r, results), rs) if "worst" in p]
+        ps = [p for p in map(lambda r: plaintext_of(r, results, versus), rs) if "worst" in p]
         if len(ps) < len(rs):
             continue
         low = lambda rows: min(rows, key=lambda r: r["worst"])  # noqa: E731

@@ -52,6 +52,11 @@ def test_composed_rules_are_built_from_the_config():
         config.build_aggregator(config.load(text="[aggregator]\nname='norm_bound'\n"))
     median = config.load(text="[aggregator]\nname='norm_bound'\nc='median'\ninner='multi_krum'\nf=2\n")
     assert config.build_aggregator(median).name == "norm_bound(c=median)(multi_krum(f=2))"
+    cc = config.load(text="[aggregator]\nname='centered_clipping'\ntau='median'\niters=3\n")
+    assert config.build_aggregator(cc).name == "centered_clipping(tau=median)"
+    for bad in ("tau=0.0", "tau='mean'"):
+        with pytest.raises(config.ConfigError, match="aggregator.tau"):
+            config.load(text=f"[aggregator]\nname='centered_clipping'\n{bad}\n")
     for bad in ("c=-1.0", "c='mean'"):
         with pytest.raises(config.ConfigError, match="aggregator.c"):
             config.load(text=f"[aggregator]\nname='norm_bound'\n{bad}\n")

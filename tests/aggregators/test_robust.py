@@ -155,6 +155,35 @@ def test_centered_clipping_iterates_from_the_previous_aggregate():
     close(out2, v)
 
 
+def test_centered_clipping_median_radius_is_each_iterations_median_distance():
+    """tau = "median": every iteration clips at the median of the rows' distances from the
+    current centre (oracle below); a far row then moves the centre by at most that radius / n,
+    and the radius stays an honest row's distance however far the bad rows are."""
+    for n in (8, 9):
+        x = cohort(n=n, seed=6)
+        x[:3] *= 1e3  # 3 of n far away: fewer than half
+        v = np.zeros(x.shape[1])
+        agg = A.centered_clipping(tau="median", iters=3)
+        out, st = run(agg, x)
+        radii = []
+        for _ in range(3):
+            d = sorted(np.linalg.norm(xi - v) for xi in x)
+            r = d[n // 2] if n % 2 else (d[n // 2 - 1] + d[n // 2]) / 2
+            radii.append(r)
+            v = v + np.mean([(xi - v) * min(1.0, r / np.linalg.norm(xi - v)) for xi in x], axis=0)
+        close(out, v)
+        honest = [np.linalg.norm(xi) for xi in x[3:]]
+        assert min(honest) <= radii[0] <= max(honest)  # the first centre is 0
+        h = x[3:].mean(axis=0)  # a radius too large for this spread (tau = 10) follows the far rows
+        wide = run(A.centered_clipping(tau=10.0, iters=3), x)[0]
+        assert np.linalg.norm(out - h) < 0.4 * np.linalg.norm(wide - h)
+        assert agg.name == "centered_clipping(tau=median)"
+        close(run(agg, x, state=st)[0], run(agg, x, state={"centre": torch.tensor(v)})[0])
+    for bad in ("mean", 0.0, -1.0):
+        with pytest.raises(ValueError, match="tau must be > 0 or 'median'"):
+            A.centered_clipping(tau=bad)
+
+
 def test_bucketing_averages_buckets_of_a_seeded_permutation_and_resumes():
     x = cohort(n=10, seed=5)
     agg = A.bucketing(3, A.median(), seed=7)

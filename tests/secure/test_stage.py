@@ -125,6 +125,27 @@ def test_a_robust_rule_over_secure_buckets_survives_an_attacker_that_ruins_the_s
     assert robust.metrics[-1]["secure_buckets"] == 4 and robust.metrics[-1]["secure_survivors"] == 8
 
 
+def test_over_buckets_every_client_counts_one_in_its_bucket_mean():
+    """Under aggregator.bucket the bucket means are unweighted (secure.max_weight defaults to 1),
+    as the robust rules weigh every client's row alike in plaintext: a client's record count is
+    its own claim, and weighing it let one attacker outweigh its bucket's honest half. Without
+    buckets the secure mean stays weighted FedAvg (max_weight: the largest count). Before:
+    count-weighted bucket means (the pair below: 0.96 x_big + 0.04 x_small)."""
+    cfg = lambda *o: config.load(text=BASE, overrides=["secure.method=secagg", "secure.clip=1.0", *o])  # noqa: E731
+    alg, _, fed, _ = config.build(cfg("aggregator.name=median", "aggregator.bucket=2"))
+    counts = sorted(c.n for c in fed.clients)
+    assert alg.secure.max_weight == 1.0 and alg.secure.bucket == 2
+    assert config.build(cfg())[0].secure.max_weight == float(counts[-1])
+    assert config.build(cfg("aggregator.name=median", "aggregator.bucket=2",
+                            "secure.max_weight=500"))[0].secure.max_weight == 500.0  # as set
+    like = {"w": torch.zeros(4, dtype=torch.float64)}
+    big, small = torch.tensor([0.8, -0.4, 0.2, 0.0]), torch.tensor([-0.6, 0.2, 0.4, 0.1])
+    inputs = {0: alg.secure.encode({"w": big}, n=counts[-1], key=0),  # the largest client ...
+              1: alg.secure.encode({"w": small}, n=counts[-1] / 24, key=1)}  # ... and one 24x smaller
+    mean, _ = alg.secure.aggregate(inputs, 1, like)
+    assert torch.allclose(mean["w"], ((big + small) / 2).double(), atol=2 / alg.secure.top)
+
+
 @pytest.mark.parametrize("uplink, clip", [("count_sketch(3, 100, estimator=mean)", 1.0),
                                           ("rand_k(0.2, masked=true)", 10.0)])  # kept values x 5
 def test_linear_codecs_are_summed_securely_and_decoded_once(uplink, clip):

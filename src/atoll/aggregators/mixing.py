@@ -1,7 +1,10 @@
 """Robust rules that reshape the cohort before (or instead of) a robust centre.
 
 - ``centered_clipping(tau, iters)``: ``v <- v + mean_i clip_tau(x_i - v)`` from the previous
-  round's aggregate (Karimireddy, He & Jaggi, ICML 2021).
+  round's aggregate (Karimireddy, He & Jaggi, ICML 2021). ``tau = "median"``: each iteration's
+  radius is the median of the rows' distances from ``v``, so it follows the honest spread as the
+  updates shrink over training and as averaging (secure buckets) narrows it; it needs no scale,
+  and with fewer than half the rows bad the median distance is bounded by an honest row's.
 - ``norm_bound(c, inner)``: scale every update to L2 norm at most ``c``, then ``inner``
   (Sun et al. 2019, "Can you really backdoor federated learning?"); ``c = "median"`` bounds each
   round by the median norm of that round's updates (FLAME's clipping bound, Nguyen et al. 2022).
@@ -31,9 +34,9 @@ def _uniform(ids, samples):
     return torch.ones_like(samples)
 
 
-def centered_clipping(tau: float = 10.0, iters: int = 1) -> Aggregator:
-    if not tau > 0:
-        raise ValueError(f"centered_clipping: tau must be > 0, got {tau}")
+def centered_clipping(tau: float | str = 10.0, iters: int = 1) -> Aggregator:
+    if tau != "median" and not (isinstance(tau, (int, float)) and tau > 0):
+        raise ValueError(f"centered_clipping: tau must be > 0 or 'median', got {tau!r}")
 
     def aggregate(decoded: Tree, weights: torch.Tensor, state):
         rows, like = matrix(decoded, weights)
@@ -41,7 +44,9 @@ def centered_clipping(tau: float = 10.0, iters: int = 1) -> Aggregator:
         v = state["centre"].to(rows.dtype)
         for _ in range(iters):
             diff = rows - v
-            scale = (tau / diff.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)  # (n,)
+            dist = diff.norm(dim=1)
+            radius = coordinate_median(dist[:, None])[0] if tau == "median" else tau
+            scale = (radius / dist.clamp_min(1e-30)).clamp(max=1.0)  # (n,)
             v = v + (scale[:, None] * diff).mean(dim=0)
         return T.unflatten(v, like), {"centre": v}
 

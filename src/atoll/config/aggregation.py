@@ -38,7 +38,10 @@ def with_secure(cfg: Config, algorithm, fed):
         why.append("[async]: buffers of one client each have nothing to hide the client in")
     if why:
         raise ConfigError(f"secure.method = {m!r} cannot run with " + "; ".join(why))
-    max_weight = s.max_weight or float(max(c.n for c in fed.clients))
+    # over buckets every client counts one in its bucket's mean (unless secure.max_weight is set):
+    # the robust rules weigh each client's row alike in plaintext, and a record count is the
+    # client's own claim, so counting it would let one attacker outweigh its bucket's honest half
+    max_weight = s.max_weight or (1.0 if g.bucket else float(max(c.n for c in fed.clients)))
     if m in ("ckks", "paillier"):  # homomorphic sum (atoll.secure.he); simulation only so far
         from atoll.secure.he import HomomorphicSum
         if s.dropout or s.neighbours is not None or g.bucket:

@@ -92,7 +92,8 @@ class AggregatorConfig(_Section):
                   "geometric_median", "centered_clipping", "norm_bound", "fltrust", "flame", "rlr"] = "mean"
     f: int = Field(0, ge=0)                     # attackers the rule tolerates per cohort
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
-    tau: float = Field(10.0, gt=0)              # centered_clipping radius
+    # centered_clipping radius, or "median": each iteration's median distance from the centre
+    tau: Annotated[float, Field(gt=0)] | Literal["median"] = 10.0
     iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
     c: Annotated[float, Field(gt=0)] | Literal["median"] | None = None  # norm_bound: bound or "median"
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
@@ -256,7 +257,9 @@ class SecureConfig(_Section):
     bits: int = Field(16, ge=2, le=24)      # bits per coordinate of a client's input
     neighbours: int | None = Field(None, ge=2)  # secagg+: default 20 (or everyone, if fewer)
     threshold: int | None = Field(None, ge=1)   # default neighbours // 2 + 1
-    max_weight: float | None = Field(None, gt=0)  # public bound on a client's record count
+    # public bound on a client's record count (default: the largest; with aggregator.bucket: 1,
+    # every client counts one in its bucket's mean, as the robust rules weigh rows in plaintext)
+    max_weight: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)  # simulation: this fraction vanishes mid-protocol
     dropout_stage: int = Field(3, ge=1, le=5)  # ... before stage 1 keys, 2 shares, 3 input, 4 unmask
     # secagg / secagg+ against a malicious server: signed keys and a consistency check (stage 4,
