@@ -365,7 +365,7 @@ def print_tables(a, rules, results):
                 f", {100 * (r['clean'] - p['clean']):+.1f}" if None not in (r["clean"], p.get("clean")) else ""))
             print(f"| {r['data']} | {r['split']} | {r['f']} | {inner} | {s} | {show(p)} | {show(r)} | {diff} "
                   f"| {clean} |")
-    if len(seeds) > 1:
+    if len(seeds) > 1 and any(r["rule"].startswith("secure(s=") for r in results):
         over_seeds(results, n, a.versus)
 
 
