@@ -10,7 +10,10 @@ tool for docs/robustness.md's secure-bucket section (dir0.1, f = 2, seed 5):
 count, before 2026-12-06), ``count-claim`` (by count, the attackers claiming the largest count
 of the split: a record count is the client's own claim). Prints the accuracy, the number of
 rounds with every attacker in one bucket, each client's record count per class, and the per-class
-accuracy. ``--secure-sum plain`` semantics (``PlainSum``)."""
+accuracy. ``--secure-sum plain`` semantics (``PlainSum``). ``--trace`` (``centered_clipping`` rules):
+also each client's share of the aggregate's row weight, averaged over the last ten rounds (the
+clip scales of the rule's iterations composed; in a bucket each member gets half its row's), and
+the radius and row distances from the centre (first iteration) in the last five rounds."""
 import argparse
 import dataclasses
 import json
@@ -22,12 +25,79 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import robustness as R  # noqa: E402
 
+import atoll.aggregators as A  # noqa: E402
 from atoll import config, rng  # noqa: E402
+from atoll.aggregators.robust import coordinate_median, matrix  # noqa: E402
 from atoll.runtime.vmap import VmapRuntime  # noqa: E402
 from atoll.simulation import simulate  # noqa: E402
 
 
-def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one"):
+def tracing(log, groups):
+    """``A.centered_clipping`` with its rule unchanged, appending per round to ``log``: the rows'
+    clients (``groups``' last draw over buckets, else the cohort's ids), their composed weights,
+    the first iteration's radius and distances."""
+    orig = A.centered_clipping
+
+    def cc(tau=10.0, iters=1):
+        base, ids = orig(tau, iters), []
+
+        def weigh(client_ids, samples):
+            ids[:] = list(client_ids)
+            return base.weigh(client_ids, samples)
+
+        def aggregate(decoded, weights, state):
+            out, st = base.aggregate(decoded, weights, state)
+            rows, _ = matrix(decoded, weights)
+            v, n = state["centre"].to(rows.dtype), rows.shape[0]
+            w, radius0, dist0 = torch.zeros(n, dtype=rows.dtype), None, None
+            for _ in range(iters):  # the rule's iterations again, for the weights
+                dist = (rows - v).norm(dim=1)
+                radius = coordinate_median(dist[:, None])[0] if tau == "median" else torch.tensor(float(tau))
+                scale = (radius / dist.clamp_min(1e-30)).clamp(max=1.0)
+                w = w * (1 - scale.sum() / n) + scale / n
+                v = v + (scale[:, None] * (rows - v)).mean(dim=0)
+                radius0, dist0 = (radius, dist) if radius0 is None else (radius0, dist0)
+            assert torch.allclose(v, st["centre"])
+            rows_of = groups.pop("last") if "last" in groups else [[c] for c in ids]
+            assert [g[0] for g in rows_of] == ids  # a bucket's row comes in as its first client's
+            log.append({"groups": rows_of, "w": w.tolist(), "radius": float(radius0),
+                        "dist": dist0.tolist()})
+            return out, st
+
+        return dataclasses.replace(base, aggregate=aggregate, weigh=weigh)
+
+    return orig, cc
+
+
+def trace_summary(log, bad, last=10):
+    clients = sorted(c for g in log[-1]["groups"] for c in g)
+    share = {c: 0.0 for c in clients}
+    for rec in log[-last:]:
+        tot = sum(rec["w"])
+        for g, w in zip(rec["groups"], rec["w"]):
+            for c in g:
+                share[c] += w / len(g) / tot / last
+    tail = log[-5:]
+    rows = [(d, bool(set(g) & bad)) for rec in tail for g, d in zip(rec["groups"], rec["dist"])]
+    rng_ = lambda xs: [round(min(xs), 3), round(max(xs), 3)] if xs else None  # noqa: E731
+    return {"share_last10": {c: round(v, 3) for c, v in share.items()},
+            "radius_last5": rng_([r["radius"] for r in tail]),
+            "dist_last5_honest_rows": rng_([d for d, b in rows if not b]),
+            "dist_last5_rows_with_an_attacker": rng_([d for d, b in rows if b])}
+
+
+def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one", trace=False):
+    log, groups = [], {}
+    if trace:
+        orig_cc, A.centered_clipping = tracing(log, groups)
+    try:
+        return _run(rule, split, f, attack, seed, rounds, salt, weights, log if trace else None, groups)
+    finally:
+        if trace:
+            A.centered_clipping = orig_cc
+
+
+def _run(rule, split, f, attack, seed, rounds, salt, weights, log, groups):
     text = R.config_text(split, rule, f, attack, rounds, seed)
     cfg = config.load(text=text)
     alg, model, fed, plan = config.build(cfg)
@@ -41,6 +111,7 @@ def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one"):
             def buckets(self, clients, key):
                 g = super().buckets(clients, key ^ (salt * 0x9E3779B97F4A7C15 % (1 << 63)) if salt else key)
                 together[0] += bool(bad) and any(set(x) >= bad for x in g)
+                groups["last"] = g
                 return g
 
             def encode(self, delta, n, key):
@@ -55,7 +126,8 @@ def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one"):
     counts = [[int((c.y == j).sum()) for j in range(k)] for c in fed.clients]
     return {"rule": rule, "split": split, "f": f, "attack": attack, "seed": seed, "salt": salt,
             "weights": weights, "acc": round(float(res.final["test_acc"]), 4),
-            "rounds_attackers_together": together[0], "per_class": per_class, "counts": counts}
+            "rounds_attackers_together": together[0], "per_class": per_class, "counts": counts,
+            **({"trace": trace_summary(log, bad)} if log else {})}
 
 
 def main():
@@ -68,9 +140,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--salt", type=int, default=0)
     ap.add_argument("--weights", choices=["one", "count", "count-claim"], default="one")
+    ap.add_argument("--trace", action="store_true")
     a = ap.parse_args()
     out = run(a.rule, a.split, a.f, None if a.attack == "none" else a.attack, a.seed, a.rounds,
-              a.salt, a.weights)
+              a.salt, a.weights, a.trace)
     print(json.dumps(out))
 
 

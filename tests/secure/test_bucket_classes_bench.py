@@ -51,3 +51,15 @@ def test_the_knobs():
     one = P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=6)
     salted = [P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=6, salt=s) for s in (1, 2)]
     assert all((x["acc"], x["per_class"]) != (one["acc"], one["per_class"]) for x in salted)
+
+
+@pytest.mark.parametrize("rule", ["centered_clipping(tau=median)", RULE])
+def test_the_trace_leaves_the_run_alone_and_accounts_for_every_client(rule):
+    plain = P.run(rule, "dir0.1", 2, "sign_flip", seed=5, rounds=10)
+    traced = P.run(rule, "dir0.1", 2, "sign_flip", seed=5, rounds=10, trace=True)
+    assert traced["acc"] == plain["acc"] and traced["per_class"] == plain["per_class"]
+    t = traced["trace"]
+    assert sorted(int(c) for c in t["share_last10"]) == list(range(12))
+    assert sum(t["share_last10"].values()) == pytest.approx(1.0, abs=7e-3)  # 12 rounded shares
+    assert t["radius_last5"][0] <= t["radius_last5"][1]
+    assert P.A.centered_clipping.__name__ == "centered_clipping"  # restored after the run
