@@ -38,8 +38,8 @@ def tracing(log, groups):
     the first iteration's radius and distances."""
     orig = A.centered_clipping
 
-    def cc(tau=10.0, iters=1):
-        base, ids = orig(tau, iters), []
+    def cc(tau=10.0, iters=1, shrink=1.0):
+        base, ids = orig(tau, iters, shrink), []
 
         def weigh(client_ids, samples):
             ids[:] = list(client_ids)
@@ -52,7 +52,8 @@ def tracing(log, groups):
             w, radius0, dist0 = torch.zeros(n, dtype=rows.dtype), None, None
             for _ in range(iters):  # the rule's iterations again, for the weights
                 dist = (rows - v).norm(dim=1)
-                radius = coordinate_median(dist[:, None])[0] if tau == "median" else torch.tensor(float(tau))
+                radius = (coordinate_median(dist[:, None])[0] * shrink if tau == "median"
+                          else torch.tensor(float(tau)))
                 scale = (radius / dist.clamp_min(1e-30)).clamp(max=1.0)
                 w = w * (1 - scale.sum() / n) + scale / n
                 v = v + (scale[:, None] * (rows - v)).mean(dim=0)
