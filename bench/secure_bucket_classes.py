@@ -13,7 +13,9 @@ rounds with every attacker in one bucket, each client's record count per class, 
 accuracy. ``--secure-sum plain`` semantics (``PlainSum``). ``--trace`` (``centered_clipping`` rules):
 also each client's share of the aggregate's row weight, averaged over the last ten rounds (the
 clip scales of the rule's iterations composed; in a bucket each member gets half its row's), and
-the radius and row distances from the centre (first iteration) in the last five rounds."""
+the radius and row distances from the centre (first iteration) in the last five rounds.
+``--shrink K``: the median radius times K instead of the config's 1/sqrt(s) over secure buckets
+(``--shrink 1``: the rule before 2026-12-06)."""
 import argparse
 import dataclasses
 import json
@@ -88,15 +90,20 @@ def trace_summary(log, bad, last=10):
             "dist_last5_rows_with_an_attacker": rng_([d for d, b in rows if b])}
 
 
-def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one", trace=False):
+def run(rule, split, f, attack, seed, rounds=40, salt=0, weights="one", trace=False, shrink=None):
+    """``shrink``: centered clipping's median-radius factor instead of the config's (over secure
+    buckets of s: 1/sqrt(s) since 2026-12-06; ``shrink = 1`` is the rule before)."""
     log, groups = [], {}
+    orig_cc = A.centered_clipping
     if trace:
-        orig_cc, A.centered_clipping = tracing(log, groups)
+        A.centered_clipping = tracing(log, groups)[1]
+    if shrink is not None:
+        made = A.centered_clipping
+        A.centered_clipping = lambda tau=10.0, iters=1, shrink_=1.0: made(tau, iters, shrink)
     try:
         return _run(rule, split, f, attack, seed, rounds, salt, weights, log if trace else None, groups)
     finally:
-        if trace:
-            A.centered_clipping = orig_cc
+        A.centered_clipping = orig_cc
 
 
 def _run(rule, split, f, attack, seed, rounds, salt, weights, log, groups):
@@ -143,9 +150,11 @@ def main():
     ap.add_argument("--salt", type=int, default=0)
     ap.add_argument("--weights", choices=["one", "count", "count-claim"], default="one")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--shrink", type=float, default=None,
+                    help="centered clipping's median-radius factor (1: the rule before 2026-12-06)")
     a = ap.parse_args()
     out = run(a.rule, a.split, a.f, None if a.attack == "none" else a.attack, a.seed, a.rounds,
-              a.salt, a.weights, a.trace)
+              a.salt, a.weights, a.trace, a.shrink)
     print(json.dumps(out))
 
 

@@ -63,3 +63,12 @@ def test_the_trace_leaves_the_run_alone_and_accounts_for_every_client(rule):
     assert sum(t["share_last10"].values()) == pytest.approx(1.0, abs=7e-3)  # 12 rounded shares
     assert t["radius_last5"][0] <= t["radius_last5"][1]
     assert P.A.centered_clipping.__name__ == "centered_clipping"  # restored after the run
+
+
+def test_shrink_one_is_the_rule_before_and_the_default_is_one_over_sqrt_s():
+    default = P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=8)
+    same = P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=8, shrink=0.5 ** 0.5)
+    before = P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=8, shrink=1.0, trace=True)
+    assert (same["acc"], same["per_class"]) == (default["acc"], default["per_class"])
+    assert (before["acc"], before["per_class"]) != (default["acc"], default["per_class"])
+    assert P.A.centered_clipping.__name__ == "centered_clipping"  # restored after the run
