@@ -84,7 +84,8 @@ def build_aggregator(cfg: Config, server_update=None):
 
     # over secure buckets of s the median radius shrinks by sqrt(s): a bucket with one attacker
     # holds a whole attacker, its mean only half of one (mixing.centered_clipping; docs/robustness.md)
-    shrink = 1 / math.sqrt(g.bucket) if g.bucket and g.tau == "median" and cfg.secure.method != "none" else 1.0
+    secure_buckets = bool(g.bucket) and cfg.secure.method != "none"
+    shrink = 1 / math.sqrt(g.bucket) if secure_buckets and g.tau == "median" else 1.0
 
     def rule(name):
         make = {"mean": lambda: A.mean("uniform"), "median": A.median, "trimmed_mean": lambda: A.trimmed_mean(g.f),
