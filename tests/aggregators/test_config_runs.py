@@ -54,6 +54,17 @@ def test_composed_rules_are_built_from_the_config():
     assert config.build_aggregator(median).name == "norm_bound(c=median)(multi_krum(f=2))"
     cc = config.load(text="[aggregator]\nname='centered_clipping'\ntau='median'\niters=3\n")
     assert config.build_aggregator(cc).name == "centered_clipping(tau=median)"
+    # over secure buckets of s the median radius shrinks by 1/sqrt(s); plaintext bucketing and a
+    # fixed radius keep theirs
+    sec = "[secure]\nmethod='secagg'\n[aggregator]\nname='centered_clipping'\niters=3\nbucket="
+    assert config.build_aggregator(config.load(text=sec + "2\ntau='median'\n")).name == \
+        "centered_clipping(tau=median*0.7071)"
+    assert config.build_aggregator(config.load(text=sec + "4\ntau='median'\n")).name == \
+        "centered_clipping(tau=median*0.5)"
+    assert config.build_aggregator(config.load(text=sec + "2\ntau=0.3\n")).name == "centered_clipping(tau=0.3)"
+    plain = "[aggregator]\nname='centered_clipping'\ntau='median'\niters=3\nbucket=2\n"
+    assert config.build_aggregator(config.load(text=plain)).name == \
+        "bucketing(s=2)(centered_clipping(tau=median))"
     for bad in ("tau=0.0", "tau='mean'"):
         with pytest.raises(config.ConfigError, match="aggregator.tau"):
             config.load(text=f"[aggregator]\nname='centered_clipping'\n{bad}\n")

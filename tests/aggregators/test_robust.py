@@ -184,6 +184,30 @@ def test_centered_clipping_median_radius_is_each_iterations_median_distance():
             A.centered_clipping(tau=bad)
 
 
+def test_centered_clipping_median_radius_shrink_multiplies_each_iterations_median():
+    """shrink (secure buckets: 1/sqrt(s)): every iteration clips at shrink x the median distance
+    (oracle below); shrink 1 is the plain median rule; refused without tau = "median"."""
+    x = cohort(n=6, seed=8)
+    x[:2] *= 30  # 2 of 6 far: a half-bad bucket's row each
+    for shrink in (1.0, 0.5 ** 0.5, 0.25):
+        v = np.zeros(x.shape[1])
+        for _ in range(3):
+            d = sorted(np.linalg.norm(xi - v) for xi in x)
+            r = (d[2] + d[3]) / 2 * shrink
+            v = v + np.mean([(xi - v) * min(1.0, r / np.linalg.norm(xi - v)) for xi in x], axis=0)
+        agg = A.centered_clipping(tau="median", iters=3, shrink=shrink)
+        close(run(agg, x)[0], v)
+    assert A.centered_clipping(tau="median", shrink=1.0).name == "centered_clipping(tau=median)"
+    assert A.centered_clipping(tau="median", shrink=0.5 ** 0.5).name == "centered_clipping(tau=median*0.7071)"
+    # a smaller radius lets the far rows pull the centre less
+    far = x[:2].mean(axis=0)
+    pull = [np.dot(run(A.centered_clipping(tau="median", iters=3, shrink=k), x)[0], far) for k in (1.0, 0.5)]
+    assert pull[1] < pull[0]
+    for tau, shrink in (("median", 0.0), ("median", 1.5), ("median", -1.0), (0.3, 0.5)):
+        with pytest.raises(ValueError, match="shrink must be in"):
+            A.centered_clipping(tau=tau, shrink=shrink)
+
+
 def test_bucketing_averages_buckets_of_a_seeded_permutation_and_resumes():
     x = cohort(n=10, seed=5)
     agg = A.bucketing(3, A.median(), seed=7)

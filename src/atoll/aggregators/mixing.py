@@ -5,6 +5,12 @@
   radius is the median of the rows' distances from ``v``, so it follows the honest spread as the
   updates shrink over training and as averaging (secure buckets) narrows it; it needs no scale,
   and with fewer than half the rows bad the median distance is bounded by an honest row's.
+  ``shrink`` (``tau = "median"`` only) multiplies that radius: over secure buckets of ``s`` the
+  config passes ``1/sqrt(s)``. A bucket with one attacker may be cut only to the radius and holds a
+  whole attacker, so with the median radius each attacker kept about twice its plaintext share of
+  the clipped weight (docs/robustness.md, "dir0.1, f = 2, seed 5"); a bucket mean of independent
+  honest rows spreads ``1/sqrt(s)`` of a row, and ``median / sqrt(s)`` brings a half-bad bucket's
+  budget, per attacker, back to about a plaintext row's.
 - ``norm_bound(c, inner)``: scale every update to L2 norm at most ``c``, then ``inner``
   (Sun et al. 2019, "Can you really backdoor federated learning?"); ``c = "median"`` bounds each
   round by the median norm of that round's updates (FLAME's clipping bound, Nguyen et al. 2022).
@@ -34,9 +40,12 @@ def _uniform(ids, samples):
     return torch.ones_like(samples)
 
 
-def centered_clipping(tau: float | str = 10.0, iters: int = 1) -> Aggregator:
+def centered_clipping(tau: float | str = 10.0, iters: int = 1, shrink: float = 1.0) -> Aggregator:
     if tau != "median" and not (isinstance(tau, (int, float)) and tau > 0):
         raise ValueError(f"centered_clipping: tau must be > 0 or 'median', got {tau!r}")
+    if not (isinstance(shrink, (int, float)) and 0 < shrink <= 1) or (shrink != 1 and tau != "median"):
+        raise ValueError(f"centered_clipping: shrink must be in (0, 1], and only with tau = 'median', "
+                         f"got shrink = {shrink!r} with tau = {tau!r}")
 
     def aggregate(decoded: Tree, weights: torch.Tensor, state):
         rows, like = matrix(decoded, weights)
@@ -45,12 +54,13 @@ def centered_clipping(tau: float | str = 10.0, iters: int = 1) -> Aggregator:
         for _ in range(iters):
             diff = rows - v
             dist = diff.norm(dim=1)
-            radius = coordinate_median(dist[:, None])[0] if tau == "median" else tau
+            radius = coordinate_median(dist[:, None])[0] * shrink if tau == "median" else tau
             scale = (radius / dist.clamp_min(1e-30)).clamp(max=1.0)  # (n,)
             v = v + (scale[:, None] * diff).mean(dim=0)
         return T.unflatten(v, like), {"centre": v}
 
-    return Aggregator(f"centered_clipping(tau={tau})", aggregate=aggregate, needs_individual=True,
+    name = f"centered_clipping(tau={tau})" if shrink == 1 else f"centered_clipping(tau=median*{shrink:.4g})"
+    return Aggregator(name, aggregate=aggregate, needs_individual=True,
                       init=lambda params: {"centre": T.flatten(T.zeros_like(params))},
                       weigh=_uniform)
 

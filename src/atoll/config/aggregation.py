@@ -3,6 +3,8 @@ who attacks them (simulation) and the secure sum, each refusing the parts of a r
 bypass or break it (docs/robustness.md, docs/secure-aggregation.md)."""
 from __future__ import annotations
 
+import math
+
 from atoll.config.sections import AggregatorConfig, Config
 from atoll.errors import ConfigError
 
@@ -80,12 +82,17 @@ def build_aggregator(cfg: Config, server_update=None):
                               "that part recomputes or reweighs the aggregate from the raw updates, "
                               "which would bypass the robust rule (use aggregator.name = 'mean')")
 
+    # over secure buckets of s the median radius shrinks by sqrt(s): a bucket with one attacker
+    # holds a whole attacker, its mean only half of one (mixing.centered_clipping; docs/robustness.md)
+    secure_buckets = bool(g.bucket) and cfg.secure.method != "none"
+    shrink = 1 / math.sqrt(g.bucket) if secure_buckets and g.tau == "median" else 1.0
+
     def rule(name):
         make = {"mean": lambda: A.mean("uniform"), "median": A.median, "trimmed_mean": lambda: A.trimmed_mean(g.f),
                 "krum": lambda: A.krum(g.f), "multi_krum": lambda: A.multi_krum(g.f, g.m),
                 "bulyan": lambda: A.bulyan(g.f),
                 "geometric_median": lambda: A.geometric_median(iters=max(g.iters, 100)),
-                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters),
+                "centered_clipping": lambda: A.centered_clipping(g.tau, g.iters, shrink),
                 "fltrust": lambda: A.fltrust(server_update), "flame": lambda: A.flame(g.lam, cfg.seed)}
         if name == "norm_bound":
             if g.c is None:
