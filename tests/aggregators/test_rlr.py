@@ -13,6 +13,7 @@ from atoll import tree as T
 from atoll.runtime.loop import LoopRuntime
 from atoll.runtime.vmap import VmapRuntime
 from atoll.simulation import simulate
+from test_anomaly import BASE as RUN
 
 
 def as_tree(x):
@@ -169,22 +170,9 @@ def test_rlr_under_a_secure_sum_is_refused():
         config.build(config.load(text=text))
 
 
-BASE = """
-rounds = 3
-seed = 2
-dtype = "float64"
-[data]
-name = "digits"
-num_clients = 8
-client_test_fraction = 0.0
-[client]
-lr = 0.1
-batch_size = 16
-steps = 3
-[eval]
-federated = false
-every = 3
-[aggregator]
+# test_anomaly's run (digits, 8 clients, 3 local steps), shorter, under RLR and a backdoor
+BASE = (RUN.replace("rounds = 4", "rounds = 3").replace("seed = 3", "seed = 2")
+        .replace("every = 4", "every = 3") + """[aggregator]
 name = 'rlr'
 theta = 3
 inner = 'norm_bound'
@@ -192,7 +180,7 @@ c = 'median'
 [attack]
 name = 'backdoor'
 clients = [6, 7]
-"""
+""")
 
 
 def test_rlr_runs_alike_in_the_loop_and_vmap_runtimes_and_logs_its_flips(tmp_path):
