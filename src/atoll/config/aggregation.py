@@ -116,11 +116,16 @@ def build_aggregator(cfg: Config, server_update=None):
     return agg
 
 
+def _cohort(cfg: Config) -> int:
+    """The updates a round's aggregator sees: the sampled clients, at most every client."""
+    return min(cfg.data.num_clients, cfg.sampling.clients_per_round or cfg.data.num_clients)
+
+
 def _arc_f(g: AggregatorConfig, cfg: Config) -> int:
     """``aggregator.f`` for ``arc = true``: fewer than a round's cohort (ARC clips the
     floor(2 (f/n) (n - f)) largest of n updates; none at f = 0, as with ``nnm``'s f = 0, which
     the benchmark's clean rows use)."""
-    cohort = min(cfg.data.num_clients, cfg.sampling.clients_per_round or cfg.data.num_clients)
+    cohort = _cohort(cfg)
     if cohort and g.f >= cohort:
         raise ConfigError(f"aggregator.arc = true with aggregator.f = {g.f}: a round has "
                           f"{cohort} updates (data.num_clients, sampling.clients_per_round), ARC "
@@ -134,7 +139,7 @@ def _theta(g: AggregatorConfig, cfg: Config) -> int:
         raise ConfigError('aggregator.name = "rlr" needs aggregator.theta (the least |sum of the '
                           "clients' signs| that keeps a coordinate's sign; the paper: a little above "
                           "the number of attackers)")
-    cohort = min(cfg.data.num_clients, cfg.sampling.clients_per_round or cfg.data.num_clients)
+    cohort = _cohort(cfg)
     if g.bucket:
         cohort = -(-cohort // g.bucket)  # rlr votes over the bucket means
     if g.theta > cohort:
