@@ -65,7 +65,7 @@ def test_composed_rules_are_built_from_the_config():
     plain = "[aggregator]\nname='centered_clipping'\ntau='median'\niters=3\nbucket=2\n"
     assert config.build_aggregator(config.load(text=plain)).name == \
         "bucketing(s=2)(centered_clipping(tau=median))"
-    for bad in ("tau=0.0", "tau='mean'"):
+    for bad in ("tau=0.0", "tau=-1.0", "tau=nan", "tau='mean'", "tau=true"):
         with pytest.raises(config.ConfigError, match="aggregator.tau"):
             config.load(text=f"[aggregator]\nname='centered_clipping'\n{bad}\n")
     for bad in ("c=-1.0", "c='mean'"):

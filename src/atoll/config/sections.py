@@ -94,7 +94,7 @@ class AggregatorConfig(_Section):
     m: int | None = Field(None, ge=1)           # multi_krum: how many updates to average
     # centered_clipping radius, or "median": each iteration's median distance from the centre
     # (over secure buckets of s, aggregator.bucket under [secure]: that median / sqrt(s))
-    tau: Annotated[float, Field(gt=0)] | Literal["median"] = 10.0
+    tau: Annotated[float, Field(gt=0, strict=True)] | Literal["median"] = 10.0
     iters: int = Field(1, ge=1)                 # centered_clipping / geometric_median iterations
     c: Annotated[float, Field(gt=0)] | Literal["median"] | None = None  # norm_bound: bound or "median"
     inner: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
