@@ -6,9 +6,12 @@
     PYTHONPATH=src python bench/robustness.py --backdoor --data digits --split iid --f 2 \
         --rules mean,flame --seeds 0,1,2                          # backdoor success, clean accuracy
 
-The ByzFL protocol (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1),
-all taking part in every round; each cell is the worst test accuracy (final round) over the
-attacks. Honest clients run local SGD steps and send their update; attackers' rows are replaced
+After ByzFL (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1), all
+taking part in every round; each cell is the worst test accuracy (final round) over the
+attacks. Whose data: ``--attackers share`` (the default, and every table before 2026-12-06
+10:00Z) splits the data over all 10 + f clients, so the attackers hold shares of it;
+``--attackers byzfl`` is ByzFL's own protocol, the split over the 10 honest clients only, each
+attacker an IID draw from their pooled data (``federation``). Honest clients run local SGD steps and send their update; attackers' rows are replaced
 by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``iid``,
 ``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
@@ -154,24 +157,47 @@ every = {rounds}
 {comm}{secure}{attack_part}"""
 
 
+def federation(name, text, f, seed, attackers="share"):
+    """The clients' data. ``share``: the data split over all 10 + f clients, attackers included
+    (at extreme heterogeneity an attacker may then be the only holder of a class, which no rule
+    that leaves it out recovers). ``byzfl``: ByzFL's protocol (its ``DataDistributor`` splits the
+    data over the honest clients only; its attackers hold none and build their vectors from the
+    honest ones, e.g. sign flip = minus the honest mean): the split over the 10 honest clients,
+    and each attacker an IID sample (its own draw, without replacement) of their pooled data, of
+    an average honest client's size, so that its honest update estimates the honest mean."""
+    if attackers not in ("share", "byzfl"):
+        raise ValueError(f"attackers must be 'share' or 'byzfl', not {attackers!r}")
+    n = HONEST + f if attackers == "share" else HONEST
+    cfg = config.load(text=text, overrides=[f"data.num_clients={n}"])
+    d = cfg.data
+    if name == "mnistlike":
+        fed = data.build(mnistlike(seed=seed), num_clients=n, partition=d.partition, seed=seed,
+                         alpha=d.alpha, shards_per_client=d.shards_per_client, client_test_fraction=0.0)
+    else:
+        fed = config.build_data(cfg)
+    if attackers == "share":
+        return fed
+    x, y = torch.cat([c.x for c in fed.clients]), torch.cat([c.y for c in fed.clients])
+    size, g = round(len(y) / HONEST), torch.Generator().manual_seed(seed)
+    honest = fed.clients[0]
+    extra = [dataclasses.replace(honest, x=x[i], y=y[i])
+             for i in (torch.randperm(len(y), generator=g)[:size] for _ in range(f))]
+    return dataclasses.replace(fed, clients=fed.clients + extra)
+
+
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
         server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False,
-        max_weight=None):
+        max_weight=None, attackers="share"):
     """Final test accuracy (and with ``backdoor``, the trigger's success rate).
     ``only_honest``: the attackers' clients are left out of the run (their data unused);
-    ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol."""
+    ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol;
+    ``attackers``: where the attackers' data comes from (:func:`federation`)."""
     text = config_text(split, rule, f, attack, rounds, seed, momentum)
     cfg = config.load(text=text, overrides=[f"algorithm.server_momentum={server_momentum}",
                                             f"algorithm.server_lr={server_lr}",
                                             *([f"secure.max_weight={max_weight}"] if max_weight else []),
                                             *([f"attack.scale={boost}"] if attack == "backdoor" else [])])
-    fed = None
-    if name == "mnistlike":
-        d = cfg.data
-        fed = data.build(mnistlike(seed=seed), num_clients=d.num_clients, partition=d.partition,
-                         seed=seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
-                         client_test_fraction=0.0)
-    alg, model, fed, plan = config.build(cfg, data=fed)
+    alg, model, fed, plan = config.build(cfg, data=federation(name, text, f, seed, attackers))
     if max_weight == 0 and alg.secure is not None:  # weights by record count (before 2026-12-06)
         alg = dataclasses.replace(alg, secure=dataclasses.replace(
             alg.secure, max_weight=float(max(c.n for c in fed.clients))))
@@ -200,7 +226,7 @@ def backdoor_table(a):
           "| success | down (points) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, split, f, seed in itertools.product(a.data.split(","), a.split.split(","),
                                                   map(int, a.f.split(",")), map(int, a.seeds.split(","))):
-        server = dict(server_momentum=a.server_momentum, server_lr=a.server_lr)
+        server = dict(server_momentum=a.server_momentum, server_lr=a.server_lr, attackers=a.attackers)
         ref = one(name, split, "mean", f, None, a.rounds, seed, **server)
         honest = one(name, split, "mean", f, None, a.rounds, seed, only_honest=True, **server)
         for rule in a.rules.split(","):
@@ -248,6 +274,10 @@ def main():
     ap.add_argument("--secure-max-weight", type=float, default=None,
                     help="secure.max_weight for the secure rules (default with buckets: 1, one vote per "
                     "client in its bucket; 0: the largest record count, each client weighs its count)")
+    ap.add_argument("--attackers", choices=["share", "byzfl"], default="share",
+                    help="the attackers' data: share (the split over all 10 + f clients) or byzfl "
+                    "(ByzFL's protocol: the split over the 10 honest clients, each attacker an IID "
+                    "sample of their data)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
     ap.add_argument("--versus", default=None, help="the plaintext rule each secure cell is compared "
                     "with (default: its own rule R; with --merge, its rows must be in the merged files)")
@@ -263,7 +293,7 @@ def main():
               for r in a.rules.split(",")]
     results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules + [a.versus] and r["data"] in a.data
                 and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
-                and str(r["seed"]) in a.seeds.split(",")]
+                and str(r["seed"]) in a.seeds.split(",") and r.get("attackers", "share") == a.attackers]
                if a.merge else grid(a, rules, Path(a.out)))
     if a.merge:
         Path(a.out).write_text(json.dumps(results, indent=1))
@@ -277,7 +307,7 @@ def merge(files):
     for fn in files:
         for r in json.loads(Path(fn).read_text()):
             r.setdefault("seed", 0)  # rows written before --seeds ran seed 0
-            key = (r["data"], r["split"], r["f"], r["rule"], r["seed"])
+            key = (r["data"], r["split"], r["f"], r["rule"], r["seed"], r.get("attackers", "share"))
             row = rows.setdefault(key, {**r, "all": {}, "seconds": 0.0})
             if "error" in r:
                 continue
@@ -296,12 +326,13 @@ def worst_case(a, name, split, rule, f, clean, seed=0):
     so few rows (over buckets: n buckets < its bound) is a row with ``"error"`` instead.
     ``--attacks ""``: a row with only ``clean`` (merged with the attack rows by ``--merge``)."""
     t0, accs = time.time(), {}
-    row = {"data": name, "split": split, "f": f, "rule": rule, "seed": seed, "clean": clean}
+    row = {"data": name, "split": split, "f": f, "rule": rule, "seed": seed, "clean": clean,
+           **({"attackers": a.attackers} if a.attackers != "share" else {})}
     for attack in filter(None, a.attacks.split(",")):
         try:
             accs[attack] = one(name, split, rule, f, attack, a.rounds, seed, a.momentum,
                                a.server_momentum, a.server_lr, plain_sum=a.secure_sum == "plain",
-                               max_weight=a.secure_max_weight)
+                               max_weight=a.secure_max_weight, attackers=a.attackers)
         except ValueError as exc:
             return {**row, "error": str(exc)}
     worst = {"worst_attack": min(accs, key=accs.get)} if accs else {}
@@ -318,7 +349,7 @@ def grid(a, rules, out):
         clean = {r: None if a.no_clean else one(name, split, r, 0, None, a.rounds, seed, a.momentum,
                                                  a.server_momentum, a.server_lr,
                                                  plain_sum=a.secure_sum == "plain",
-                                                 max_weight=a.secure_max_weight)
+                                                 max_weight=a.secure_max_weight, attackers=a.attackers)
                  for r in rules}
         for f, rule in itertools.product(map(int, a.f.split(",")), rules):
             results.append(worst_case(a, name, split, rule, f, clean[rule], seed))

@@ -1,0 +1,49 @@
+"""bench/robustness.py's two data protocols: ``share`` splits the data over all 10 + f clients;
+``byzfl`` (ByzFL's ``DataDistributor``) splits it over the 10 honest clients only and gives each
+attacker an IID draw from their pooled data, so no class is held by an attacker alone."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from atoll import config
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_robustness", Path(__file__).parents[2] / "bench" / "robustness.py")
+R = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(R)
+
+
+def _rows(x):
+    return {tuple(r) for r in x.tolist()}
+
+
+@pytest.mark.parametrize("split", ["dir0.1", "2labels"])
+def test_byzfl_protocol_splits_over_the_honest_clients_and_attackers_draw_from_their_pool(split):
+    f, seed = 2, 3
+    text = R.config_text(split, "mean", f, "sign_flip", 1, seed)
+    byz = R.federation("digits", text, f, seed, "byzfl")
+    share = R.federation("digits", text, f, seed, "share")
+    ten = config.build_data(config.load(text=text, overrides=[f"data.num_clients={R.HONEST}"]))
+    assert len(byz.clients) == len(share.clients) == R.HONEST + f
+    for mine, ref in zip(byz.clients[:R.HONEST], ten.clients):  # the 10-client split, unchanged
+        assert torch.equal(mine.x, ref.x) and torch.equal(mine.y, ref.y)
+    pool = _rows(torch.cat([c.x for c in ten.clients]))
+    size = round(sum(c.n for c in ten.clients) / R.HONEST)
+    attackers = byz.clients[R.HONEST:]
+    for c in attackers:
+        assert c.n == size and _rows(c.x) <= pool  # an average client's size, from the honest data
+        assert len(_rows(c.x)) == size             # drawn without replacement
+        assert len(c.y.unique()) == 10             # IID: every class (digits: ~130 samples)
+    assert not torch.equal(attackers[0].x, attackers[1].x)  # each its own draw
+    again = R.federation("digits", text, f, seed, "byzfl")
+    assert all(torch.equal(a.x, b.x) for a, b in zip(again.clients, byz.clients))  # seeded
+    # share: the same data over 12 clients, the attackers' shares included
+    assert sum(c.n for c in share.clients) == sum(c.n for c in ten.clients)
+
+
+def test_an_unknown_protocol_is_refused_by_name():
+    text = R.config_text("iid", "mean", 1, None, 1, 0)
+    with pytest.raises(ValueError, match="'byzantine'"):
+        R.federation("digits", text, 1, 0, "byzantine")
