@@ -47,3 +47,25 @@ def test_an_unknown_protocol_is_refused_by_name():
     text = R.config_text("iid", "mean", 1, None, 1, 0)
     with pytest.raises(ValueError, match="'byzantine'"):
         R.federation("digits", text, 1, 0, "byzantine")
+
+
+def test_rows_name_their_protocol_and_merge_keeps_protocols_apart(tmp_path):
+    """A byzfl row says so (a share row, as every row before the option, says nothing), and
+    ``--merge`` never folds one protocol's attacks into the other's row."""
+    import json
+
+    def grid(attackers):
+        a = R.argparse.Namespace(data="digits", split="2labels", f="1", seeds="0", attacks="sign_flip",
+                                 rounds=2, momentum=0.0, server_momentum=0.9, server_lr=0.5,
+                                 secure_sum="plain", no_clean=True, secure_max_weight=None,
+                                 attackers=attackers)
+        return R.grid(a, ["mean"], tmp_path / f"{attackers}.json")
+
+    share, byz = grid("share")[0], grid("byzfl")[0]
+    assert "attackers" not in share and byz["attackers"] == "byzfl"
+    assert share["all"]["sign_flip"] != byz["all"]["sign_flip"]  # other clients' data, another run
+    merged = R.merge([str(tmp_path / "share.json"), str(tmp_path / "byzfl.json")])
+    assert len(merged) == 2
+    assert sorted(r["all"]["sign_flip"] for r in merged) == sorted(
+        [share["all"]["sign_flip"], byz["all"]["sign_flip"]])
+    assert json.loads((tmp_path / "byzfl.json").read_text())[0]["attackers"] == "byzfl"

@@ -73,7 +73,8 @@ def test_seeds_reproduce_and_differ(tmp_path):
     seed another one; every row names its seed."""
     a = R.argparse.Namespace(data="digits", split="dir0.1", f="1", seeds="0,1,0", attacks="sign_flip",
                              rounds=2, momentum=0.0, server_momentum=0.9, server_lr=0.5,
-                             secure_sum="plain", no_clean=False, secure_max_weight=None)
+                             secure_sum="plain", no_clean=False, secure_max_weight=None,
+                             attackers="share")
     rows = R.grid(a, ["secure(s=2) median"], tmp_path / "rows.json")
     assert [r["seed"] for r in rows] == [0, 1, 0]
     got = [(r["clean"], r["all"]["sign_flip"]) for r in rows]
