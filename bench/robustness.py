@@ -11,8 +11,9 @@ taking part in every round; each cell is the worst test accuracy (final round) o
 attacks. Whose data: ``--attackers share`` (the default, and every table before 2026-12-06
 10:00Z) splits the data over all 10 + f clients, so the attackers hold shares of it;
 ``--attackers byzfl`` is ByzFL's own protocol, the split over the 10 honest clients only, each
-attacker an IID draw from their pooled data (``federation``). Honest clients run local SGD steps and send their update; attackers' rows are replaced
-by ``atoll.attacks`` (label flip trains on flipped labels instead). Splits: ``iid``,
+attacker an IID draw from their pooled data (``federation``). Honest clients run local SGD
+steps and send their update; attackers' rows are replaced by ``atoll.attacks`` (label flip
+trains on flipped labels instead). Splits: ``iid``,
 ``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
 Data: ``digits`` (scikit-learn) and ``mnistlike`` (784 features, 10 classes, generated).
 Rules named ``secure ...`` run under ``[secure] method = "secagg"`` (clip 1.0, 16 bits): the
@@ -293,7 +294,8 @@ def main():
               for r in a.rules.split(",")]
     results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules + [a.versus] and r["data"] in a.data
                 and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
-                and str(r["seed"]) in a.seeds.split(",") and r.get("attackers", "share") == a.attackers]
+                and str(r["seed"]) in a.seeds.split(",")
+                and r.get("attackers", "share") == a.attackers]
                if a.merge else grid(a, rules, Path(a.out)))
     if a.merge:
         Path(a.out).write_text(json.dumps(results, indent=1))
