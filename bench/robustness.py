@@ -249,7 +249,9 @@ def backdoor_table(a):
               f"{max(downs):+.1f} | {ok} of {len(rs)} |")
 
 
-def main():
+def arguments(argv=None):
+    """The command line (``argv``, default ``sys.argv``), with its defaults: what ``main`` and the
+    tests run the bench with."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="digits,mnistlike")
     ap.add_argument("--split", default=",".join(SPLITS))
@@ -284,7 +286,11 @@ def main():
                     "with (default: its own rule R; with --merge, its rows must be in the merged files)")
     ap.add_argument("--merge", default="", help="JSON files of earlier runs (other --attacks): "
                     "print and write (--out) their rows merged, running nothing")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main():
+    a = arguments()
     a.out = a.out or str(Path(__file__).parent / "out" / ("robustness_backdoor.json" if a.backdoor
                                                           else "robustness.json"))
     if a.backdoor:

@@ -1,18 +1,11 @@
 """bench/robustness.py's two data protocols: ``share`` splits the data over all 10 + f clients;
 ``byzfl`` (ByzFL's ``DataDistributor``) splits it over the 10 honest clients only and gives each
 attacker an IID draw from their pooled data, so no class is held by an attacker alone."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+import robustness as R  # bench/robustness.py (tests/conftest.py)
 import torch
 
 from atoll import config
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_robustness", Path(__file__).parents[2] / "bench" / "robustness.py")
-R = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(R)
 
 
 def _rows(x):
@@ -55,10 +48,8 @@ def test_rows_name_their_protocol_and_merge_keeps_protocols_apart(tmp_path):
     import json
 
     def grid(attackers):
-        a = R.argparse.Namespace(data="digits", split="2labels", f="1", seeds="0", attacks="sign_flip",
-                                 rounds=2, momentum=0.0, server_momentum=0.9, server_lr=0.5,
-                                 secure_sum="plain", no_clean=True, secure_max_weight=None,
-                                 attackers=attackers)
+        a = R.arguments(["--data", "digits", "--split", "2labels", "--f", "1", "--seeds", "0",
+                         "--attacks", "sign_flip", "--rounds", "2", "--no-clean", "--attackers", attackers])
         return R.grid(a, ["mean"], tmp_path / f"{attackers}.json")
 
     share, byz = grid("share")[0], grid("byzfl")[0]

@@ -200,12 +200,7 @@ def test_rlr_runs_alike_in_the_loop_and_vmap_runtimes_and_logs_its_flips(tmp_pat
 
 
 def test_the_benchmark_names_rlr_rules_by_theta_and_inner():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "robustness_bench", Path(__file__).parents[2] / "bench" / "robustness.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    import robustness as bench  # bench/robustness.py (tests/conftest.py)
     for rule, name in [("rlr(theta=3)", "rlr(theta=3)(mean)"),
                        ("rlr(theta=4)+median", "rlr(theta=4)(median)"),
                        ("rlr(theta=3)+norm_bound(median)", "rlr(theta=3)(norm_bound(c=median)(mean))")]:

@@ -1,20 +1,14 @@
 """bench/robustness.py's fast path for robust rules over secure buckets: ``PlainSum`` (the plain
 ring sum of the same encoded inputs) must give the SecAgg protocol's run bit for bit."""
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import numpy as np
+import robustness as R  # bench/robustness.py (tests/conftest.py)
 import torch
 
 from atoll import config
 from atoll.runtime.vmap import VmapRuntime
 from atoll.simulation import simulate
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_robustness", Path(__file__).parents[2] / "bench" / "robustness.py")
-R = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(R)
 
 
 def _run(rule, f, attack, rounds, plain):
@@ -71,10 +65,8 @@ def test_a_secure_rule_name_is_its_inner_rule_with_buckets():
 def test_seeds_reproduce_and_differ(tmp_path):
     """``--seeds`` reaches the Byzantine table: the same seed gives the same row bit for bit, another
     seed another one; every row names its seed."""
-    a = R.argparse.Namespace(data="digits", split="dir0.1", f="1", seeds="0,1,0", attacks="sign_flip",
-                             rounds=2, momentum=0.0, server_momentum=0.9, server_lr=0.5,
-                             secure_sum="plain", no_clean=False, secure_max_weight=None,
-                             attackers="share")
+    a = R.arguments(["--data", "digits", "--split", "dir0.1", "--f", "1", "--seeds", "0,1,0",
+                     "--attacks", "sign_flip", "--rounds", "2", "--secure-sum", "plain"])
     rows = R.grid(a, ["secure(s=2) median"], tmp_path / "rows.json")
     assert [r["seed"] for r in rows] == [0, 1, 0]
     got = [(r["clean"], r["all"]["sign_flip"]) for r in rows]

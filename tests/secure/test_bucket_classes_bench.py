@@ -1,22 +1,13 @@
 """bench/secure_bucket_classes.py (the secure-bucket diagnosis probe) must run what
 bench/robustness.py runs: the same accuracy bit for bit with the default draw and each weighting,
 per-class accuracies that average back to it, and its knobs must change what they claim to."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+import secure_bucket_classes as P  # bench/secure_bucket_classes.py (tests/conftest.py)
 import torch
 
 from atoll import rng
 
-_BENCH = Path(__file__).parents[2] / "bench"
-sys.path.insert(0, str(_BENCH))
-_spec = importlib.util.spec_from_file_location("bench_secure_bucket_classes",
-                                               _BENCH / "secure_bucket_classes.py")
-P = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(P)
 R = P.R
 RULE = "secure(s=2) centered_clipping(tau=median)"
 
