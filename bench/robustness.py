@@ -8,10 +8,10 @@
 
 After ByzFL (Allouah et al.): 10 honest clients plus f Byzantine ones (ids 10..10+f-1), all
 taking part in every round; each cell is the worst test accuracy (final round) over the
-attacks. Whose data: ``--attackers share`` (the default, and every table before 2026-12-06
-10:00Z) splits the data over all 10 + f clients, so the attackers hold shares of it;
-``--attackers byzfl`` is ByzFL's own protocol, the split over the 10 honest clients only, each
-attacker an IID draw from their pooled data (``federation``). Honest clients run local SGD
+attacks. Whose data: ``--attackers byzfl`` (the default since 2026-12-06) is ByzFL's own
+protocol, the split over the 10 honest clients only, each attacker an IID draw from their pooled
+data (``federation``); ``--attackers share`` (every table before 2026-12-06 10:00Z) splits the
+data over all 10 + f clients, so the attackers hold shares of it. Honest clients run local SGD
 steps and send their update; attackers' rows are replaced by ``atoll.attacks`` (label flip
 trains on flipped labels instead). Splits: ``iid``,
 ``dir1`` / ``dir0.1`` (Dirichlet alpha over labels), ``2labels`` (two label shards per client).
@@ -158,7 +158,7 @@ every = {rounds}
 {comm}{secure}{attack_part}"""
 
 
-def federation(name, text, f, seed, attackers="share"):
+def federation(name, text, f, seed, attackers="byzfl"):
     """The clients' data. ``share``: the data split over all 10 + f clients, attackers included
     (at extreme heterogeneity an attacker may then be the only holder of a class, which no rule
     that leaves it out recovers). ``byzfl``: ByzFL's protocol (its ``DataDistributor`` splits the
@@ -188,7 +188,7 @@ def federation(name, text, f, seed, attackers="share"):
 
 def one(name, split, rule, f, attack, rounds, seed=0, momentum=0.0, server_momentum=0.9,
         server_lr=0.5, backdoor=False, boost=10.0, only_honest=False, plain_sum=False,
-        max_weight=None, attackers="share"):
+        max_weight=None, attackers="byzfl"):
     """Final test accuracy (and with ``backdoor``, the trigger's success rate).
     ``only_honest``: the attackers' clients are left out of the run (their data unused);
     ``plain_sum``: a secure rule's sums by ``PlainSum`` instead of the SecAgg protocol;
@@ -277,10 +277,10 @@ def arguments(argv=None):
     ap.add_argument("--secure-max-weight", type=float, default=None,
                     help="secure.max_weight for the secure rules (default with buckets: 1, one vote per "
                     "client in its bucket; 0: the largest record count, each client weighs its count)")
-    ap.add_argument("--attackers", choices=["share", "byzfl"], default="share",
-                    help="the attackers' data: share (the split over all 10 + f clients) or byzfl "
-                    "(ByzFL's protocol: the split over the 10 honest clients, each attacker an IID "
-                    "sample of their data)")
+    ap.add_argument("--attackers", choices=["share", "byzfl"], default="byzfl",
+                    help="the attackers' data: byzfl (ByzFL's protocol, the default: the split over the "
+                    "10 honest clients, each attacker an IID sample of their data) or share (the split "
+                    "over all 10 + f clients)")
     ap.add_argument("--no-clean", action="store_true", help="skip the runs without attackers")
     ap.add_argument("--versus", default=None, help="the plaintext rule each secure cell is compared "
                     "with (default: its own rule R; with --merge, its rows must be in the merged files)")

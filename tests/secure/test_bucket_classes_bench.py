@@ -16,6 +16,7 @@ RULE = "secure(s=2) centered_clipping(tau=median)"
 def test_the_probe_runs_the_bench_run(weights, max_weight):
     got = P.run(RULE, "dir0.1", 2, "sign_flip", seed=5, rounds=3, weights=weights)
     want = R.one("digits", "dir0.1", RULE, 2, "sign_flip", 3, seed=5, plain_sum=True,
+                 attackers="share",
                  max_weight=max_weight)
     assert got["acc"] == round(want, 4)
     cfg = P.config.load(text=R.config_text("dir0.1", RULE, 2, "sign_flip", 3, 5))
