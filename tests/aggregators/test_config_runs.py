@@ -83,3 +83,24 @@ def test_parts_that_would_bypass_a_robust_rule_are_refused_naming_both(extra, pa
     cfg = config.load(text="[aggregator]\nname='median'\n" + extra)
     with pytest.raises(config.ConfigError, match="aggregator.name = 'median'.*" + part.replace(".", r"\.")):
         config.build_aggregator(cfg)
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_a_coordinate_wise_rule_on_heterogeneous_clients_is_warned_about(rule, caplog):
+    """The coordinate-wise rules fall near chance at 2 labels per client (docs/robustness.md): a
+    config that asks for one on a non-IID split is told so, and what to use; NNM or IID is not."""
+    text = "[data]\npartition='{}'\n[aggregator]\nname='{}'\nf=2\n{}"
+    warned = []
+    for partition, extra in [("shards", ""), ("dirichlet", ""), ("iid", ""), ("shards", "nnm=true\n"),
+                             ("shards", "bucket=2\n")]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="atoll.config.aggregation"):
+            config.build_aggregator(config.load(text=text.format(partition, rule, extra)))
+        warned.append([r.getMessage() for r in caplog.records])
+    assert [bool(w) for w in warned] == [True, True, False, False, False]
+    assert f"aggregator.name = '{rule}'" in warned[0][0] and "'shards'" in warned[0][0]
+    assert "aggregator.nnm = true" in warned[0][0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="atoll.config.aggregation"):
+        config.build_aggregator(config.load(text=text.format("shards", "centered_clipping", "")))
+    assert not caplog.records
