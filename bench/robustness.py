@@ -289,8 +289,8 @@ def arguments(argv=None):
     return ap.parse_args(argv)
 
 
-def main():
-    a = arguments()
+def main(argv=None):
+    a = arguments(argv)
     a.out = a.out or str(Path(__file__).parent / "out" / ("robustness_backdoor.json" if a.backdoor
                                                           else "robustness.json"))
     if a.backdoor:
@@ -301,7 +301,7 @@ def main():
     results = ([r for r in merge(a.merge.split(",")) if r["rule"] in rules + [a.versus] and r["data"] in a.data
                 and r["split"] in a.split.split(",") and str(r["f"]) in a.f.split(",")
                 and str(r["seed"]) in a.seeds.split(",")
-                and r.get("attackers", "share") == a.attackers]
+                and r.get("attackers", "share") == a.attackers and r.get("momentum", 0.0) == a.momentum]
                if a.merge else grid(a, rules, Path(a.out)))
     if a.merge:
         Path(a.out).write_text(json.dumps(results, indent=1))
@@ -315,7 +315,8 @@ def merge(files):
     for fn in files:
         for r in json.loads(Path(fn).read_text()):
             r.setdefault("seed", 0)  # rows written before --seeds ran seed 0
-            key = (r["data"], r["split"], r["f"], r["rule"], r["seed"], r.get("attackers", "share"))
+            key = (r["data"], r["split"], r["f"], r["rule"], r["seed"], r.get("attackers", "share"),
+                   r.get("momentum", 0.0))
             row = rows.setdefault(key, {**r, "all": {}, "seconds": 0.0})
             if "error" in r:
                 continue
@@ -335,7 +336,8 @@ def worst_case(a, name, split, rule, f, clean, seed=0):
     ``--attacks ""``: a row with only ``clean`` (merged with the attack rows by ``--merge``)."""
     t0, accs = time.time(), {}
     row = {"data": name, "split": split, "f": f, "rule": rule, "seed": seed, "clean": clean,
-           **({"attackers": a.attackers} if a.attackers != "share" else {})}
+           **({"attackers": a.attackers} if a.attackers != "share" else {}),
+           **({"momentum": a.momentum} if a.momentum else {})}
     for attack in filter(None, a.attacks.split(",")):
         try:
             accs[attack] = one(name, split, rule, f, attack, a.rounds, seed, a.momentum,

@@ -60,3 +60,22 @@ def test_rows_name_their_protocol_and_merge_keeps_protocols_apart(tmp_path):
     assert sorted(r["all"]["sign_flip"] for r in merged) == sorted(
         [share["all"]["sign_flip"], byz["all"]["sign_flip"]])
     assert json.loads((tmp_path / "byzfl.json").read_text())[0]["attackers"] == "byzfl"
+
+
+def test_worker_momentum_rows_say_so_and_stay_apart(tmp_path):
+    """``--momentum`` changes the honest clients' uplink: its rows carry the momentum, ``--merge``
+    keeps them apart from the rows without it, and ``--merge --momentum M`` selects them."""
+    def run(momentum):
+        a = R.arguments(["--data", "digits", "--split", "2labels", "--f", "1", "--attacks", "ipm",
+                         "--rounds", "3", "--no-clean", "--momentum", str(momentum)])
+        return R.grid(a, ["centered_clipping"], tmp_path / f"m{momentum}.json")[0]
+
+    plain, mom = run(0.0), run(0.9)
+    assert "momentum" not in plain and mom["momentum"] == 0.9
+    assert plain["all"]["ipm"] != mom["all"]["ipm"]
+    files = [str(tmp_path / "m0.0.json"), str(tmp_path / "m0.9.json")]
+    assert sorted(r.get("momentum", 0.0) for r in R.merge(files)) == [0.0, 0.9]
+    out = tmp_path / "merged.json"
+    R.main(["--data", "digits", "--split", "2labels", "--f", "1", "--rules", "centered_clipping",
+            "--momentum", "0.9", "--merge", ",".join(files), "--out", str(out)])
+    assert [r["momentum"] for r in R.json.loads(out.read_text())] == [0.9]
