@@ -62,6 +62,7 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "nnm+trimmed_mean": "name = 'trimmed_mean'\nnnm = true",
          "nnm+median": "name = 'median'\nnnm = true",
          "centered_clipping(tau=0.3)": "name = 'centered_clipping'\ntau = 0.3\niters = 3",
+         "centered_clipping(config defaults)": "name = 'centered_clipping'",  # tau 10, iters 1
          "centered_clipping(tau=0.1)": "name = 'centered_clipping'\ntau = 0.1\niters = 3",
          "nnm+centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3\nnnm = true",
          "bucketing+median": "name = 'median'\nbucket = 2",
