@@ -89,16 +89,16 @@ def test_parts_that_would_bypass_a_robust_rule_are_refused_naming_both(extra, pa
 def test_a_rule_for_iid_clients_on_heterogeneous_ones_is_warned_about(rule, caplog):
     """The coordinate-wise rules and Krum fall near chance at 2 labels per client
     (docs/robustness.md): a config that asks for one on a non-IID split is told so, and what to
-    use; NNM, bucketing or IID is not."""
+    use; NNM, bucketing, IID labels (iid, quantity skew) are not."""
     text = "[data]\npartition='{}'\n[aggregator]\nname='{}'\nf=2\n{}"
     warned = []
-    for partition, extra in [("shards", ""), ("dirichlet", ""), ("iid", ""), ("shards", "nnm=true\n"),
-                             ("shards", "bucket=2\n")]:
+    for partition, extra in [("shards", ""), ("dirichlet", ""), ("iid", ""), ("quantity", ""),
+                             ("shards", "nnm=true\n"), ("shards", "bucket=2\n")]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="atoll.config.aggregation"):
             config.build_aggregator(config.load(text=text.format(partition, rule, extra)))
         warned.append([r.getMessage() for r in caplog.records])
-    assert [bool(w) for w in warned] == [True, True, False, False, False]
+    assert [bool(w) for w in warned] == [True, True, False, False, False, False]
     assert f"aggregator.name = '{rule}'" in warned[0][0] and "'shards'" in warned[0][0]
     assert ("use multi_krum" if rule == "krum" else "aggregator.nnm = true") in warned[0][0]
     caplog.clear()

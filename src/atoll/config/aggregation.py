@@ -116,8 +116,8 @@ def build_aggregator(cfg: Config, server_update=None):
         return make[name]()
 
     agg = rule(g.name)
-    if g.name in _IID_ONLY and not (g.nnm or g.bucket) and cfg.data.partition != "iid":
-        log.warning("aggregator.name = %r is for IID clients: on heterogeneous ones (data.partition = "
+    if g.name in _IID_ONLY and not (g.nnm or g.bucket) and cfg.data.partition in ("dirichlet", "shards"):
+        log.warning("aggregator.name = %r is for IID clients: on label-skewed ones (data.partition = "
                     "%r) it fell to %s, on digits with 2 labels per client and 2 attackers of 12 "
                     "(docs/robustness.md, 'Which rule'); %s", g.name,
                     cfg.data.partition, *_IID_ONLY[g.name])
