@@ -6,7 +6,10 @@ Each seed trains the quickstart once without the watermark and once per variant 
 watermark plus that variant's overrides, separated by spaces); it prints, per variant, the cost
 in points (mean +- standard error over the seeds, paired; the standard deviation and the
 two-sided 95% confidence interval of the mean, Student's t) and how many seeds' models are still
-detected at p <= 1e-6 after 10% fine-tuning for 10 epochs and after 50% pruning.
+detected at p <= 1e-6 after 10% fine-tuning for 10 epochs and after 50% pruning, and each
+variant's paired difference from the first. A variant's token ``skip_last=K`` is not a config
+override: the server skips its embedding in the last K rounds (does the cost come from a last
+embedding that no client repairs?).
 """
 from __future__ import annotations
 
@@ -17,10 +20,30 @@ from pathlib import Path
 
 from scipy.stats import t as student
 
+from atoll import config
 from atoll import watermark as W
-from watermark import accuracy, prune, steal_finetune, train  # bench/watermark.py
+from watermark import QUICKSTART, accuracy, prune, steal_finetune, train  # bench/watermark.py
 
 FAST = ["eval.every=30"]  # evaluate the final model only: training is the same
+EMBED = W.embed
+
+
+def train_variant(seed, key_file, variant):
+    """``train`` with the watermark and ``variant``'s overrides; its ``skip_last=K`` token makes
+    the server skip the embedding in the last K rounds (``watermark_step`` calls ``W.embed``)."""
+    tokens = variant.split()
+    skip = sum(int(t.split("=")[1]) for t in tokens if t.startswith("skip_last="))
+    extra = FAST + [t for t in tokens if not t.startswith("skip_last=")]
+    last = config.load(QUICKSTART, extra).rounds - skip  # the last round that embeds
+
+    def embed(model, params, triggers, steps, lr, batch=50, key=b"", round_=0, **options):
+        return params if round_ > last else EMBED(model, params, triggers, steps, lr, batch, key, round_, **options)
+
+    W.embed = embed
+    try:
+        return train(seed, key_file, True, extra)
+    finally:
+        W.embed = EMBED
 
 
 def main() -> None:
@@ -38,7 +61,7 @@ def main() -> None:
         cfg, model, fed, base = train(seed, key_file, False, FAST)
         a0 = accuracy(model, base, fed.x_test, fed.y_test)
         for v in variants:
-            cfg, model, fed, wm = train(seed, key_file, True, FAST + v.split())
+            cfg, model, fed, wm = train_variant(seed, key_file, v)
             w = cfg.watermark
             triggers = W.trigger_set(key, w.trigger_size, (fed.n_features,), fed.n_classes, w.scale)
             cost = 100 * (a0 - accuracy(model, wm, fed.x_test, fed.y_test))
@@ -56,6 +79,10 @@ def main() -> None:
               f"[{mean - half:+.2f}, {mean + half:+.2f}]); detected after "
               f"fine-tuning {sum(c[1] for c in r)}/{n} (worst p {max(c[3] for c in r):.1e}), "
               f"after pruning {sum(c[2] for c in r)}/{n} (worst p {max(c[4] for c in r):.1e})")
+        d = [c[0] - b[0] for c, b in zip(r, rows[variants[0]])]
+        if v != variants[0]:
+            print(f"[{v or 'default'}] - [{variants[0] or 'default'}]: {sum(d) / n:+.3f} +- "
+                  f"{(sum((x - sum(d) / n) ** 2 for x in d) / max(n - 1, 1)) ** 0.5 / n ** 0.5:.3f} pts (paired)")
 
 
 if __name__ == "__main__":
