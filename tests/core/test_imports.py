@@ -13,13 +13,13 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # the stages and the parts built on them: they never reach up to the runtime, the wire or the edge
-STAGES = ("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat",
+STAGES = ("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat", "atoll.parse_lock",
           "atoll.sampling", "atoll.transforms", "atoll.codecs", "atoll.aggregators",
           "atoll.privacy", "atoll.client", "atoll.algorithm", "atoll.algorithms")
 ABOVE_STAGES = ("atoll.runtime", "atoll.transport", "atoll.config", "atoll.cli",
                 "atoll.simulation", "atoll.asynchronous", "atoll.deploy", "atoll.wiring")
 # DESIGN.md's direction below the runtime: a module imports only its own rank and those below
-RANKS = [("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat",
+RANKS = [("atoll.tree", "atoll.rng", "atoll.types", "atoll.errors", "atoll.wireformat", "atoll.parse_lock",
           "atoll.sampling", "atoll.data.batching"),
          ("atoll.transforms", "atoll.codecs", "atoll.aggregators", "atoll.privacy"),
          ("atoll.client", "atoll.algorithm"),

@@ -30,6 +30,7 @@ from atoll.codecs.noise import gaussian_noise, laplace_noise
 from atoll.codecs.quantize import cast, stochastic_quantize
 from atoll.codecs.sketch import count_sketch
 from atoll.codecs.sparsify import rand_k, top_k
+from atoll.parse_lock import PARSE
 
 CODECS: dict[str, Callable[..., Codec]] = {
     f.__name__: f for f in (identity, cast, stochastic_quantize, top_k, rand_k, count_sketch,
@@ -44,7 +45,8 @@ def build_codec(spec: Any) -> Codec:
         return spec
     if isinstance(spec, str):
         try:
-            tree = ast.parse(spec.strip(), mode="eval").body
+            with PARSE:
+                tree = ast.parse(spec.strip(), mode="eval").body
         except SyntaxError as exc:
             raise ValueError(f"codec spec {spec!r} is not valid: {exc.msg}") from None
         return _from_ast(tree, spec)

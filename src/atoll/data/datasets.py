@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from atoll import rng
+from atoll.parse_lock import PARSE
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,18 @@ def _from_columns(path: Path, cols: dict[str, np.ndarray], label: str, group: st
                    len(classes), groups, tuple(features))
 
 
-def _from_npz(path: Path) -> Dataset:
-    """Arrays ``x`` (N, ...) flattened to (N, F), ``y`` (N,), optional ``groups`` (N,)."""
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive (no pickles), or a ValueError naming the file."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with PARSE, np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     except Exception as e:  # a corrupt archive raises zipfile / OSError / ValueError
         raise ValueError(f"{path}: not a readable .npz archive ({e})") from e
+
+
+def _from_npz(path: Path) -> Dataset:
+    """Arrays ``x`` (N, ...) flattened to (N, F), ``y`` (N,), optional ``groups`` (N,)."""
+    arrays = read_npz(path)
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(f"{path}: needs arrays 'x' and 'y'; arrays present: {list(arrays)}")
     x, y, g = arrays["x"], arrays["y"], arrays.get("groups")

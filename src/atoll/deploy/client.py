@@ -41,13 +41,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from atoll import checkpoint, rng
 from atoll import config as C
 from atoll import tree as T
 from atoll.client import buffer_names, model_loss, params_of
+from atoll.data.datasets import read_npz
 from atoll.data.federated import ClientData
 from atoll.deploy import downlink
 from atoll.deploy import policy as P
@@ -267,10 +267,10 @@ def _client_data(data, n_features: int, n_classes: int, dtype) -> ClientData:
         path = Path(data)
         if not path.is_file():
             raise ValueError(f"client data file {path} does not exist")
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files or "y" not in z.files:
-                raise ValueError(f"{path}: needs arrays 'x' and 'y'; present: {z.files}")
-            x, y = torch.as_tensor(z["x"]), torch.as_tensor(z["y"])
+        arrays = read_npz(path)
+        if "x" not in arrays or "y" not in arrays:
+            raise ValueError(f"{path}: needs arrays 'x' and 'y'; present: {list(arrays)}")
+        x, y = torch.as_tensor(arrays["x"]), torch.as_tensor(arrays["y"])
     else:
         x, y, path = data.x, data.y, "client data"
     if x.ndim != 2 or x.shape[1] != n_features or y.shape != (x.shape[0],) or x.shape[0] == 0:
