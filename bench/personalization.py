@@ -12,15 +12,14 @@ rounds: ``fed_acc_mean`` (the global model on every client's test split, sample-
 ``new_acc_mean``. Writes runs/personal/<algo>/ (run folders), docs/img/personalization.png and
 a Markdown table (printed, and runs/personal/table.md).
 
-``--data mnistlike``: the generated MNIST-shaped task of bench/robustness.py (12,000 samples of
-784 features, 10 classes; 20 % held out as the global test set), same split and protocol (94
+``--data mnistlike``: the generated MNIST-shaped task (the built-in data set ``mnistlike``: 12,000
+samples of 784 features, 10 classes; 20 % held out as the global test set), same split and protocol (94
 clients see 2 labels, 6 see 1; about 48 training and 48 test samples per client). ``--model logreg``: multinomial logistic regression instead of MLP(64) (FedPer, FedRep
 and LG-FedAvg need a body and a head, so they are refused with it).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -74,8 +73,7 @@ def federated(cfg, name: str):
     split as ``[data]`` says."""
     if name == "digits":
         return None
-    sys.path.insert(0, str(Path(__file__).parent))
-    from robustness import mnistlike
+    from atoll.data.datasets import mnistlike
 
     d = cfg.data
     return data.build(mnistlike(seed=cfg.seed), num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from atoll import attacks, config, data
-from atoll.data.datasets import Dataset
+from atoll.data.datasets import mnistlike
 from atoll.runtime.vmap import VmapRuntime
 from atoll.secure.stage import SecureSum
 from atoll.simulation import simulate
@@ -113,15 +113,6 @@ def rule_text(rule):
         tau = rule[len("centered_clipping(tau="):-1]
         return f"name = 'centered_clipping'\ntau = {repr(tau) if tau == 'median' else float(tau)}\niters = 3"
     return RULES[rule]
-
-
-def mnistlike(n=12_000, seed=0) -> Dataset:
-    """MNIST-shaped (784 features in [0, 1], 10 classes): smooth class templates plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    templates = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 28, 28, generator=g), 5, 1, 2).reshape(10, 784)
-    x = (templates[y] + 0.35 * torch.randn(n, 784, generator=g)).clamp(0, 1)
-    return Dataset("mnistlike", x, y, 10)
 
 
 def config_text(split, rule, f, attack, rounds, seed, momentum=0.0):

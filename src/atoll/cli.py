@@ -101,7 +101,9 @@ def _audit(args) -> int:
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     params = {k: v.detach() for k, v in model.named_parameters()}
     n = min(args.samples, len(data.y_test))
-    result = leakage.audit(model, params, data.x_test[:n], data.y_test[:n], iterative=args.iterative)
+    result = leakage.audit(model, params, data.x_test[:n], data.y_test[:n], iterative=args.iterative,
+                           prior=torch.cat([c.x for c in data.clients]).mean(0),
+                           raw=None if data.x_mean is None else (data.x_mean, data.x_std))
     (run_dir / "leakage.json").write_text(json.dumps(result, indent=1))
     import matplotlib
 
@@ -112,12 +114,14 @@ def _audit(args) -> int:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogx(eps, [r["psnr"] for r in result["dp"]], "o-", label="analytic attack under DP")
     ax.axhline(min(result["none"]["analytic_psnr"], 80), color="gray", ls="--", label="no defence (capped at 80)")
+    ax.axhline(result["prior"]["psnr"], color="gray", ls=":", label="no update seen: the mean input")
     ax.set(xlabel="epsilon (one release, delta 1e-5)", ylabel="PSNR (dB)", title="gradient leakage")
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "leakage.png", dpi=120)
     none = result["none"]
     print(f"labels recovered {none['label_rate']:.0%}; analytic PSNR {none['analytic_psnr']:.1f} dB; "
+          f"guessing the mean input {result['prior']['psnr']:.1f} dB; "
           + ", ".join(f"eps {r['epsilon']}: {r['psnr']:.1f} dB" for r in result["dp"]) + "; "
           + ", ".join(f"top-k {r['topk_fraction']:g}: {r['psnr']:.1f} dB" for r in result["compressed"])
           + "".join(f", secure sum of {r['clients']}: {r['psnr']:.1f} dB" for r in result["secure"]))

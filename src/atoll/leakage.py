@@ -155,40 +155,59 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
 
 
 def audit(model, params: dict, xs: torch.Tensor, ys: torch.Tensor, epsilons=(1, 2, 4, 8, 16, 64),
-          delta: float = 1e-5, clip: float = 1.0, iterative: bool = False) -> dict:
+          delta: float = 1e-5, clip: float = 1.0, iterative: bool = False,
+          prior: torch.Tensor | None = None, raw: tuple | None = None) -> dict:
     """The battery on samples ``xs`` (batch 1 each): label recovery, the analytic attack (and DLG
     / inverting gradients when ``iterative``) with no defence, then the analytic attack against
     a clipped and noised update for each epsilon (one Gaussian release, add/remove, PLD).
-    Returns ``{"none": {...}, "dp": [{"epsilon", "sigma", "psnr", "label_rate"}, ...]}``."""
+    ``prior``: the guess of an attacker who saw no update, only the data's distribution (the
+    mean training input; by default each sample's leave-one-out mean of ``xs``); its PSNR is the
+    floor a PSNR is read against (a mostly blank image set scores high for any blank guess).
+    ``raw``: ``(mean, std)`` of a standardisation the inputs went through; truths and guesses
+    are scored in raw units (pixels), over the raw range of ``xs``, as image PSNR is reported.
+    Returns ``{"none": {...}, "prior": {...}, "dp": [{"epsilon", "sigma", "psnr", "label_rate"},
+    ...], "compressed": [...], "secure": [...]}``."""
     n = len(xs)
-    lo, hi = float(xs.min()), float(xs.max())
-    raw = [gradient(model, params, xs[i:i + 1], ys[i:i + 1]) for i in range(n)]
-    labels = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(raw)])
-    analytic = [quality(xs[i], analytic_fc(g), lo, hi) for i, g in enumerate(raw)]
+    score = _scorer(xs, raw)
+    guess = [prior if prior is not None else (xs.sum(0) - xs[i]) / max(n - 1, 1) for i in range(n)]
+    base = [score(xs[i], guess[i]) for i in range(n)]
+    grads = [gradient(model, params, xs[i:i + 1], ys[i:i + 1]) for i in range(n)]
+    labels = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(grads)])
+    analytic = [score(xs[i], analytic_fc(g)) for i, g in enumerate(grads)]
     out = {"none": {"label_rate": float(labels), "analytic_psnr": _mean(analytic, "psnr"),
-                    "analytic_ssim": _mean(analytic, "ssim")}, "dp": []}
+                    "analytic_ssim": _mean(analytic, "ssim")}, "dp": [],
+           "prior": {"psnr": _mean(base, "psnr"), "ssim": _mean(base, "ssim")}}
     if iterative:
         for name, fn in (("dlg", dlg), ("inverting", inverting_gradients)):
-            q = [quality(xs[i], fn(model, params, g, xs.shape[1], idlg_label(g)), lo, hi)
-                 for i, g in enumerate(raw)]
+            q = [score(xs[i], fn(model, params, g, xs.shape[1], idlg_label(g)))
+                 for i, g in enumerate(grads)]
             out["none"][f"{name}_psnr"], out["none"][f"{name}_ssim"] = _mean(q, "psnr"), _mean(q, "ssim")
     for eps in epsilons:
         sigma = gaussian_sigma(eps, delta)
-        noisy = [private(g, clip, sigma, seed=1000 + i) for i, g in enumerate(raw)]
-        q = [quality(xs[i], analytic_fc(g), lo, hi) for i, g in enumerate(noisy)]
+        noisy = [private(g, clip, sigma, seed=1000 + i) for i, g in enumerate(grads)]
+        q = [score(xs[i], analytic_fc(g)) for i, g in enumerate(noisy)]
         rate = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(noisy)])
         out["dp"].append({"epsilon": eps, "sigma": sigma, "psnr": _mean(q, "psnr"),
                           "ssim": _mean(q, "ssim"), "label_rate": float(rate)})
-    out["compressed"] = [_compressed(xs, ys, raw, f, lo, hi) for f in (0.1, 0.01)]
-    out["secure"] = [_secure(xs, ys, raw, k, lo, hi) for k in (2, 10) if k <= n]
+    out["compressed"] = [_compressed(xs, ys, grads, f, score) for f in (0.1, 0.01)]
+    out["secure"] = [_secure(xs, ys, grads, k, score) for k in (2, 10) if k <= n]
     return out
 
 
-def _compressed(xs, ys, raw, fraction, lo, hi) -> dict:
+def _scorer(xs: torch.Tensor, raw: tuple | None):
+    """``quality`` of a guess against a truth, in raw units (``raw = (mean, std)``) over the raw
+    range of ``xs``."""
+    mean, std = raw if raw is not None else (0.0, 1.0)
+    unscaled = xs * std + mean
+    lo, hi = float(unscaled.min()), float(unscaled.max())
+    return lambda truth, guess: quality(truth * std + mean, guess * std + mean, lo, hi)
+
+
+def _compressed(xs, ys, grads, fraction, score) -> dict:
     """The analytic and label attacks against each sample's top-k update."""
-    sent = [top_k(g, fraction) for g in raw]
+    sent = [top_k(g, fraction) for g in grads]
     guesses = [_analytic_or_blank(g, xs[i]) for i, g in enumerate(sent)]
-    q = [quality(xs[i], guess, lo, hi) for i, (guess, _) in enumerate(guesses)]
+    q = [score(xs[i], guess) for i, (guess, _) in enumerate(guesses)]
     rate = np.mean([idlg_label(g) == int(ys[i]) for i, g in enumerate(sent)])
     return {"topk_fraction": fraction, "psnr": _mean(q, "psnr"), "ssim": _mean(q, "ssim"),
             "analytic_applies_rate": float(np.mean([ok for _, ok in guesses])),
@@ -204,15 +223,15 @@ def _analytic_or_blank(grads: dict, like: torch.Tensor) -> tuple[torch.Tensor, b
         return torch.zeros_like(like), False
 
 
-def _secure(xs, ys, raw, k, lo, hi) -> dict:
+def _secure(xs, ys, grads, k, score) -> dict:
     """What a server that sees only the sum of ``k`` clients' updates (one sample each) gets:
     the analytic attack on the sum, scored against the input it resembles most (the attacker's
     best case), and whether the iDLG label is one of the ``k`` labels."""
     best, hits = [], []
     for s in range(0, len(xs) - k + 1, k):
-        total = {name: sum(raw[i][name] for i in range(s, s + k)) for name in raw[s]}
+        total = {name: sum(grads[i][name] for i in range(s, s + k)) for name in grads[s]}
         guess = analytic_fc(total)
-        best.append(max((quality(xs[i], guess, lo, hi) for i in range(s, s + k)), key=lambda r: r["psnr"]))
+        best.append(max((score(xs[i], guess) for i in range(s, s + k)), key=lambda r: r["psnr"]))
         hits.append(idlg_label(total) in {int(ys[i]) for i in range(s, s + k)})
     return {"clients": k, "psnr": _mean(best, "psnr"), "ssim": _mean(best, "ssim"),
             "label_in_cohort_rate": float(np.mean(hits))}

@@ -28,6 +28,16 @@ def test_digits_scaled_to_unit_interval():
     assert x.min() == 0.0 and x.max() == 1.0
 
 
+def test_mnistlike_is_dense_reproducible_and_learnable_per_class():
+    a, b, c = data.load("mnistlike", seed=1), data.load("mnistlike", seed=1), data.load("mnistlike", seed=2)
+    assert a.x.shape == (12_000, 784) and a.n_classes == 10 and torch.bincount(a.y).min() > 1_000
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and not torch.equal(a.x, c.x)
+    assert a.x.min() == 0.0 and a.x.max() == 1.0 and (a.x == 0).float().mean() < 0.15  # dense (digits: 49 %)
+    means = torch.stack([a.x[a.y == k].mean(0) for k in range(10)])  # the class templates
+    nearest = torch.cdist(a.x[:500], means).argmin(1)
+    assert (nearest == a.y[:500]).float().mean() > 0.9  # classes are separable
+
+
 def _device_label_share(ds):
     """Mean over devices of the share of the device's most common label."""
     shares = [torch.bincount(ds.y[ds.groups == g], minlength=10).max().item() / (ds.groups == g).sum().item()

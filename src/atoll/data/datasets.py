@@ -34,6 +34,8 @@ BUILTIN: dict[str, str] = {
     "digits": "8x8 handwritten digits (scikit-learn): 1797 samples, 64 features in [0, 1], 10 classes",
     "breast_cancer": "Wisconsin diagnostic breast cancer: 569 samples, 30 features, 2 classes",
     "wine": "wine cultivars: 178 samples, 13 features, 3 classes",
+    "mnistlike": "MNIST-shaped, generated: 12,000 samples of 28x28 = 784 features in [0, 1] (smooth "
+                 "class templates plus noise, dense like natural images), 10 classes",
     "synthetic": "Synthetic(alpha, beta) of FedProx (Li et al. 2020): 30 devices of power-law sizes "
                  "(at most 19,500 samples), 60 features, 10 classes; devices are natural silos "
                  "(partition = \"column\")",
@@ -55,6 +57,8 @@ def load(name_or_path: str, *, seed: int = 0, label: str = "label", group_column
         raise ValueError(f"data.group_column applies to CSV/Parquet files, not to {name_or_path!r}")
     if name_or_path == "synthetic":
         return synthetic(synthetic_devices, synthetic_alpha, synthetic_beta, iid=synthetic_iid, seed=seed)
+    if name_or_path == "mnistlike":
+        return mnistlike(seed=seed)
     if name_or_path in BUILTIN:
         return _sklearn(name_or_path)
     if path.is_file():
@@ -74,6 +78,16 @@ def _sklearn(name: str) -> Dataset:
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     return Dataset(name, torch.as_tensor(x, dtype=torch.float32), y, int(y.max()) + 1,
                    feature_names=tuple(str(f) for f in getattr(bunch, "feature_names", ())))
+
+
+def mnistlike(n: int = 12_000, seed: int = 0) -> Dataset:
+    """MNIST-shaped (784 features in [0, 1], 10 classes): smooth class templates plus noise. The
+    robustness benchmark's second task, and a dense image set for the leakage audit's PSNR."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    templates = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 28, 28, generator=g), 5, 1, 2).reshape(10, 784)
+    x = (templates[y] + 0.35 * torch.randn(n, 784, generator=g)).clamp(0, 1)
+    return Dataset("mnistlike", x, y, 10)
 
 
 # --- Synthetic(α, β), Li et al. 2020, "Federated Optimization in Heterogeneous Networks" ------

@@ -46,6 +46,9 @@ class FederatedData:
     y_test: torch.Tensor
     n_features: int
     n_classes: int
+    # the standardisation applied, x = (raw - x_mean) / x_std; None where features are raw
+    x_mean: torch.Tensor | None = None
+    x_std: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def build(ds: Dataset, *, num_clients: int | None, partition: str = "iid", seed:
     lay = layout(ds, num_clients=num_clients, partition=partition, seed=seed,
                  test_fraction=test_fraction, client_test_fraction=client_test_fraction,
                  **partition_opts)
-    x = ds.x.to(torch.float64)
+    x, mean, std = ds.x.to(torch.float64), None, None
     if standardize:
         mean, std = train_stats(x, lay.train)
         x = (x - mean) / std
@@ -79,7 +82,7 @@ def build(ds: Dataset, *, num_clients: int | None, partition: str = "iid", seed:
     xs, ys = take(np.concatenate(lay.train) if lay.train else np.zeros(0, np.int64))
     clients = [ClientData(x_, y_, *take(te))
                for x_, y_, te in zip(xs.split(sizes), ys.split(sizes), lay.test)]
-    return FederatedData(ds.name, clients, *take(lay.central), int(ds.x.shape[1]), ds.n_classes)
+    return FederatedData(ds.name, clients, *take(lay.central), int(ds.x.shape[1]), ds.n_classes, mean, std)
 
 
 def layout(ds: Dataset, *, num_clients: int | None, partition: str = "iid", seed: int = 0,
