@@ -60,7 +60,7 @@ RULES = {"mean": "name = 'mean'", "median": "name = 'median'",
          "multi_krum": "name = 'multi_krum'", "geometric_median": "name = 'geometric_median'",
          "centered_clipping": "name = 'centered_clipping'\ntau = 1.0\niters = 3",
          "nnm+trimmed_mean": "name = 'trimmed_mean'\nnnm = true",
-         "nnm+median": "name = 'median'\nnnm = true",
+         "nnm+median": "name = 'median'\nnnm = true", "nnm+krum": "name = 'krum'\nnnm = true",
          "centered_clipping(tau=0.3)": "name = 'centered_clipping'\ntau = 0.3\niters = 3",
          "centered_clipping(config defaults)": "name = 'centered_clipping'",  # tau 10, iters 1
          "centered_clipping(tau=0.1)": "name = 'centered_clipping'\ntau = 0.1\niters = 3",

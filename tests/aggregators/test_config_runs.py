@@ -87,9 +87,9 @@ def test_parts_that_would_bypass_a_robust_rule_are_refused_naming_both(extra, pa
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum"])
 def test_a_rule_for_iid_clients_on_heterogeneous_ones_is_warned_about(rule, caplog):
-    """The coordinate-wise rules and Krum fall near chance at 2 labels per client
-    (docs/robustness.md): a config that asks for one on a non-IID split is told so, and what to
-    use; NNM, bucketing, IID labels (iid, quantity skew) are not."""
+    """The coordinate-wise rules fall near chance at 2 labels per client, and Krum even on IID
+    clients (docs/robustness.md): a config that asks for one where it fell is told so, and what
+    to use; NNM, bucketing, and the coordinate-wise rules on IID labels (iid, quantity skew) are not."""
     text = "[data]\npartition='{}'\n[aggregator]\nname='{}'\nf=2\n{}"
     warned = []
     for partition, extra in [("shards", ""), ("dirichlet", ""), ("iid", ""), ("quantity", ""),
@@ -98,9 +98,11 @@ def test_a_rule_for_iid_clients_on_heterogeneous_ones_is_warned_about(rule, capl
         with caplog.at_level("WARNING", logger="atoll.config.aggregation"):
             config.build_aggregator(config.load(text=text.format(partition, rule, extra)))
         warned.append([r.getMessage() for r in caplog.records])
-    assert [bool(w) for w in warned] == [True, True, False, False, False, False]
+    iid = rule == "krum"
+    assert [bool(w) for w in warned] == [True, True, iid, iid, False, False]
     assert f"aggregator.name = '{rule}'" in warned[0][0] and "'shards'" in warned[0][0]
-    assert ("use multi_krum" if rule == "krum" else "aggregator.nnm = true") in warned[0][0]
+    assert "aggregator.nnm = true" in warned[0][0]
+    assert ("use multi_krum" if rule == "krum" else "use centered_clipping") in warned[0][0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="atoll.config.aggregation"):
         config.build_aggregator(config.load(text=text.format("shards", "centered_clipping", "")))
