@@ -10,10 +10,9 @@ from atoll.config.sections import AggregatorConfig, Config
 from atoll.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# rules that fall near chance on non-IID clients (digits, 2 labels per client, 2 attackers of 12,
-# ByzFL's protocol; docs/robustness.md): what they fell to, and what holds there
 # the rules measured at chance with at most 20 % attackers (docs/robustness.md, 'Which rule'):
-# the partitions where they fell (None: any), how far, and the fix; NNM or bucketing lifts them
+# the partitions where they fell (None: any), how far, and the fix; not warned behind nnm (which
+# lifts all three) or bucket (the rule then sees bucket means)
 _AT_CHANCE = {
     "median": (("dirichlet", "shards"), "0.34 under sign flip, on digits with 2 labels per client and 2 "
                "attackers of 12", "set aggregator.nnm = true (0.72 there) or use centered_clipping"),
