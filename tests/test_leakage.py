@@ -56,6 +56,8 @@ def test_the_audit_noise_is_calibrated_like_the_accountant():
     from atoll.privacy import epsilon
     s = L.gaussian_sigma(2.0, 1e-5)
     assert abs(epsilon(1.0, s, 1, 1e-5) - 2.0) < 2e-3  # one Gaussian release, add/remove, PLD
+    big = [L.gaussian_sigma(e, 1e-5) for e in (64, 1024, 4096)]  # e^eps overflowed a float once
+    assert big[0] > big[1] > big[2] > 0
 
 
 def test_what_compression_and_a_secure_sum_still_leak(setup):

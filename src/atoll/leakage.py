@@ -145,9 +145,9 @@ def gaussian_sigma(epsilon: float, delta: float) -> float:
     from scipy.stats import norm
 
     def dlt(s):
-        return norm.cdf(0.5 / s - epsilon * s) - math.exp(epsilon) * norm.cdf(-0.5 / s - epsilon * s)
+        return norm.cdf(0.5 / s - epsilon * s) - math.exp(epsilon + norm.logcdf(-0.5 / s - epsilon * s))
 
-    lo, hi = 1e-3, 1e3
+    lo, hi = 1e-5, 1e3  # e^eps in log space: no overflow at large epsilon
     for _ in range(200):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if dlt(mid) > delta else (lo, mid)
