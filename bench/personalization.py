@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atoll import config, data  # noqa: E402
+from atoll import config  # noqa: E402
 from atoll.runtime.vmap import VmapRuntime  # noqa: E402
 from atoll.simulation import simulate  # noqa: E402
 
@@ -68,24 +68,11 @@ OUT = Path("runs/personal")
 KEYS = ("fed_acc_mean", "pers_acc_mean", "pers_acc_p10", "new_acc_mean")
 
 
-def federated(cfg, name: str):
-    """None for digits (``config.build`` loads ``[data]``); the federated mnistlike task otherwise,
-    split as ``[data]`` says."""
-    if name == "digits":
-        return None
-    from atoll.data.datasets import mnistlike
-
-    d = cfg.data
-    return data.build(mnistlike(seed=cfg.seed), num_clients=d.num_clients, partition=d.partition, seed=cfg.seed,
-                      test_fraction=d.test_fraction, client_test_fraction=d.client_test_fraction,
-                      standardize=d.standardize, alpha=d.alpha, shards_per_client=d.shards_per_client,
-                      sigma=d.sigma)
-
-
 def run(algo: str, rounds: int, epochs: int, more=(), data_name="digits", model="mlp", out=OUT):
     cfg = config.load(text=BASE + MODELS[model],
-                      overrides=ALGORITHMS[algo] + [f"rounds={rounds}", f"client.epochs={epochs}", *more])
-    alg, model, fed, plan = config.build(cfg, data=federated(cfg, data_name))
+                      overrides=ALGORITHMS[algo] + [f"rounds={rounds}", f"client.epochs={epochs}",
+                                                    f"data.name={data_name}", *more])
+    alg, model, fed, plan = config.build(cfg)
     t0 = time.perf_counter()
     res = simulate(alg, model, fed, plan, run_dir=out / algo.lower(), runtime=VmapRuntime(threads=2),
                    config_text=config.dumps(cfg), plots=False, overwrite=True)

@@ -45,8 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atoll import attacks, config, data
-from atoll.data.datasets import mnistlike
+from atoll import attacks, config
 from atoll.runtime.vmap import VmapRuntime
 from atoll.secure.stage import SecureSum
 from atoll.simulation import simulate
@@ -161,13 +160,7 @@ def federation(name, text, f, seed, attackers="byzfl"):
     if attackers not in ("share", "byzfl"):
         raise ValueError(f"attackers must be 'share' or 'byzfl', not {attackers!r}")
     n = HONEST + f if attackers == "share" else HONEST
-    cfg = config.load(text=text, overrides=[f"data.num_clients={n}"])
-    d = cfg.data
-    if name == "mnistlike":
-        fed = data.build(mnistlike(seed=seed), num_clients=n, partition=d.partition, seed=seed,
-                         alpha=d.alpha, shards_per_client=d.shards_per_client, client_test_fraction=0.0)
-    else:
-        fed = config.build_data(cfg)
+    fed = config.build_data(config.load(text=text, overrides=[f"data.num_clients={n}", f"data.name={name}"]))
     if attackers == "share":
         return fed
     x, y = torch.cat([c.x for c in fed.clients]), torch.cat([c.y for c in fed.clients])

@@ -3,7 +3,8 @@
 finaliser is enough) makes another thread's parse raise ``SystemError: AST constructor recursion
 depth mismatch``. A deployment client died of it in CI while reading its ``.npz`` (``np.load``
 parses each header with ``ast.literal_eval``). atoll's own parses (client data, data sets, codec
-specs) must survive being run from many threads at once."""
+specs) must survive being run from many threads at once; and a client's data file that is not
+what it must be is refused, naming the file, with nothing unpickled."""
 import sys
 import threading
 
@@ -53,11 +54,29 @@ def test_atoll_parses_survive_threads(tmp_path):
     assert _hammer(jobs) == []
 
 
-@pytest.mark.parametrize("payload,words", [(b"PK\x03\x04 not a zip", "not a readable .npz"),
-                                           (b"", "not a readable .npz")])
-def test_a_corrupt_client_file_is_named(tmp_path, payload, words):
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path.read_bytes()
+
+
+X, Y = np.zeros((4, 3), np.float32), np.array([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda p: b"PK\x03\x04 not a zip", "not a readable .npz"),
+    (lambda p: b"", "not a readable .npz"),
+    (lambda p: _npz(p, x=X), "needs arrays 'x' and 'y'; arrays present: \\['x'\\]"),
+    (lambda p: _npz(p, x=np.array([object()] * 4, dtype=object), y=Y), "not a readable .npz"),  # a pickle
+    (lambda p: _npz(p, x=np.zeros((4, 5), np.float32), y=Y), "need x \\(N, 3\\)"),
+    (lambda p: _npz(p, x=X[:0], y=Y[:0]), "N > 0"),
+    (lambda p: _npz(p, x=X, y=np.array([0, 1, 2, 0])), "class ids in \\[0, 2\\)"),
+    (lambda p: _npz(p, x=X, y=np.array([0, 1, -1, 0])), "class ids in \\[0, 2\\)"),
+    (lambda p: _npz(p, x=X, y=Y.astype(np.float32)), "integer class ids"),
+], ids=["corrupt", "empty", "no y", "object array", "features", "no rows", "label too big",
+        "negative label", "float labels"])
+def test_a_bad_client_file_is_refused_naming_it(tmp_path, make, words):
     path = tmp_path / "bad.npz"
-    path.write_bytes(payload)
+    path.write_bytes(make(tmp_path / "tmp.npz"))
     with pytest.raises(ValueError, match=words) as e:
         _client_data(path, 3, 2, torch.float32)
     assert str(path) in str(e.value)

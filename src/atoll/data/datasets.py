@@ -194,19 +194,21 @@ def _from_columns(path: Path, cols: dict[str, np.ndarray], label: str, group: st
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` archive (no pickles), or a ValueError naming the file."""
+    """Every array of an ``.npz`` archive (no pickles) that has arrays ``x`` and ``y``, or a
+    ValueError naming the file."""
     try:
         with PARSE, np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
     except Exception as e:  # a corrupt archive raises zipfile / OSError / ValueError
         raise ValueError(f"{path}: not a readable .npz archive ({e})") from e
+    if "x" not in arrays or "y" not in arrays:
+        raise ValueError(f"{path}: needs arrays 'x' and 'y'; arrays present: {list(arrays)}")
+    return arrays
 
 
 def _from_npz(path: Path) -> Dataset:
     """Arrays ``x`` (N, ...) flattened to (N, F), ``y`` (N,), optional ``groups`` (N,)."""
     arrays = read_npz(path)
-    if "x" not in arrays or "y" not in arrays:
-        raise ValueError(f"{path}: needs arrays 'x' and 'y'; arrays present: {list(arrays)}")
     x, y, g = arrays["x"], arrays["y"], arrays.get("groups")
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or (g is not None and g.shape != y.shape):
         raise ValueError(f"{path}: need x (N, F), y (N,) and groups (N,); got x {x.shape}, "
